@@ -1,0 +1,45 @@
+"""Masked multi-head attention that exports as ONE fused ONNX ``Attention`` node.
+
+``torch.onnx.export(dynamo=True, opset_version=23)`` turns
+``F.scaled_dot_product_attention`` into a single ``Attention`` op; at lower opsets it
+decomposes into MatMul/Softmax/MatMul. onnxruntime's CPU ``Attention`` rejects a boolean
+mask whose query axis is broadcast (``[B, 1, 1, Lk]``), so the key mask is expanded to
+``[B, 1, Lq, Lk]`` before the op (one ``Expand`` node, no extra arithmetic).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def expand_key_mask(key_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """``[B, Lk]`` bool (True = attend) -> ``[B, 1, Lq, Lk]`` bool."""
+    batch, num_keys = key_mask.shape
+    return key_mask[:, None, None, :].expand(batch, 1, num_queries, num_keys)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Softmax attention with scale ``head_dim ** -0.5``.
+
+    q: ``[B, H, Lq, hd]``, k/v: ``[B, H, Lk, hd]``, key_mask: ``[B, Lk]`` bool or None.
+    Returns ``[B, Lq, H * hd]`` (heads merged, ready for the output projection).
+    """
+    batch, heads, num_queries, head_dim = q.shape
+    mask = None if key_mask is None else expand_key_mask(key_mask, num_queries)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2).reshape(batch, num_queries, heads * head_dim)
+
+
+def attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The same function written out as MatMul-Softmax-MatMul (for tests only)."""
+    batch, heads, num_queries, head_dim = q.shape
+    logits = (q @ k.transpose(-2, -1)) * head_dim**-0.5
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    out = logits.softmax(dim=-1) @ v
+    return out.transpose(1, 2).reshape(batch, num_queries, heads * head_dim)

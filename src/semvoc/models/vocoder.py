@@ -1,0 +1,328 @@
+"""The semantic vocoder generator (official Flow2GAN-style ``MaeAudioGenerator``).
+
+Flow matching on the raw waveform, conditioned on semantic latents ``[B, latent_dim, F]``
+(25 Hz): a ConvNeXt condition encoder, then parallel branches (one per STFT resolution), each
+STFT -> ConvNeXt decoder (BiasNorm, condition via 1x1 conv, time FiLM ``y * (1 + proj(t))``,
+PReLU) -> iSTFT, averaged (or summed). ``infer`` is the official Euler loop with
+x1-prediction: ``v = (x1_hat - x) / (1 - t)``.
+
+State-dict keys equal the official generator's (``cond_encoder.*``,
+``estimators.{i}.{fft,ifft}.window``, ``estimators.{i}.decoder.*``; with
+``spec_scaling_loss=True`` also the loss-only ``loss_spec.*`` buffers, kept for loading).
+
+``spectral_impl`` selects ``torch.stft``/``torch.istft`` ("torch", the reference) or their
+convolution lowering from ``semvoc.kernels.stft`` ("conv", what export uses).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from semvoc.kernels.norms import BiasNorm
+from semvoc.kernels.stft import ConvISTFT, ConvSTFT, istft_reference, stft_reference
+
+
+@dataclass(frozen=True)
+class VocoderConfig:
+    """Constructor arguments of the official ``MaeAudioGenerator`` (same names and defaults)."""
+
+    latent_dim: int = 768
+    hop_length: int = 960
+    sampling_rate: int = 24000
+    n_ffts: tuple[int, ...] = (512, 256, 128)
+    hop_lengths: tuple[int, ...] = (256, 128, 64)
+    channels: tuple[int, ...] = (768, 512, 384)
+    time_embed_channels: int = 512
+    hidden_factor: int = 3
+    conv_kernel_sizes: tuple[int, ...] = (7, 7, 7)
+    num_layers: tuple[int, ...] = (8, 8, 8)
+    use_cond_encoder: bool = True
+    cond_enc_channels: int = 512
+    cond_enc_hidden_factor: int = 3
+    cond_enc_conv_kernel_size: int = 7
+    cond_enc_num_layers: int = 4
+    residual_scale: float | None = 1.0
+    init_noise_scale: float = 0.1
+    pred_x1: bool = True
+    branch_reduction: str = "mean"
+    spec_scaling_loss: bool = True
+    loss_n_filters: int = 256
+    loss_n_fft: int = 1024
+    loss_hop_length: int = 256
+    # training-only arguments the official constructor accepts (ignored at inference)
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+def sinusoidal_flow_time(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
+    """``[B]`` -> ``[B, dim]`` = ``[sin(s t e), cos(s t e)]``, ``e_j = exp(-j ln(1e4) / (dim/2 - 1))``.
+
+    Differs from the DiT's embedding: sine first, x1000, and a ``half - 1`` denominator.
+    """
+    half = dim // 2
+    step = math.log(10000) / (half - 1)
+    freqs = torch.exp(torch.arange(half, device=t.device).float() * -step)
+    args = scale * t[:, None] * freqs[None]
+    return torch.cat([args.sin(), args.cos()], dim=-1)
+
+
+class ChannelScale(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(channels, 1))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class ConvNeXtBlock(nn.Module):
+    """``y = pw2(PReLU(pw1(((BiasNorm(dw(x)) + cond) * time_scale)))) + x * channel_scale``."""
+
+    def __init__(self, channels: int, hidden: int, kernel_size: int, cond_channels: int | None = None,
+                 time_channels: int | None = None, residual_scale: float | None = 1.0):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"conv kernel size must be odd, got {kernel_size}")
+        self.dwconv = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
+        self.norm = BiasNorm(channels)
+        self.pwconv1 = nn.Conv1d(channels, hidden, 1)
+        self.act = nn.PReLU(hidden)
+        self.pwconv2 = nn.Conv1d(hidden, channels, 1)
+        if cond_channels is not None:
+            self.cond_proj = nn.Conv1d(cond_channels, channels, 1)
+        if time_channels is not None:
+            self.time_embed_proj = nn.Linear(time_channels, channels)
+        if residual_scale is not None:
+            self.residual_scale = ChannelScale(channels)
+
+    def forward_prepared(self, x: torch.Tensor, cond_bias: torch.Tensor | None,
+                         time_scale: torch.Tensor | None) -> torch.Tensor:
+        """cond_bias = ``cond_proj(cond)`` ``[B, C, T]``; time_scale = ``1 + proj(temb)`` ``[B, C]``."""
+        y = self.norm(self.dwconv(x))
+        if cond_bias is not None:
+            y = y + cond_bias
+        if time_scale is not None:
+            y = y * time_scale[:, :, None]
+        y = self.pwconv2(self.act(self.pwconv1(y)))
+        residual = self.residual_scale(x) if hasattr(self, "residual_scale") else x
+        return y + residual
+
+    def forward(self, x, cond=None, time_embed=None):
+        cond_bias = self.cond_proj(cond) if cond is not None else None
+        time_scale = 1.0 + self.time_embed_proj(time_embed) if time_embed is not None else None
+        return self.forward_prepared(x, cond_bias, time_scale)
+
+
+class CondEncoder(nn.Module):
+    def __init__(self, cond_dim: int, channels: int, hidden_factor: int, kernel_size: int,
+                 num_layers: int, residual_scale: float | None):
+        super().__init__()
+        self.in_proj = nn.Conv1d(cond_dim, channels, 3, padding=1)
+        self.in_norm = BiasNorm(channels)
+        self.blocks = nn.ModuleList([
+            ConvNeXtBlock(channels, int(channels * hidden_factor), kernel_size,
+                          residual_scale=residual_scale) for _ in range(num_layers)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.in_norm(self.in_proj(x))
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class ConvNeXtDecoder(nn.Module):
+    def __init__(self, io_channels: int, channels: int, cond_channels: int, time_channels: int,
+                 hidden_factor: int, kernel_size: int, num_layers: int, residual_scale: float | None):
+        super().__init__()
+        self.in_proj = nn.Conv1d(io_channels, channels, 1)
+        self.in_norm = BiasNorm(channels)
+        self.time_channels = time_channels
+        time_hidden = int(time_channels * hidden_factor)
+        self.time_mlp = nn.Sequential(nn.Linear(time_channels, time_hidden), nn.SiLU(),
+                                      nn.Linear(time_hidden, time_channels))
+        cond_hidden = int(cond_channels * hidden_factor)
+        self.cond_mlp = nn.Sequential(nn.Conv1d(cond_channels, cond_hidden, 1), nn.PReLU(cond_hidden),
+                                      nn.Conv1d(cond_hidden, cond_channels, 1))
+        self.blocks = nn.ModuleList([
+            ConvNeXtBlock(channels, int(channels * hidden_factor), kernel_size, cond_channels,
+                          time_channels, residual_scale) for _ in range(num_layers)])
+        self.out_proj = nn.Conv1d(channels, io_channels, 1)
+
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        return self.time_mlp(sinusoidal_flow_time(t, self.time_channels))
+
+    def forward_prepared(self, x: torch.Tensor, cond_biases: list[torch.Tensor],
+                         time_scales: list[torch.Tensor]) -> torch.Tensor:
+        x = self.in_norm(self.in_proj(x))
+        for block, cond_bias, time_scale in zip(self.blocks, cond_biases, time_scales, strict=True):
+            x = block.forward_prepared(x, cond_bias, time_scale)
+        return self.out_proj(x)
+
+
+class SpectralTransform(nn.Module):
+    """Holds the official ``window`` buffer; runs the torch reference or the conv lowering."""
+
+    def __init__(self, n_fft: int, hop_length: int, inverse: bool):
+        super().__init__()
+        self.n_fft, self.hop_length, self.inverse = n_fft, hop_length, inverse
+        self.register_buffer("window", torch.hann_window(n_fft))
+        self.impl = "torch"
+        self._conv: nn.Module | None = None
+
+    def use_conv(self) -> None:
+        """Switch to the Conv1d lowering (built from the loaded window)."""
+        cls = ConvISTFT if self.inverse else ConvSTFT
+        self._conv = cls(self.window.detach().clone(), self.hop_length)
+        self.impl = "conv"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "conv":
+            return self._conv(x)
+        if self.inverse:
+            return istft_reference(x, self.window, self.hop_length)
+        return stft_reference(x, self.window, self.hop_length)
+
+
+def fit_length(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Truncate or right-pad with zeros the last axis to ``length`` (official convert_length)."""
+    if length <= x.shape[-1]:
+        return x[..., :length]
+    pad = x.new_zeros(*x.shape[:-1], length - x.shape[-1])
+    return torch.cat([x, pad], dim=-1)
+
+
+class AudioConvNeXt(nn.Module):
+    """One branch: STFT -> ConvNeXt decoder -> iSTFT at one resolution."""
+
+    def __init__(self, n_fft: int, hop_length: int, cond_hop_length: int, channels: int,
+                 cond_channels: int, time_channels: int, hidden_factor: int, kernel_size: int,
+                 num_layers: int, residual_scale: float | None):
+        super().__init__()
+        if cond_hop_length % hop_length:
+            raise ValueError(f"branch hop {hop_length} must divide the conditioning hop {cond_hop_length}")
+        self.fft = SpectralTransform(n_fft, hop_length, inverse=False)
+        self.ifft = SpectralTransform(n_fft, hop_length, inverse=True)
+        self.upsample_factor = cond_hop_length // hop_length
+        self.decoder = ConvNeXtDecoder(n_fft + 2, channels, cond_channels, time_channels,
+                                       hidden_factor, kernel_size, num_layers, residual_scale)
+
+    def frames(self, audio_length: int) -> int:
+        return 1 + audio_length // self.fft.hop_length
+
+    def upsample_cond(self, cond: torch.Tensor, frames: int) -> torch.Tensor:
+        """Repeat each condition frame ``factor`` times, then fit to ``frames`` (zero tail)."""
+        return fit_length(torch.repeat_interleave(cond, self.upsample_factor, dim=-1), frames)
+
+    def cond_biases(self, cond: torch.Tensor, audio_length: int) -> list[torch.Tensor]:
+        """Every block's ``cond_proj(cond_mlp(upsampled cond))``: depends on the latents only."""
+        cm = self.decoder.cond_mlp(self.upsample_cond(cond, self.frames(audio_length)))
+        return [block.cond_proj(cm) for block in self.decoder.blocks]
+
+    def time_scales(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every block's ``1 + time_embed_proj(time_mlp(pe(t)))`` ``[B, C]``: depends on t only."""
+        temb = self.decoder.time_embedding(t)
+        return [1.0 + block.time_embed_proj(temb) for block in self.decoder.blocks]
+
+    def forward_prepared(self, audio: torch.Tensor, cond_biases: list[torch.Tensor],
+                         time_scales: list[torch.Tensor]) -> torch.Tensor:
+        length = audio.shape[-1]
+        spec = self.decoder.forward_prepared(self.fft(audio), cond_biases, time_scales)
+        return fit_length(self.ifft(spec), length)
+
+    def forward(self, audio: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.forward_prepared(audio, self.cond_biases(cond, audio.shape[-1]), self.time_scales(t))
+
+
+class _LossSpectrogramBuffers(nn.Module):
+    """Loss-only buffers of ``spec_scaling_loss=True`` checkpoints; unused at inference."""
+
+    def __init__(self, n_fft: int, n_filters: int):
+        super().__init__()
+        self.spectrogram = nn.Module()
+        self.spectrogram.register_buffer("window", torch.hann_window(n_fft))
+        self.register_buffer("fb", torch.zeros(n_fft // 2 + 1, n_filters))
+
+
+class Vocoder(nn.Module):
+    """``MaeAudioGenerator``: latents ``[B, latent_dim, F]`` -> waveform ``[B, F * hop_length]``."""
+
+    def __init__(self, cfg: VocoderConfig):
+        super().__init__()
+        n = len(cfg.n_ffts)
+        for name in ("hop_lengths", "channels", "conv_kernel_sizes", "num_layers"):
+            if len(getattr(cfg, name)) != n:
+                raise ValueError(f"vocoder config: {name} has {len(getattr(cfg, name))} entries, "
+                                 f"n_ffts has {n}; give one per branch")
+        if cfg.branch_reduction not in ("mean", "sum"):
+            raise ValueError(f"branch_reduction must be 'mean' or 'sum', got {cfg.branch_reduction!r}")
+        self.cfg = cfg
+        if cfg.spec_scaling_loss:
+            self.loss_spec = _LossSpectrogramBuffers(cfg.loss_n_fft, cfg.loss_n_filters)
+        if cfg.use_cond_encoder:
+            self.cond_encoder = CondEncoder(cfg.latent_dim, cfg.cond_enc_channels,
+                                            cfg.cond_enc_hidden_factor, cfg.cond_enc_conv_kernel_size,
+                                            cfg.cond_enc_num_layers, cfg.residual_scale)
+        cond_channels = cfg.cond_enc_channels if cfg.use_cond_encoder else cfg.latent_dim
+        self.estimators = nn.ModuleList([
+            AudioConvNeXt(cfg.n_ffts[i], cfg.hop_lengths[i], cfg.hop_length, cfg.channels[i],
+                          cond_channels, cfg.time_embed_channels, cfg.hidden_factor,
+                          cfg.conv_kernel_sizes[i], cfg.num_layers[i], cfg.residual_scale)
+            for i in range(n)])
+
+    def use_conv_spectral(self) -> None:
+        """Lower every STFT/iSTFT to convolutions (export); call after loading weights."""
+        for est in self.estimators:
+            est.fft.use_conv()
+            est.ifft.use_conv()
+
+    def encode_cond(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.cond_encoder(latents) if self.cfg.use_cond_encoder else latents
+
+    def reduce_branches(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack(outputs, dim=1)
+        return stacked.mean(dim=1) if self.cfg.branch_reduction == "mean" else stacked.sum(dim=1)
+
+    def process_model(self, x: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Official ``process_model``: x ``[B, L]``, encoded cond, t ``[B, 1]`` or ``[B]``."""
+        t = t.flatten()
+        return self.reduce_branches([est(x, cond, t) for est in self.estimators])
+
+    def euler_update(self, x: torch.Tensor, pred: torch.Tensor, t: torch.Tensor,
+                     dt: torch.Tensor) -> torch.Tensor:
+        velocity = (pred - x) / (1 - t) if self.cfg.pred_x1 else pred
+        return x + velocity * dt
+
+    @torch.no_grad()
+    def infer(self, latents: torch.Tensor, noise_std: torch.Tensor, n_timesteps: int,
+              clamp_pred: bool = True, trace: dict | None = None) -> torch.Tensor:
+        """Official ``MelAudioGenerator.infer`` with the ``torch.randn`` draw injected.
+
+        ``trace`` (optional dict) receives ``cond``, ``t_span`` and per-step lists ``t``,
+        ``x`` (state before the step) and ``pred``, plus ``unclamped``.
+        """
+        cond = self.encode_cond(latents)
+        x = noise_std * self.cfg.init_noise_scale
+        t_span = torch.linspace(0, 1, n_timesteps + 1, device=x.device)
+        t, dt = t_span[0], t_span[1] - t_span[0]
+        if trace is not None:
+            trace.update(cond=cond, t_span=t_span, t=[], x=[], pred=[])
+        for step in range(1, len(t_span)):
+            t_batch = t[None, None].expand(x.shape[0], 1)
+            pred = self.process_model(x, cond, t_batch)
+            if trace is not None:
+                trace["t"].append(t_batch[:, 0])
+                trace["x"].append(x)
+                trace["pred"].append(pred)
+            x = self.euler_update(x, pred, t, dt)
+            t = t_span[step]
+        if trace is not None:
+            trace["unclamped"] = x
+        return x.clamp(-1.0, 1.0) if clamp_pred else x
+
+
+def peak_normalise(waveform: torch.Tensor) -> torch.Tensor:
+    """``SemanticVocoder.decode``: ``w / max(max|w|, 1)`` per row (a no-op after the clamp)."""
+    return waveform / waveform.abs().max(dim=-1, keepdim=True)[0].clamp(min=1.0)
