@@ -71,7 +71,7 @@ class EagerPipeline:
         frames = self.latent_frames(s.duration_s)
         samples = frames * self.cfg.samples_per_latent_frame
         if latent_noise is None or audio_noise is None:
-            drawn = batch_noise(seed, 0, batch, (self.cfg.latent_channels, frames), samples)
+            drawn = batch_noise(seed, list(range(batch)), (self.cfg.latent_channels, frames), samples)
             latent_noise = drawn[0] if latent_noise is None else latent_noise
             audio_noise = drawn[1] if audio_noise is None else audio_noise
         context, context_mask = self.encode_text(input_ids, attention_mask)
@@ -94,5 +94,5 @@ class EagerPipeline:
         latents = self.audio_to_latents(waveform)
         samples = latents.shape[-1] * self.cfg.samples_per_latent_frame
         if audio_noise is None:
-            audio_noise = batch_noise(seed, 0, latents.shape[0], tuple(latents.shape[1:]), samples)[1]
+            audio_noise = batch_noise(seed, list(range(latents.shape[0])), tuple(latents.shape[1:]), samples)[1]
         return self.latents_to_audio(latents, audio_noise, vocoder_steps).cpu().numpy()

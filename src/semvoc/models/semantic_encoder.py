@@ -88,15 +88,19 @@ class LogMelFrontEnd(nn.Module):
         self.add_module("0", mel)
         self.hop = cfg.hop_size
         self.top_db = cfg.top_db
-        self._stft: ConvSTFT | None = None
+        self.stft = ConvSTFT(mel.spectrogram.window, self.hop)
+        # The DFT bases are derived from the window buffer: rebuild them from a loaded window.
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._rebuild_stft())
 
     def _mel(self) -> nn.Module:
         return getattr(self, "0")
 
+    def _rebuild_stft(self) -> None:
+        window = self._mel().spectrogram.window
+        self.stft = ConvSTFT(window.detach().clone(), self.hop).to(window.device)
+
     def power_spectrogram(self, waveform: torch.Tensor) -> torch.Tensor:
-        if self._stft is None:  # built lazily from the loaded window
-            self._stft = ConvSTFT(self._mel().spectrogram.window.detach().clone(), self.hop)
-        spec = self._stft(waveform)  # [B, n_fft + 2, T]
+        spec = self.stft(waveform)  # [B, n_fft + 2, T]: real parts, then imaginary
         bins = spec.shape[1] // 2
         return spec[:, :bins].pow(2) + spec[:, bins:].pow(2)
 
@@ -105,7 +109,7 @@ class LogMelFrontEnd(nn.Module):
         power = self.power_spectrogram(waveform)
         mel = torch.matmul(power.transpose(1, 2), self._mel().mel_scale.fb).transpose(1, 2)
         db = 10.0 * torch.log10(torch.clamp(mel, min=1e-10))
-        return torch.maximum(db, db.amax() - self.top_db)
+        return torch.maximum(db, db.amax(dim=(0, 1, 2)) - self.top_db)  # whole batch
 
 
 class ViTAttention(nn.Module):
@@ -203,7 +207,8 @@ class Dasheng(nn.Module):
         return self.norm(self.blocks(x))
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed.proj(self.spectrogram(waveform))  # [B, D, f, T']
+        spec = self.spectrogram(waveform)  # fp32 (the front end is an fp32 island)
+        x = self.patch_embed.proj(spec.to(self.patch_embed.proj.weight.dtype))  # [B, D, f, T']
         chunk = self.cfg.target_length // self.cfg.patch_stride[1]
         return torch.cat([self._chunk_features(c) for c in x.split(chunk, dim=-1)], dim=1)
 

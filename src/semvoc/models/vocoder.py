@@ -152,7 +152,8 @@ class ConvNeXtDecoder(nn.Module):
         self.out_proj = nn.Conv1d(channels, io_channels, 1)
 
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
-        return self.time_mlp(sinusoidal_flow_time(t, self.time_channels))
+        features = sinusoidal_flow_time(t, self.time_channels)
+        return self.time_mlp(features.to(self.time_mlp[0].weight.dtype))
 
     def forward_prepared(self, x: torch.Tensor, cond_biases: list[torch.Tensor],
                          time_scales: list[torch.Tensor]) -> torch.Tensor:
@@ -180,7 +181,10 @@ class SpectralTransform(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.impl == "conv":
-            return self._conv(x)
+            # An fp32 island in fp16 engines (its bases stay fp32): the spectrum goes back to the
+            # network's dtype, the waveform stays fp32 (fp16 would quantise audio at -66 dB).
+            y = self._conv(x.to(self._conv.basis.dtype))
+            return y if self.inverse else y.to(x.dtype)
         if self.inverse:
             return istft_reference(x, self.window, self.hop_length)
         return stft_reference(x, self.window, self.hop_length)

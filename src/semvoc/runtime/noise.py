@@ -19,8 +19,8 @@ def prompt_noise(seed: int, index: int, latent_shape: tuple[int, int],
     return latent, audio
 
 
-def batch_noise(seed: int, first_index: int, batch: int, latent_shape: tuple[int, int],
+def batch_noise(seed: int, indices: list[int], latent_shape: tuple[int, int],
                 audio_samples: int) -> tuple[np.ndarray, np.ndarray]:
-    """``[B, C, T]`` latent and ``[B, L]`` audio noise for prompts ``first_index..+batch``."""
-    pairs = [prompt_noise(seed, first_index + i, latent_shape, audio_samples) for i in range(batch)]
+    """``[B, C, T]`` latent and ``[B, L]`` audio noise for the prompts at ``indices``."""
+    pairs = [prompt_noise(seed, i, latent_shape, audio_samples) for i in indices]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])

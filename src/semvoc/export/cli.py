@@ -1,0 +1,206 @@
+"""``semvoc-export``: a checkpoint (or a built-in preset) -> an engine directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG = """\
+examples:
+  # the built-in demo model (tiny, untrained), fp32, for a quick CPU test
+  semvoc-export --preset demo --out engines/demo
+
+  # the released model for GPU serving: fp16 graphs, batch buckets 1/4/16, 10-second clips
+  huggingface-cli download ZeyuXie/SemanticVocoder --local-dir ckpt/SemanticVocoder
+  huggingface-cli download google/flan-t5-large --local-dir ckpt/flan-t5-large \\
+      --include "*.json" "spiece.model"
+  semvoc-export --checkpoint ckpt/SemanticVocoder --tokenizer ckpt/flan-t5-large \\
+      --fp16 --device cuda --out engines/semvoc-fp16
+
+what it writes (DIR):
+  manifest.json   schema, versions, precision, buckets, defaults, graph I/O, sha256 of every file
+  tokenizer.json  the T5 tokenizer the runtime uses (no transformers at serve time)
+  parity.json     every graph vs its PyTorch module on fresh inputs (max relative error)
+  *.onnx          text_encoder, dit_prepare, dit_time, dit_step, vocoder_prepare, vocoder_time,
+                  vocoder_step, semantic_encoder_<d>s  (+ .data files for weights past 2 GB)
+
+The export is atomic: it is built next to DIR and renamed into place at the end. It fails
+if a graph's parity error exceeds the bound of its precision (--allow-parity-failure to keep
+it anyway). Nothing is ever downloaded.
+"""
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return tuple(sorted(set(values)))
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated seconds, got {text!r}") from err
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive durations, got {text!r}")
+    return tuple(sorted(set(values)))
+
+
+def _components(text: str) -> tuple[str, ...]:
+    from semvoc.export.engine import COMPONENTS
+
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = sorted(set(values) - set(COMPONENTS))
+    if unknown or not values:
+        raise argparse.ArgumentTypeError(f"unknown component(s) {unknown or [text]}; choose from "
+                                         f"{','.join(COMPONENTS)}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="semvoc-export", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Export a SemanticVocoder model to an engine directory of ONNX graphs (fused "
+                    "attention, optional fp16, parity-checked) that semvoc-run serves without PyTorch.")
+    src = p.add_argument_group("model (choose one)")
+    which = src.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", type=Path, metavar="PATH",
+                       help="folder of the Hugging Face ZeyuXie/SemanticVocoder layout (config.json + "
+                            "model.safetensors), or your own weights in that layout")
+    which.add_argument("--preset", choices=["demo", "small", "reference"],
+                       help="built-in configuration with seeded random (UNTRAINED) weights: demo (tiny), "
+                            "small (CPU benchmark size), reference (the release's shapes)")
+    src.add_argument("--seed", type=int, default=0, help="weight seed for --preset (default 0)")
+    src.add_argument("--vocoder-snapshot", type=Path, metavar="PATH",
+                     help="replace the vocoder with a ZeyuXie/SemanticVocoderSnapshot folder (.pt + config.json)")
+    src.add_argument("--t5-config", type=Path, metavar="FILE",
+                     help="config.json of the T5 when the checkpoint names one semvoc does not know")
+    src.add_argument("--t5-weights", type=Path, metavar="FILE", help="separate T5 encoder weights")
+    src.add_argument("--dasheng-weights", type=Path, metavar="FILE", help="separate Dasheng weights")
+    src.add_argument("--trust-checkpoint", action="store_true",
+                     help="allow pickled objects in .pt files (only for files you trust)")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--out", type=Path, required=True, metavar="DIR", help="engine directory to write")
+    out.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    prec = out.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", action="store_true",
+                      help="fp16 graphs with fp32 islands chosen by calibration (for GPUs; default fp32)")
+    prec.add_argument("--bf16", action="store_true", help="bf16 graphs (for GPUs; experimental)")
+    out.add_argument("--components", type=_components, default=("text", "dit", "vocoder", "semantic"),
+                     help="graphs to export (default text,dit,vocoder,semantic)")
+    out.add_argument("--tokenizer", type=Path, metavar="DIR",
+                     help="T5 tokenizer folder (tokenizer.json or spiece.model); default: the built-in "
+                          "demo tokenizer, which only suits the presets")
+    out.add_argument("--trt", action="store_true",
+                     help="also build TensorRT plans (needs the `trt` extra; UNVERIFIED path)")
+
+    shape = p.add_argument_group("buckets")
+    shape.add_argument("--batch-sizes", type=_int_list, default=(1, 4, 16), metavar="N,N",
+                       help="batch buckets the runtime serves (default 1,4,16)")
+    shape.add_argument("--durations", type=_float_list, default=(10.0,), metavar="S,S",
+                       help="clip durations in seconds, 25 latent frames per second (default 10)")
+    shape.add_argument("--max-text-tokens", type=int, default=128, metavar="N",
+                       help="text bucket: prompts are padded (or truncated) to N tokens (default 128)")
+    shape.add_argument("--max-steps", type=int, default=250, metavar="N",
+                       help="largest DiT step count the runtime may use (default 250)")
+    shape.add_argument("--max-vocoder-steps", type=int, default=400, metavar="N",
+                       help="largest vocoder step count the runtime may use (default 400)")
+
+    chk = p.add_argument_group("checks")
+    chk.add_argument("--allow-parity-failure", action="store_true",
+                     help="write graphs whose parity error exceeds the bound (reported in parity.json)")
+    chk.add_argument("--parity-steps", type=int, default=3, metavar="N",
+                     help="consecutive steps checked for the step graphs (default 3)")
+    chk.add_argument("--no-calibration", action="store_true",
+                     help="--fp16 without measuring activations (every component in fp16)")
+    chk.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                     help="where PyTorch runs calibration and parity references (default cpu)")
+    p.add_argument("--verbose", action="store_true", help="show the exporter's own output")
+    return p
+
+
+def load_source(args):
+    import torch
+
+    from semvoc.export.engine import ModelSource
+    from semvoc.models import checkpoint as ckpt
+    from semvoc.models.config import preset
+    from semvoc.models.model import build_model
+
+    if args.preset:
+        model = build_model(preset(args.preset), seed=args.seed)
+        source = ModelSource(model, f"preset {args.preset} (seed {args.seed}, UNTRAINED random weights)",
+                             untrained=True, extra={"preset": args.preset, "seed": args.seed})
+    else:
+        t5 = json.loads(args.t5_config.read_text()) if args.t5_config else None
+        model = ckpt.load_official(args.checkpoint, t5_config=t5)
+        source = ModelSource(model, str(args.checkpoint.resolve()), untrained=False)
+    if args.vocoder_snapshot:
+        vocoder = ckpt.load_vocoder_snapshot(args.vocoder_snapshot, args.trust_checkpoint)
+        if vocoder.cfg.latent_dim != model.cfg.vocoder.latent_dim:
+            raise ValueError(f"vocoder snapshot latent_dim {vocoder.cfg.latent_dim} != the model's "
+                             f"{model.cfg.vocoder.latent_dim}")
+        model.vocoder = vocoder
+        source.extra["vocoder_snapshot"] = str(args.vocoder_snapshot.resolve())
+    if args.t5_weights:
+        ckpt.load_t5_weights(model, args.t5_weights)
+    if args.dasheng_weights:
+        ckpt.load_dasheng_weights(model, args.dasheng_weights, args.trust_checkpoint)
+    torch.set_grad_enabled(False)
+    return source
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from semvoc.export.engine import ExportError, ExportOptions, engine_summary, export_engine
+    from semvoc.models.checkpoint import CheckpointError
+    from semvoc.models.config import ConfigError
+
+    if args.trt:
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            print("semvoc-export: error: --trt needs TensorRT: pip install 'semvoc[trt]' on a machine "
+                  "with an NVIDIA GPU (tensorrt >= 10.14). Nothing was written.", file=sys.stderr)
+            return 2
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("semvoc-export: error: --device cuda but PyTorch sees no CUDA GPU; use --device cpu",
+                  file=sys.stderr)
+            return 2
+    dtype = "float16" if args.fp16 else "bfloat16" if args.bf16 else "float32"
+    options = ExportOptions(
+        out=args.out, dtype=dtype, batch_sizes=args.batch_sizes, durations=args.durations,
+        max_text_tokens=args.max_text_tokens, components=args.components, tokenizer=args.tokenizer,
+        max_dit_steps=args.max_steps, max_vocoder_steps=args.max_vocoder_steps,
+        parity_steps=args.parity_steps, allow_parity_failure=args.allow_parity_failure,
+        force=args.force, trt=args.trt, calibrate=not args.no_calibration, device=args.device,
+        verbose=args.verbose)
+    try:
+        from semvoc.export.engine import check_out_dir
+
+        check_out_dir(args.out, args.force)  # fail before loading gigabytes of weights
+        source = load_source(args)
+        out = export_engine(source, options)
+    except KeyboardInterrupt:
+        print("semvoc-export: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except (ExportError, ConfigError, CheckpointError, FileNotFoundError, NotImplementedError,
+            ValueError, OSError) as err:
+        print(f"semvoc-export: error: {err}", file=sys.stderr)
+        return 2
+    print(engine_summary(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

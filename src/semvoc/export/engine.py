@@ -1,0 +1,310 @@
+"""Writes an engine directory: graphs, tokenizer, parity report and manifest, atomically.
+
+Everything is written into a temporary sibling directory and renamed into place at the end,
+so an interrupted or failed export never leaves a half-made engine at ``--out``.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from semvoc import __version__
+from semvoc.export import onnx_export
+from semvoc.export.graphs import Dims, GraphSpec, graph_specs, resolve_shape
+from semvoc.export.parity import BOUNDS, check_graph
+from semvoc.export.precision import (
+    CALIBRATION_CAPTIONS,
+    cast_for_plan,
+    measure_activations,
+    plan_precision,
+)
+from semvoc.export.samples import pipeline_feeds
+from semvoc.export.tokenizer import convert_t5_tokenizer, demo_tokenizer_path
+from semvoc.models.model import SemanticVocoderModel, parameter_counts
+from semvoc.runtime.backends.ort_common import NUMPY_DTYPES, cuda_available, make_session
+from semvoc.runtime.manifest import MANIFEST, SCHEMA_VERSION, sha256_file
+from semvoc.runtime.tokenizer import TextTokenizer
+
+COMPONENTS = ("text", "dit", "vocoder", "semantic")
+
+
+class ExportError(RuntimeError):
+    """An export that cannot proceed; the message says what to change."""
+
+
+@dataclass
+class ExportOptions:
+    out: Path
+    dtype: str = "float32"
+    batch_sizes: tuple[int, ...] = (1, 4, 16)
+    durations: tuple[float, ...] = (10.0,)
+    max_text_tokens: int = 128
+    components: tuple[str, ...] = COMPONENTS
+    tokenizer: Path | None = None
+    max_dit_steps: int = 250
+    max_vocoder_steps: int = 400
+    parity_steps: int = 3
+    allow_parity_failure: bool = False
+    force: bool = False
+    trt: bool = False
+    calibrate: bool = True
+    device: str = "cpu"
+    verbose: bool = False
+
+
+@dataclass
+class ModelSource:
+    model: SemanticVocoderModel
+    description: str  # "preset demo (seed 0)" or the checkpoint path
+    untrained: bool
+    extra: dict = field(default_factory=dict)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"--out {out} is not empty; choose another directory or pass --force to "
+                          "replace it (the old engine is kept until the new one is complete)")
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ExportError(f"cannot create {parent}: {err}") from err
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"cannot write to {parent}: permission denied; choose a writable --out")
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import onnxscript
+    import transformers
+
+    return {"semvoc": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def _graph_entries(spec: GraphSpec, dims: Dims, dtypes: dict[str, str], duration: float | None,
+                   files: list[Path], root: Path) -> tuple[str, dict]:
+    def resolve(t):
+        dtype = dtypes[spec.component] if t.dtype == "compute" else t.dtype
+        shape = list(t.shape)
+        if duration is not None:  # static time axis: fold "frames"
+            frames = round(duration * 25)
+            shape = [resolve_shape((s,), {"frames": frames, "samples16k": frames * 640})[0]
+                     if isinstance(s, str) and ("frames" in s or s == "samples16k") else s for s in shape]
+        return {"name": t.name, "dtype": dtype, "shape": shape}
+
+    name = spec.name if duration is None else f"{spec.name}_{duration:g}s"
+    entry = {"kind": spec.name, "component": spec.component, "file": files[0].relative_to(root).as_posix(),
+             "data_file": files[1].relative_to(root).as_posix() if len(files) > 1 else None,
+             "inputs": [resolve(t) for t in spec.inputs], "outputs": [resolve(t) for t in spec.outputs],
+             "duration_s": duration, "loop": spec.loop, "notes": spec.notes}
+    return name, entry
+
+
+def _tokenizer(options: ExportOptions, tmp: Path, vocab_size: int) -> Path:
+    target = tmp / "tokenizer.json"
+    if options.tokenizer is not None:
+        convert_t5_tokenizer(options.tokenizer, target)
+    else:
+        shutil.copyfile(demo_tokenizer_path(), target)
+    tok = TextTokenizer(target, options.max_text_tokens)
+    size = tok.tokenizer.get_vocab_size()
+    if size > vocab_size:
+        raise ExportError(f"the tokenizer has {size} tokens but the text encoder embeds {vocab_size}; "
+                          "pass the tokenizer that belongs to the checkpoint with --tokenizer")
+    return target
+
+
+def export_engine(source: ModelSource, options: ExportOptions) -> Path:
+    out = Path(options.out)
+    check_out_dir(out, options.force)
+    unknown = sorted(set(options.components) - set(COMPONENTS))
+    if unknown:
+        raise ExportError(f"unknown component(s) {unknown}; choose from {', '.join(COMPONENTS)}")
+    model = source.model.eval()
+    if "semantic" in options.components and model.semantic_encoder is None:
+        raise ExportError("this model has no semantic encoder (encoder_name='none'); "
+                          "drop 'semantic' from --components")
+    tmp = out.resolve().parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    started = time.time()
+    try:
+        manifest = _export_into(tmp, source, options)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _log(f"engine written to {out} in {time.time() - started:.0f} s")
+    return out
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.resolve().parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict:
+    from tqdm import tqdm
+
+    model = source.model
+    device = torch.device(options.device)
+    cfg = model.cfg
+    dims = Dims.of(model, options.max_text_tokens, options.max_dit_steps, options.max_vocoder_steps)
+    frames = [round(d * cfg.sampling.latent_frames_per_second) for d in options.durations]
+    if any(f < 2 for f in frames):
+        raise ExportError(f"durations {options.durations} are too short: at least 0.08 s (2 frames)")
+
+    _log("[1/4] tokenizer")
+    tokenizer_path = _tokenizer(options, tmp, model.text_encoder.model.config.vocab_size)
+
+    _log("[2/4] precision: " + options.dtype + (" (calibrating activation ranges)"
+                                                 if options.dtype == "float16" else ""))
+    maxima = None
+    if options.dtype == "float16" and options.calibrate:
+        tok = TextTokenizer(tokenizer_path, options.max_text_tokens)
+        batch = tok(CALIBRATION_CAPTIONS[:2], warn=False)
+        maxima = measure_activations(model.to(device), batch.input_ids, batch.attention_mask,
+                                     frames=min(frames))
+    plan = plan_precision(options.dtype, maxima)
+    for note in plan.notes:
+        _log("  note: " + note)
+
+    lowered = copy.deepcopy(model).cpu()
+    lowered.vocoder.use_conv_spectral()
+    graph_model = cast_for_plan(lowered, plan)  # traced on the CPU (fake tensors, no compute)
+    reference = model.to(device)
+    dtypes = plan.components
+    provider = "cuda" if (device.type == "cuda" and cuda_available()) else "cpu"
+
+    specs = [s for s in graph_specs(dims) if s.component in options.components]
+    jobs = [(s, d) for s in specs for d in (options.durations if s.per_duration else (None,))]
+    graphs, parity = {}, {}
+    trace_frames = min(frames) if min(frames) < 50 else 50
+    _log(f"[3/4] exporting {len(jobs)} graph(s) to ONNX (opset {onnx_export.OPSET}) and checking "
+         f"parity on onnxruntime-{provider}")
+    for spec, duration in tqdm(jobs, unit="graph", file=sys.stderr, disable=None):
+        comp_dtype = {"float32": torch.float32, "float16": torch.float16,
+                      "bfloat16": torch.bfloat16}[dtypes[spec.component]]
+        f = trace_frames if duration is None else round(duration * cfg.sampling.latent_frames_per_second)
+        trace = pipeline_feeds(reference, dims, 2, f, seed=0, compute_dtype=comp_dtype,
+                               components={"text", spec.component})
+        stem = spec.name if duration is None else f"{spec.name}_{duration:g}s"
+        path = tmp / f"{stem}.onnx"
+        t0 = time.time()
+        files = onnx_export.export_graph(spec, spec.wrapper(graph_model).eval(), trace, path, options.verbose)
+        expected_attention = _expected_attention(spec, model)
+        structure = onnx_export.check_structure(spec, path, expected_attention)
+        name, entry = _graph_entries(spec, dims, dtypes, duration, files, tmp)
+        entry["structure"] = structure
+        graphs[name] = entry
+        parity[name] = _parity(spec, path, entry, reference, dims, options, provider,
+                               frames=f if duration is not None else frames[0],
+                               dtype=dtypes[spec.component])
+        parity[name]["export_seconds"] = round(time.time() - t0, 1)
+        if not parity[name]["passed"]:
+            message = (f"{name}: parity error {parity[name]['max_rel_error']:.3g} exceeds the "
+                       f"{dtypes[spec.component]} bound {parity[name]['bound']:g}")
+            if not options.allow_parity_failure:
+                raise ExportError(message + "; the graph does not match its PyTorch module "
+                                  "(pass --allow-parity-failure to write it anyway)")
+            _log("  WARNING: " + message)
+        del trace
+
+    tensorrt = None
+    if options.trt:
+        from semvoc.export.trt import build_plans
+
+        _log("[3b] building TensorRT plans")
+        tensorrt = build_plans(tmp, graphs, options)
+
+    _log("[4/4] writing parity.json and manifest.json")
+    parity_report = {"provider": provider, "bounds": BOUNDS, "graphs": parity,
+                     "all_passed": all(p["passed"] for p in parity.values())}
+    (tmp / "parity.json").write_text(json.dumps(parity_report, indent=1))
+    files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
+             if p.is_file()}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "producer": _versions(),
+        "model": {"source": source.description, "untrained": source.untrained,
+                  "config": cfg.to_dict(), "parameters": parameter_counts(model), **source.extra},
+        "precision": plan.to_dict(),
+        "opset": onnx_export.OPSET,
+        "buckets": {"batch_sizes": list(options.batch_sizes), "durations_s": list(options.durations),
+                    "frames": frames, "text_tokens": options.max_text_tokens,
+                    "max_dit_steps": options.max_dit_steps, "max_vocoder_steps": options.max_vocoder_steps,
+                    "dit_rows": dims.dit_rows, "vocoder_rows": dims.vocoder_rows},
+        "shapes": {"latent_channels": dims.latent_channels, "samples_per_frame": dims.samples_per_frame,
+                   "frames_per_second": cfg.sampling.latent_frames_per_second,
+                   "semantic_sample_rate": dims.semantic_samples_per_second,
+                   "context_dim": dims.context_dim, "vocab_size": model.text_encoder.model.config.vocab_size},
+        "defaults": {"steps": cfg.sampling.num_steps, "vocoder_steps": cfg.sampling.vocoder_steps,
+                     "guidance": cfg.sampling.guidance_scale, "sway": cfg.sampling.sway_sampling_coef,
+                     "noise_scale": cfg.vocoder.init_noise_scale, "sample_rate": cfg.sampling.sample_rate,
+                     "clamp": cfg.sampling.clamp_pred, "pred_x1": cfg.vocoder.pred_x1},
+        "tokenizer": "tokenizer.json",
+        "graphs": graphs,
+        "parity": {"file": "parity.json", "provider": provider, "all_passed": parity_report["all_passed"],
+                   "max_rel_error": {k: v["max_rel_error"] for k, v in parity.items()}},
+        "tensorrt": tensorrt,
+        "files": files,
+    }
+
+
+def _expected_attention(spec: GraphSpec, model: SemanticVocoderModel) -> int | None:
+    if spec.name == "dit_step":
+        per_block = 2 if model.dit.context_fusion == "cross" else 1
+        return per_block * len(model.dit.blocks)
+    if spec.name == "semantic_encoder":
+        return model.cfg.semantic.depth if model.cfg.semantic else None
+    return None
+
+
+def _parity(spec: GraphSpec, path: Path, entry: dict, reference: SemanticVocoderModel, dims: Dims,
+            options: ExportOptions, provider: str, frames: int, dtype: str) -> dict:
+    session = make_session(path, provider)
+    batch = 2 if 2 <= max(options.batch_sizes) else 1
+    feeds = pipeline_feeds(reference, dims, batch, frames, seed=1234, compute_dtype=torch.float32,
+                           components={"text", spec.component})
+    graph_dtypes = {t["name"]: NUMPY_DTYPES[t["dtype"]] for t in entry["inputs"]}
+    result = check_graph(spec, session, spec.wrapper(reference).eval(), feeds, graph_dtypes,
+                         options.parity_steps, BOUNDS[dtype])
+    result.update(provider=provider, dtype=dtype, batch=batch, frames=frames)
+    del session
+    return result
+
+
+def engine_summary(out: Path) -> str:
+    manifest = json.loads((out / MANIFEST).read_text())
+    lines = [f"{name}: max rel error {err:.2e}" for name, err in manifest["parity"]["max_rel_error"].items()]
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return "\n".join([f"engine: {out} ({size / 1e6:.1f} MB, {manifest['precision']['dtype']})", *lines])
+

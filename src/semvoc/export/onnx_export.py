@@ -1,0 +1,102 @@
+"""torch -> ONNX for one ``GraphSpec``: dynamo export at opset 23, checked structure.
+
+``torch.onnx.export(dynamo=True, opset_version=23)`` lowers ``scaled_dot_product_attention``
+to one ONNX ``Attention`` node; the exporter's optimizer folds constants. Weights go to an
+external data file next to the graph when they pass ~1.8 GB (protobuf's 2 GB limit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import torch
+
+from semvoc.export.graphs import GraphSpec, export_dynamic_shapes
+
+OPSET = 23
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+class _Positional(torch.nn.Module):
+    """Gives the wrapper a fixed positional signature (names come from the spec)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        out = self.inner(*args)
+        return out if isinstance(out, tuple) else (out,)
+
+
+def export_graph(spec: GraphSpec, module: torch.nn.Module, feeds: dict[str, torch.Tensor],
+                 path: Path, verbose: bool = False) -> list[Path]:
+    """Export ``module`` (the spec's wrapper) to ``path``; returns the files written."""
+    args = tuple(feeds[t.name] for t in spec.inputs)
+    dynamic = export_dynamic_shapes(spec)
+    dynamic_shapes = tuple(dynamic[t.name] for t in spec.inputs)
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    size += sum(b.numel() * b.element_size() for b in module.buffers())
+    sink = io.StringIO()
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(sink)
+    logging.getLogger("torch.onnx").setLevel(logging.WARNING if verbose else logging.ERROR)
+    with quiet, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            _Positional(module).eval(), args, dynamo=True, opset_version=OPSET,
+            input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+            dynamic_shapes={"args": dynamic_shapes}, verbose=False)
+    external = size > EXTERNAL_DATA_THRESHOLD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path), external_data=external)
+    name_symbolic_dims(path)
+    files = [path]
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        files.append(data)
+    return files
+
+
+def name_symbolic_dims(path: Path) -> None:
+    """Rewrite expression dims (``2*batch``) as identifiers (``2xbatch``), in place."""
+    from semvoc.runtime.manifest import dim_name
+
+    model = onnx.load(str(path), load_external_data=False)
+    changed = False
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param and dim_name(dim.dim_param) != dim.dim_param:
+                dim.dim_param = dim_name(dim.dim_param)
+                changed = True
+    if changed:
+        onnx.save_model(model, str(path))
+
+
+def op_counts(path: Path) -> Counter:
+    model = onnx.load(str(path), load_external_data=False)
+    counts: Counter = Counter(n.op_type for n in model.graph.node)
+    for fn in model.functions:  # nodes inside local functions, if any
+        counts.update(n.op_type for n in fn.node)
+    return counts
+
+
+def check_structure(spec: GraphSpec, path: Path, expected_attention: int | None) -> dict:
+    """The graph is valid ONNX; attention graphs hold fused ``Attention`` ops and no Softmax."""
+    onnx.checker.check_model(str(path), full_check=True)
+    counts = op_counts(path)
+    report = {"ops": sum(counts.values()), "attention": counts.get("Attention", 0),
+              "softmax": counts.get("Softmax", 0)}
+    if spec.attention_checked:
+        if counts.get("Softmax", 0):
+            raise RuntimeError(f"{spec.name}: {counts['Softmax']} Softmax node(s) left on an attention "
+                               "path; attention must export as one fused Attention op (opset 23)")
+        if expected_attention is not None and counts.get("Attention", 0) != expected_attention:
+            raise RuntimeError(f"{spec.name}: {counts.get('Attention', 0)} Attention ops, expected "
+                               f"{expected_attention}")
+    return report

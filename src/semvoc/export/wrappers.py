@@ -1,0 +1,213 @@
+"""The modules that become the engine's graphs: one per file, each a pure function of its inputs.
+
+"One step, one graph": a step graph holds the network, the CFG combine and the solver update;
+the schedule is data (tables gathered by a step counter that the graph also advances), so a
+runtime can ping-pong two buffer sets and replay the whole loop from a CUDA graph without
+touching the host. What depends only on the text, the latents or the schedule is computed once
+per request (``*_prepare``) or once per schedule (``*_time``).
+
+Loop state (the DiT latent and the vocoder waveform) stays float32 in every precision: the
+Euler updates accumulate over 100-200 steps. Tables and networks run in the engine's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from semvoc.models.model import SemanticVocoderModel
+from semvoc.models.udit import TimeConditioning, UDiT
+from semvoc.models.vocoder import Vocoder
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+# ------------------------------------------------------------------------------ text
+
+
+class TextEncoderGraph(nn.Module):
+    """(input_ids [B,S] int64, attention_mask [B,S] int64) -> context [B,S,Dc] float32."""
+
+    def __init__(self, model: SemanticVocoderModel):
+        super().__init__()
+        self.text_encoder = model.text_encoder
+
+    def forward(self, input_ids, attention_mask):
+        return self.text_encoder(input_ids, attention_mask).float()
+
+
+# ------------------------------------------------------------------------------- DiT
+
+
+def check_dit_exportable(dit: UDiT) -> None:
+    if dit.context_fusion != "cross":
+        raise NotImplementedError(
+            f"export supports context_fusion='cross' (the release); this UDiT uses "
+            f"{dit.context_fusion!r}. The PyTorch model runs it; the step graphs do not yet.")
+    if dit.cls_embed is not None:
+        raise NotImplementedError("export does not support cls_dim (class conditioning)")
+
+
+def time_rows(dit: UDiT) -> int:
+    """Rows of one step's time conditioning: 6 per block + 2 final (adaLN), or time tokens."""
+    if dit.use_adanorm:
+        return 6 * len(dit.blocks) + 2
+    return dit.extras
+
+
+class DitPrepare(nn.Module):
+    """(context [B,S,Dc] f32) -> cross_kv [n_blocks, 2, 2B, H, S, hd]: K/V of every block's
+    cross-attention for the CFG batch ``[uncond (zero context); cond]``."""
+
+    def __init__(self, dit: UDiT):
+        super().__init__()
+        check_dit_exportable(dit)
+        self.dit = dit
+
+    def forward(self, context):
+        context = context.to(_dtype(self.dit))
+        cfg_context = torch.cat([torch.zeros_like(context), context])
+        tokens = self.dit.embed_context(cfg_context)
+        kv = self.dit.cross_kv(tokens)
+        return torch.stack([torch.stack(pair) for pair in kv])
+
+
+class DitTime(nn.Module):
+    """(embedded timesteps [K] f32, already truncated) -> time table [K, R, D]."""
+
+    def __init__(self, dit: UDiT):
+        super().__init__()
+        check_dit_exportable(dit)
+        self.dit = dit
+
+    def forward(self, timesteps):
+        time = self.dit.time_conditioning(timesteps)
+        if time.time_tokens is not None:
+            return time.time_tokens
+        k = timesteps.shape[0]
+        dim = self.dit.cfg.embed_dim
+        blocks = time.block_mods.reshape(k, -1, dim)
+        return torch.cat([blocks, time.final_mod.reshape(k, 2, dim)], dim=1)
+
+
+def _unpack_time(dit: UDiT, row: torch.Tensor, batch: int) -> TimeConditioning:
+    """One table row [1, R, D] -> the blocks' time conditioning for ``batch`` rows."""
+    dim = dit.cfg.embed_dim
+    if not dit.use_adanorm:
+        return TimeConditioning(time_tokens=row.expand(batch, -1, -1))
+    n = len(dit.blocks)
+    mods = row[:, : 6 * n].reshape(1, n, 6, dim).expand(batch, -1, -1, -1)
+    final = row[:, 6 * n :].reshape(1, 2 * dim).expand(batch, -1)
+    return TimeConditioning(block_mods=mods, final_mod=final)
+
+
+class DitStep(nn.Module):
+    """One CFG Euler step of the flow-matching sampler.
+
+    inputs: latent [B,C,T] f32, step [1] int64, time_table [Kmax,R,D], sigmas [Kmax+1] f32,
+    cross_kv [n_blocks,2,2B,H,S,hd], context_mask [B,S] bool, guidance [1] f32
+    outputs: latent_next [B,C,T] f32 = latent + (sigma[k+1] - sigma[k]) * (u + w (c - u)),
+    step_next [1] int64 = step + 1.
+    """
+
+    def __init__(self, dit: UDiT):
+        super().__init__()
+        check_dit_exportable(dit)
+        self.dit = dit
+
+    def forward(self, latent, step, time_table, sigmas, cross_kv, context_mask, guidance):
+        dtype = _dtype(self.dit)
+        batch = latent.shape[0]
+        x = torch.cat([latent, latent]).to(dtype)
+        time = _unpack_time(self.dit, time_table[step], 2 * batch)
+        kv = [(cross_kv[i, 0], cross_kv[i, 1]) for i in range(cross_kv.shape[0])]
+        mask = torch.cat([context_mask, context_mask])
+        out = self.dit.forward_prepared(x, time, kv, mask).float()
+        uncond, cond = out[:batch], out[batch:]  # (slices, not chunk: keeps batch dynamic)
+        guided = uncond + guidance * (cond - uncond)
+        dt = sigmas[step + 1] - sigmas[step]
+        return latent + dt * guided, step + 1
+
+
+# ---------------------------------------------------------------------------- vocoder
+
+
+class VocoderPrepare(nn.Module):
+    """(latents [B,Cl,F] f32) -> per branch i: cond_bias_i [n_layers_i, B, C_i, F*r_i + 1]:
+    every decoder block's ``cond_proj(cond_mlp(upsample(cond_encoder(latents))))``.
+
+    The waveform has ``F * hop_length`` samples, so each branch's STFT has ``F * r_i + 1``
+    frames and the last frame gets a zero condition (as in the official code).
+    """
+
+    def __init__(self, vocoder: Vocoder):
+        super().__init__()
+        self.vocoder = vocoder
+
+    def forward(self, latents):
+        cond = self.vocoder.encode_cond(latents.to(_dtype(self.vocoder)))
+        outputs = []
+        for est in self.vocoder.estimators:
+            up = torch.repeat_interleave(cond, est.upsample_factor, dim=-1)
+            up = torch.cat([up, torch.zeros_like(up[..., :1])], dim=-1)
+            cm = est.decoder.cond_mlp(up)
+            outputs.append(torch.stack([block.cond_proj(cm) for block in est.decoder.blocks]))
+        return tuple(outputs)
+
+
+class VocoderTime(nn.Module):
+    """(t [N] f32) -> per branch i: time_scale_i [N, n_layers_i, C_i] = 1 + proj(time_mlp(pe(t)))."""
+
+    def __init__(self, vocoder: Vocoder):
+        super().__init__()
+        self.vocoder = vocoder
+
+    def forward(self, t):
+        return tuple(torch.stack(est.time_scales(t), dim=1) for est in self.vocoder.estimators)
+
+
+class VocoderStep(nn.Module):
+    """One Euler step with x1-prediction: v = (x1_hat - x) / (1 - t), x += v * dt.
+
+    inputs: audio [B,L] f32, step [1] int64, t_span [Nmax+1] f32, then per branch
+    cond_bias_i and time_scale_i (see ``VocoderPrepare``/``VocoderTime``)
+    outputs: audio_next [B,L] f32, step_next [1] int64. ``t = t_span[step]``,
+    ``dt = t_span[1] - t_span[0]`` (the official loop's constant step).
+    """
+
+    def __init__(self, vocoder: Vocoder):
+        super().__init__()
+        self.vocoder = vocoder
+        self.branches = len(vocoder.estimators)
+
+    def forward(self, audio, step, t_span, *tables):
+        dtype = _dtype(self.vocoder)
+        cond_biases, time_scales = tables[: self.branches], tables[self.branches :]
+        x = audio.to(dtype)
+        outputs = []
+        for est, bias, scales in zip(self.vocoder.estimators, cond_biases, time_scales, strict=True):
+            row = scales[step]  # [1, n_layers, C]
+            n = bias.shape[0]
+            spec = est.decoder.forward_prepared(est.fft(x), [bias[i] for i in range(n)],
+                                                [row[:, i] for i in range(n)])
+            outputs.append(est.ifft(spec))
+        pred = self.vocoder.reduce_branches(outputs).float()
+        t = t_span[step]
+        dt = t_span[1] - t_span[0]
+        return self.vocoder.euler_update(audio, pred, t, dt), step + 1
+
+
+# -------------------------------------------------------------------------- semantic
+
+
+class SemanticEncoderGraph(nn.Module):
+    """(waveform [B, N] at 16 kHz) -> latents [B, D, T'] f32 (Dasheng frames, transposed)."""
+
+    def __init__(self, model: SemanticVocoderModel):
+        super().__init__()
+        self.dasheng = model.semantic_encoder.dasheng_model
+
+    def forward(self, waveform):
+        return self.dasheng(waveform).transpose(1, 2).float()

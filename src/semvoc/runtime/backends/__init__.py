@@ -1,0 +1,1 @@
+"""Execution backends: onnxruntime CPU, onnxruntime CUDA (IOBinding + CUDA graphs), TensorRT."""

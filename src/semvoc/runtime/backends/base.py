@@ -1,0 +1,79 @@
+"""What a backend does: the four stages of a request, with state kept where the backend wants it.
+
+The pipeline calls, in order:
+  ``encode_text``  token ids -> context (a backend handle: numpy on CPU, device memory on GPU);
+  ``dit_loop``     context + initial latent -> final latent (handle), ``calls`` CFG Euler steps;
+  ``vocoder_loop`` latents (handle) + initial waveform -> waveform, on the host, float32;
+  ``encode_audio`` (resynthesis) 16 kHz waveform -> latents (handle).
+Schedules arrive as numpy tables; backends turn them into the graphs' time tables once per
+schedule and cache them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import numpy as np
+
+from semvoc.runtime.manifest import Manifest
+from semvoc.runtime.schedules import DitSchedule
+
+Progress = Callable[[str, int], None] | None  # (stage, steps done so far)
+
+
+class NonFiniteError(RuntimeError):
+    """NaN or Inf appeared in an ODE loop."""
+
+    def __init__(self, graph: str, step: int, detail: str = ""):
+        self.graph, self.step = graph, step
+        super().__init__(
+            f"non-finite values (NaN/Inf) in {graph} at step {step}{detail}. In an fp16 engine this "
+            "is an fp16 overflow: re-export with --fp16 after adding calibration coverage, or export "
+            "fp32 (drop --fp16) to keep this component in fp32 islands.")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here; the message says why and what would."""
+
+
+class Backend(ABC):
+    name: str = "abstract"
+    #: the step graphs need inputs padded to an exported batch bucket (CUDA graphs, TensorRT)
+    pads_batches: bool = False
+
+    def __init__(self, manifest: Manifest):
+        self.manifest = manifest
+
+    @abstractmethod
+    def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray): ...
+
+    @abstractmethod
+    def dit_loop(self, context, context_mask: np.ndarray, latent: np.ndarray, schedule: DitSchedule,
+                 calls: int, guidance: float, progress: Progress = None): ...
+
+    @abstractmethod
+    def vocoder_loop(self, latents, audio: np.ndarray, t_span: np.ndarray, steps: int,
+                     progress: Progress = None) -> np.ndarray: ...
+
+    @abstractmethod
+    def encode_audio(self, waveform: np.ndarray, duration_s: float): ...
+
+    def to_host(self, handle) -> np.ndarray:
+        """A handle returned by a stage, as a numpy array."""
+        return np.asarray(handle)
+
+    def close(self) -> None:  # noqa: B027 (an optional hook, not abstract)
+        """Release sessions and device memory."""
+
+    def describe(self) -> str:
+        return self.name
+
+
+def padded_table(values: np.ndarray, rows: int, fill: float | None = None) -> np.ndarray:
+    """``values`` (float32) padded to ``rows`` with its last value (or ``fill``)."""
+    if len(values) > rows:
+        raise ValueError(f"schedule of {len(values)} entries exceeds the engine's table of {rows}")
+    out = np.full(rows, values[-1] if fill is None else fill, dtype=np.float32)
+    out[: len(values)] = values
+    return out

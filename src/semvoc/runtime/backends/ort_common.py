@@ -1,0 +1,62 @@
+"""onnxruntime session creation shared by the backends (and by export's parity check)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_}
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
+def cuda_available() -> bool:
+    """onnxruntime-gpu is installed and a CUDA device answers."""
+    if "CUDAExecutionProvider" not in available_providers():
+        return False
+    try:
+        import onnxruntime as ort
+
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
+        return ort.get_device() == "GPU"
+    except Exception:
+        return False
+
+
+def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict[str, int] | None = None,
+                 cuda_graph: bool = False, device_id: int = 0, threads: int | None = None):
+    """An ``InferenceSession`` for ``path`` on "cpu" or "cuda".
+
+    ``dim_overrides`` fixes symbolic input dimensions (by name) so that onnxruntime folds all
+    shape arithmetic at load time: with every node on the GPU, the CUDA EP can capture the
+    run in a CUDA graph (``cuda_graph``).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    for name, value in (dim_overrides or {}).items():
+        options.add_free_dimension_override_by_name(name, int(value))
+    if provider == "cuda":
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
+        cuda_options = {"device_id": str(device_id), "cudnn_conv_algo_search": "EXHAUSTIVE",
+                        "do_copy_in_default_stream": "1"}
+        if cuda_graph:
+            cuda_options["enable_cuda_graph"] = "1"
+        providers = [("CUDAExecutionProvider", cuda_options)]
+    else:
+        providers = ["CPUExecutionProvider"]
+    if os.environ.get("SEMVOC_ORT_PROFILE"):
+        options.enable_profiling = True
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)

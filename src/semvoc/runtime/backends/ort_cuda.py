@@ -1,0 +1,273 @@
+"""onnxruntime CUDA: device-resident loops replayed from CUDA graphs.
+
+Per (batch, frames) bucket, each step graph gets a session whose symbolic dimensions are
+fixed at load time (so every node, shape arithmetic included, runs on the GPU and the run can
+be captured) and two IOBindings over persistent device buffers: A -> B and B -> A, captured
+as ``gpu_graph_id`` 1 and 2. A request then:
+
+- uploads the token ids (host -> device), runs text_encoder and dit_prepare (whose output is
+  written straight into the bucket's persistent K/V buffer), resets the step counter and
+  copies the initial noise into buffer A;
+- replays the two captured graphs alternately; the step counter advances on the device, the
+  schedule tables are read by index on the device: nothing crosses to the host in the loop;
+- hands the final latent (on the device) to vocoder_prepare and runs the vocoder loop the same
+  way; only the finished waveform is copied back.
+
+The schedule tables (``dit_time``/``vocoder_time``) are computed once per step count and kept.
+If onnxruntime refuses CUDA-graph capture for a graph, that graph runs uncaptured (still
+device-resident) and ``describe()`` says so. NaN/Inf is checked on the loop's final state;
+when found, the loop is re-run eagerly step by step to name the first bad step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from semvoc.runtime.backends.base import Backend, NonFiniteError, Progress, padded_table
+from semvoc.runtime.backends.ort_common import NUMPY_DTYPES, make_session
+from semvoc.runtime.manifest import GraphInfo, Manifest, dim_name, eval_dim
+from semvoc.runtime.schedules import DitSchedule
+
+
+@dataclass
+class _Loop:
+    """A step graph bound for one bucket: persistent buffers and two captured bindings."""
+
+    session: object
+    buffers: dict[str, object]
+    state: str
+    symbols: dict
+    bindings: list = field(default_factory=list)
+    run_options: list = field(default_factory=list)
+    captured: bool = True
+
+
+class OrtCudaBackend(Backend):
+    name = "onnxruntime-cuda"
+    pads_batches = True
+
+    def __init__(self, manifest: Manifest, device_id: int = 0, cuda_graphs: bool = True):
+        super().__init__(manifest)
+        import onnxruntime as ort
+
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
+        self.ort = ort
+        self.device_id = device_id
+        self.cuda_graphs = cuda_graphs
+        self._sessions: dict[tuple, object] = {}
+        self._loops: dict[tuple, _Loop] = {}
+        self._tables: dict[str, object] = {}  # persistent schedule tables shared by all buckets
+        self._table_keys: dict[str, object] = {}
+        self.capture_failures: list[str] = []
+
+    # ------------------------------------------------------------------------------ helpers
+    def _empty(self, shape, dtype: str):
+        return self.ort.OrtValue.ortvalue_from_shape_and_type(
+            [int(s) for s in shape], NUMPY_DTYPES[dtype], "cuda", self.device_id)
+
+    def _upload(self, array: np.ndarray, dtype: str):
+        return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, NUMPY_DTYPES[dtype]),
+                                                     "cuda", self.device_id)
+
+    def _symbols(self, batch: int, frames: int) -> dict[str, int]:
+        b = self.manifest.buckets
+        return {"batch": batch, "frames": frames, "dit_rows": b["dit_rows"], "vocoder_rows": b["vocoder_rows"]}
+
+    def _shape(self, tensor, symbols) -> list[int]:
+        return [eval_dim(s, symbols) for s in tensor.shape]
+
+    def _overrides(self, graph: GraphInfo, symbols) -> dict[str, int]:
+        return {dim_name(s): eval_dim(s, symbols) for t in graph.inputs for s in t.shape if isinstance(s, str)}
+
+    def _session(self, graph: GraphInfo, symbols: dict | None = None, cuda_graph: bool = False):
+        overrides = self._overrides(graph, symbols) if symbols else None
+        key = (graph.name, tuple(sorted((overrides or {}).items())), cuda_graph)
+        if key not in self._sessions:
+            self._sessions[key] = make_session(self.manifest.root / graph.file, "cuda", dim_overrides=overrides,
+                                               cuda_graph=cuda_graph, device_id=self.device_id)
+        return self._sessions[key]
+
+    def _run_once(self, kind: str, inputs: dict, outputs: dict | None = None, duration_s=None) -> list:
+        """Run an uncaptured graph: numpy inputs are uploaded, OrtValues bound as they are;
+        outputs go to the given OrtValues, or to new device buffers (returned in order)."""
+        graph = self.manifest.graph(kind, duration_s)
+        session = self._session(graph)
+        binding = session.io_binding()
+        for t in graph.inputs:
+            value = inputs[t.name]
+            if isinstance(value, np.ndarray):
+                binding.bind_ortvalue_input(t.name, self._upload(value, t.dtype))
+            else:
+                binding.bind_ortvalue_input(t.name, value)
+        for t in graph.outputs:
+            if outputs and t.name in outputs:
+                binding.bind_ortvalue_output(t.name, outputs[t.name])
+            else:
+                binding.bind_output(t.name, "cuda", self.device_id)
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    # --------------------------------------------------------------------------- step loops
+    def _loop(self, kind: str, batch: int, frames: int, state: str, shared: tuple[str, ...]) -> _Loop:
+        key = (kind, batch, frames)
+        if key in self._loops:
+            return self._loops[key]
+        graph = self.manifest.graph(kind)
+        symbols = self._symbols(batch, frames)
+        buffers = {}
+        for t in graph.inputs:
+            if t.name in shared:
+                if t.name not in self._tables:
+                    self._tables[t.name] = self._empty(self._shape(t, symbols), t.dtype)
+                buffers[t.name] = self._tables[t.name]
+            else:
+                buffers[t.name] = self._empty(self._shape(t, symbols), t.dtype)
+        # ping-pong state: "<state>" / "step" are A; "<state>_b" / "step_b" are B
+        buffers[state + "_b"] = self._empty(self._shape(graph.input(state), symbols), "float32")
+        buffers["step_b"] = self._empty([1], "int64")
+        loop = self._bind_loop(graph, symbols, buffers, state, self.cuda_graphs)
+        self._loops[key] = loop
+        return loop
+
+    def _bind_loop(self, graph: GraphInfo, symbols, buffers, state: str, capture: bool) -> _Loop:
+        try:
+            session = self._session(graph, symbols, cuda_graph=capture)
+        except Exception as err:  # capture refused at load time: run uncaptured
+            if not capture:
+                raise
+            self.capture_failures.append(f"{graph.name}: {err}")
+            return self._bind_loop(graph, symbols, buffers, state, capture=False)
+        loop = _Loop(session, buffers, state, symbols, captured=capture)
+        names = [(state, "step", state + "_b", "step_b"), (state + "_b", "step_b", state, "step")]
+        for graph_id, (x_in, s_in, x_out, s_out) in enumerate(names, start=1):
+            binding = session.io_binding()
+            for t in graph.inputs:
+                source = {state: x_in, "step": s_in}.get(t.name, t.name)
+                binding.bind_ortvalue_input(t.name, buffers[source])
+            binding.bind_ortvalue_output(graph.outputs[0].name, buffers[x_out])
+            binding.bind_ortvalue_output(graph.outputs[1].name, buffers[s_out])
+            options = self.ort.RunOptions()
+            options.add_run_config_entry("gpu_graph_id", str(graph_id) if capture else "-1")
+            loop.bindings.append(binding)
+            loop.run_options.append(options)
+        return loop
+
+    def _replay(self, loop: _Loop, kind: str, calls: int, progress: Progress, stage: str) -> None:
+        for k in range(calls):
+            try:
+                loop.session.run_with_iobinding(loop.bindings[k % 2], loop.run_options[k % 2])
+            except Exception as err:
+                if not loop.captured or k > 2:
+                    raise
+                # capture refused at run time: rebind uncaptured and carry on from this step
+                self.capture_failures.append(f"{kind}: {err}")
+                fresh = self._bind_loop(self.manifest.graph(kind), loop.symbols, loop.buffers, loop.state,
+                                        False)
+                loop.session, loop.bindings, loop.run_options, loop.captured = (
+                    fresh.session, fresh.bindings, fresh.run_options, False)
+                loop.session.run_with_iobinding(loop.bindings[k % 2], loop.run_options[k % 2])
+            if progress:
+                progress(stage, k + 1)
+
+    # ------------------------------------------------------------------------------- stages
+    def encode_text(self, input_ids, attention_mask):
+        return self._run_once("text_encoder", {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+
+    def _set_dit_tables(self, schedule: DitSchedule) -> None:
+        key = schedule.embedded.tobytes() + schedule.sigmas.tobytes()
+        if self._table_keys.get("dit") == key:
+            return
+        rows = self.manifest.buckets["dit_rows"]
+        self._run_once("dit_time", {"timesteps": padded_table(schedule.embedded, rows)},
+                       {"time_table": self._tables["time_table"]})
+        self._tables["sigmas"].update_inplace(padded_table(schedule.sigmas, rows + 1, fill=0.0))
+        self._table_keys["dit"] = key
+
+    def dit_loop(self, context, context_mask, latent, schedule, calls, guidance, progress: Progress = None):
+        batch, _, frames = latent.shape
+        loop = self._loop("dit_step", batch, frames, "latent", shared=("time_table", "sigmas"))
+        self._set_dit_tables(schedule)
+        b = loop.buffers
+        self._run_once("dit_prepare", {"context": context}, {"cross_kv": b["cross_kv"]})
+        b["context_mask"].update_inplace(np.ascontiguousarray(context_mask, np.bool_))
+        b["guidance"].update_inplace(np.array([guidance], np.float32))
+        b["latent"].update_inplace(np.ascontiguousarray(latent, np.float32))
+        b["step"].update_inplace(np.zeros(1, np.int64))
+        self._replay(loop, "dit_step", calls, progress, "dit")
+        final = b["latent"] if calls % 2 == 0 else b["latent_b"]
+        if not np.isfinite(final.numpy()).all():
+            self._diagnose(loop, "dit_step", "latent", latent, calls)
+        return final
+
+    def _set_vocoder_tables(self, t_span: np.ndarray) -> None:
+        key = t_span.tobytes()
+        if self._table_keys.get("vocoder") == key:
+            return
+        rows = self.manifest.buckets["vocoder_rows"]
+        names = [t.name for t in self.manifest.graph("vocoder_time").outputs]
+        self._run_once("vocoder_time", {"t": padded_table(t_span[:-1], rows)},
+                       {n: self._tables[n] for n in names})
+        self._tables["t_span"].update_inplace(padded_table(t_span, rows + 1, fill=1.0))
+        self._table_keys["vocoder"] = key
+
+    def vocoder_loop(self, latents, audio, t_span, steps, progress: Progress = None):
+        batch, samples = audio.shape
+        frames = samples // self.manifest.shapes["samples_per_frame"]
+        step_graph = self.manifest.graph("vocoder_step")
+        shared = ("t_span", *[t.name for t in step_graph.inputs if t.name.startswith("time_scale_")])
+        loop = self._loop("vocoder_step", batch, frames, "audio", shared=shared)
+        self._set_vocoder_tables(t_span)
+        b = loop.buffers
+        latents_value = latents if not isinstance(latents, np.ndarray) else self._upload(latents, "float32")
+        prepare = self.manifest.graph("vocoder_prepare")
+        self._run_once("vocoder_prepare", {"latents": latents_value}, {t.name: b[t.name] for t in prepare.outputs})
+        b["audio"].update_inplace(np.ascontiguousarray(audio, np.float32))
+        b["step"].update_inplace(np.zeros(1, np.int64))
+        self._replay(loop, "vocoder_step", steps, progress, "vocoder")
+        out = (b["audio"] if steps % 2 == 0 else b["audio_b"]).numpy()
+        if not np.isfinite(out).all():
+            self._diagnose(loop, "vocoder_step", "audio", audio, steps)
+        return out
+
+    def encode_audio(self, waveform, duration_s):
+        return self._run_once("semantic_encoder", {"waveform": waveform}, duration_s=duration_s)[0]
+
+    def to_host(self, handle) -> np.ndarray:
+        return handle if isinstance(handle, np.ndarray) else handle.numpy()
+
+    # --------------------------------------------------------------------------- diagnosis
+    def _diagnose(self, loop: _Loop, kind: str, state: str, initial: np.ndarray, calls: int) -> None:
+        """Re-run the loop uncaptured, checking the state after every step, to name the step."""
+        graph = self.manifest.graph(kind)
+        session = self._session(graph)
+        b = dict(loop.buffers)
+        b[state].update_inplace(np.ascontiguousarray(initial, np.float32))
+        b["step"].update_inplace(np.zeros(1, np.int64))
+        for k in range(calls):
+            binding = session.io_binding()
+            src, dst = (state, state + "_b") if k % 2 == 0 else (state + "_b", state)
+            s_src, s_dst = ("step", "step_b") if k % 2 == 0 else ("step_b", "step")
+            for t in graph.inputs:
+                binding.bind_ortvalue_input(t.name, b[{state: src, "step": s_src}.get(t.name, t.name)])
+            binding.bind_ortvalue_output(graph.outputs[0].name, b[dst])
+            binding.bind_ortvalue_output(graph.outputs[1].name, b[s_dst])
+            session.run_with_iobinding(binding)
+            if not np.isfinite(b[dst].numpy()).all():
+                raise NonFiniteError(kind, k)
+        raise NonFiniteError(kind, calls - 1, " (only when replayed from the CUDA graph)")
+
+    def describe(self) -> str:
+        captured = sorted({k[0] for k, loop in self._loops.items() if loop.captured})
+        text = f"{self.name} (CUDA graphs: {', '.join(captured) or 'none yet'})"
+        if self.capture_failures:
+            text += f"; capture refused for: {'; '.join(self.capture_failures)}"
+        return text
+
+    def close(self):
+        self._loops.clear()
+        self._sessions.clear()
+        self._tables.clear()
+

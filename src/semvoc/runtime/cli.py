@@ -1,0 +1,220 @@
+"""``semvoc-run``: generate audio from an engine directory, without PyTorch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+EPILOG = """\
+examples:
+  semvoc-run --engine engines/demo --prompt "a dog barks while rain falls" --out dog.wav
+  semvoc-run --engine engines/fp16 --prompts data/audiocaps_test_captions.jsonl \\
+      --out-dir out/audiocaps --batch-size 16          # resumable: existing wavs are skipped
+  semvoc-run --engine engines/fp16 --audio speech.flac --out resynth.wav   # audio -> audio
+
+prompts files: JSONL with "caption" (and optional "audio_id", used for the file name), or
+plain text with one prompt per line. The same --seed gives the same audio on the same
+backend and machine; prompt i of a run draws its noise from (seed, i), whatever the batching.
+Prompts longer than the engine's text bucket are truncated with a warning.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from semvoc.runtime.select import BACKENDS
+
+    p = argparse.ArgumentParser(
+        prog="semvoc-run", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Generate audio with a SemanticVocoder engine (made by semvoc-export). Needs no "
+                    "PyTorch: onnxruntime on the CPU, onnxruntime CUDA with CUDA graphs on a GPU.")
+    p.add_argument("--engine", type=Path, required=True, metavar="DIR", help="engine directory")
+    src = p.add_argument_group("input (choose one)")
+    src.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                     help="text description of the audio (repeat for several)")
+    src.add_argument("--prompts", type=Path, metavar="FILE", help="JSONL (caption, audio_id) or text lines")
+    src.add_argument("--audio", type=Path, metavar="FILE",
+                     help="resynthesise a recording (any rate/channels): semantic encoder -> vocoder")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", type=Path, metavar="FILE.wav", help="output file (one prompt or --audio)")
+    out.add_argument("--out-dir", type=Path, metavar="DIR", help="output directory (one wav per prompt)")
+    out.add_argument("--overwrite", action="store_true", help="regenerate wavs that already exist")
+    gen = p.add_argument_group("generation (defaults come from the engine)")
+    gen.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    gen.add_argument("--steps", type=int, help="DiT steps (official default 100)")
+    gen.add_argument("--vocoder-steps", type=int, help="vocoder steps (official default 200)")
+    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 3.5)")
+    gen.add_argument("--duration", type=float, help="seconds; an exported duration bucket (default: the first)")
+    gen.add_argument("--batch-size", type=int, help="prompts per batch (default: the largest exported bucket)")
+    run = p.add_argument_group("execution")
+    run.add_argument("--backend", choices=BACKENDS, default="auto",
+                     help="auto (CUDA if available, else CPU), onnxruntime-cpu, onnxruntime-cuda, "
+                          "tensorrt (unverified)")
+    run.add_argument("--device-id", type=int, default=0, help="GPU index (default 0)")
+    run.add_argument("--threads", type=int, help="CPU threads for onnxruntime-cpu (default: all cores)")
+    run.add_argument("--no-verify", action="store_true", help="skip the sha256 check of engine files")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def read_prompts(path: Path) -> list[tuple[str, str | None]]:
+    """(caption, audio_id or None) from a JSONL or plain-text file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: invalid JSON ({err})") from err
+            caption = record.get("caption")
+            if not isinstance(caption, str) or not caption.strip():
+                raise ValueError(f"{path}:{number}: no \"caption\" text")
+            items.append((caption, record.get("audio_id")))
+        else:
+            items.append((line, None))
+    if not items:
+        raise ValueError(f"{path} holds no prompts")
+    return items
+
+
+def file_stem(index: int, caption: str, audio_id: str | None) -> str:
+    if audio_id:
+        return re.sub(r"[^\w.-]+", "_", Path(str(audio_id)).stem)[:120]
+    slug = re.sub(r"[^\w]+", "_", caption.lower()).strip("_")[:60]
+    return f"{index:05d}_{slug}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sources = sum(bool(x) for x in (args.prompt, args.prompts, args.audio))
+    if sources != 1:
+        parser.error("give exactly one of --prompt, --prompts or --audio")
+    if args.out and args.out_dir:
+        parser.error("give --out or --out-dir, not both")
+    if not args.out and not args.out_dir:
+        parser.error("give --out FILE.wav or --out-dir DIR")
+    try:
+        return _run(args, parser)
+    except KeyboardInterrupt:
+        print("\nsemvoc-run: interrupted; finished files are complete, no partial file was written",
+              file=sys.stderr)
+        return 130
+
+
+def _run(args, parser) -> int:
+    from semvoc.runtime.audio import read_audio, write_wav_atomic
+    from semvoc.runtime.backends.base import BackendUnavailable, NonFiniteError
+    from semvoc.runtime.manifest import EngineError
+    from semvoc.runtime.pipeline import Pipeline
+
+    try:
+        if args.prompts:
+            items = read_prompts(args.prompts)
+        elif args.prompt:
+            items = [(p, None) for p in args.prompt]
+        else:
+            items = []
+        if args.out and len(items) > 1:
+            parser.error(f"{len(items)} prompts need --out-dir, not --out")
+        if args.out and args.out.suffix.lower() != ".wav":
+            parser.error("--out must end in .wav")
+        _check_writable(args.out.parent if args.out else args.out_dir)
+        waveform = read_audio(args.audio) if args.audio else None
+        pipe = Pipeline(args.engine, args.backend, device_id=args.device_id, verify=not args.no_verify,
+                        threads=args.threads)
+    except (EngineError, BackendUnavailable, FileNotFoundError, ValueError, PermissionError) as err:
+        print(f"semvoc-run: error: {err}", file=sys.stderr)
+        return 2
+    if pipe.manifest.untrained:
+        print(f"semvoc-run: note: {pipe.manifest.data['model']['source']}: the audio will be noise-like",
+              file=sys.stderr)
+    started = time.perf_counter()
+    try:
+        if waveform is not None:
+            produced = _resynthesize(args, pipe, waveform, write_wav_atomic)
+        else:
+            produced = _generate(args, pipe, items, write_wav_atomic)
+    except (EngineError, NonFiniteError, ValueError, OSError) as err:
+        print(f"semvoc-run: error: {err}", file=sys.stderr)
+        return 1
+    wall = time.perf_counter() - started
+    clips, seconds = produced
+    if clips:
+        print(f"semvoc-run: {clips} clip(s), {seconds:.1f} s of audio in {wall:.2f} s wall on "
+              f"{pipe.backend.describe()}; real-time factor {wall / seconds:.4f} "
+              f"({seconds / wall:.1f}x faster than real time)", file=sys.stderr)
+    pipe.close()
+    return 0
+
+
+def _check_writable(folder: Path) -> None:
+    import os
+
+    target = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("."))
+    if not os.access(target, os.W_OK):
+        raise PermissionError(f"cannot write to {folder}: permission denied; choose another output")
+
+
+def _resynthesize(args, pipe, waveform, write) -> tuple[int, float]:
+    data, rate = waveform
+    result = pipe.resynthesize(data, rate, seed=args.seed, vocoder_steps=args.vocoder_steps,
+                               duration=args.duration)
+    path = args.out or (args.out_dir / f"{args.audio.stem}_resynth.wav")
+    write(path, result.audio[0], result.sample_rate)
+    print(path)
+    return 1, result.seconds_of_audio
+
+
+def _generate(args, pipe, items, write) -> tuple[int, float]:
+    from tqdm import tqdm
+
+    buckets = pipe.manifest.buckets["batch_sizes"]
+    batch_size = args.batch_size or (max(buckets) if len(items) > 1 else 1)
+    if batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
+    if pipe.backend.pads_batches and batch_size > max(buckets):
+        raise ValueError(f"--batch-size {batch_size} exceeds the largest exported bucket {max(buckets)}")
+    targets = [args.out] if args.out else [args.out_dir / f"{file_stem(i, c, a)}.wav"
+                                             for i, (c, a) in enumerate(items)]
+    todo = [i for i, t in enumerate(targets) if args.overwrite or not t.exists()]
+    if len(todo) < len(items):
+        print(f"semvoc-run: skipping {len(items) - len(todo)} existing file(s) (--overwrite to redo)",
+              file=sys.stderr)
+    clips, seconds = 0, 0.0
+    prompt_bar = tqdm(total=len(todo), unit="clip", disable=args.quiet or len(todo) <= 1, file=sys.stderr)
+    defaults = pipe.manifest.defaults
+    total_steps = (args.steps or defaults["steps"]) + (args.vocoder_steps or defaults["vocoder_steps"])
+    step_bar = tqdm(total=total_steps, unit="step", disable=args.quiet or len(todo) != 1, file=sys.stderr,
+                    leave=False)
+
+    def progress(stage: str, done: int) -> None:
+        step_bar.set_description(stage)
+        step_bar.update(1)
+
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        result = pipe.generate([items[i][0] for i in chunk], seed=args.seed, indices=chunk,
+                               steps=args.steps, vocoder_steps=args.vocoder_steps, guidance=args.guidance,
+                               duration=args.duration, progress=progress if not step_bar.disable else None)
+        for row, i in enumerate(chunk):
+            write(targets[i], result.audio[row], result.sample_rate)
+            if len(items) == 1:
+                print(targets[i])
+        clips += len(chunk)
+        seconds += result.seconds_of_audio
+        prompt_bar.update(len(chunk))
+    step_bar.close()
+    prompt_bar.close()
+    return clips, seconds
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The engine directory contract: ``manifest.json`` and how the runtime decides to trust it.
+
+An engine directory holds ``manifest.json``, ``tokenizer.json``, ``parity.json`` and one ONNX
+file per graph (plus ``.data`` for weights past 2 GB, and ``.plan`` TensorRT engines where
+built). The manifest records: the schema version; producer versions; the model (its config,
+source and whether it is an untrained preset); precision per component and the fp32 islands;
+the opset; the buckets (batch sizes, durations, text length, table sizes); the sampling
+defaults; each graph's file, inputs and outputs; the sha256 of every file; the parity summary.
+
+``load_manifest`` refuses what it cannot trust (missing or unknown schema, missing or modified
+files) with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class EngineError(RuntimeError):
+    """An engine directory the runtime cannot use; the message says how to fix it."""
+
+
+def dim_name(expression: str) -> str:
+    """The ONNX ``dim_param`` for a shape expression: ``"4*frames + 1"`` -> ``"4xframes_p1"``.
+
+    Exported graphs carry these identifiers so that onnxruntime can override every symbolic
+    dimension by name (``add_free_dimension_override_by_name``).
+    """
+    text = expression.replace(" ", "")
+    if text.isidentifier():
+        return text
+    return text.replace("*", "x").replace("+", "_p").replace("-", "_m")
+
+
+def eval_dim(expression, symbols: dict[str, int]) -> int:
+    """Evaluate a manifest shape entry (an int or an expression of the symbols)."""
+    if isinstance(expression, int):
+        return expression
+    return int(eval(str(expression), {"__builtins__": {}}, dict(symbols)))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: list
+
+    @classmethod
+    def of(cls, d: dict) -> TensorInfo:
+        return cls(d["name"], d["dtype"], list(d["shape"]))
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    name: str
+    kind: str  # the GraphSpec name, e.g. "dit_step" (several durations share a kind)
+    component: str
+    file: str
+    data_file: str | None
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    duration_s: float | None
+    plan_file: str | None = None
+
+    def input(self, name: str) -> TensorInfo:
+        return next(t for t in self.inputs if t.name == name)
+
+
+class Manifest:
+    def __init__(self, root: Path, data: dict):
+        self.root = root
+        self.data = data
+        self.graphs = {
+            name: GraphInfo(name=name, kind=g["kind"], component=g["component"], file=g["file"],
+                            data_file=g.get("data_file"), inputs=[TensorInfo.of(t) for t in g["inputs"]],
+                            outputs=[TensorInfo.of(t) for t in g["outputs"]],
+                            duration_s=g.get("duration_s"), plan_file=g.get("plan_file"))
+            for name, g in data["graphs"].items()}
+
+    # --------------------------------------------------------------------- conveniences
+    @property
+    def defaults(self) -> dict:
+        return self.data["defaults"]
+
+    @property
+    def buckets(self) -> dict:
+        return self.data["buckets"]
+
+    @property
+    def shapes(self) -> dict:
+        return self.data["shapes"]
+
+    @property
+    def untrained(self) -> bool:
+        return bool(self.data["model"].get("untrained"))
+
+    @property
+    def components(self) -> set[str]:
+        return {g.component for g in self.graphs.values()}
+
+    def graph(self, kind: str, duration_s: float | None = None) -> GraphInfo:
+        for g in self.graphs.values():
+            if g.kind == kind and (g.duration_s is None or duration_s is None or
+                                   abs(g.duration_s - duration_s) < 1e-6):
+                return g
+        have = sorted(self.graphs)
+        raise EngineError(f"this engine has no {kind!r} graph"
+                          + (f" for {duration_s:g} s" if duration_s else "")
+                          + f" (it has {have}); re-export with the component/duration you need")
+
+    def frames(self, duration_s: float) -> int:
+        return round(duration_s * self.shapes["frames_per_second"])
+
+
+def load_manifest(root: str | Path, verify: bool = True) -> Manifest:
+    """Read and check an engine directory; ``verify`` also checks every file's sha256."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise EngineError(f"engine directory not found: {root}. Create one with "
+                          "`semvoc-export --preset demo --out DIR` (or --checkpoint PATH).")
+    if not path.is_file():
+        raise EngineError(f"{root} has no {MANIFEST}: not an engine directory (or an interrupted "
+                          "export). Re-run semvoc-export.")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise EngineError(f"{path} is not valid JSON ({err}); re-export the engine") from err
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise EngineError(
+            f"{path} has schema version {version!r}; this semvoc reads version {SCHEMA_VERSION}. "
+            f"Re-export the engine with this semvoc (`semvoc-export ...`), or run the semvoc "
+            f"version that wrote it ({data.get('producer', {}).get('semvoc', 'unknown')}).")
+    for key in ("graphs", "files", "defaults", "buckets", "shapes", "model"):
+        if key not in data:
+            raise EngineError(f"{path} lacks {key!r}; re-export the engine")
+    if verify:
+        problems = []
+        for rel, digest in data["files"].items():
+            file = root / rel
+            if not file.is_file():
+                problems.append(f"missing: {rel}")
+            elif sha256_file(file) != digest:
+                problems.append(f"modified or corrupt (sha256 mismatch): {rel}")
+        if problems:
+            raise EngineError(f"engine {root} failed verification:\n  " + "\n  ".join(problems)
+                              + "\nRe-export the engine; do not edit engine files by hand.")
+    return Manifest(root, data)
