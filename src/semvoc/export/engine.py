@@ -120,6 +120,17 @@ def _graph_entries(spec: GraphSpec, dims: Dims, dtypes: dict[str, str], duration
     return name, entry
 
 
+def _record_onnx_dims(entry: dict, path: Path) -> None:
+    """Store each input's ONNX ``dim_param`` names beside the shape expressions: the runtime
+    fixes those dims by name (onnxruntime free-dimension overrides) for CUDA-graph capture."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input}
+    for tensor in entry["inputs"]:
+        tensor["onnx_dims"] = dims[tensor["name"]]
+
+
 def _tokenizer(options: ExportOptions, tmp: Path, vocab_size: int) -> Path:
     target = tmp / "tokenizer.json"
     if options.tokenizer is not None:
@@ -222,6 +233,7 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
         expected_attention = _expected_attention(spec, model)
         structure = onnx_export.check_structure(spec, path, expected_attention)
         name, entry = _graph_entries(spec, dims, dtypes, duration, files, tmp)
+        _record_onnx_dims(entry, path)
         entry["structure"] = structure
         graphs[name] = entry
         parity[name] = _parity(spec, path, entry, reference, dims, options, provider,

@@ -122,6 +122,9 @@ def _run(args, parser) -> int:
             items = [(p, None) for p in args.prompt]
         else:
             items = []
+        for number, (caption, _) in enumerate(items, start=1):
+            if not caption.strip():
+                raise ValueError(f"prompt #{number} is empty: give a text description of the audio")
         if args.out and len(items) > 1:
             parser.error(f"{len(items)} prompts need --out-dir, not --out")
         if args.out and args.out.suffix.lower() != ".wav":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,15 +28,18 @@ class EngineError(RuntimeError):
 
 
 def dim_name(expression: str) -> str:
-    """The ONNX ``dim_param`` for a shape expression: ``"4*frames + 1"`` -> ``"4xframes_p1"``.
+    """The ONNX ``dim_param`` for a shape expression: ``"4*frames + 1"`` -> ``"frames_x4_p1"``.
 
     Exported graphs carry these identifiers so that onnxruntime can override every symbolic
     dimension by name (``add_free_dimension_override_by_name``).
     """
     text = expression.replace(" ", "")
-    if text.isidentifier():
-        return text
-    return text.replace("*", "x").replace("+", "_p").replace("-", "_m")
+    match = re.fullmatch(r"(\d+)\*([A-Za-z_]\w*)(.*)|([A-Za-z_]\w*)\*(\d+)(.*)", text)
+    if match:
+        factor, symbol, rest = (match.group(1), match.group(2), match.group(3)) if match.group(1) else (
+            match.group(5), match.group(4), match.group(6))
+        text = f"{symbol}_x{factor}{rest}"
+    return text.replace("+", "_p").replace("-", "_m")
 
 
 def eval_dim(expression, symbols: dict[str, int]) -> int:
@@ -57,11 +61,12 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 class TensorInfo:
     name: str
     dtype: str
-    shape: list
+    shape: list  # ints or expressions of the symbols batch, frames, dit_rows, vocoder_rows
+    onnx_dims: list | None = None  # the ONNX file's dim_param names (or ints), axis by axis
 
     @classmethod
     def of(cls, d: dict) -> TensorInfo:
-        return cls(d["name"], d["dtype"], list(d["shape"]))
+        return cls(d["name"], d["dtype"], list(d["shape"]), d.get("onnx_dims"))
 
 
 @dataclass(frozen=True)

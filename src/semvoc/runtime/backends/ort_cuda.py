@@ -80,7 +80,14 @@ class OrtCudaBackend(Backend):
         return [eval_dim(s, symbols) for s in tensor.shape]
 
     def _overrides(self, graph: GraphInfo, symbols) -> dict[str, int]:
-        return {dim_name(s): eval_dim(s, symbols) for t in graph.inputs for s in t.shape if isinstance(s, str)}
+        """Every symbolic input dim of the ONNX file (by its dim_param name) -> its value."""
+        overrides = {}
+        for t in graph.inputs:
+            names = t.onnx_dims or [dim_name(s) if isinstance(s, str) else s for s in t.shape]
+            for name, expression in zip(names, t.shape, strict=True):
+                if isinstance(name, str) and name:
+                    overrides[name] = eval_dim(expression, symbols)
+        return overrides
 
     def _session(self, graph: GraphInfo, symbols: dict | None = None, cuda_graph: bool = False):
         overrides = self._overrides(graph, symbols) if symbols else None

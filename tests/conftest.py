@@ -1,0 +1,30 @@
+"""Shared fixtures: one `demo` engine exported once per test session (about a minute on 2 cores)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+DEMO_EXPORT_ARGS = ["--preset", "demo", "--durations", "1", "--max-text-tokens", "24",
+                    "--max-steps", "40", "--max-vocoder-steps", "40", "--batch-sizes", "1,2"]
+
+
+@pytest.fixture(scope="session")
+def demo_engine(tmp_path_factory) -> Path:
+    """An fp32 `demo` engine (all components, 1-second bucket), exported through the CLI."""
+    from semvoc.export.cli import main
+
+    out = tmp_path_factory.mktemp("engines") / "demo"
+    assert main([*DEMO_EXPORT_ARGS, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture()
+def engine_copy(demo_engine, tmp_path) -> Path:
+    """A private copy of the demo engine that a test may damage."""
+    import shutil
+
+    target = tmp_path / "engine"
+    shutil.copytree(demo_engine, target)
+    return target

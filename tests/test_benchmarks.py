@@ -1,0 +1,226 @@
+"""The benchmark harness's logic on tiny inputs (benchmarks themselves never gate the suite).
+
+CPU-only and fast: statistics, the ONNX FLOP counter on a hand-built graph, the report writer,
+the ratio/floor bookkeeping, the compile time budget, and the refusal of a mismatched engine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from benchmarks.flops import count_model_flops, eval_dim_param
+from benchmarks.report import render_markdown, unique_base, write_results
+from benchmarks.run import attach_floor, check_engine, compute_ratios, main
+from benchmarks.stats import quantile, summarize
+from benchmarks.systems import BenchmarkError, CompileBudgetExceeded, time_budget
+
+onnx = pytest.importorskip("onnx")
+
+
+# ------------------------------------------------------------------------------ statistics
+
+
+def test_summarize_median_quartiles_and_spread():
+    s = summarize([7, 1, 3, 5, 9, 2, 8, 4])  # sorted: 1 2 3 4 5 7 8 9
+    assert s["n"] == 8
+    assert s["median"] == pytest.approx(4.5)
+    assert s["q1"] == pytest.approx(2.75)  # position 1.75: 2 + 0.75 * (3 - 2)
+    assert s["q3"] == pytest.approx(7.25)  # position 5.25: 7 + 0.25 * (8 - 7)
+    assert s["iqr"] == pytest.approx(4.5)
+    assert (s["min"], s["max"]) == (1.0, 9.0)
+    assert s["values"] == [7.0, 1.0, 3.0, 5.0, 9.0, 2.0, 8.0, 4.0]  # kept in measured order
+
+
+def test_summarize_odd_and_single():
+    assert summarize([3.0, 1.0, 2.0])["median"] == 2.0
+    one = summarize([0.5])
+    assert one["median"] == one["q1"] == one["q3"] == 0.5 and one["iqr"] == 0.0
+    assert quantile([1.0, 2.0], 1.0) == 2.0
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+# ------------------------------------------------------------------------------ FLOPs
+
+
+def _tiny_model():
+    """One MatMul, one grouped Conv, one ConvTranspose, one Attention (opset 23), and a MatMul
+    behind Shape -> Gather -> Concat -> Reshape arithmetic; ``batch`` symbolic."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    f = TensorProto.FLOAT
+
+    def weight(name, shape):
+        return numpy_helper.from_array(np.zeros(shape, np.float32), name)
+
+    inputs = [
+        helper.make_tensor_value_info("x", f, ["batch", 4, 8]),
+        helper.make_tensor_value_info("audio", f, ["batch", 2, 10]),
+        helper.make_tensor_value_info("spec", f, ["batch", 4, 5]),
+        helper.make_tensor_value_info("q", f, ["batch", 2, 5, 4]),
+        helper.make_tensor_value_info("k", f, ["batch", 2, 7, 4]),
+        helper.make_tensor_value_info("v", f, ["batch", 2, 7, 4]),
+        helper.make_tensor_value_info("flat", f, ["batch", 12]),
+    ]
+    inits = [weight("w_mm", [8, 16]), weight("w_conv", [6, 1, 3]), weight("w_convt", [4, 1, 6]),
+             weight("w_mm2", [3, 5]), numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([4, 3], np.int64), "tail")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_mm"], ["y_mm"]),
+        helper.make_node("Conv", ["audio", "w_conv"], ["y_conv"], group=2, pads=[1, 1], kernel_shape=[3]),
+        helper.make_node("ConvTranspose", ["spec", "w_convt"], ["y_convt"], strides=[2], kernel_shape=[6]),
+        helper.make_node("Attention", ["q", "k", "v"], ["y_att"]),
+        helper.make_node("Shape", ["flat"], ["flat_shape"]),
+        helper.make_node("Gather", ["flat_shape", "zero"], ["b"], axis=0),
+        helper.make_node("Concat", ["b", "tail"], ["target"], axis=0),
+        helper.make_node("Reshape", ["flat", "target"], ["r"]),
+        helper.make_node("MatMul", ["r", "w_mm2"], ["y_mm2"]),
+    ]
+    outputs = [helper.make_tensor_value_info(n, f, None) for n in ("y_mm", "y_conv", "y_convt", "y_att", "y_mm2")]
+    graph = helper.make_graph(nodes, "tiny", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
+
+
+def test_flop_counter_on_a_hand_built_graph():
+    counted = count_model_flops(_tiny_model(), {"batch": 3})
+    assert counted.unresolved == []
+    # MatMul [3,4,8] @ [8,16]: 2 * (3*4*16) * 8
+    assert counted.by_op["MatMul"] == 2 * 3 * 4 * 16 * 8 + 2 * 3 * 4 * 5 * 3  # + the reshaped [3,4,3] @ [3,5]
+    # Conv: out [3, 6, 10], Cin/groups = 1, kernel 3: 2 * 3*6*10 * 1*3
+    assert counted.by_op["Conv"] == 1080
+    # ConvTranspose: every input position [3, 4, 5] through Cout/groups = 1 x kernel 6
+    assert counted.by_op["ConvTranspose"] == 2 * 3 * 4 * 5 * 1 * 6
+    # Attention: 4 * B * H * Lq * Lk * hd = 4 * 3 * 2 * 5 * 7 * 4
+    assert counted.by_op["Attention"] == 3360
+    assert counted.total == 3072 + 360 + 1080 + 720 + 3360
+    assert counted.nodes == {"MatMul": 2, "Conv": 1, "ConvTranspose": 1, "Attention": 1}
+
+
+def test_dim_params_of_the_exporter():
+    symbols = {"batch": 4, "frames": 250, "dit_rows": 251}
+    assert eval_dim_param("batch", symbols) == 4
+    assert eval_dim_param("2xbatch", symbols) == 8
+    assert eval_dim_param("960xframes", symbols) == 240000
+    assert eval_dim_param("4xframes_p1", symbols) == 1001
+    assert eval_dim_param("frames_x4_p1", symbols) == 1001
+    assert eval_dim_param("frames_x16_m3", symbols) == 3997
+    assert eval_dim_param("dit_rows_p1", symbols) == 252
+    with pytest.raises(ValueError):
+        eval_dim_param("samples16k", symbols)
+
+
+def test_flop_counter_refuses_an_unknown_symbol():
+    with pytest.raises(ValueError, match="batch"):
+        count_model_flops(_tiny_model(), {})
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def _row(system, batch, median, **extra):
+    wall = summarize([median * 0.98, median, median * 1.03])
+    stages = {k: summarize([median / 3] * 3) for k in ("text", "dit", "vocoder")}
+    return {"system": system, "batch": batch, "status": "ok", "note": "", "runs": 3, "wall_s": wall,
+            "stages_s": stages, "per_clip_s": median / batch, "clips_per_s": batch / median, "rtf": median / 10,
+            "dit_calls": 100, "vocoder_steps": 200, "dit_step_ms": 1.0, "vocoder_step_ms": 1.0,
+            "peak_mem_mib": 1234.5, "card": "Fake GPU", **extra}
+
+
+def _fake_results():
+    rows = [_row("torch-fp32", 1, 6.9), _row("semvoc-cuda", 1, 0.3),
+            {"system": "tensorrt", "batch": 1, "status": "not installed", "note": "TensorRT is not installed"},
+            {"system": "torch-compile", "batch": 1, "status": "not measured",
+             "note": "did not finish compiling within 60 s (mode max-autotune)"}]
+    flops = {"per_batch": {"1": {"flop_per_request": 95e12, "flop_per_clip": 95e12, "tflop_per_clip": 95.0,
+                                 "unresolved": []}},
+             "cross_check": {"preset": "reference", "duration_s": 10.0, "dit_step_batch2_gflop": 494.0,
+                             "dit_step_batch2_gflop_design": 520.0, "vocoder_step_gflop": 168.0,
+                             "vocoder_step_plus_prepare_gflop": 217.0, "vocoder_step_gflop_design": 217.0,
+                             "comparable": True, "note": "a note"}}
+    floor = attach_floor(rows, flops, {"tflops": 730.0, "method": "fake", "device_name": "Fake GPU"})
+    return {"date": "2026-01-01", "machine": {"cpu": "Fake CPU", "cpu_count": 2, "gpu": {"name": "Fake GPU",
+                                                                                         "driver": "1"},
+                                              "versions": {"semvoc": "0.1.0"}},
+            "workload": {"device": "cuda", "preset": "reference", "duration_s": 10.0, "steps": 100,
+                         "vocoder_steps": 200},
+            "rows": rows, "ratios": compute_ratios(rows, "cuda"), "floor": floor, "notes": []}
+
+
+def test_floor_and_ratios_bookkeeping():
+    results = _fake_results()
+    rows = {r["system"]: r for r in results["rows"]}
+    assert rows["semvoc-cuda"]["floor_s"] == pytest.approx(95e12 / 730e12)
+    assert rows["semvoc-cuda"]["x_floor"] == pytest.approx(0.3 / (95 / 730))
+    assert "x_floor" not in rows["tensorrt"]
+    assert results["ratios"] == [{"batch": 1, "system": "semvoc-cuda", "baseline": "torch-fp32",
+                                  "speedup": pytest.approx(6.9 / 0.3), "card": "Fake GPU"}]
+
+
+def test_report_writer_markdown_and_no_overwrite(tmp_path: Path):
+    results = _fake_results()
+    md = render_markdown(results)
+    assert "| torch-fp32 | 1 | ok | 6.9 |" in md
+    assert "| semvoc-cuda | 1 | ok | 0.3 |" in md
+    assert "| tensorrt | 1 | not installed |" in md and "TensorRT is not installed" in md
+    assert "did not finish compiling within 60 s" in md
+    assert "| 1 | semvoc-cuda | torch-fp32 | 23x |" in md
+    assert "| DiT step (batch 2) | 494 | ~520 |" in md
+    first = write_results(json.loads(json.dumps(results)), tmp_path, "fake-gpu-2026-01-01")
+    second = write_results(json.loads(json.dumps(results)), tmp_path, "fake-gpu-2026-01-01")
+    assert first["json"].name == "fake-gpu-2026-01-01.json" and first["md"].is_file()
+    assert second["json"].name == "fake-gpu-2026-01-01-2.json"
+    assert json.loads(first["json"].read_text())["rows"][0]["system"] == "torch-fp32"
+    assert unique_base(tmp_path, "fake-gpu-2026-01-01").name == "fake-gpu-2026-01-01-3"
+
+
+# ------------------------------------------------------------------------------ refusals, budget
+
+
+def _manifest(preset="small", seed=0):
+    return {"schema_version": 1, "model": {"preset": preset, "seed": seed, "source": f"preset {preset}"},
+            "graphs": {n: {"kind": n, "component": c, "file": f"{n}.onnx", "inputs": [], "outputs": []}
+                       for n, c in (("text_encoder", "text"), ("dit_step", "dit"), ("vocoder_step", "vocoder"))},
+            "files": {}, "defaults": {"sway": -1.0, "sample_rate": 24000},
+            "buckets": {"batch_sizes": [1, 4, 16], "durations_s": [10.0], "text_tokens": 128, "max_dit_steps": 250,
+                        "max_vocoder_steps": 400, "dit_rows": 251, "vocoder_rows": 401},
+            "shapes": {"latent_channels": 128, "samples_per_frame": 960, "frames_per_second": 25}}
+
+
+def _check(data, **kw):
+    args = {"preset": "demo", "model_seed": 0, "systems": ["torch-fp32", "semvoc-cuda"], "batch_sizes": [1],
+            "duration_s": 10.0, "steps": 100, "vocoder_steps": 200, **kw}
+    check_engine(data, **args)
+
+
+def test_refuses_an_engine_of_another_preset(tmp_path: Path, capsys):
+    with pytest.raises(BenchmarkError, match=r"preset 'small' seed 0.*preset 'demo' seed 0"):
+        _check(_manifest("small"))
+    with pytest.raises(BenchmarkError, match="seed 3"):
+        _check(_manifest("demo", seed=3))
+    _check(_manifest("demo"))  # matching: accepted
+    with pytest.raises(BenchmarkError, match="not exported batch buckets"):
+        _check(_manifest("demo"), batch_sizes=[2])
+    with pytest.raises(BenchmarkError, match="not an exported duration"):
+        _check(_manifest("demo"), duration_s=5.0)
+    # the command line says so and exits 2, before building any model
+    (tmp_path / "manifest.json").write_text(json.dumps(_manifest("small")))
+    code = main(["--engine", str(tmp_path), "--preset", "demo", "--device", "cpu", "--systems", "torch-fp32",
+                 "--out-dir", str(tmp_path / "out")])
+    assert code == 2
+    assert "export of preset 'small'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_compile_budget_interrupts_a_long_warmup():
+    start = time.perf_counter()
+    with pytest.raises(CompileBudgetExceeded), time_budget(0.2):
+        while time.perf_counter() - start < 5:
+            pass
+    assert time.perf_counter() - start < 2
+    with time_budget(5):  # finishing in time leaves no alarm behind
+        pass
+    time.sleep(0.01)

@@ -1,0 +1,297 @@
+"""semvoc-run / semvoc.runtime: parity with PyTorch, no torch, determinism, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from semvoc.runtime.cli import main as run_main
+from semvoc.runtime.manifest import EngineError
+from semvoc.runtime.pipeline import Pipeline
+
+SHORT = ["--steps", "5", "--vocoder-steps", "4"]
+PROMPTS = ["a dog barks while rain falls on a tin roof", "church bells ring"]
+
+
+@pytest.fixture(scope="module")
+def pipe(demo_engine):
+    return Pipeline(demo_engine, "onnxruntime-cpu")
+
+
+@pytest.fixture(scope="module")
+def eager(demo_engine):
+    from semvoc.models import build_model, preset
+    from semvoc.models.pipeline import EagerPipeline
+    from semvoc.runtime.tokenizer import TextTokenizer
+
+    manifest = json.loads((demo_engine / "manifest.json").read_text())
+    model = build_model(preset("demo"), seed=manifest["model"]["seed"])
+    return EagerPipeline(model, TextTokenizer(demo_engine / "tokenizer.json", manifest["buckets"]["text_tokens"]))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_text_to_audio_matches_pytorch(pipe, eager, batch):
+    from semvoc.models.pipeline import GenerationSettings
+
+    result = pipe.generate(PROMPTS[:batch], seed=11, steps=6, vocoder_steps=5)
+    reference = eager.text_to_audio(PROMPTS[:batch], seed=11,
+                                    settings=GenerationSettings(num_steps=6, vocoder_steps=5, duration_s=1.0))
+    assert result.audio.shape == reference.shape == (batch, 24000)
+    assert np.abs(result.audio - reference).max() <= 1e-3
+    assert np.abs(result.audio).max() > 1e-3  # not silence
+    assert result.dit_calls == 6  # the sway schedule's 7th call (dt = 0) is skipped
+
+
+@pytest.mark.parametrize("rate", [24000, 44100])
+def test_resynthesis_matches_pytorch(pipe, eager, rate):
+    from semvoc.runtime.audio import resample
+
+    wav = np.random.default_rng(rate).uniform(-0.4, 0.4, rate).astype(np.float32)  # one second
+    result = pipe.resynthesize(wav, rate, seed=5, vocoder_steps=4)
+    wav24 = resample(wav, rate, 24000)  # the eager path's encoder resamples 24 kHz itself
+    reference = eager.resynthesize(wav24[None], seed=5, vocoder_steps=4) if rate == 24000 else None
+    assert result.audio.shape == (1, 24000)
+    if reference is not None:
+        assert np.abs(result.audio - reference).max() <= 1e-3
+
+
+def test_same_seed_same_audio_other_seed_other_audio(pipe):
+    a = pipe.generate(PROMPTS[:1], seed=3, steps=4, vocoder_steps=3).audio
+    b = pipe.generate(PROMPTS[:1], seed=3, steps=4, vocoder_steps=3).audio
+    c = pipe.generate(PROMPTS[:1], seed=4, steps=4, vocoder_steps=3).audio
+    assert np.array_equal(a, b) and not np.allclose(a, c)
+
+
+def test_prompt_audio_does_not_depend_on_batching(pipe):
+    together = pipe.generate(PROMPTS, seed=9, steps=4, vocoder_steps=3).audio
+    second = pipe.generate(PROMPTS[1:], seed=9, indices=[1], steps=4, vocoder_steps=3).audio
+    np.testing.assert_allclose(together[1:], second, atol=1e-5)
+
+
+def test_runtime_imports_no_torch(demo_engine, tmp_path):
+    """Generation in a process where torch, transformers and onnx cannot be imported."""
+    script = textwrap.dedent(f"""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers", "onnx", "onnxscript", "safetensors"):
+                    raise ImportError(f"{{name}} is blocked in this test")
+        sys.meta_path.insert(0, Block())
+        from semvoc.runtime.cli import main
+        code = main(["--engine", {str(demo_engine)!r}, "--prompt", "rain", "--out", {str(tmp_path / "a.wav")!r},
+                     "--steps", "3", "--vocoder-steps", "2", "--quiet"])
+        assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "onnx")]
+        sys.exit(code)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    audio, rate = sf.read(tmp_path / "a.wav")
+    assert rate == 24000 and audio.shape == (24000,)
+
+
+def test_cli_writes_wavs_and_resumes(demo_engine, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"audio_id": f"Y{i}.wav", "caption": c})
+                                 for i, c in enumerate(["birds chirp", "a car passes", "wind blows"])))
+    out = tmp_path / "wavs"
+    assert run_main(["--engine", str(demo_engine), "--prompts", str(prompts), "--out-dir", str(out),
+                     "--batch-size", "2", "--quiet", *SHORT]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["Y0.wav", "Y1.wav", "Y2.wav"]
+    assert "real-time factor" in capsys.readouterr().err
+    before = (out / "Y1.wav").stat().st_mtime_ns
+    (out / "Y2.wav").unlink()
+    assert run_main(["--engine", str(demo_engine), "--prompts", str(prompts), "--out-dir", str(out),
+                     "--quiet", *SHORT]) == 0
+    assert "skipping 2 existing" in capsys.readouterr().err
+    assert (out / "Y1.wav").stat().st_mtime_ns == before and (out / "Y2.wav").exists()
+    assert not [p for p in out.iterdir() if p.suffix == ".tmp"]
+
+
+def test_plain_text_prompts_file(demo_engine, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a bell\n\nthunder far away\n")
+    assert run_main(["--engine", str(demo_engine), "--prompts", str(prompts), "--out-dir", str(tmp_path / "o"),
+                     "--quiet", *SHORT]) == 0
+    assert len(list((tmp_path / "o").glob("*.wav"))) == 2
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _run(args, capsys):
+    code = run_main(args)
+    return code, capsys.readouterr().err
+
+
+def test_empty_prompt(demo_engine, tmp_path, capsys):
+    code, err = _run(["--engine", str(demo_engine), "--prompt", "  ", "--out", str(tmp_path / "a.wav")], capsys)
+    assert code == 2 and "empty" in err and not (tmp_path / "a.wav").exists()
+
+
+def test_long_prompt_is_truncated_with_a_warning(pipe):
+    long_prompt = " ".join(["a dog barks and a cat meows"] * 20)
+    with pytest.warns(UserWarning, match="truncated"):
+        result = pipe.generate([long_prompt], steps=2, vocoder_steps=2)
+    assert result.truncated == [True]
+
+
+def test_unsupported_duration_and_steps(demo_engine, tmp_path, capsys):
+    code, err = _run(["--engine", str(demo_engine), "--prompt", "x", "--out", str(tmp_path / "a.wav"),
+                      "--duration", "7"], capsys)
+    assert code == 1 and "not an exported bucket" in err and "1 s" in err
+    code, err = _run(["--engine", str(demo_engine), "--prompt", "x", "--out", str(tmp_path / "a.wav"),
+                      "--steps", "500"], capsys)
+    assert code == 1 and "outside 1..40" in err
+
+
+def test_batch_over_the_bucket_on_padding_backends(pipe):
+    pipe.backend.pads_batches = True  # what the CUDA and TensorRT backends declare
+    try:
+        assert pipe._batch_bucket(1) == 1 and pipe._batch_bucket(2) == 2
+        with pytest.raises(EngineError, match="largest exported batch bucket 2"):
+            pipe._batch_bucket(3)
+    finally:
+        pipe.backend.pads_batches = False
+
+
+def test_corrupt_and_missing_engine_files(engine_copy, tmp_path, capsys):
+    data = bytearray((engine_copy / "dit_time.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (engine_copy / "dit_time.onnx").write_bytes(bytes(data))
+    (engine_copy / "vocoder_time.onnx").unlink()
+    code, err = _run(["--engine", str(engine_copy), "--prompt", "x", "--out", str(tmp_path / "a.wav")], capsys)
+    assert code == 2 and "sha256 mismatch): dit_time.onnx" in err and "missing: vocoder_time.onnx" in err
+
+
+def test_manifest_from_another_schema(engine_copy, tmp_path, capsys):
+    manifest = json.loads((engine_copy / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (engine_copy / "manifest.json").write_text(json.dumps(manifest))
+    code, err = _run(["--engine", str(engine_copy), "--prompt", "x", "--out", str(tmp_path / "a.wav")], capsys)
+    assert code == 2 and "schema version 99" in err and "Re-export" in err
+
+
+def test_not_an_engine(tmp_path, capsys):
+    code, err = _run(["--engine", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "a.wav")], capsys)
+    assert code == 2 and "no manifest.json" in err
+
+
+def test_cuda_backend_on_a_cpu_machine(demo_engine, tmp_path, capsys):
+    from semvoc.runtime.backends.ort_common import cuda_available
+
+    if cuda_available():
+        pytest.skip("this machine has a CUDA GPU")
+    code, err = _run(["--engine", str(demo_engine), "--prompt", "x", "--out", str(tmp_path / "a.wav"),
+                      "--backend", "onnxruntime-cuda"], capsys)
+    assert code == 2 and "not available" in err and "would pick onnxruntime-cpu" in err
+
+
+def test_unwritable_output(demo_engine, tmp_path, capsys, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    # chmod cannot lock out root (CI runs as root), so the OS answer is simulated
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    code, err = _run(["--engine", str(demo_engine), "--prompt", "x", "--out", str(locked / "a.wav")], capsys)
+    assert code == 2 and "permission denied" in err and list(locked.iterdir()) == []
+
+
+def test_output_path_that_cannot_be_written(demo_engine, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a file where the output directory should be
+    code, err = _run(["--engine", str(demo_engine), "--prompt", "x", "--out", str(blocker / "a.wav"), *SHORT],
+                     capsys)
+    assert code == 1 and "error" in err
+
+
+def test_nan_in_a_loop_names_the_graph_and_step(pipe, monkeypatch):
+    from semvoc.runtime.backends.base import NonFiniteError
+
+    real = pipe.backend._run
+    calls = {"n": 0}
+
+    def poisoned(kind, feeds, duration_s=None):
+        out = real(kind, feeds, duration_s)
+        if kind == "dit_step":
+            calls["n"] += 1
+            if calls["n"] == 3:
+                out[0] = out[0] * np.float32("nan")
+        return out
+
+    monkeypatch.setattr(pipe.backend, "_run", poisoned)
+    with pytest.raises(NonFiniteError, match="dit_step at step 2") as err:
+        pipe.generate(["x"], steps=5, vocoder_steps=2)
+    assert "fp32" in str(err.value)
+
+
+def test_unreadable_and_empty_audio(demo_engine, tmp_path, capsys):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"not a wav at all")
+    code, err = _run(["--engine", str(demo_engine), "--audio", str(bad), "--out", str(tmp_path / "o.wav")], capsys)
+    assert code == 2 and "cannot read audio file" in err
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, np.float32), 16000)
+    code, err = _run(["--engine", str(demo_engine), "--audio", str(empty), "--out", str(tmp_path / "o.wav")], capsys)
+    assert code == 2 and "empty" in err
+    code, err = _run(["--engine", str(demo_engine), "--audio", str(tmp_path / "none.wav"),
+                      "--out", str(tmp_path / "o.wav")], capsys)
+    assert code == 2 and "not found" in err
+    assert not (tmp_path / "o.wav").exists()
+
+
+def test_stereo_audio_any_rate(demo_engine, tmp_path, capsys):
+    stereo = tmp_path / "in.wav"
+    sf.write(stereo, np.random.default_rng(0).uniform(-0.3, 0.3, (22050, 2)).astype(np.float32), 44100)
+    code, _ = _run(["--engine", str(demo_engine), "--audio", str(stereo), "--out", str(tmp_path / "o.wav"),
+                    "--vocoder-steps", "3", "--quiet"], capsys)
+    audio, rate = sf.read(tmp_path / "o.wav")
+    assert code == 0 and rate == 24000 and audio.shape == (12000,)  # half a second, resampled
+
+
+def test_ctrl_c_leaves_no_partial_file(demo_engine, tmp_path, monkeypatch, capsys):
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Pipeline, "generate", interrupted)
+    code, err = _run(["--engine", str(demo_engine), "--prompt", "x", "--out", str(tmp_path / "a.wav")], capsys)
+    assert code == 130 and "interrupted" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_usage_errors(demo_engine, tmp_path, capsys):
+    for args in (["--prompt", "x"], ["--prompt", "x", "--prompts", "f", "--out", "a.wav"],
+                 ["--prompt", "x", "--prompt", "y", "--out", str(tmp_path / "a.wav")],
+                 ["--prompt", "x", "--out", str(tmp_path / "a.mp3")]):
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(["--engine", str(demo_engine), *args])
+        assert exit_info.value.code == 2
+
+
+def test_help_teaches(capsys):
+    with pytest.raises(SystemExit):
+        run_main(["--help"])
+    text = capsys.readouterr().out
+    for phrase in ("--prompts", "--backend", "resumable", "--audio", "seed"):
+        assert phrase in text
+
+
+def test_written_wav_is_atomic(tmp_path, monkeypatch):
+    from semvoc.runtime import audio as audio_mod
+
+    def failing_write(*args, **kwargs):
+        raise OSError("disk full")
+
+    import soundfile
+
+    monkeypatch.setattr(soundfile, "write", failing_write)
+    with pytest.raises(OSError):
+        audio_mod.write_wav_atomic(tmp_path / "x.wav", np.zeros(10, np.float32), 24000)
+    assert list(Path(tmp_path).iterdir()) == []
