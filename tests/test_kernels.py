@@ -43,21 +43,32 @@ def test_attention_exports_as_one_fused_op(tmp_path):
     np.testing.assert_allclose(out, attention_reference(q, k, v, mask).numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize("n_fft,hop", [(480, 240), (240, 120), (120, 60), (32, 16), (512, 160)])
-def test_conv_stft_matches_torch_stft(n_fft, hop):
+@pytest.mark.parametrize("framed", [True, False])
+@pytest.mark.parametrize("n_fft,hop", [(480, 240), (240, 120), (120, 60), (32, 16), (512, 128), (48, 12)])
+def test_lowered_stft_matches_torch_stft(n_fft, hop, framed):
     window = torch.hann_window(n_fft)
     audio = torch.randn(2, 40 * hop, generator=torch.Generator().manual_seed(n_fft))
-    ours = ConvSTFT(window, hop)(audio)
+    ours = ConvSTFT(window, hop, framed=framed)(audio)
     ref = stft_reference(audio, window, hop)
     assert ours.shape == ref.shape
     assert (ours - ref).abs().max() < 1e-4 * ref.abs().max()
 
 
-@pytest.mark.parametrize("n_fft,hop", [(480, 240), (240, 120), (120, 60), (32, 16)])
-def test_conv_istft_matches_torch_istft(n_fft, hop):
+def test_conv_stft_for_hops_that_do_not_divide_n_fft():
+    window = torch.hann_window(512)
+    audio = torch.randn(1, 16000, generator=torch.Generator().manual_seed(1))
+    lowered = ConvSTFT(window, 160)  # Dasheng's front end: 512 / 160 is not an integer
+    assert not lowered.framed
+    ref = stft_reference(audio, window, 160)
+    assert (lowered(audio) - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
+@pytest.mark.parametrize("framed", [True, False])
+@pytest.mark.parametrize("n_fft,hop", [(480, 240), (240, 120), (120, 60), (32, 16), (48, 12)])
+def test_lowered_istft_matches_torch_istft(n_fft, hop, framed):
     window = torch.hann_window(n_fft)
     spec = torch.randn(2, n_fft + 2, 31, generator=torch.Generator().manual_seed(hop))
-    ours = ConvISTFT(window, hop)(spec)
+    ours = ConvISTFT(window, hop, framed=framed)(spec)
     ref = istft_reference(spec, window, hop)
     assert ours.shape == ref.shape == (2, hop * 30)
     assert (ours - ref).abs().max() < 1e-4 * ref.abs().max()

@@ -1,17 +1,20 @@
-"""``torch.stft`` / ``torch.istft`` lowered to Conv1d / ConvTranspose1d with DFT bases.
+"""``torch.stft`` / ``torch.istft`` lowered to matrix products (or convolutions) with DFT bases.
 
-ONNX has no inverse STFT and TensorRT has no DFT, but both run convolutions well, so the
-vocoder's spectral transforms become one convolution each:
+ONNX has no inverse STFT and TensorRT has no DFT, so the vocoder's spectral transforms are
+written with ops every runtime runs fast. Two lowerings, same numbers:
 
-- analysis: reflect-pad by ``n_fft // 2``, then a strided Conv1d whose ``n_fft + 2`` output
-  channels are the windowed cosine (real) and negative-sine (imaginary) bases. The channel
-  order ``[Re_0..Re_{N/2}, Im_0..Im_{N/2}]`` is the official ``fft_to_real`` layout.
-- synthesis: a strided ConvTranspose1d with the windowed inverse real-DFT bases (overlap-add
-  is what a transposed convolution does), divided by the overlap-added squared window, then
-  trimmed by ``n_fft // 2`` as ``torch.istft(center=True)`` does.
+- **framed** (``n_fft`` a multiple of ``hop``, as in every released configuration): the
+  reflect-padded signal is cut into ``hop``-sized blocks; ``n_fft / hop`` shifted slices of the
+  blocks form the frames, and one GEMM with the windowed DFT basis gives the spectrum. The
+  inverse is one GEMM with the windowed inverse basis, then overlap-add as ``n_fft / hop``
+  padded, shifted additions. Only GEMMs, slices and adds: tensor-core friendly.
+- **conv** (any hop): a strided Conv1d with the basis as kernel, and a ConvTranspose1d for the
+  inverse (measured slow on cuDNN for kernel 480 / stride 240, hence the framed default).
 
-Bases are computed in float64 and stored in the module's dtype. The reference
-implementations are ``torch.stft`` / ``torch.istft`` themselves (see ``stft_reference``).
+Both divide by the overlap-added squared window and trim ``n_fft // 2`` as
+``torch.istft(center=True)`` does. The spectrum layout is the official ``fft_to_real`` one:
+``[Re_0..Re_{N/2}, Im_0..Im_{N/2}]`` along channels. Bases are computed in float64. The
+references are ``torch.stft`` / ``torch.istft`` themselves (``stft_reference`` etc.).
 """
 
 from __future__ import annotations
@@ -44,44 +47,77 @@ def _dft_bases(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return forward, inverse
 
 
+def _overlap_add(blocks: torch.Tensor, ratio: int) -> torch.Tensor:
+    """``[B, frames, ratio, hop]`` frame pieces -> ``[B, (frames + ratio - 1) * hop]`` summed."""
+    batch, frames, _, hop = blocks.shape
+    total = None
+    for i in range(ratio):  # piece i of frame f lands in block f + i
+        shifted = F.pad(blocks[:, :, i], (0, 0, i, ratio - 1 - i))
+        total = shifted if total is None else total + shifted
+    return total.reshape(batch, (frames + ratio - 1) * hop)
+
+
 class ConvSTFT(torch.nn.Module):
     """``[B, L]`` -> ``[B, n_fft + 2, 1 + L // hop]``: centred, reflect-padded, onesided."""
 
-    def __init__(self, window: torch.Tensor, hop_length: int):
+    def __init__(self, window: torch.Tensor, hop_length: int, framed: bool | None = None):
         super().__init__()
         self.n_fft = window.shape[0]
         self.hop_length = hop_length
+        self.framed = self.n_fft % hop_length == 0 if framed is None else framed
         forward, _ = _dft_bases(window)
-        self.register_buffer("basis", forward.to(window.dtype)[:, None, :], persistent=False)
+        # framed: [n_fft, n_fft + 2] for frames @ basis; conv: [n_fft + 2, 1, n_fft]
+        basis = forward.t().contiguous() if self.framed else forward[:, None, :]
+        self.register_buffer("basis", basis.to(window.dtype), persistent=False)
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         pad = self.n_fft // 2
         x = F.pad(audio[:, None, :], (pad, pad), mode="reflect")
-        return F.conv1d(x, self.basis.to(x.dtype), stride=self.hop_length)
+        basis = self.basis.to(x.dtype)
+        if not self.framed:
+            return F.conv1d(x, basis, stride=self.hop_length)
+        hop, ratio = self.hop_length, self.n_fft // self.hop_length
+        frames = 1 + audio.shape[-1] // hop
+        blocks = x[:, 0, : (frames + ratio - 1) * hop].reshape(x.shape[0], frames + ratio - 1, hop)
+        framed = torch.cat([blocks[:, i : i + frames] for i in range(ratio)], dim=-1)  # [B, F, n_fft]
+        return (framed @ basis).transpose(1, 2)
 
 
 class ConvISTFT(torch.nn.Module):
     """``[B, n_fft + 2, frames]`` (real parts, then imaginary) -> ``[B, hop * (frames - 1)]``."""
 
-    def __init__(self, window: torch.Tensor, hop_length: int):
+    def __init__(self, window: torch.Tensor, hop_length: int, framed: bool | None = None):
         super().__init__()
         self.n_fft = window.shape[0]
         self.hop_length = hop_length
+        self.framed = self.n_fft % hop_length == 0 if framed is None else framed
         _, inverse = _dft_bases(window)
-        self.register_buffer("basis", inverse.to(window.dtype)[:, None, :], persistent=False)
-        self.register_buffer("window_sq", (window.to(torch.float64) ** 2).to(window.dtype)[None, None, :],
-                             persistent=False)
+        basis = inverse if self.framed else inverse[:, None, :]  # framed: [n_fft + 2, n_fft]
+        self.register_buffer("basis", basis.to(window.dtype), persistent=False)
+        self.register_buffer("window_sq", (window.to(torch.float64) ** 2).to(window.dtype), persistent=False)
+
+    def _envelope(self, frames: int, device) -> torch.Tensor:
+        """The overlap-added squared window that torch.istft divides by."""
+        if self.framed:
+            ratio = self.n_fft // self.hop_length
+            pieces = self.window_sq.reshape(1, 1, ratio, self.hop_length).expand(1, frames, -1, -1)
+            return _overlap_add(pieces, ratio)
+        ones = torch.ones(1, 1, frames, dtype=self.window_sq.dtype, device=device)
+        return F.conv_transpose1d(ones, self.window_sq[None, None], stride=self.hop_length)[:, 0]
 
     def forward(self, spec: torch.Tensor) -> torch.Tensor:
         frames = spec.shape[-1]
-        frames_out = F.conv_transpose1d(spec, self.basis.to(spec.dtype), stride=self.hop_length)
-        # Overlap-added squared window: the normaliser torch.istft divides by.
-        ones = torch.ones(1, 1, frames, dtype=self.window_sq.dtype, device=spec.device)
-        envelope = F.conv_transpose1d(ones, self.window_sq, stride=self.hop_length)
+        basis = self.basis.to(spec.dtype)
+        if self.framed:
+            ratio = self.n_fft // self.hop_length
+            pieces = (spec.transpose(1, 2) @ basis).reshape(spec.shape[0], frames, ratio, self.hop_length)
+            audio = _overlap_add(pieces, ratio)
+        else:
+            audio = F.conv_transpose1d(spec, basis, stride=self.hop_length)[:, 0]
         start = self.n_fft // 2
         length = self.hop_length * (frames - 1)
-        audio = frames_out[:, 0, start : start + length]
-        return audio / envelope[:, 0, start : start + length].to(audio.dtype)
+        envelope = self._envelope(frames, spec.device)[:, start : start + length]
+        return audio[:, start : start + length] / envelope.to(audio.dtype)
 
 
 def stft_reference(audio: torch.Tensor, window: torch.Tensor, hop_length: int) -> torch.Tensor:

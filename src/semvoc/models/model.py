@@ -79,12 +79,17 @@ def init_random_weights(model: nn.Module, seed: int) -> nn.Module:
     def normal(t: torch.Tensor, std: float, mean: float = 0.0) -> None:
         t.copy_(torch.randn(t.shape, generator=gen) * std + mean)
 
-    for module in model.modules():
+    for name, module in model.named_modules():
         params = dict(module.named_parameters(recurse=False))
         if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Embedding):
             weight = params["weight"]
             fan_in = weight[0].numel() if not isinstance(module, nn.Embedding) else 1
-            normal(weight, (0.7 if isinstance(module, nn.Embedding) else 1.0) / math.sqrt(fan_in))
+            std = (0.7 if isinstance(module, nn.Embedding) else 1.0) / math.sqrt(fan_in)
+            if name.endswith("SelfAttention.q"):
+                # T5 does not scale its attention logits; like T5's own initialiser, scale the
+                # queries by d_kv^-1/2, or an untrained T5 becomes chaotic (rounding-sensitive)
+                std /= math.sqrt(model.get_submodule(name.rsplit(".", 1)[0]).key_value_proj_dim)
+            normal(weight, std)
             if "bias" in params and params["bias"] is not None:
                 normal(params["bias"], 0.05)
         elif isinstance(module, nn.LayerNorm | nn.BatchNorm2d) or type(module).__name__ in (

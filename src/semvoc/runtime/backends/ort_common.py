@@ -48,12 +48,20 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
     for name, value in (dim_overrides or {}).items():
         options.add_free_dimension_override_by_name(name, int(value))
     if provider == "cuda":
+        # same seed, same audio: pick deterministic kernels (cuDNN algorithms, reductions)
+        options.use_deterministic_compute = os.environ.get("SEMVOC_NONDETERMINISTIC") is None
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()
+        # NHWC kernels and [N, C, 1, T] padding of 1-D convs: the vocoder step -30 % on an H100
+        # (benchmarks/results/h100-2026-11-25-notes.md)
         cuda_options = {"device_id": str(device_id), "cudnn_conv_algo_search": "EXHAUSTIVE",
-                        "do_copy_in_default_stream": "1"}
+                        "do_copy_in_default_stream": "1", "prefer_nhwc": "1", "cudnn_conv1d_pad_to_nc1d": "1"}
         if cuda_graph:
             cuda_options["enable_cuda_graph"] = "1"
+        # extra CUDA EP options for experiments, e.g. "prefer_nhwc=1,cudnn_conv1d_pad_to_nc1d=1"
+        for item in filter(None, os.environ.get("SEMVOC_ORT_CUDA_OPTIONS", "").split(",")):
+            key, _, value = item.partition("=")
+            cuda_options[key.strip()] = value.strip()
         providers = [("CUDAExecutionProvider", cuda_options)]
     else:
         providers = ["CPUExecutionProvider"]
