@@ -107,8 +107,9 @@ def _graph_entries(spec: GraphSpec, dims: Dims, dtypes: dict[str, str], duration
         dtype = dtypes[spec.component] if t.dtype == "compute" else t.dtype
         shape = list(t.shape)
         if duration is not None:  # static time axis: fold "frames"
-            frames = round(duration * 25)
-            shape = [resolve_shape((s,), {"frames": frames, "samples16k": frames * 640})[0]
+            frames = round(duration * dims.frames_per_second)
+            symbols = {"frames": frames, "samples16k": frames * dims.semantic_samples_per_frame}
+            shape = [resolve_shape((s,), symbols)[0]
                      if isinstance(s, str) and ("frames" in s or s == "samples16k") else s for s in shape]
         return {"name": t.name, "dtype": dtype, "shape": shape}
 

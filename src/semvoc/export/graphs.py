@@ -61,8 +61,14 @@ class Dims:
     branch_channels: tuple[int, ...]
     semantic_dim: int
     semantic_samples_per_second: int
+    frames_per_second: int
     dit_rows: int
     vocoder_rows: int
+
+    @property
+    def semantic_samples_per_frame(self) -> int:
+        """16 kHz samples per latent frame (640: the encoder's 4 hops of 160)."""
+        return self.semantic_samples_per_second // self.frames_per_second
 
     @classmethod
     def of(cls, model: SemanticVocoderModel, text_tokens: int, max_dit_steps: int,
@@ -77,6 +83,7 @@ class Dims:
             branch_layers=tuple(voc.num_layers), branch_channels=tuple(voc.channels),
             semantic_dim=cfg.semantic.embed_dim if cfg.semantic else 0,
             semantic_samples_per_second=cfg.semantic.sample_rate if cfg.semantic else 16000,
+            frames_per_second=cfg.sampling.latent_frames_per_second,
             dit_rows=max_dit_steps + 1, vocoder_rows=max_vocoder_steps + 1)
 
 

@@ -12,14 +12,13 @@ import torch
 from semvoc.export import wrappers as W
 from semvoc.export.graphs import Dims
 from semvoc.models.model import SemanticVocoderModel
+from semvoc.runtime.backends.base import padded_table
 from semvoc.runtime.schedules import dit_schedule, vocoder_t_span
 
 
 def padded(values: np.ndarray, length: int, fill: float | None = None) -> torch.Tensor:
-    """``values`` padded to ``length`` (with its last value unless ``fill``)."""
-    out = np.full(length, values[-1] if fill is None else fill, dtype=np.float32)
-    out[: len(values)] = values[:length]
-    return torch.from_numpy(out)
+    """``values`` padded to ``length`` as the runtime pads its schedule tables."""
+    return torch.from_numpy(padded_table(values, length, fill))
 
 
 @torch.no_grad()
@@ -73,6 +72,6 @@ def pipeline_feeds(model: SemanticVocoderModel, dims: Dims, batch: int, frames: 
         feeds.setdefault("step", torch.tensor([int(rng.integers(0, len(t_span) - 1))], dtype=torch.int64))
 
     if "semantic" in components and model.semantic_encoder is not None:
-        samples = frames * dims.semantic_samples_per_second // 25
+        samples = frames * dims.semantic_samples_per_frame
         feeds["waveform"] = (torch.rand(batch, samples, generator=gen) - 0.5) * 0.8
     return feeds

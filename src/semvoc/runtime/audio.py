@@ -89,6 +89,9 @@ def write_wav_atomic(path: str | os.PathLike, waveform: np.ndarray, sample_rate:
     try:
         sf.write(tmp, np.asarray(waveform, dtype=np.float32), sample_rate, format="WAV",
                  subtype="PCM_16")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a wav gets the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
