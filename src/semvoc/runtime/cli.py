@@ -199,7 +199,8 @@ def _generate(args, pipe, items, write) -> tuple[int, float]:
                     leave=False)
 
     def progress(stage: str, done: int) -> None:
-        step_bar.set_description(stage)
+        if done == 1:  # a new loop starts: name it once, not on every step
+            step_bar.set_description(stage)
         step_bar.update(1)
 
     for start in range(0, len(todo), batch_size):
