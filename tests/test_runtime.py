@@ -295,3 +295,25 @@ def test_written_wav_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         audio_mod.write_wav_atomic(tmp_path / "x.wav", np.zeros(10, np.float32), 24000)
     assert list(Path(tmp_path).iterdir()) == []
+
+
+def test_device_loop_buffers_share_tables_across_buckets(demo_engine):
+    """The buffer layout the CUDA and TensorRT backends capture (checked with a fake allocator)."""
+    from semvoc.runtime.backends.base import bucket_symbols, loop_buffers, ping_pong_wiring
+    from semvoc.runtime.manifest import load_manifest
+
+    manifest = load_manifest(demo_engine, verify=False)
+    graph = manifest.graph("vocoder_step")
+    tables: dict = {}
+    shared = ("t_span", "time_scale_0", "time_scale_1", "time_scale_2")
+
+    def alloc(shape, dtype):
+        return (tuple(shape), dtype)
+
+    one = loop_buffers(graph, bucket_symbols(manifest, 1, 25), "audio", shared, tables, alloc)
+    two = loop_buffers(graph, bucket_symbols(manifest, 2, 25), "audio", shared, tables, alloc)
+    assert one["audio"] == one["audio_b"] == ((1, 24000), "float32") and two["audio"][0] == (2, 24000)
+    assert one["cond_bias_0"] == ((2, 1, 48, 101), graph.input("cond_bias_0").dtype)
+    assert one["step_b"] == ((1,), "int64") and set(tables) == set(shared)
+    assert all(one[name] is two[name] for name in shared)  # one schedule table for every bucket
+    assert ping_pong_wiring("audio")[1] == ("audio_b", "step_b", "audio", "step")

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from semvoc.runtime.manifest import Manifest
+from semvoc.runtime.manifest import GraphInfo, Manifest, TensorInfo, eval_dim
 from semvoc.runtime.schedules import DitSchedule
 
 Progress = Callable[[str, int], None] | None  # (stage, steps done so far)
@@ -77,3 +78,39 @@ def padded_table(values: np.ndarray, rows: int, fill: float | None = None) -> np
     out = np.full(rows, values[-1] if fill is None else fill, dtype=np.float32)
     out[: len(values)] = values
     return out
+
+
+# ------------------------------------------------------------- device loops (CUDA, TensorRT)
+
+
+def bucket_symbols(manifest: Manifest, batch: int = 0, frames: int = 0) -> dict[str, int]:
+    """Values of the shape symbols for one (batch, frames) bucket of an engine."""
+    b = manifest.buckets
+    return {"batch": batch, "frames": frames, "dit_rows": b["dit_rows"], "vocoder_rows": b["vocoder_rows"]}
+
+
+def tensor_shape(tensor: TensorInfo, symbols: dict[str, int]) -> list[int]:
+    return [eval_dim(s, symbols) for s in tensor.shape]
+
+
+def ping_pong_wiring(state: str) -> list[tuple[str, str, str, str]]:
+    """(state in, step in, state out, step out) buffer names of the A->B and B->A bindings."""
+    return [(state, "step", state + "_b", "step_b"), (state + "_b", "step_b", state, "step")]
+
+
+def loop_buffers(graph: GraphInfo, symbols: dict[str, int], state: str, shared: tuple[str, ...],
+                 tables: dict[str, Any], alloc: Callable[[list[int], str], Any]) -> dict[str, Any]:
+    """Persistent buffers of a step graph for one bucket: one per input (``shared`` schedule
+    tables come from, and go into, ``tables`` so every bucket reads the same ones), plus the
+    B copies of the loop state and step counter (``<state>_b``, ``step_b``)."""
+    buffers = {}
+    for t in graph.inputs:
+        if t.name in shared:
+            if t.name not in tables:
+                tables[t.name] = alloc(tensor_shape(t, symbols), t.dtype)
+            buffers[t.name] = tables[t.name]
+        else:
+            buffers[t.name] = alloc(tensor_shape(t, symbols), t.dtype)
+    buffers[state + "_b"] = alloc(tensor_shape(graph.input(state), symbols), graph.input(state).dtype)
+    buffers["step_b"] = alloc([1], "int64")
+    return buffers

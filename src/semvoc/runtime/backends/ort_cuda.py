@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from semvoc.runtime.backends.base import Backend, NonFiniteError, Progress, padded_table
+from semvoc.runtime.backends.base import (
+    Backend,
+    NonFiniteError,
+    Progress,
+    bucket_symbols,
+    loop_buffers,
+    padded_table,
+    ping_pong_wiring,
+)
 from semvoc.runtime.backends.ort_common import NUMPY_DTYPES, make_session
 from semvoc.runtime.manifest import GraphInfo, Manifest, dim_name, eval_dim
 from semvoc.runtime.schedules import DitSchedule
@@ -73,11 +81,7 @@ class OrtCudaBackend(Backend):
                                                      "cuda", self.device_id)
 
     def _symbols(self, batch: int, frames: int) -> dict[str, int]:
-        b = self.manifest.buckets
-        return {"batch": batch, "frames": frames, "dit_rows": b["dit_rows"], "vocoder_rows": b["vocoder_rows"]}
-
-    def _shape(self, tensor, symbols) -> list[int]:
-        return [eval_dim(s, symbols) for s in tensor.shape]
+        return bucket_symbols(self.manifest, batch, frames)
 
     def _overrides(self, graph: GraphInfo, symbols) -> dict[str, int]:
         """Every symbolic input dim of the ONNX file (by its dim_param name) -> its value."""
@@ -124,17 +128,7 @@ class OrtCudaBackend(Backend):
             return self._loops[key]
         graph = self.manifest.graph(kind)
         symbols = self._symbols(batch, frames)
-        buffers = {}
-        for t in graph.inputs:
-            if t.name in shared:
-                if t.name not in self._tables:
-                    self._tables[t.name] = self._empty(self._shape(t, symbols), t.dtype)
-                buffers[t.name] = self._tables[t.name]
-            else:
-                buffers[t.name] = self._empty(self._shape(t, symbols), t.dtype)
-        # ping-pong state: "<state>" / "step" are A; "<state>_b" / "step_b" are B
-        buffers[state + "_b"] = self._empty(self._shape(graph.input(state), symbols), "float32")
-        buffers["step_b"] = self._empty([1], "int64")
+        buffers = loop_buffers(graph, symbols, state, shared, self._tables, self._empty)
         loop = self._bind_loop(graph, symbols, buffers, state, self.cuda_graphs)
         self._loops[key] = loop
         return loop
@@ -148,8 +142,7 @@ class OrtCudaBackend(Backend):
             self.capture_failures.append(f"{graph.name}: {err}")
             return self._bind_loop(graph, symbols, buffers, state, capture=False)
         loop = _Loop(session, buffers, state, symbols, captured=capture)
-        names = [(state, "step", state + "_b", "step_b"), (state + "_b", "step_b", state, "step")]
-        for graph_id, (x_in, s_in, x_out, s_out) in enumerate(names, start=1):
+        for graph_id, (x_in, s_in, x_out, s_out) in enumerate(ping_pong_wiring(state), start=1):
             binding = session.io_binding()
             for t in graph.inputs:
                 source = {state: x_in, "step": s_in}.get(t.name, t.name)

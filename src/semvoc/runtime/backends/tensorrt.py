@@ -53,9 +53,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from semvoc.runtime.backends.base import Backend, NonFiniteError, Progress, padded_table
+from semvoc.runtime.backends.base import (
+    Backend,
+    NonFiniteError,
+    Progress,
+    bucket_symbols,
+    loop_buffers,
+    padded_table,
+    ping_pong_wiring,
+    tensor_shape,
+)
 from semvoc.runtime.backends.ort_common import NUMPY_DTYPES
-from semvoc.runtime.manifest import EngineError, GraphInfo, Manifest, eval_dim
+from semvoc.runtime.manifest import EngineError, GraphInfo, Manifest
 from semvoc.runtime.schedules import DitSchedule
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "bool": 1}
@@ -96,7 +105,7 @@ def profile_index(profiles: list[dict], graph: GraphInfo, symbols: dict[str, int
     """
     if not profiles:
         return None
-    wanted = {t.name: [eval_dim(s, symbols) for s in t.shape] for t in graph.inputs}
+    wanted = {t.name: tensor_shape(t, symbols) for t in graph.inputs}
     for index, shapes in enumerate(profiles):
         if shapes == wanted:
             return index
@@ -188,12 +197,7 @@ class TensorRTBackend(Backend):
 
     # ------------------------------------------------------------------------- TensorRT
     def _symbols(self, batch: int = 0, frames: int = 0) -> dict[str, int]:
-        b = self.manifest.buckets
-        return {"batch": batch, "frames": frames, "dit_rows": b["dit_rows"], "vocoder_rows": b["vocoder_rows"]}
-
-    @staticmethod
-    def _shape(tensor, symbols) -> list[int]:
-        return [eval_dim(s, symbols) for s in tensor.shape]
+        return bucket_symbols(self.manifest, batch, frames)
 
     def _engine(self, graph: GraphInfo):
         if graph.name not in self._engines:
@@ -215,8 +219,8 @@ class TensorRTBackend(Backend):
         if profile is not None:
             context.set_optimization_profile_async(profile, int(self.stream))
         for t in graph.inputs:
-            if not context.set_input_shape(t.name, self._shape(t, symbols)):
-                raise RuntimeError(f"TensorRT refused shape {self._shape(t, symbols)} for {graph.name}.{t.name}")
+            if not context.set_input_shape(t.name, tensor_shape(t, symbols)):
+                raise RuntimeError(f"TensorRT refused shape {tensor_shape(t, symbols)} for {graph.name}.{t.name}")
         return context
 
     @staticmethod
@@ -241,7 +245,7 @@ class TensorRTBackend(Backend):
 
         def scratch(t) -> _Buffer:
             if (*key, t.name) not in self._scratch:
-                self._scratch[(*key, t.name)] = self._alloc(self._shape(t, symbols), t.dtype)
+                self._scratch[(*key, t.name)] = self._alloc(tensor_shape(t, symbols), t.dtype)
             return self._scratch[(*key, t.name)]
 
         for t in graph.inputs:
@@ -266,21 +270,10 @@ class TensorRTBackend(Backend):
             return self._loops[key]
         graph = self.manifest.graph(kind)
         symbols = self._symbols(batch, frames)
-        buffers = {}
-        for t in graph.inputs:
-            if t.name in shared:
-                if t.name not in self._tables:
-                    self._tables[t.name] = self._alloc(self._shape(t, symbols), t.dtype)
-                buffers[t.name] = self._tables[t.name]
-            else:
-                buffers[t.name] = self._alloc(self._shape(t, symbols), t.dtype)
-        # ping-pong state: "<state>" / "step" are A; "<state>_b" / "step_b" are B
-        buffers[state + "_b"] = self._alloc(self._shape(graph.input(state), symbols), graph.input(state).dtype)
-        buffers["step_b"] = self._alloc([1], "int64")
+        buffers = loop_buffers(graph, symbols, state, shared, self._tables, self._alloc)
         x_next, step_next = graph.outputs[0].name, graph.outputs[1].name
         contexts = []
-        wiring = [(state, "step", state + "_b", "step_b"), (state + "_b", "step_b", state, "step")]  # A, B
-        for x_in, s_in, x_out, s_out in wiring:
+        for x_in, s_in, x_out, s_out in ping_pong_wiring(state):
             context = self._new_context(graph, symbols)
             for t in graph.inputs:
                 self._bind(context, t.name, buffers[{state: x_in, "step": s_in}.get(t.name, t.name)])
