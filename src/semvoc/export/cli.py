@@ -99,7 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="T5 tokenizer folder (tokenizer.json or spiece.model); default: the built-in "
                           "demo tokenizer, which only suits the presets")
     out.add_argument("--trt", action="store_true",
-                     help="also build TensorRT plans (needs the `trt` extra; UNVERIFIED path)")
+                     help="also build TensorRT plans (needs the `trt` extra; UNVERIFIED path; "
+                          "implies --dit-form generic)")
+    out.add_argument("--dit-form", default="auto", choices=["auto", "fused", "generic"],
+                     help="DiT graphs as onnxruntime runs them fastest (fused: packed heads, "
+                          "SkipLayerNormalization, RotaryEmbedding, BiasGelu; about half the kernels) or "
+                          "as plain ONNX (generic). auto: fused where the configuration allows it, "
+                          "generic with --trt (TensorRT fuses on its own and lacks the onnxruntime ops)")
 
     shape = p.add_argument_group("buckets")
     shape.add_argument("--batch-sizes", type=_int_list, default=(1, 4, 16), metavar="N,N",
@@ -184,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         max_dit_steps=args.max_steps, max_vocoder_steps=args.max_vocoder_steps,
         parity_steps=args.parity_steps, allow_parity_failure=args.allow_parity_failure,
         force=args.force, trt=args.trt, calibrate=not args.no_calibration, device=args.device,
+        dit_form=args.dit_form,
         verbose=args.verbose)
     try:
         from semvoc.export.engine import check_out_dir

@@ -21,6 +21,7 @@ import torch
 
 from semvoc import __version__
 from semvoc.export import onnx_export
+from semvoc.export.fused_dit import supports_fused
 from semvoc.export.graphs import Dims, GraphSpec, graph_specs, resolve_shape
 from semvoc.export.parity import BOUNDS, check_graph
 from semvoc.export.precision import (
@@ -61,6 +62,7 @@ class ExportOptions:
     calibrate: bool = True
     device: str = "cpu"
     verbose: bool = False
+    dit_form: str = "auto"  # "auto" | "fused" | "generic" (see export.fused_dit)
 
 
 @dataclass
@@ -188,7 +190,8 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
     model = source.model
     device = torch.device(options.device)
     cfg = model.cfg
-    dims = Dims.of(model, options.max_text_tokens, options.max_dit_steps, options.max_vocoder_steps)
+    dims = Dims.of(model, options.max_text_tokens, options.max_dit_steps, options.max_vocoder_steps,
+                   fused=_fused_dit(model, options))
     frames = [round(d * cfg.sampling.latent_frames_per_second) for d in options.durations]
     if any(f < 2 for f in frames):
         raise ExportError(f"durations {options.durations} are too short: at least 0.08 s (2 frames)")
@@ -209,7 +212,7 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
         _log("  note: " + note)
 
     lowered = copy.deepcopy(model).cpu()
-    lowered.vocoder.use_conv_spectral()
+    lowered.vocoder.use_export_kernels()
     graph_model = cast_for_plan(lowered, plan)  # traced on the CPU (fake tensors, no compute)
     reference = model.to(device)
     dtypes = plan.components
@@ -271,6 +274,7 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
                   "config": cfg.to_dict(), "parameters": parameter_counts(model), **source.extra},
         "precision": plan.to_dict(),
         "opset": onnx_export.OPSET,
+        "dit_form": "fused" if dims.fused_dit else "generic",
         "buckets": {"batch_sizes": list(options.batch_sizes), "durations_s": list(options.durations),
                     "frames": frames, "text_tokens": options.max_text_tokens,
                     "max_dit_steps": options.max_dit_steps, "max_vocoder_steps": options.max_vocoder_steps,
@@ -290,6 +294,17 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
         "tensorrt": tensorrt,
         "files": files,
     }
+
+
+def _fused_dit(model: SemanticVocoderModel, options: ExportOptions) -> bool:
+    supported = supports_fused(model.dit)
+    if options.dit_form == "fused" and not supported:
+        raise ExportError("--dit-form fused: this DiT configuration has no fused form (see "
+                          "semvoc.export.fused_dit.supports_fused); use --dit-form generic or auto")
+    if options.dit_form == "fused" and options.trt:
+        raise ExportError("--dit-form fused cannot go with --trt: TensorRT does not run onnxruntime's "
+                          "contrib ops; use --dit-form generic or auto")
+    return supported and options.dit_form != "generic" and not options.trt
 
 
 def _export_one(spec: GraphSpec, duration: float | None, tmp: Path, graph_model, reference, model, dims: Dims,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from semvoc.export import wrappers as W
+from semvoc.export.fused_dit import fused_time_rows, supports_fused
 from semvoc.models.model import SemanticVocoderModel
 
 FLOAT, INT64, BOOL = "float32", "int64", "bool"
@@ -64,6 +65,7 @@ class Dims:
     frames_per_second: int
     dit_rows: int
     vocoder_rows: int
+    fused_dit: bool = False  # the DiT graphs use ``export.fused_dit`` (packed K/V, 8-row tables)
 
     @property
     def semantic_samples_per_frame(self) -> int:
@@ -72,19 +74,22 @@ class Dims:
 
     @classmethod
     def of(cls, model: SemanticVocoderModel, text_tokens: int, max_dit_steps: int,
-           max_vocoder_steps: int) -> Dims:
+           max_vocoder_steps: int, fused: bool | None = None) -> Dims:
+        """``fused``: the fused DiT form (default: wherever ``supports_fused`` allows it)."""
         cfg = model.cfg
         voc = cfg.vocoder
+        fused = supports_fused(model.dit) if fused is None else fused
         return cls(
             text_tokens=text_tokens, context_dim=cfg.text.embed_dim, latent_channels=cfg.dit.in_chans,
             embed_dim=cfg.dit.embed_dim, blocks=len(model.dit.blocks), heads=cfg.dit.num_heads,
-            head_dim=cfg.dit.embed_dim // cfg.dit.num_heads, time_rows=W.time_rows(model.dit),
+            head_dim=cfg.dit.embed_dim // cfg.dit.num_heads,
+            time_rows=fused_time_rows(model.dit) if fused else W.time_rows(model.dit),
             samples_per_frame=voc.hop_length, branch_hops=tuple(voc.hop_lengths),
             branch_layers=tuple(voc.num_layers), branch_channels=tuple(voc.channels),
             semantic_dim=cfg.semantic.embed_dim if cfg.semantic else 0,
             semantic_samples_per_second=cfg.semantic.sample_rate if cfg.semantic else 16000,
             frames_per_second=cfg.sampling.latent_frames_per_second,
-            dit_rows=max_dit_steps + 1, vocoder_rows=max_vocoder_steps + 1)
+            dit_rows=max_dit_steps + 1, vocoder_rows=max_vocoder_steps + 1, fused_dit=fused)
 
 
 def _branches(d: Dims, fmt: str) -> list[str]:
@@ -94,7 +99,12 @@ def _branches(d: Dims, fmt: str) -> list[str]:
 def graph_specs(d: Dims) -> list[GraphSpec]:
     """The graphs of an engine for the given dimensions, in execution order."""
     compute = "compute"
-    kv_shape = (d.blocks, 2, "2*batch", d.heads, d.text_tokens, d.head_dim)
+    if d.fused_dit:
+        kv_shape = (d.blocks, 2, "2*batch", d.text_tokens, d.embed_dim)
+        prepare, time, step = W.FusedDitPrepare, W.FusedDitTime, W.FusedDitStep
+    else:
+        kv_shape = (d.blocks, 2, "2*batch", d.heads, d.text_tokens, d.head_dim)
+        prepare, time, step = W.DitPrepare, W.DitTime, W.DitStep
     cond_bias = [TensorSpec(f"cond_bias_{i}", compute,
                             (d.branch_layers[i], "batch", d.branch_channels[i],
                              f"frames*{d.samples_per_frame // d.branch_hops[i]}+1"))
@@ -110,17 +120,17 @@ def graph_specs(d: Dims) -> list[GraphSpec]:
             outputs=(TensorSpec("context", FLOAT, ("batch", d.text_tokens, d.context_dim)),),
             notes="T5 encoder + proj; padded positions computed (masked downstream)"),
         GraphSpec(
-            "dit_prepare", "dit", lambda m: W.DitPrepare(m.dit),
+            "dit_prepare", "dit", lambda m: prepare(m.dit),
             inputs=(TensorSpec("context", FLOAT, ("batch", d.text_tokens, d.context_dim)),),
             outputs=(TensorSpec("cross_kv", compute, kv_shape),),
             notes="cross-attention K/V of every block for [uncond (zero context); cond]"),
         GraphSpec(
-            "dit_time", "dit", lambda m: W.DitTime(m.dit),
+            "dit_time", "dit", lambda m: time(m.dit),
             inputs=(TensorSpec("timesteps", FLOAT, ("dit_rows",)),),
             outputs=(TensorSpec("time_table", compute, ("dit_rows", d.time_rows, d.embed_dim)),),
             notes="adaLN modulation of every block (+ final layer) for every scheduled timestep"),
         GraphSpec(
-            "dit_step", "dit", lambda m: W.DitStep(m.dit), loop=True, attention_checked=True,
+            "dit_step", "dit", lambda m: step(m.dit), loop=True, attention_checked=True,
             inputs=(TensorSpec("latent", FLOAT, ("batch", d.latent_channels, "frames")),
                     TensorSpec("step", INT64, (1,)),
                     TensorSpec("time_table", compute, ("dit_rows", d.time_rows, d.embed_dim)),

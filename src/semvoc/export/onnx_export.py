@@ -1,7 +1,8 @@
 """torch -> ONNX for one ``GraphSpec``: dynamo export at opset 23, checked structure.
 
 ``torch.onnx.export(dynamo=True, opset_version=23)`` lowers ``scaled_dot_product_attention``
-to one ONNX ``Attention`` node; the exporter's optimizer folds constants. Weights go to an
+to one ONNX ``Attention`` node; the exporter's optimizer folds constants. The fused ops of
+``semvoc.kernels`` (custom PyTorch ops) export through their registered translations. Weights go to an
 external data file next to the graph when they pass ~1.8 GB (protobuf's 2 GB limit).
 """
 
@@ -18,6 +19,7 @@ import onnx
 import torch
 
 from semvoc.export.graphs import GraphSpec, export_dynamic_shapes
+from semvoc.kernels.onnx_ops import translation_table
 
 OPSET = 23
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -51,7 +53,8 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, feeds: dict[str, torc
         program = torch.onnx.export(
             _Positional(module).eval(), args, dynamo=True, opset_version=OPSET,
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
-            dynamic_shapes={"args": dynamic_shapes}, verbose=False)
+            dynamic_shapes={"args": dynamic_shapes}, verbose=False,
+            custom_translation_table=translation_table())
     external = size > EXTERNAL_DATA_THRESHOLD
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path), external_data=external)

@@ -2,7 +2,8 @@
 
 Islands built into the model code (always fp32, whatever the engine dtype):
   norm statistics (RMSNorm, BiasNorm; LayerNormalization computes in fp32 in ONNX Runtime),
-  RoPE angles and rotation, sinusoidal time features, softmax inside the fused Attention op,
+  RoPE angles (and the rotation itself in the generic DiT form; the fused form rotates in the
+  graph's dtype with fp32-computed tables), sinusoidal time features, softmax inside the fused Attention op,
   the Dasheng log-mel front end and its BatchNorm (the official code disables autocast there),
   the vocoder's STFT/iSTFT convolutions (0.5 % of its FLOPs; the waveform never touches fp16),
   and the ODE loop state and updates (latent and waveform stay fp32 across steps).
@@ -58,7 +59,8 @@ class PrecisionPlan:
             "calibration_max_abs": {k: float(v) for k, v in self.max_abs.items()},
             "overflow_limit": OVERFLOW_LIMIT, "overflow_sites": self.overflow_sites,
             "fp32_islands_in_code": [
-                "norm statistics (RMSNorm, BiasNorm, LayerNormalization)", "RoPE angles and rotation",
+                "norm statistics (RMSNorm, BiasNorm, LayerNormalization)",
+                "RoPE angles (rotation too in the generic DiT form)",
                 "sinusoidal time features", "softmax inside the fused Attention op",
                 "Dasheng log-mel front end and BatchNorm", "vocoder STFT/iSTFT convolutions",
                 "ODE loop state and Euler updates"],

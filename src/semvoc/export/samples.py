@@ -51,9 +51,10 @@ def pipeline_feeds(model: SemanticVocoderModel, dims: Dims, batch: int, frames: 
 
     if "dit" in components:
         sched = dit_schedule(min(dit_steps, dims.dit_rows - 1))
-        feeds["cross_kv"] = run(W.DitPrepare(model.dit), context).to(compute_dtype)
+        prepare, time = (W.FusedDitPrepare, W.FusedDitTime) if dims.fused_dit else (W.DitPrepare, W.DitTime)
+        feeds["cross_kv"] = run(prepare(model.dit), context).to(compute_dtype)
         feeds["timesteps"] = padded(sched.embedded, dims.dit_rows)
-        feeds["time_table"] = run(W.DitTime(model.dit), feeds["timesteps"]).to(compute_dtype)
+        feeds["time_table"] = run(time(model.dit), feeds["timesteps"]).to(compute_dtype)
         feeds["sigmas"] = padded(sched.sigmas, dims.dit_rows + 1, fill=0.0)
         feeds["latent"] = torch.randn(batch, dims.latent_channels, frames, generator=gen)
         feeds["step"] = torch.tensor([int(rng.integers(0, sched.num_calls - 1))], dtype=torch.int64)

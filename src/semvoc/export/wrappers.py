@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from semvoc.export.fused_dit import FusedDiT
 from semvoc.models.model import SemanticVocoderModel
 from semvoc.models.udit import TimeConditioning, UDiT
 from semvoc.models.vocoder import Vocoder
@@ -131,6 +132,48 @@ class DitStep(nn.Module):
         return latent + dt * guided, step + 1
 
 
+class FusedDitPrepare(nn.Module):
+    """The fused form's ``dit_prepare``: packed K/V ``[n_blocks, 2, 2B, S, D]``."""
+
+    def __init__(self, dit: UDiT):
+        super().__init__()
+        self.fused = FusedDiT(dit)
+
+    def forward(self, context):
+        dit = self.fused.dit
+        context = context.to(_dtype(dit))
+        return self.fused.cross_kv(dit.embed_context(torch.cat([torch.zeros_like(context), context])))
+
+
+class FusedDitTime(nn.Module):
+    """The fused form's ``dit_time``: ``[K, 8 n_blocks + 2, D]`` (see ``FusedDiT.time_table``)."""
+
+    def __init__(self, dit: UDiT):
+        super().__init__()
+        self.fused = FusedDiT(dit)
+
+    def forward(self, timesteps):
+        return self.fused.time_table(timesteps)
+
+
+class FusedDitStep(nn.Module):
+    """``DitStep`` on the fused form (same inputs and outputs; tables in the fused layouts)."""
+
+    def __init__(self, dit: UDiT):
+        super().__init__()
+        self.fused = FusedDiT(dit)
+
+    def forward(self, latent, step, time_table, sigmas, cross_kv, context_mask, guidance):
+        batch = latent.shape[0]
+        x = torch.cat([latent, latent]).to(_dtype(self.fused.dit))
+        mask = torch.cat([context_mask, context_mask])
+        out = self.fused(x, time_table[step][0], cross_kv, mask).float()
+        uncond, cond = out[:batch], out[batch:]
+        guided = uncond + guidance * (cond - uncond)
+        dt = sigmas[step + 1] - sigmas[step]
+        return latent + dt * guided, step + 1
+
+
 # ---------------------------------------------------------------------------- vocoder
 
 
@@ -188,10 +231,11 @@ class VocoderStep(nn.Module):
         x = audio.to(dtype)
         outputs = []
         for est, bias, scales in zip(self.vocoder.estimators, cond_biases, time_scales, strict=True):
-            row = scales[step]  # [1, n_layers, C]
             n = bias.shape[0]
-            spec = est.decoder.forward_prepared(est.fft(x), [bias[i] for i in range(n)],
-                                                [row[:, i] for i in range(n)])
+            # chunk: one Split kernel per table, not one Gather per block
+            biases = [b.squeeze(0) for b in bias.chunk(n)]
+            rows = [r.squeeze(1) for r in scales[step].chunk(n, dim=1)]  # [1, C] each
+            spec = est.decoder.forward_prepared(est.fft(x), biases, rows)
             outputs.append(est.ifft(spec))
         pred = self.vocoder.reduce_branches(outputs).float()
         t = t_span[step]

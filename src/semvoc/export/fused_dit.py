@@ -1,0 +1,220 @@
+"""The DiT as the step graph runs it: same function as ``UDiT.forward_prepared``, fewer kernels.
+
+onnxruntime runs one kernel per ONNX node, and at the release shapes (CFG batch 2 x 250 frames)
+most of a step's time went to ~80 small kernels per block, not to its GEMMs (H100 kernel
+profile: ``benchmarks/results/h100-2026-11-25b.md``). This form keeps every weight and every
+rounding-relevant order of the official block, and rewrites the rest:
+
+- packed heads end to end: q/k/v stay ``[B, L, H*hd]``; the fused ``Attention`` splits heads
+  (no transposes); cross-attention K/V are prepared packed, ``[n_blocks, 2, 2B, S, D]``;
+- q and k come from one GEMM; their qk-LayerNorms run as ONE LayerNormalization over the
+  ``2H`` heads (affine applied after, per half), then ONE ``RotaryEmbedding`` over both;
+- residual adds merge into the next LayerNorm (``SkipLayerNormalization``), the projection
+  biases ride along as its bias input (the gated ones premultiplied by the gate);
+- the time table holds what the blocks multiply by: per block
+  ``shift_msa, 1+scale_msa, 1-gate_msa, (1-gate_msa)*b_proj, shift_mlp, 1+scale_mlp,
+  1-gate_mlp, (1-gate_mlp)*b_out`` (8 rows, not 6) and ``shift, 1+scale`` for the final layer;
+  the timestep is shared by the batch (one row per step, broadcast);
+- GEGLU as two GEMMs, ``BiasGelu`` on the gate: no Split copy.
+
+Covered: the adaLN time fusions, cross-attention, LayerNorm, qk_norm None/layernorm, RoPE
+none/shared, GEGLU/GELU feed-forwards. Other configurations export through the generic form
+(``supports_fused`` says which). ``tests/test_fused_dit.py`` checks both forms agree.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semvoc.kernels.attention import attention_packed, expand_key_mask
+from semvoc.kernels.bias_gelu import bias_gelu
+from semvoc.kernels.rotary import rope_tables, rotary
+from semvoc.kernels.skip_layernorm import skip_layer_norm
+from semvoc.models.udit import GEGLU, DiTBlock, GELUProj, UDiT
+
+ROWS_PER_BLOCK = 8
+FINAL_ROWS = 2
+
+
+def supports_fused(dit: UDiT) -> bool:
+    cfg = dit.cfg
+    acts = all(isinstance(b.mlp.net[0], (GEGLU, GELUProj)) for b in dit.blocks)
+    return (dit.use_adanorm and dit.context_fusion == "cross" and cfg.norm_layer == "layernorm"
+            and cfg.qk_norm in (None, "layernorm") and cfg.rope_mode in ("none", "shared")
+            and dit.cls_embed is None and dit.extras == 0 and acts)
+
+
+def fused_time_rows(dit: UDiT) -> int:
+    return ROWS_PER_BLOCK * len(dit.blocks) + FINAL_ROWS
+
+
+def _zeros_like_bias(linear: nn.Linear) -> torch.Tensor:
+    return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
+
+
+class FusedBlock(nn.Module):
+    """One ``DiTBlock`` (shares its parameters; only the q|k weights are concatenated)."""
+
+    def __init__(self, blk: DiTBlock, num_heads: int):
+        super().__init__()
+        self.blk = blk
+        self.heads = num_heads
+        attn = blk.attn
+        self.w_qk = nn.Parameter(torch.cat([attn.to_q.weight, attn.to_k.weight]).detach().clone(),
+                                 requires_grad=False)
+        b_q, b_k = attn.to_q.bias, attn.to_k.bias
+        self.b_qk = None if b_q is None else nn.Parameter(torch.cat([b_q, b_k]).detach().clone(), requires_grad=False)
+        self.qk_norm = isinstance(attn.norm_q, nn.LayerNorm)
+        if self.qk_norm:  # per-head affine of the joint qk-LayerNorm: [2H, hd]
+            gamma = torch.stack([attn.norm_q.weight, attn.norm_k.weight]).repeat_interleave(num_heads, 0)
+            beta = torch.stack([attn.norm_q.bias, attn.norm_k.bias]).repeat_interleave(num_heads, 0)
+            self.qk_gamma = nn.Parameter(gamma.detach().clone(), requires_grad=False)
+            self.qk_beta = nn.Parameter(beta.detach().clone(), requires_grad=False)
+        self.rope = attn.rope_mode == "shared"
+        ff = blk.mlp.net[0]
+        self.gated = isinstance(ff, GEGLU)
+        if self.gated:  # [value; gate] halves of one projection -> two GEMMs
+            w_value, w_gate = ff.proj.weight.chunk(2, dim=0)
+            b_value, b_gate = ff.proj.bias.chunk(2, dim=0)
+            self.w_value = nn.Parameter(w_value.detach().clone(), requires_grad=False)
+            self.b_value = nn.Parameter(b_value.detach().clone(), requires_grad=False)
+            self.w_gate = nn.Parameter(w_gate.detach().clone(), requires_grad=False)
+            self.b_gate = nn.Parameter(b_gate.detach().clone(), requires_grad=False)
+        self.exact_gelu = not self.gated and ff.approximate == "none"
+
+    # ------------------------------------------------------------------ pieces
+
+    def _self_attention(self, h: torch.Tensor, rope: tuple | None) -> torch.Tensor:
+        attn = self.blk.attn
+        batch, length, dim = h.shape
+        qk = F.linear(h, self.w_qk, self.b_qk)  # [B, L, 2D]
+        v = attn.to_v(h)
+        if self.qk_norm:
+            heads = qk.reshape(batch, length, 2 * self.heads, -1)
+            heads = F.layer_norm(heads, heads.shape[-1:], eps=attn.norm_q.eps)
+            qk = (heads * self.qk_gamma + self.qk_beta).reshape(batch, length, 2 * dim)
+        if self.rope:
+            cos, sin, positions = rope
+            qk = rotary(qk, cos, sin, positions, 2 * self.heads)
+        q, k = qk.split(dim, dim=-1)
+        return F.linear(attention_packed(q, k, v, None, self.heads), attn.proj.weight)
+
+    def _cross_attention(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         mask: torch.Tensor | None) -> torch.Tensor:
+        cross = self.blk.cross_attn
+        batch, length, dim = h.shape
+        q = cross.to_q(h)
+        if self.qk_norm:
+            q = cross.norm_q(q.reshape(batch, length, self.heads, -1)).reshape(batch, length, dim)
+        return F.linear(attention_packed(q, k, v, mask, self.heads), cross.proj.weight)
+
+    def _feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        net = self.blk.mlp.net
+        if self.gated:
+            hidden = F.linear(h, self.w_value, self.b_value) * bias_gelu(F.linear(h, self.w_gate), self.b_gate)
+        elif self.exact_gelu:
+            hidden = bias_gelu(F.linear(h, net[0].proj.weight), net[0].proj.bias)
+        else:
+            hidden = net[0](h)
+        return F.linear(hidden, net[2].weight)
+
+    # ------------------------------------------------------------------ block
+
+    def forward(self, x: torch.Tensor, pending: tuple | None, rows: list[torch.Tensor], kv: tuple,
+                mask: torch.Tensor | None, rope: tuple | None, skip: torch.Tensor | None):
+        """x: the residual stream, still missing ``pending = (gated_out, gated_bias)`` of the
+        previous block (None for the first). Returns ``(x, pending, x_complete)`` where
+        ``x_complete`` is the previous block's finished output (for the U-Net skips)."""
+        blk = self.blk
+        shift_msa, scale_msa, gate_msa, gbias_msa, shift_mlp, scale_mlp, gate_mlp, gbias_mlp = rows
+        completed = None
+        if skip is not None:
+            if pending is not None:
+                x = x + pending[0] + pending[1]
+            x = blk.skip_linear(blk.skip_norm(torch.cat([x, skip], dim=-1)))
+            h = blk.norm1(x)
+        elif pending is not None:
+            h, x = skip_layer_norm(x, pending[0], blk.norm1.weight, blk.norm1.bias, pending[1], blk.norm1.eps)
+            completed = x
+        else:
+            h = blk.norm1(x)
+        attn_out = self._self_attention(h * scale_msa + shift_msa, rope)
+        norm = blk.norm2 if blk.use_context else blk.norm3
+        h, x = skip_layer_norm(x, attn_out * gate_msa, norm.weight, norm.bias, gbias_msa, norm.eps)
+        if blk.use_context:
+            cross_out = self._cross_attention(h, kv[0], kv[1], mask)
+            h, x = skip_layer_norm(x, cross_out, blk.norm3.weight, blk.norm3.bias,
+                                   _zeros_like_bias(blk.cross_attn.proj), blk.norm3.eps)
+        ff_out = self._feed_forward(h * scale_mlp + shift_mlp)
+        return x, (ff_out * gate_mlp, gbias_mlp), completed
+
+
+class FusedDiT(nn.Module):
+    """``UDiT`` in the fused form (see the module docstring); wraps, does not copy, its weights."""
+
+    def __init__(self, dit: UDiT):
+        super().__init__()
+        if not supports_fused(dit):
+            raise ValueError("this UDiT configuration has no fused form; export uses the generic one")
+        self.dit = dit
+        self.heads = dit.cfg.num_heads
+        self.blocks = nn.ModuleList([FusedBlock(b, self.heads) for b in dit.blocks])
+
+    def time_table(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """``[K]`` (already truncated) -> ``[K, 8 n_blocks + 2, D]``."""
+        time = self.dit.time_conditioning(timesteps)
+        mods = time.block_mods  # [K, n, 6, D]: shift, scale, gate (attention), then (MLP)
+        rows = []
+        for j, blk in enumerate(self.dit.blocks):
+            shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods[:, j].unbind(1)
+            gate_a, gate_m = 1 - gate_a, 1 - gate_m
+            rows += [shift_a, 1 + scale_a, gate_a, gate_a * _zeros_like_bias(blk.attn.proj),
+                     shift_m, 1 + scale_m, gate_m, gate_m * _zeros_like_bias(blk.mlp.net[2])]
+        shift, scale = time.final_mod.reshape(-1, 2, mods.shape[-1]).unbind(1)
+        return torch.stack([*rows, shift, 1 + scale], dim=1)
+
+    def cross_kv(self, context_tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, S, D]`` -> packed K/V ``[n_blocks, 2, B, S, D]`` (keys qk-normed)."""
+        out = []
+        for blk in self.dit.blocks:
+            cross = blk.cross_attn
+            ctx = blk.norm_context(context_tokens)
+            k, v = cross.to_k(ctx), cross.to_v(ctx)
+            if isinstance(cross.norm_k, nn.LayerNorm):
+                k = cross.norm_k(k.reshape(*k.shape[:2], self.heads, -1)).reshape(k.shape)
+            out.append(torch.stack([k, v]))
+        return torch.stack(out)
+
+    def forward(self, x: torch.Tensor, step_rows: torch.Tensor, cross_kv: torch.Tensor,
+                context_mask: torch.Tensor | None) -> torch.Tensor:
+        """x ``[B, C, T]``, step_rows ``[8 n + 2, D]`` (one row of ``time_table``), cross_kv
+        ``[n, 2, B, S, D]``, context_mask ``[B, S]`` bool -> ``[B, C, T]``."""
+        dit = self.dit
+        h = dit.x_pe(dit.patch_embed.proj(x).transpose(1, 2))  # [B, N, D]
+        batch, length, _ = h.shape
+        rope = None
+        if any(b.rope for b in self.blocks):
+            cos, sin = rope_tables(dit.blocks[0].attn.rotary.inv_freq, length, h.dtype)
+            positions = torch.arange(length, device=h.device)[None].expand(batch, length)
+            rope = (cos, sin, positions)
+        mask = None if context_mask is None else expand_key_mask(context_mask, length)
+        n = len(self.blocks)
+        # chunk (one Split kernel per level), not unbind/indexing (one Slice kernel per piece)
+        block_rows = step_rows[: ROWS_PER_BLOCK * n].reshape(n, ROWS_PER_BLOCK, -1).chunk(n)
+        block_kv = cross_kv.chunk(n)
+        half, skips, pending = len(dit.in_blocks), [], None
+        for i, blk in enumerate(self.blocks):
+            skip = skips.pop() if (i > half and blk.blk.has_skip) else None
+            rows = [r.reshape(-1) for r in block_rows[i].reshape(ROWS_PER_BLOCK, -1).chunk(ROWS_PER_BLOCK)]
+            k, v = (t.squeeze(0).squeeze(0) for t in block_kv[i].chunk(2, dim=1))
+            h, pending, completed = blk(h, pending, rows, (k, v), mask, rope, skip)
+            if completed is not None and i - 1 < half and dit.cfg.skip:
+                skips.append(completed)  # the previous block's output, finished by this block's norm
+        final = dit.final_block
+        shift, scale = (r.reshape(-1) for r in step_rows[ROWS_PER_BLOCK * n:].chunk(FINAL_ROWS))
+        h, _ = skip_layer_norm(h, pending[0], final.norm.weight, final.norm.bias, pending[1], final.norm.eps)
+        h = final.linear(h * scale + shift)  # [B, N, p*C]
+        h = h.reshape(batch, length, final.patch_size, final.out_chans).permute(0, 3, 1, 2)
+        return final.final_layer(h.reshape(batch, final.out_chans, length * final.patch_size))

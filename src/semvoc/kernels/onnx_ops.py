@@ -1,0 +1,55 @@
+"""Fused operators as PyTorch custom ops that export to ONE chosen ONNX node.
+
+Each fused op is declared once with ``fused_op``: a PyTorch reference implementation (what
+eager PyTorch runs, and what the tests compare against) and an ONNX translation (what
+``torch.onnx.export`` emits for it, given ``custom_translation_table=translation_table()``).
+Ops of onnxruntime's ``com.microsoft`` domain have no schema in the ``onnx`` package, so
+``contrib_op`` registers one (inputs, outputs, attributes, as onnxruntime documents them)
+before the exporter builds a node of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import onnx
+from onnx.defs import OpSchema
+
+MS_DOMAIN = "com.microsoft"
+_FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+_TRANSLATIONS: dict = {}
+
+
+def contrib_op(name: str, inputs: list[str], outputs: list[str], attributes: dict[str, OpSchema.AttrType]):
+    """An onnxscript ``Op`` of onnxruntime's contrib domain; ``name?`` marks an optional
+    parameter; every tensor is of type T (float types), except ``mean``/``inv_std_var`` (U)."""
+    from onnxscript.values import Op, Opset
+
+    if not onnx.defs.has(name, MS_DOMAIN):
+        param = OpSchema.FormalParameter
+        optional = OpSchema.FormalParameterOption.Optional
+
+        def params(names):
+            out = []
+            for n in names:
+                base = n.rstrip("?")
+                kind = "U" if base in ("mean", "inv_std_var") else "T"
+                out.append(param(base, kind, param_option=optional) if n.endswith("?") else param(base, kind))
+            return out
+
+        schema = OpSchema(name, MS_DOMAIN, 1, inputs=params(inputs), outputs=params(outputs),
+                          type_constraints=[("T", _FLOAT_TYPES, ""), ("U", ["tensor(float)"], "")],
+                          attributes=[OpSchema.Attribute(a, kind, "") for a, kind in attributes.items()])
+        onnx.defs.register_schema(schema)
+    return Op(Opset(MS_DOMAIN, 1), name)
+
+
+def register_translation(torch_op, onnx_fn: Callable) -> None:
+    _TRANSLATIONS[torch_op] = onnx_fn
+
+
+def translation_table() -> dict:
+    """Every fused op's ONNX translation (import the kernel modules first: they register)."""
+    from semvoc.kernels import attention, bias_gelu, rotary, skip_layernorm  # noqa: F401
+
+    return dict(_TRANSLATIONS)
