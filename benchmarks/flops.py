@@ -391,8 +391,32 @@ def _node_flops(node, shapes: dict[str, list[int | None]]) -> int | None:
     return 0
 
 
+# onnxruntime contrib ops that keep their first input's shape (onnx's shape inference does not
+# know them): counted as Identity, so that shapes flow on to the GEMMs after them
+SHAPE_PRESERVING_CONTRIB_OPS = {"SkipLayerNormalization": (0, 3), "BiasGelu": (0,), "FastGelu": (0,),
+                                "SkipSimplifiedLayerNormalization": (0, 3)}
+
+
+def replace_contrib_ops(model) -> None:
+    """Each shape-preserving contrib node -> Identity nodes from its first input (in place)."""
+    from onnx import helper
+
+    nodes = []
+    for node in model.graph.node:
+        outputs = SHAPE_PRESERVING_CONTRIB_OPS.get(node.op_type) if node.domain == "com.microsoft" else None
+        if outputs is None:
+            nodes.append(node)
+            continue
+        for index in outputs:
+            if index < len(node.output) and node.output[index]:
+                nodes.append(helper.make_node("Identity", [node.input[0]], [node.output[index]]))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
 def count_model_flops(model, dims: dict[str, int]) -> GraphFlops:
     """FLOPs of one run of ``model`` (a ModelProto, modified in place) with the given input dims."""
+    replace_contrib_ops(model)
     fix_input_dims(model, dims)
     inferred = fold_shape_constants(model)
     shapes = _shape_table(inferred)
