@@ -227,3 +227,26 @@ def test_help_teaches(capsys):
     text = capsys.readouterr().out
     for phrase in ("--fp16", "--batch-sizes", "manifest.json", "huggingface-cli download", "atomic"):
         assert phrase in text
+
+
+def test_parity_samples_keep_consecutive_steps_inside_the_schedule():
+    """The parity check runs several steps from a drawn start; the vocoder's x1-prediction is
+    infinite at t = 1, which the official loop never evaluates, so no draw may reach it."""
+    import torch
+
+    from semvoc.export.graphs import Dims
+    from semvoc.export.samples import pipeline_feeds
+    from semvoc.models.config import preset
+    from semvoc.models.model import build_model
+
+    model = build_model(preset("demo"), seed=0).eval()
+    dims = Dims.of(model, 24, 40, 40)
+    starts = set()
+    for seed in range(40):
+        feeds = pipeline_feeds(model, dims, 1, 25, seed, torch.float32, vocoder_steps=8,
+                               components={"text", "vocoder"}, loop_steps=3)
+        start = int(feeds["step"])
+        assert start + 3 <= 8, seed  # steps start .. start+2 use t_span[0..7]
+        assert float(feeds["t_span"][start + 2]) < 1.0
+        starts.add(start)
+    assert starts == set(range(6))  # and every legal start is drawn

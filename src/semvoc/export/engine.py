@@ -344,7 +344,7 @@ def _parity(spec: GraphSpec, path: Path, entry: dict, reference: SemanticVocoder
     session = make_session(path, provider)
     batch = 2 if 2 <= max(options.batch_sizes) else 1
     feeds = pipeline_feeds(reference, dims, batch, frames, seed=1234, compute_dtype=torch.float32,
-                           components={"text", spec.component})
+                           components={"text", spec.component}, loop_steps=options.parity_steps)
     graph_dtypes = {t["name"]: NUMPY_DTYPES[t["dtype"]] for t in entry["inputs"]}
     result = check_graph(spec, session, spec.wrapper(reference).eval(), feeds, graph_dtypes,
                          options.parity_steps, BOUNDS[dtype])

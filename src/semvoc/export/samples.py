@@ -24,8 +24,12 @@ def padded(values: np.ndarray, length: int, fill: float | None = None) -> torch.
 @torch.no_grad()
 def pipeline_feeds(model: SemanticVocoderModel, dims: Dims, batch: int, frames: int, seed: int,
                    compute_dtype: torch.dtype, dit_steps: int = 8, vocoder_steps: int = 8,
-                   components: set[str] | None = None) -> dict[str, torch.Tensor]:
-    """Every graph input (by name) for a request of ``batch`` prompts and ``frames`` frames."""
+                   components: set[str] | None = None, loop_steps: int = 1) -> dict[str, torch.Tensor]:
+    """Every graph input (by name) for a request of ``batch`` prompts and ``frames`` frames.
+
+    ``loop_steps``: how many consecutive steps the caller runs from the drawn ``step``; the draw
+    keeps them inside the schedule (the vocoder's x1-prediction divides by ``1 - t``, infinite
+    at the schedule's end, where the official loop never evaluates it)."""
     dev = next(model.parameters()).device
 
     def run(wrapper, *args):  # wrappers run where the model lives; feeds stay on the CPU
@@ -50,27 +54,29 @@ def pipeline_feeds(model: SemanticVocoderModel, dims: Dims, batch: int, frames: 
     feeds["context"], feeds["context_mask"] = context, mask.bool()
 
     if "dit" in components:
-        sched = dit_schedule(min(dit_steps, dims.dit_rows - 1))
+        sched = dit_schedule(min(max(dit_steps, loop_steps), dims.dit_rows - 1))
         prepare, time = (W.FusedDitPrepare, W.FusedDitTime) if dims.fused_dit else (W.DitPrepare, W.DitTime)
         feeds["cross_kv"] = run(prepare(model.dit), context).to(compute_dtype)
         feeds["timesteps"] = padded(sched.embedded, dims.dit_rows)
         feeds["time_table"] = run(time(model.dit), feeds["timesteps"]).to(compute_dtype)
         feeds["sigmas"] = padded(sched.sigmas, dims.dit_rows + 1, fill=0.0)
         feeds["latent"] = torch.randn(batch, dims.latent_channels, frames, generator=gen)
-        feeds["step"] = torch.tensor([int(rng.integers(0, sched.num_calls - 1))], dtype=torch.int64)
+        feeds["step"] = torch.tensor([int(rng.integers(0, max(1, sched.num_calls - loop_steps)))],
+                                     dtype=torch.int64)
         feeds["guidance"] = torch.tensor([3.5])
 
     if "vocoder" in components:
         feeds["latents"] = torch.randn(batch, dims.latent_channels, frames, generator=gen)
         for i, bias in enumerate(run(W.VocoderPrepare(model.vocoder), feeds["latents"])):
             feeds[f"cond_bias_{i}"] = bias.to(compute_dtype)
-        t_span = vocoder_t_span(min(vocoder_steps, dims.vocoder_rows - 1))
+        t_span = vocoder_t_span(min(max(vocoder_steps, loop_steps), dims.vocoder_rows - 1))
         feeds["t_span"] = padded(t_span, dims.vocoder_rows + 1, fill=1.0)
         feeds["t"] = feeds["t_span"][: dims.vocoder_rows].clone()
         for i, scale in enumerate(run(W.VocoderTime(model.vocoder), feeds["t"])):
             feeds[f"time_scale_{i}"] = scale.to(compute_dtype)
         feeds["audio"] = torch.randn(batch, frames * dims.samples_per_frame, generator=gen) * 0.1
-        feeds.setdefault("step", torch.tensor([int(rng.integers(0, len(t_span) - 1))], dtype=torch.int64))
+        last_start = max(1, len(t_span) - 1 - loop_steps + 1)  # steps use t_span[0 .. n-1], never t = 1
+        feeds.setdefault("step", torch.tensor([int(rng.integers(0, last_start))], dtype=torch.int64))
 
     if "semantic" in components and model.semantic_encoder is not None:
         samples = frames * dims.semantic_samples_per_frame
