@@ -246,3 +246,29 @@ def test_flop_counter_sees_through_the_fused_dit_form(demo_engine, tmp_path: Pat
         assert ours.total == ref.total > 0
     step = graph_flops(fused, "dit_step", 2, 1.0)
     assert step.by_op["Attention"] == graph_flops(generic, "dit_step", 2, 1.0).by_op["Attention"] > 0
+
+
+def test_recount_floor_keeps_the_rows_and_redoes_the_floor(demo_engine, tmp_path: Path, capsys):
+    from benchmarks.flops import workload_flops
+    from benchmarks.recount_floor import main as recount
+
+    results = _fake_results()
+    results["workload"].update(preset="demo", model_seed=0, duration_s=1.0, steps=4, vocoder_steps=4)
+    results["notes"] = ["FLOP count: 3 node(s) with unresolved shapes were not counted"]
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(results))
+    assert recount([str(path), str(demo_engine), "--reason", "a test"]) == 0
+    out = json.loads((tmp_path / "run-recounted.json").read_text())
+    expected = workload_flops(demo_engine, [1], 1.0, 4, 4)["per_batch"]["1"]["flop_per_request"]
+    assert out["floor"]["per_batch"]["1"]["floor_s"] == pytest.approx(expected / 730e12)
+    rows = {r["system"]: r for r in out["rows"]}
+    assert rows["semvoc-cuda"]["wall_s"]["median"] == 0.3  # measured rows untouched
+    assert rows["semvoc-cuda"]["x_floor"] == pytest.approx(0.3 / (expected / 730e12))
+    assert out["floor"]["recounted"]["tflop_per_clip_before"] == {"1": 95.0}
+    assert out["notes"] == ["floor recounted from " + str(demo_engine) + ": a test"]
+    assert json.loads(path.read_text()) == results  # the original is never rewritten
+
+    results["workload"]["preset"] = "reference"
+    path.write_text(json.dumps(results))
+    assert recount([str(path), str(demo_engine), "--reason", "x"]) == 2
+    assert "not an export of preset 'reference'" in capsys.readouterr().err
