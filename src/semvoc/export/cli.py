@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "implies --dit-form generic)")
     out.add_argument("--dit-form", default="auto", choices=["auto", "fused", "generic"],
                      help="DiT graphs as onnxruntime runs them fastest (fused: packed heads, "
-                          "SkipLayerNormalization, RotaryEmbedding, BiasGelu; about half the kernels) or "
+                          "SkipLayerNormalization, RotaryEmbedding, BiasGelu; ~40 %% fewer GPU kernels) or "
                           "as plain ONNX (generic). auto: fused where the configuration allows it, "
                           "generic with --trt (TensorRT fuses on its own and lacks the onnxruntime ops)")
 
