@@ -177,15 +177,21 @@ def time_budget(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def measure(generate: GenerateFn, runs: int, warmup: int, before_runs: Callable[[], None] | None = None
-            ) -> tuple[list[float], list[dict[str, float]], int, np.ndarray, float | None]:
-    """Warm-up (excluded), then ``runs`` timed calls: walls, stages, DiT calls, last audio, first call."""
+def warm_up(generate: GenerateFn, count: int) -> float | None:
+    """``count`` untimed calls; returns the first one's seconds (None when count is 0)."""
     first = None
-    for i in range(warmup):
+    for i in range(count):
         t = time.perf_counter()
         generate()
         if i == 0:
             first = time.perf_counter() - t
+    return first
+
+
+def measure(generate: GenerateFn, runs: int, warmup: int, before_runs: Callable[[], None] | None = None
+            ) -> tuple[list[float], list[dict[str, float]], int, np.ndarray, float | None]:
+    """Warm-up (excluded), then ``runs`` timed calls: walls, stages, DiT calls, last audio, first call."""
+    first = warm_up(generate, warmup)
     if before_runs:
         before_runs()
     walls, stages = [], []
@@ -381,11 +387,7 @@ class TorchRunner:
         first = None
         try:
             with time_budget(budget):
-                for i in range(warmups):
-                    t = time.perf_counter()
-                    fn()
-                    if i == 0:
-                        first = time.perf_counter() - t
+                first = warm_up(fn, warmups)
         except CompileBudgetExceeded:
             self._sync()
             row = base_row("torch-compile", batch, "not measured",

@@ -54,6 +54,34 @@ def _zeros_like_bias(linear: nn.Linear) -> torch.Tensor:
     return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
 
 
+def fused_time_table(dit: UDiT, timesteps: torch.Tensor) -> torch.Tensor:
+    """``[K]`` (already truncated) -> ``[K, 8 n_blocks + 2, D]`` (the rows listed above)."""
+    time = dit.time_conditioning(timesteps)
+    mods = time.block_mods  # [K, n, 6, D]: shift, scale, gate (attention), then (MLP)
+    rows = []
+    for j, blk in enumerate(dit.blocks):
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods[:, j].unbind(1)
+        gate_a, gate_m = 1 - gate_a, 1 - gate_m
+        rows += [shift_a, 1 + scale_a, gate_a, gate_a * _zeros_like_bias(blk.attn.proj),
+                 shift_m, 1 + scale_m, gate_m, gate_m * _zeros_like_bias(blk.mlp.net[2])]
+    shift, scale = time.final_mod.reshape(-1, 2, mods.shape[-1]).unbind(1)
+    return torch.stack([*rows, shift, 1 + scale], dim=1)
+
+
+def fused_cross_kv(dit: UDiT, context_tokens: torch.Tensor) -> torch.Tensor:
+    """``[B, S, D]`` -> packed K/V ``[n_blocks, 2, B, S, D]`` (keys qk-normed)."""
+    heads = dit.cfg.num_heads
+    out = []
+    for blk in dit.blocks:
+        cross = blk.cross_attn
+        ctx = blk.norm_context(context_tokens)
+        k, v = cross.to_k(ctx), cross.to_v(ctx)
+        if isinstance(cross.norm_k, nn.LayerNorm):
+            k = cross.norm_k(k.reshape(*k.shape[:2], heads, -1)).reshape(k.shape)
+        out.append(torch.stack([k, v]))
+    return torch.stack(out)
+
+
 class FusedBlock(nn.Module):
     """One ``DiTBlock`` (shares its parameters; only the q|k weights are concatenated)."""
 
@@ -76,12 +104,13 @@ class FusedBlock(nn.Module):
         ff = blk.mlp.net[0]
         self.gated = isinstance(ff, GEGLU)
         if self.gated:  # [value; gate] halves of one projection -> two GEMMs
-            w_value, w_gate = ff.proj.weight.chunk(2, dim=0)
-            b_value, b_gate = ff.proj.bias.chunk(2, dim=0)
-            self.w_value = nn.Parameter(w_value.detach().clone(), requires_grad=False)
-            self.b_value = nn.Parameter(b_value.detach().clone(), requires_grad=False)
-            self.w_gate = nn.Parameter(w_gate.detach().clone(), requires_grad=False)
-            self.b_gate = nn.Parameter(b_gate.detach().clone(), requires_grad=False)
+            # views of the block's own projection (no copy)
+            w_value, w_gate = ff.proj.weight.detach().chunk(2, dim=0)
+            b_value, b_gate = ff.proj.bias.detach().chunk(2, dim=0)
+            self.w_value = nn.Parameter(w_value, requires_grad=False)
+            self.b_value = nn.Parameter(b_value, requires_grad=False)
+            self.w_gate = nn.Parameter(w_gate, requires_grad=False)
+            self.b_gate = nn.Parameter(b_gate, requires_grad=False)
         self.exact_gelu = not self.gated and ff.approximate == "none"
 
     # ------------------------------------------------------------------ pieces
@@ -152,7 +181,8 @@ class FusedBlock(nn.Module):
 
 
 class FusedDiT(nn.Module):
-    """``UDiT`` in the fused form (see the module docstring); wraps, does not copy, its weights."""
+    """``UDiT`` in the fused form (see the module docstring); uses its weights in place (only the
+    q|k projections are concatenated copies)."""
 
     def __init__(self, dit: UDiT):
         super().__init__()
@@ -161,31 +191,6 @@ class FusedDiT(nn.Module):
         self.dit = dit
         self.heads = dit.cfg.num_heads
         self.blocks = nn.ModuleList([FusedBlock(b, self.heads) for b in dit.blocks])
-
-    def time_table(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """``[K]`` (already truncated) -> ``[K, 8 n_blocks + 2, D]``."""
-        time = self.dit.time_conditioning(timesteps)
-        mods = time.block_mods  # [K, n, 6, D]: shift, scale, gate (attention), then (MLP)
-        rows = []
-        for j, blk in enumerate(self.dit.blocks):
-            shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods[:, j].unbind(1)
-            gate_a, gate_m = 1 - gate_a, 1 - gate_m
-            rows += [shift_a, 1 + scale_a, gate_a, gate_a * _zeros_like_bias(blk.attn.proj),
-                     shift_m, 1 + scale_m, gate_m, gate_m * _zeros_like_bias(blk.mlp.net[2])]
-        shift, scale = time.final_mod.reshape(-1, 2, mods.shape[-1]).unbind(1)
-        return torch.stack([*rows, shift, 1 + scale], dim=1)
-
-    def cross_kv(self, context_tokens: torch.Tensor) -> torch.Tensor:
-        """``[B, S, D]`` -> packed K/V ``[n_blocks, 2, B, S, D]`` (keys qk-normed)."""
-        out = []
-        for blk in self.dit.blocks:
-            cross = blk.cross_attn
-            ctx = blk.norm_context(context_tokens)
-            k, v = cross.to_k(ctx), cross.to_v(ctx)
-            if isinstance(cross.norm_k, nn.LayerNorm):
-                k = cross.norm_k(k.reshape(*k.shape[:2], self.heads, -1)).reshape(k.shape)
-            out.append(torch.stack([k, v]))
-        return torch.stack(out)
 
     def forward(self, x: torch.Tensor, step_rows: torch.Tensor, cross_kv: torch.Tensor,
                 context_mask: torch.Tensor | None) -> torch.Tensor:

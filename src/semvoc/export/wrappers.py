@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from semvoc.export.fused_dit import FusedDiT
+from semvoc.export.fused_dit import FusedDiT, fused_cross_kv, fused_time_table
 from semvoc.models.model import SemanticVocoderModel
 from semvoc.models.udit import TimeConditioning, UDiT
 from semvoc.models.vocoder import Vocoder
@@ -137,23 +137,22 @@ class FusedDitPrepare(nn.Module):
 
     def __init__(self, dit: UDiT):
         super().__init__()
-        self.fused = FusedDiT(dit)
+        self.dit = dit
 
     def forward(self, context):
-        dit = self.fused.dit
-        context = context.to(_dtype(dit))
-        return self.fused.cross_kv(dit.embed_context(torch.cat([torch.zeros_like(context), context])))
+        context = context.to(_dtype(self.dit))
+        return fused_cross_kv(self.dit, self.dit.embed_context(torch.cat([torch.zeros_like(context), context])))
 
 
 class FusedDitTime(nn.Module):
-    """The fused form's ``dit_time``: ``[K, 8 n_blocks + 2, D]`` (see ``FusedDiT.time_table``)."""
+    """The fused form's ``dit_time``: ``[K, 8 n_blocks + 2, D]`` (see ``fused_time_table``)."""
 
     def __init__(self, dit: UDiT):
         super().__init__()
-        self.fused = FusedDiT(dit)
+        self.dit = dit
 
     def forward(self, timesteps):
-        return self.fused.time_table(timesteps)
+        return fused_time_table(self.dit, timesteps)
 
 
 class FusedDitStep(nn.Module):

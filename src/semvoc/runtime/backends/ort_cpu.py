@@ -42,6 +42,16 @@ class OrtCpuBackend(Backend):
             self._dit_tables = {key: self._run("dit_time", {"timesteps": padded_table(schedule.embedded, rows)})[0]}
         return self._dit_tables[key]
 
+    def _step_loop(self, kind: str, state: str, feeds: dict, steps: int, progress: Progress, stage: str):
+        """Run a step graph ``steps`` times, feeding back (state, step); stop at the first NaN/inf."""
+        for k in range(steps):
+            feeds[state], feeds["step"] = self._run(kind, feeds)
+            if not np.isfinite(feeds[state]).all():
+                raise NonFiniteError(kind, k)
+            if progress:
+                progress(stage, k + 1)
+        return feeds[state]
+
     def dit_loop(self, context, context_mask, latent, schedule, calls, guidance, progress: Progress = None):
         cross_kv = self._run("dit_prepare", {"context": context})[0]
         feeds = {"time_table": self._dit_time_table(schedule),
@@ -49,13 +59,7 @@ class OrtCpuBackend(Backend):
                  "cross_kv": cross_kv, "context_mask": context_mask,
                  "guidance": np.array([guidance], np.float32),
                  "latent": latent, "step": np.zeros(1, np.int64)}
-        for k in range(calls):
-            feeds["latent"], feeds["step"] = self._run("dit_step", feeds)
-            if not np.isfinite(feeds["latent"]).all():
-                raise NonFiniteError("dit_step", k)
-            if progress:
-                progress("dit", k + 1)
-        return feeds["latent"]
+        return self._step_loop("dit_step", "latent", feeds, calls, progress, "dit")
 
     def _vocoder_time_table(self, t_span: np.ndarray) -> list[np.ndarray]:
         key = len(t_span)
@@ -71,13 +75,7 @@ class OrtCpuBackend(Backend):
                  "audio": audio, "step": np.zeros(1, np.int64)}
         feeds.update({f"cond_bias_{i}": b for i, b in enumerate(biases)})
         feeds.update({f"time_scale_{i}": s for i, s in enumerate(scales)})
-        for k in range(steps):
-            feeds["audio"], feeds["step"] = self._run("vocoder_step", feeds)
-            if not np.isfinite(feeds["audio"]).all():
-                raise NonFiniteError("vocoder_step", k)
-            if progress:
-                progress("vocoder", k + 1)
-        return feeds["audio"]
+        return self._step_loop("vocoder_step", "audio", feeds, steps, progress, "vocoder")
 
     def encode_audio(self, waveform, duration_s):
         return self._run("semantic_encoder", {"waveform": waveform}, duration_s)[0]
