@@ -395,6 +395,9 @@ def _node_flops(node, shapes: dict[str, list[int | None]]) -> int | None:
 # know them): counted as Identity, so that shapes flow on to the GEMMs after them
 SHAPE_PRESERVING_CONTRIB_OPS = {"SkipLayerNormalization": (0, 3), "BiasGelu": (0,), "FastGelu": (0,),
                                 "SkipSimplifiedLayerNormalization": (0, 3)}
+# semvoc's own CUDA ops (--cuda-kernels): elementwise/depthwise work, shape of input 0 (ConvNeXtMix's
+# depthwise conv, 2*C*L*K per row, is ~0.1 % of a vocoder step and not counted)
+SHAPE_PRESERVING_CUDA_OPS = {"ConvNeXtMix": (0,), "BiasPRelu": (0,), "BiasResidual": (0,)}
 
 
 def replace_contrib_ops(model) -> None:
@@ -403,7 +406,8 @@ def replace_contrib_ops(model) -> None:
 
     nodes = []
     for node in model.graph.node:
-        outputs = SHAPE_PRESERVING_CONTRIB_OPS.get(node.op_type) if node.domain == "com.microsoft" else None
+        table = {"com.microsoft": SHAPE_PRESERVING_CONTRIB_OPS, "semvoc.cuda": SHAPE_PRESERVING_CUDA_OPS}
+        outputs = table.get(node.domain, {}).get(node.op_type)
         if outputs is None:
             nodes.append(node)
             continue

@@ -51,7 +51,7 @@ def bind_graph(manifest, name: str, batch: int, *, cuda_graph: bool = False, see
     duration = graph.duration_s or manifest.buckets["durations_s"][0]
     symbols = helper._symbols(batch, manifest.frames(duration))
     session = make_session(manifest.root / graph.file, "cuda", dim_overrides=helper._overrides(graph, symbols),
-                           cuda_graph=cuda_graph)
+                           cuda_graph=cuda_graph, custom_ops=manifest.custom_ops_library)
     binding = session.io_binding()
     keep = []
     for input_name, array in random_inputs(graph, symbols, np.random.default_rng(seed)).items():

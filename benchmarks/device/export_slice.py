@@ -24,6 +24,8 @@ def main() -> None:
     parser.add_argument("--generic", action="store_true",
                         help="the forms before the kernel-count work (A/B baseline): generic DiT graphs, "
                              "BiasNorm channel means as ReduceMean")
+    parser.add_argument("--cuda-kernels", action="store_true",
+                        help="vocoder blocks as semvoc's CUDA ops (needs nvcc and $SEMVOC_ORT_INCLUDE)")
     args = parser.parse_args()
 
     import torch
@@ -46,7 +48,7 @@ def main() -> None:
                                 f"{args.vocoder_layers}; UNTRAINED)", untrained=True)
     options = ExportOptions(out=args.out, dtype="float16" if args.fp16 else "float32", batch_sizes=(1,),
                             components=("dit", "vocoder"), parity_steps=1, force=True, device=args.device,
-                            dit_form="generic" if args.generic else "auto")
+                            dit_form="generic" if args.generic else "auto", cuda_kernels=args.cuda_kernels)
     export_engine(source, options)
 
 

@@ -106,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "SkipLayerNormalization, RotaryEmbedding, BiasGelu; ~40 %% fewer GPU kernels) or "
                           "as plain ONNX (generic). auto: fused where the configuration allows it, "
                           "generic with --trt (TensorRT fuses on its own and lacks the onnxruntime ops)")
+    out.add_argument("--cuda-kernels", action="store_true",
+                     help="run the vocoder's ConvNeXt blocks on semvoc's own CUDA ops (a library built with "
+                          "nvcc into DIR/kernels/): fewer, fused GPU kernels per step. The engine then runs on "
+                          "onnxruntime-cuda only. Needs --device cuda, nvcc and onnxruntime's C headers "
+                          "(--ort-include)")
+    out.add_argument("--ort-include", type=Path, metavar="DIR",
+                     help="include/ folder of the onnxruntime release archive matching your onnxruntime-gpu, "
+                          "for --cuda-kernels (default: $SEMVOC_ORT_INCLUDE)")
+    out.add_argument("--cuda-arch", default="native", metavar="CC",
+                     help="GPU architectures of --cuda-kernels: native (this GPU, default) or e.g. 80,86,89,90")
 
     shape = p.add_argument_group("buckets")
     shape.add_argument("--batch-sizes", type=_int_list, default=(1, 4, 16), metavar="N,N",
@@ -190,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         max_dit_steps=args.max_steps, max_vocoder_steps=args.max_vocoder_steps,
         parity_steps=args.parity_steps, allow_parity_failure=args.allow_parity_failure,
         force=args.force, trt=args.trt, calibrate=not args.no_calibration, device=args.device,
-        dit_form=args.dit_form,
-        verbose=args.verbose)
+        dit_form=args.dit_form, cuda_kernels=args.cuda_kernels, ort_include=args.ort_include,
+        cuda_arch=args.cuda_arch, verbose=args.verbose)
     try:
         from semvoc.export.engine import check_out_dir
 

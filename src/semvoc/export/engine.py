@@ -32,6 +32,7 @@ from semvoc.export.precision import (
 )
 from semvoc.export.samples import pipeline_feeds
 from semvoc.export.tokenizer import convert_t5_tokenizer, demo_tokenizer_path
+from semvoc.kernels import cuda_build
 from semvoc.models.model import SemanticVocoderModel, parameter_counts
 from semvoc.runtime.backends.ort_common import NUMPY_DTYPES, cuda_available, make_session
 from semvoc.runtime.manifest import MANIFEST, SCHEMA_VERSION, sha256_file
@@ -63,6 +64,9 @@ class ExportOptions:
     device: str = "cpu"
     verbose: bool = False
     dit_form: str = "auto"  # "auto" | "fused" | "generic" (see export.fused_dit)
+    cuda_kernels: bool = False  # vocoder blocks as semvoc's CUDA ops (semvoc.kernels.cuda_build)
+    ort_include: Path | None = None  # onnxruntime's include/ for building them
+    cuda_arch: str = "native"
 
 
 @dataclass
@@ -191,7 +195,7 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
     device = torch.device(options.device)
     cfg = model.cfg
     dims = Dims.of(model, options.max_text_tokens, options.max_dit_steps, options.max_vocoder_steps,
-                   fused=_fused_dit(model, options))
+                   fused=_fused_dit(model, options), vocoder_channels_last=options.cuda_kernels)
     frames = [round(d * cfg.sampling.latent_frames_per_second) for d in options.durations]
     if any(f < 2 for f in frames):
         raise ExportError(f"durations {options.durations} are too short: at least 0.08 s (2 frames)")
@@ -211,12 +215,13 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
     for note in plan.notes:
         _log("  note: " + note)
 
+    provider = "cuda" if (device.type == "cuda" and cuda_available()) else "cpu"
+    custom_ops = _build_cuda_kernels(tmp, options, provider) if options.cuda_kernels else None
     lowered = copy.deepcopy(model).cpu()
-    lowered.vocoder.use_export_kernels()
+    lowered.vocoder.use_export_kernels(cuda_ops=options.cuda_kernels)
     graph_model = cast_for_plan(lowered, plan)  # traced on the CPU (fake tensors, no compute)
     reference = model.to(device)
     dtypes = plan.components
-    provider = "cuda" if (device.type == "cuda" and cuda_available()) else "cpu"
 
     specs = [s for s in graph_specs(dims) if s.component in options.components]
     jobs = [(s, d) for s in specs for d in (options.durations if s.per_duration else (None,))]
@@ -229,7 +234,7 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
         todo = [(s, d) for s, d in jobs if s.component == component]
         while True:  # a component whose fp16 graphs lose too much is redone in fp32
             results = [_export_one(spec, duration, tmp, graph_model, reference, model, dims, dtypes, options,
-                                   provider, frames, trace_frames) for spec, duration in todo]
+                                   provider, frames, trace_frames, custom_ops) for spec, duration in todo]
             failed = [(name, p) for name, _, p in results if not p["passed"]]
             if failed and dtypes[component] != "float32" and plan.components.get(component) != "float32":
                 name, p = failed[0]
@@ -292,8 +297,27 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
         "parity": {"file": "parity.json", "provider": provider, "all_passed": parity_report["all_passed"],
                    "max_rel_error": {k: v["max_rel_error"] for k, v in parity.items()}},
         "tensorrt": tensorrt,
+        "custom_ops": None if custom_ops is None else {
+            "library": custom_ops.relative_to(tmp).as_posix(), "domain": cuda_build.DOMAIN,
+            "ops": list(cuda_build.OPS), "provider": "onnxruntime-cuda", "arch": options.cuda_arch},
         "files": files,
     }
+
+
+def _build_cuda_kernels(tmp: Path, options: ExportOptions, provider: str) -> Path:
+    """Compile semvoc's CUDA op library into the engine (``kernels/``); parity needs it on CUDA."""
+    if options.trt:
+        raise ExportError("--cuda-kernels cannot go with --trt: TensorRT does not run semvoc's onnxruntime "
+                          "custom ops; export TensorRT plans without --cuda-kernels")
+    if provider != "cuda":
+        raise ExportError("--cuda-kernels needs --device cuda on a machine with onnxruntime-gpu: its graphs only "
+                          "run (and are parity-checked) on onnxruntime's CUDA execution provider")
+    _log("[2b] building semvoc's CUDA op library (nvcc)")
+    try:
+        return cuda_build.build_library(tmp / "kernels", options.ort_include, options.cuda_arch,
+                                        verbose=options.verbose)
+    except cuda_build.KernelBuildError as err:
+        raise ExportError(f"--cuda-kernels: {err}") from err
 
 
 def _fused_dit(model: SemanticVocoderModel, options: ExportOptions) -> bool:
@@ -308,7 +332,8 @@ def _fused_dit(model: SemanticVocoderModel, options: ExportOptions) -> bool:
 
 
 def _export_one(spec: GraphSpec, duration: float | None, tmp: Path, graph_model, reference, model, dims: Dims,
-                dtypes: dict, options: ExportOptions, provider: str, frames: list[int], trace_frames: int):
+                dtypes: dict, options: ExportOptions, provider: str, frames: list[int], trace_frames: int,
+                custom_ops: Path | None = None):
     """Export one graph, check its structure and parity; returns (name, manifest entry, parity)."""
     cfg = model.cfg
     comp_dtype = {"float32": torch.float32, "float16": torch.float16,
@@ -325,7 +350,8 @@ def _export_one(spec: GraphSpec, duration: float | None, tmp: Path, graph_model,
     _record_onnx_dims(entry, path)
     entry["structure"] = structure
     result = _parity(spec, path, entry, reference, dims, options, provider,
-                     frames=f if duration is not None else frames[0], dtype=dtypes[spec.component])
+                     frames=f if duration is not None else frames[0], dtype=dtypes[spec.component],
+                     custom_ops=custom_ops)
     result["export_seconds"] = round(time.time() - t0, 1)
     return name, entry, result
 
@@ -340,8 +366,8 @@ def _expected_attention(spec: GraphSpec, model: SemanticVocoderModel) -> int | N
 
 
 def _parity(spec: GraphSpec, path: Path, entry: dict, reference: SemanticVocoderModel, dims: Dims,
-            options: ExportOptions, provider: str, frames: int, dtype: str) -> dict:
-    session = make_session(path, provider)
+            options: ExportOptions, provider: str, frames: int, dtype: str, custom_ops: Path | None = None) -> dict:
+    session = make_session(path, provider, custom_ops=custom_ops)
     batch = 2 if 2 <= max(options.batch_sizes) else 1
     feeds = pipeline_feeds(reference, dims, batch, frames, seed=1234, compute_dtype=torch.float32,
                            components={"text", spec.component}, loop_steps=options.parity_steps)

@@ -66,6 +66,7 @@ class Dims:
     dit_rows: int
     vocoder_rows: int
     fused_dit: bool = False  # the DiT graphs use ``export.fused_dit`` (packed K/V, 8-row tables)
+    vocoder_channels_last: bool = False  # cond_bias tables [n, B, L, C] (--cuda-kernels)
 
     @property
     def semantic_samples_per_frame(self) -> int:
@@ -74,7 +75,7 @@ class Dims:
 
     @classmethod
     def of(cls, model: SemanticVocoderModel, text_tokens: int, max_dit_steps: int,
-           max_vocoder_steps: int, fused: bool | None = None) -> Dims:
+           max_vocoder_steps: int, fused: bool | None = None, vocoder_channels_last: bool = False) -> Dims:
         """``fused``: the fused DiT form (default: wherever ``supports_fused`` allows it)."""
         cfg = model.cfg
         voc = cfg.vocoder
@@ -89,7 +90,8 @@ class Dims:
             semantic_dim=cfg.semantic.embed_dim if cfg.semantic else 0,
             semantic_samples_per_second=cfg.semantic.sample_rate if cfg.semantic else 16000,
             frames_per_second=cfg.sampling.latent_frames_per_second,
-            dit_rows=max_dit_steps + 1, vocoder_rows=max_vocoder_steps + 1, fused_dit=fused)
+            dit_rows=max_dit_steps + 1, vocoder_rows=max_vocoder_steps + 1, fused_dit=fused,
+            vocoder_channels_last=vocoder_channels_last)
 
 
 def _branches(d: Dims, fmt: str) -> list[str]:
@@ -105,10 +107,13 @@ def graph_specs(d: Dims) -> list[GraphSpec]:
     else:
         kv_shape = (d.blocks, 2, "2*batch", d.heads, d.text_tokens, d.head_dim)
         prepare, time, step = W.DitPrepare, W.DitTime, W.DitStep
-    cond_bias = [TensorSpec(f"cond_bias_{i}", compute,
-                            (d.branch_layers[i], "batch", d.branch_channels[i],
-                             f"frames*{d.samples_per_frame // d.branch_hops[i]}+1"))
-                 for i in range(len(d.branch_hops))]
+    def cond_shape(i: int) -> tuple:
+        frames = f"frames*{d.samples_per_frame // d.branch_hops[i]}+1"
+        if d.vocoder_channels_last:
+            return (d.branch_layers[i], "batch", frames, d.branch_channels[i])
+        return (d.branch_layers[i], "batch", d.branch_channels[i], frames)
+
+    cond_bias = [TensorSpec(f"cond_bias_{i}", compute, cond_shape(i)) for i in range(len(d.branch_hops))]
     time_scale = [TensorSpec(f"time_scale_{i}", compute, ("vocoder_rows", d.branch_layers[i],
                                                           d.branch_channels[i]))
                   for i in range(len(d.branch_hops))]
@@ -142,7 +147,7 @@ def graph_specs(d: Dims) -> list[GraphSpec]:
                      TensorSpec("step_next", INT64, (1,))),
             notes="one CFG Euler step: x += (sigma[k+1]-sigma[k]) (u + w (c - u))"),
         GraphSpec(
-            "vocoder_prepare", "vocoder", lambda m: W.VocoderPrepare(m.vocoder),
+            "vocoder_prepare", "vocoder", lambda m: W.VocoderPrepare(m.vocoder, d.vocoder_channels_last),
             inputs=(TensorSpec("latents", FLOAT, ("batch", d.latent_channels, "frames")),),
             outputs=tuple(cond_bias),
             notes="condition encoder, cond_mlp and every block's cond_proj, per branch"),
@@ -152,7 +157,7 @@ def graph_specs(d: Dims) -> list[GraphSpec]:
             outputs=tuple(time_scale),
             notes="every block's time FiLM scale 1 + proj(time_mlp(pe(t))), per branch"),
         GraphSpec(
-            "vocoder_step", "vocoder", lambda m: W.VocoderStep(m.vocoder), loop=True,
+            "vocoder_step", "vocoder", lambda m: W.VocoderStep(m.vocoder, d.vocoder_channels_last), loop=True,
             inputs=(TensorSpec("audio", FLOAT, ("batch", f"frames*{d.samples_per_frame}")),
                     TensorSpec("step", INT64, (1,)),
                     TensorSpec("t_span", FLOAT, ("vocoder_rows+1",)),

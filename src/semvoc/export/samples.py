@@ -67,7 +67,8 @@ def pipeline_feeds(model: SemanticVocoderModel, dims: Dims, batch: int, frames: 
 
     if "vocoder" in components:
         feeds["latents"] = torch.randn(batch, dims.latent_channels, frames, generator=gen)
-        for i, bias in enumerate(run(W.VocoderPrepare(model.vocoder), feeds["latents"])):
+        prepare = W.VocoderPrepare(model.vocoder, dims.vocoder_channels_last)
+        for i, bias in enumerate(run(prepare, feeds["latents"])):
             feeds[f"cond_bias_{i}"] = bias.to(compute_dtype)
         t_span = vocoder_t_span(min(max(vocoder_steps, loop_steps), dims.vocoder_rows - 1))
         feeds["t_span"] = padded(t_span, dims.vocoder_rows + 1, fill=1.0)

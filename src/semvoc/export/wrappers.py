@@ -177,16 +177,18 @@ class FusedDitStep(nn.Module):
 
 
 class VocoderPrepare(nn.Module):
-    """(latents [B,Cl,F] f32) -> per branch i: cond_bias_i [n_layers_i, B, C_i, F*r_i + 1]:
-    every decoder block's ``cond_proj(cond_mlp(upsample(cond_encoder(latents))))``.
+    """(latents [B,Cl,F] f32) -> per branch i: cond_bias_i [n_layers_i, B, C_i, F*r_i + 1]
+    (``channels_last``: [n_layers_i, B, F*r_i + 1, C_i]): every decoder block's
+    ``cond_proj(cond_mlp(upsample(cond_encoder(latents))))``.
 
     The waveform has ``F * hop_length`` samples, so each branch's STFT has ``F * r_i + 1``
     frames and the last frame gets a zero condition (as in the official code).
     """
 
-    def __init__(self, vocoder: Vocoder):
+    def __init__(self, vocoder: Vocoder, channels_last: bool = False):
         super().__init__()
         self.vocoder = vocoder
+        self.channels_last = channels_last
 
     def forward(self, latents):
         cond = self.vocoder.encode_cond(latents.to(_dtype(self.vocoder)))
@@ -195,7 +197,10 @@ class VocoderPrepare(nn.Module):
             up = torch.repeat_interleave(cond, est.upsample_factor, dim=-1)
             up = torch.cat([up, torch.zeros_like(up[..., :1])], dim=-1)
             cm = est.decoder.cond_mlp(up)
-            outputs.append(torch.stack([block.cond_proj(cm) for block in est.decoder.blocks]))
+            biases = [block.cond_proj(cm) for block in est.decoder.blocks]
+            if self.channels_last:
+                biases = [b.transpose(1, 2) for b in biases]
+            outputs.append(torch.stack(biases))
         return tuple(outputs)
 
 
@@ -219,10 +224,11 @@ class VocoderStep(nn.Module):
     ``dt = t_span[1] - t_span[0]`` (the official loop's constant step).
     """
 
-    def __init__(self, vocoder: Vocoder):
+    def __init__(self, vocoder: Vocoder, channels_last: bool = False):
         super().__init__()
         self.vocoder = vocoder
         self.branches = len(vocoder.estimators)
+        self.channels_last = channels_last  # cond_bias tables [n, B, L, C] (see VocoderPrepare)
 
     def forward(self, audio, step, t_span, *tables):
         dtype = _dtype(self.vocoder)
@@ -234,7 +240,12 @@ class VocoderStep(nn.Module):
             # chunk: one Split kernel per table, not one Gather per block
             biases = [b.squeeze(0) for b in bias.chunk(n)]
             rows = [r.squeeze(1) for r in scales[step].chunk(n, dim=1)]  # [1, C] each
-            spec = est.decoder.forward_prepared(est.fft(x), biases, rows)
+            if self.vocoder.cuda_ops:  # the export form of --cuda-kernels (channels-last tables)
+                spec = est.decoder.forward_channels_last(est.fft(x), biases, rows)
+            else:
+                if self.channels_last:  # the PyTorch reference of that form
+                    biases = [b.transpose(1, 2) for b in biases]
+                spec = est.decoder.forward_prepared(est.fft(x), biases, rows)
             outputs.append(est.ifft(spec))
         pred = self.vocoder.reduce_branches(outputs).float()
         t = t_span[step]

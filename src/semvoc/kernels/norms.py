@@ -39,12 +39,23 @@ class BiasNorm(torch.nn.Module):
     mean_by_matmul: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        centred = x32 - self.bias.float()[None, :, None]
-        if self.mean_by_matmul:
-            channels = x.shape[1]
-            mean = torch.matmul(torch.full((1, channels), 1.0 / channels, device=x.device), centred.pow(2))
-        else:
-            mean = centred.pow(2).mean(dim=1, keepdim=True)
-        scales = mean.pow(-0.5) * self.log_scale.float().exp()
+        return bias_norm(x, self.bias, self.log_scale, self.mean_by_matmul)
+
+
+def bias_norm(x: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor,
+              mean_by_matmul: bool = False, channels_last: bool = False) -> torch.Tensor:
+    """``BiasNorm`` as a function: x ``[B, C, T]`` (``channels_last``: ``[B, T, C]``, the mean a
+    contiguous last-axis reduction), bias ``[C]``, log_scale one value."""
+    x32 = x.float()
+    if channels_last:
+        centred = x32 - bias.float()
+        scales = (centred * centred).mean(dim=-1, keepdim=True).pow(-0.5) * log_scale.float().exp()
         return (x32 * scales).to(x.dtype)
+    centred = x32 - bias.float()[None, :, None]
+    if mean_by_matmul:
+        channels = x.shape[1]
+        mean = torch.matmul(torch.full((1, channels), 1.0 / channels, device=x.device), centred.pow(2))
+    else:
+        mean = centred.pow(2).mean(dim=1, keepdim=True)
+    scales = mean.pow(-0.5) * log_scale.float().exp()
+    return (x32 * scales).to(x.dtype)

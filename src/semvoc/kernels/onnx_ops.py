@@ -5,7 +5,8 @@ eager PyTorch runs, and what the tests compare against) and an ONNX translation 
 ``torch.onnx.export`` emits for it, given ``custom_translation_table=translation_table()``).
 Ops of onnxruntime's ``com.microsoft`` domain have no schema in the ``onnx`` package, so
 ``contrib_op`` registers one (inputs, outputs, attributes, as onnxruntime documents them)
-before the exporter builds a node of it.
+before the exporter builds a node of it. semvoc's own CUDA ops (``semvoc.cuda`` domain, built by
+``semvoc.kernels.cuda_build``) are declared the same way with ``domain=CUDA_DOMAIN``.
 """
 
 from __future__ import annotations
@@ -16,16 +17,18 @@ import onnx
 from onnx.defs import OpSchema
 
 MS_DOMAIN = "com.microsoft"
+CUDA_DOMAIN = "semvoc.cuda"
 _FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 _TRANSLATIONS: dict = {}
 
 
-def contrib_op(name: str, inputs: list[str], outputs: list[str], attributes: dict[str, OpSchema.AttrType]):
-    """An onnxscript ``Op`` of onnxruntime's contrib domain; ``name?`` marks an optional
-    parameter; every tensor is of type T (float types), except ``mean``/``inv_std_var`` (U)."""
+def contrib_op(name: str, inputs: list[str], outputs: list[str], attributes: dict[str, OpSchema.AttrType],
+               domain: str = MS_DOMAIN):
+    """An onnxscript ``Op`` of onnxruntime's contrib domain (or ``domain``); ``name?`` marks an
+    optional parameter; every tensor is of type T (float types), except ``mean``/``inv_std_var`` (U)."""
     from onnxscript.values import Op, Opset
 
-    if not onnx.defs.has(name, MS_DOMAIN):
+    if not onnx.defs.has(name, domain):
         param = OpSchema.FormalParameter
         optional = OpSchema.FormalParameterOption.Optional
 
@@ -37,11 +40,11 @@ def contrib_op(name: str, inputs: list[str], outputs: list[str], attributes: dic
                 out.append(param(base, kind, param_option=optional) if n.endswith("?") else param(base, kind))
             return out
 
-        schema = OpSchema(name, MS_DOMAIN, 1, inputs=params(inputs), outputs=params(outputs),
+        schema = OpSchema(name, domain, 1, inputs=params(inputs), outputs=params(outputs),
                           type_constraints=[("T", _FLOAT_TYPES, ""), ("U", ["tensor(float)"], "")],
                           attributes=[OpSchema.Attribute(a, kind, "") for a, kind in attributes.items()])
         onnx.defs.register_schema(schema)
-    return Op(Opset(MS_DOMAIN, 1), name)
+    return Op(Opset(domain, 1), name)
 
 
 def register_translation(torch_op, onnx_fn: Callable) -> None:
@@ -50,6 +53,14 @@ def register_translation(torch_op, onnx_fn: Callable) -> None:
 
 def translation_table() -> dict:
     """Every fused op's ONNX translation (import the kernel modules first: they register)."""
-    from semvoc.kernels import attention, bias_gelu, rotary, skip_layernorm  # noqa: F401
+    from semvoc.kernels import (  # noqa: F401
+        attention,
+        bias_gelu,
+        bias_prelu,
+        bias_residual,
+        convnext_mix,
+        rotary,
+        skip_layernorm,
+    )
 
     return dict(_TRANSLATIONS)

@@ -20,9 +20,13 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from semvoc.kernels.norms import BiasNorm
+from semvoc.kernels.bias_prelu import bias_prelu
+from semvoc.kernels.bias_residual import bias_residual
+from semvoc.kernels.convnext_mix import convnext_mix
+from semvoc.kernels.norms import BiasNorm, bias_norm
 from semvoc.kernels.stft import ConvISTFT, ConvSTFT, istft_reference, stft_reference
 
 
@@ -110,6 +114,15 @@ class ConvNeXtBlock(nn.Module):
         residual = self.residual_scale(x) if hasattr(self, "residual_scale") else x
         return y + residual
 
+    def forward_channels_last(self, x: torch.Tensor, cond_bias: torch.Tensor, time_scale: torch.Tensor) -> torch.Tensor:
+        """``forward_prepared`` on ``[B, L, C]`` as semvoc's CUDA ops: ConvNeXtMix, a GEMM,
+        BiasPRelu, a GEMM, BiasResidual. cond_bias ``[B, L, C]``, time_scale ``[B|1, C]``."""
+        dw = self.dwconv
+        y = convnext_mix(x, dw.weight, dw.bias, self.norm.bias, self.norm.log_scale, cond_bias, time_scale)
+        h = bias_prelu(F.linear(y, self.pwconv1.weight[:, :, 0]), self.pwconv1.bias, self.act.weight)
+        scale = self.residual_scale.scale.reshape(-1) if hasattr(self, "residual_scale") else torch.ones_like(dw.bias)
+        return bias_residual(F.linear(h, self.pwconv2.weight[:, :, 0]), self.pwconv2.bias, x, scale)
+
     def forward(self, x, cond=None, time_embed=None):
         cond_bias = self.cond_proj(cond) if cond is not None else None
         time_scale = 1.0 + self.time_embed_proj(time_embed) if time_embed is not None else None
@@ -161,6 +174,17 @@ class ConvNeXtDecoder(nn.Module):
         for block, cond_bias, time_scale in zip(self.blocks, cond_biases, time_scales, strict=True):
             x = block.forward_prepared(x, cond_bias, time_scale)
         return self.out_proj(x)
+
+    def forward_channels_last(self, x: torch.Tensor, cond_biases: list[torch.Tensor],
+                              time_scales: list[torch.Tensor]) -> torch.Tensor:
+        """``forward_prepared`` with ``[B, L, C]`` activations (the ``--cuda-kernels`` export form):
+        the 1x1 convolutions become GEMMs with the frame count as M (aligned whatever L is).
+        x ``[B, F, L]`` -> ``[B, F, L]``; cond_biases ``[B, L, C]`` each."""
+        h = F.linear(x.transpose(1, 2), self.in_proj.weight[:, :, 0], self.in_proj.bias)  # [B, L, C]
+        h = bias_norm(h, self.in_norm.bias, self.in_norm.log_scale, channels_last=True)
+        for block, cond_bias, time_scale in zip(self.blocks, cond_biases, time_scales, strict=True):
+            h = block.forward_channels_last(h, cond_bias, time_scale)
+        return F.linear(h, self.out_proj.weight[:, :, 0], self.out_proj.bias).transpose(1, 2)
 
 
 class SpectralTransform(nn.Module):
@@ -282,11 +306,16 @@ class Vocoder(nn.Module):
             est.fft.use_conv()
             est.ifft.use_conv()
 
-    def use_export_kernels(self) -> None:
-        """The export form, same function: conv STFT/iSTFT and BiasNorm channel means as GEMVs.
+    #: the step graph runs the decoders channels-last on semvoc's CUDA ops (``use_export_kernels``)
+    cuda_ops: bool = False
 
-        (The 1x1 convolutions stay convolutions: written as ``W @ x`` MatMuls they ran 3x
-        slower on an H100, cuBLAS picking 2-byte-aligned kernels for the odd frame counts.)"""
+    def use_export_kernels(self, cuda_ops: bool = False) -> None:
+        """The export form, same function: conv STFT/iSTFT and BiasNorm channel means as GEMVs;
+        ``cuda_ops``: the decoders run ``ConvNeXtDecoder.forward_channels_last`` (semvoc's CUDA ops).
+
+        (Without them the 1x1 convolutions stay convolutions: written as ``W @ x`` MatMuls they
+        ran 3x slower on an H100, cuBLAS picking 2-byte-aligned kernels for the odd frame counts.)"""
+        self.cuda_ops = cuda_ops
         self.use_conv_spectral()
         for module in self.modules():
             if isinstance(module, BiasNorm):

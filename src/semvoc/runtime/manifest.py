@@ -114,6 +114,12 @@ class Manifest:
         return bool(self.data["model"].get("untrained"))
 
     @property
+    def custom_ops_library(self) -> Path | None:
+        """semvoc's CUDA op library of an engine exported with ``--cuda-kernels`` (else None)."""
+        entry = self.data.get("custom_ops")
+        return self.root / entry["library"] if entry else None
+
+    @property
     def components(self) -> set[str]:
         return {g.component for g in self.graphs.values()}
 

@@ -21,6 +21,11 @@ def make_backend(name: str, manifest: Manifest, *, device_id: int = 0, threads: 
         raise BackendUnavailable(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
     if name == "auto":
         name = auto_backend()
+    if manifest.custom_ops_library is not None and name != "onnxruntime-cuda":
+        raise BackendUnavailable(
+            f"this engine was exported with --cuda-kernels: its vocoder graphs use semvoc's CUDA ops, which "
+            f"only onnxruntime-cuda runs (asked for {name}). Run it on a GPU with --backend onnxruntime-cuda, "
+            "or re-export without --cuda-kernels for CPU or TensorRT.")
     if name == "onnxruntime-cpu":
         from semvoc.runtime.backends.ort_cpu import OrtCpuBackend
 

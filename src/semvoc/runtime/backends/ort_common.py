@@ -31,12 +31,14 @@ def cuda_available() -> bool:
 
 
 def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict[str, int] | None = None,
-                 cuda_graph: bool = False, device_id: int = 0, threads: int | None = None):
+                 cuda_graph: bool = False, device_id: int = 0, threads: int | None = None,
+                 custom_ops: str | Path | None = None):
     """An ``InferenceSession`` for ``path`` on "cpu" or "cuda".
 
     ``dim_overrides`` fixes symbolic input dimensions (by name) so that onnxruntime folds all
     shape arithmetic at load time: with every node on the GPU, the CUDA EP can capture the
-    run in a CUDA graph (``cuda_graph``).
+    run in a CUDA graph (``cuda_graph``). ``custom_ops`` is semvoc's CUDA op library
+    (``libsemvoc_cuda.so``) for graphs exported with ``--cuda-kernels``.
     """
     import onnxruntime as ort
 
@@ -45,6 +47,8 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if custom_ops is not None:
+        options.register_custom_ops_library(str(custom_ops))
     for name, value in (dim_overrides or {}).items():
         options.add_free_dimension_override_by_name(name, int(value))
     if provider == "cuda":

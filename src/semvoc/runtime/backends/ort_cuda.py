@@ -98,7 +98,8 @@ class OrtCudaBackend(Backend):
         key = (graph.name, tuple(sorted((overrides or {}).items())), cuda_graph)
         if key not in self._sessions:
             self._sessions[key] = make_session(self.manifest.root / graph.file, "cuda", dim_overrides=overrides,
-                                               cuda_graph=cuda_graph, device_id=self.device_id)
+                                               cuda_graph=cuda_graph, device_id=self.device_id,
+                                               custom_ops=self.manifest.custom_ops_library)
         return self._sessions[key]
 
     def _run_once(self, kind: str, inputs: dict, outputs: dict | None = None, duration_s=None) -> list:

@@ -1,0 +1,77 @@
+// The library onnxruntime loads (SessionOptions.register_custom_ops_library): registers the
+// semvoc.cuda domain, one float32 and one float16 kernel per op, on the CUDA execution provider.
+#include "ort_op.h"
+
+namespace semvoc {
+
+void ConvNeXtMixCompute(OrtKernelContext* ctx);
+void BiasPReluCompute(OrtKernelContext* ctx);
+void BiasResidualCompute(OrtKernelContext* ctx);
+
+static const OrtApi* g_api = nullptr;
+const OrtApi* Api() { return g_api; }
+
+static void* CreateKernel(const OrtCustomOp* op, const OrtApi*, const OrtKernelInfo*) {
+  return const_cast<OrtCustomOp*>(op);
+}
+static const char* GetName(const OrtCustomOp* op) { return static_cast<const OpDef*>(op)->name; }
+static const char* GetProvider(const OrtCustomOp*) { return "CUDAExecutionProvider"; }
+static ONNXTensorElementDataType GetType(const OrtCustomOp* op, size_t) { return static_cast<const OpDef*>(op)->type; }
+static size_t GetInputCount(const OrtCustomOp* op) { return static_cast<const OpDef*>(op)->inputs; }
+static size_t GetOutputCount(const OrtCustomOp* op) { return static_cast<const OpDef*>(op)->outputs; }
+static void Compute(void* kernel, OrtKernelContext* ctx) { static_cast<OpDef*>(kernel)->compute(ctx); }
+static void Destroy(void*) {}
+static OrtCustomOpInputOutputCharacteristic Required(const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; }
+static OrtMemType DeviceMemory(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
+
+OpDef MakeOp(const char* name, ONNXTensorElementDataType type, size_t inputs, size_t outputs,
+             void (*compute)(OrtKernelContext*)) {
+  OpDef op;
+  std::memset(static_cast<OrtCustomOp*>(&op), 0, sizeof(OrtCustomOp));  // newer headers: later fields unset
+  op.version = kOrtApiVersion;  // onnxruntime reads only the fields of this version
+  op.CreateKernel = CreateKernel;
+  op.GetName = GetName;
+  op.GetExecutionProviderType = GetProvider;
+  op.GetInputType = GetType;
+  op.GetInputTypeCount = GetInputCount;
+  op.GetOutputType = GetType;
+  op.GetOutputTypeCount = GetOutputCount;
+  op.KernelCompute = Compute;
+  op.KernelDestroy = Destroy;
+  op.GetInputCharacteristic = Required;
+  op.GetOutputCharacteristic = Required;
+  op.GetInputMemoryType = DeviceMemory;
+  op.name = name;
+  op.type = type;
+  op.inputs = inputs;
+  op.outputs = outputs;
+  op.compute = compute;
+  return op;
+}
+
+static std::vector<OpDef>& Ops() {
+  static std::vector<OpDef> ops = [] {
+    std::vector<OpDef> all;
+    for (auto type : {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16}) {
+      all.push_back(MakeOp("ConvNeXtMix", type, 7, 1, ConvNeXtMixCompute));
+      all.push_back(MakeOp("BiasPRelu", type, 3, 1, BiasPReluCompute));
+      all.push_back(MakeOp("BiasResidual", type, 4, 1, BiasResidualCompute));
+    }
+    return all;
+  }();
+  return ops;
+}
+
+}  // namespace semvoc
+
+extern "C" ORT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
+  using namespace semvoc;
+  g_api = base->GetApi(kOrtApiVersion);
+  if (g_api == nullptr) return nullptr;  // cannot even report: onnxruntime older than API 13
+  OrtCustomOpDomain* domain = nullptr;  // owned by the sessions' lifetime: never released (tiny)
+  if (OrtStatus* status = g_api->CreateCustomOpDomain(kDomain, &domain)) return status;
+  for (OpDef& op : Ops()) {
+    if (OrtStatus* status = g_api->CustomOpDomain_Add(domain, &op)) return status;
+  }
+  return g_api->AddCustomOpDomain(options, domain);
+}

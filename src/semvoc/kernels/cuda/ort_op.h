@@ -1,0 +1,137 @@
+// semvoc's onnxruntime custom ops for the CUDA execution provider: the small C++ layer between
+// onnxruntime's C API (onnxruntime_c_api.h, API version 13, from the onnxruntime release archive)
+// and the kernels. Each op is stateless: the kernel object is the op definition itself, and
+// every launch goes on the stream onnxruntime gives the node (so CUDA-graph capture sees it).
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <onnxruntime_c_api.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <initializer_list>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace semvoc {
+
+constexpr uint32_t kOrtApiVersion = 13;  // the oldest API with KernelContext_GetGPUComputeStream we use
+constexpr const char* kDomain = "semvoc.cuda";
+
+const OrtApi* Api();
+
+inline void Check(OrtStatus* status, const char* what) {
+  if (status == nullptr) return;
+  std::string message = std::string("semvoc.cuda ") + what + ": " + Api()->GetErrorMessage(status);
+  Api()->ReleaseStatus(status);
+  throw std::runtime_error(message);
+}
+
+inline void CheckCuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string("semvoc.cuda ") + what + ": " + cudaGetErrorString(err));
+}
+
+struct Tensor {
+  void* data = nullptr;
+  std::vector<int64_t> shape;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+  }
+  int64_t dim(int i) const { return shape.at(i < 0 ? shape.size() + i : i); }
+};
+
+inline Tensor Describe(OrtValue* value) {
+  Tensor t;
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  Check(Api()->GetTensorTypeAndShape(value, &info), "GetTensorTypeAndShape");
+  size_t rank = 0;
+  Check(Api()->GetDimensionsCount(info, &rank), "GetDimensionsCount");
+  t.shape.resize(rank);
+  Check(Api()->GetDimensions(info, t.shape.data(), rank), "GetDimensions");
+  Check(Api()->GetTensorElementType(info, &t.type), "GetTensorElementType");
+  Api()->ReleaseTensorTypeAndShapeInfo(info);
+  Check(Api()->GetTensorMutableData(value, &t.data), "GetTensorMutableData");
+  return t;
+}
+
+inline Tensor Input(OrtKernelContext* ctx, size_t index) {
+  const OrtValue* value = nullptr;
+  Check(Api()->KernelContext_GetInput(ctx, index, &value), "KernelContext_GetInput");
+  return Describe(const_cast<OrtValue*>(value));
+}
+
+inline Tensor Output(OrtKernelContext* ctx, size_t index, const std::vector<int64_t>& shape) {
+  OrtValue* value = nullptr;
+  Check(Api()->KernelContext_GetOutput(ctx, index, shape.data(), shape.size(), &value), "KernelContext_GetOutput");
+  return Describe(value);
+}
+
+inline cudaStream_t Stream(OrtKernelContext* ctx) {
+  void* stream = nullptr;
+  Check(Api()->KernelContext_GetGPUComputeStream(ctx, &stream), "KernelContext_GetGPUComputeStream");
+  return static_cast<cudaStream_t>(stream);
+}
+
+inline void Require(bool ok, const std::string& message) {
+  if (!ok) throw std::runtime_error("semvoc.cuda " + message);
+}
+
+template <typename T> __device__ __forceinline__ float ToFloat(T v);
+template <> __device__ __forceinline__ float ToFloat<float>(float v) { return v; }
+template <> __device__ __forceinline__ float ToFloat<__half>(__half v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T FromFloat(float v);
+template <> __device__ __forceinline__ float FromFloat<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half FromFloat<__half>(float v) { return __float2half_rn(v); }
+
+// V elements of T in one aligned load/store (16 bytes for V = 16 / sizeof(T)): elementwise
+// kernels over channels-last data read whole vectors when C is a multiple of V.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+// Elements of T in a 16-byte vector, and whether tensors of `channels`-wide rows can be read
+// in such vectors (every row starts on a vector boundary, and so does every buffer).
+template <typename T>
+constexpr int WideVector() { return static_cast<int>(16 / sizeof(T)); }
+
+template <typename T>
+inline bool Vectorizable(int64_t channels, std::initializer_list<const void*> buffers) {
+  if (channels % WideVector<T>() != 0) return false;
+  for (const void* p : buffers) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  }
+  return true;
+}
+
+inline unsigned GridFor(int64_t items, int threads) {
+  return static_cast<unsigned>(std::min<int64_t>((items + threads - 1) / threads, 1 << 16));
+}
+
+// One ONNX op of the semvoc.cuda domain: `inputs` inputs and `outputs` outputs, all of `type`.
+struct OpDef : OrtCustomOp {
+  const char* name;
+  ONNXTensorElementDataType type;
+  size_t inputs, outputs;
+  void (*compute)(OrtKernelContext*);
+};
+
+OpDef MakeOp(const char* name, ONNXTensorElementDataType type, size_t inputs, size_t outputs,
+             void (*compute)(OrtKernelContext*));
+
+// Dispatch on the element type of input 0 (float32 or float16 engines).
+#define SEMVOC_DISPATCH_FLOAT(TYPE, OP_NAME, ...)                                 \
+  switch (TYPE) {                                                                 \
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: { using T = float; __VA_ARGS__; break; }    \
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: { using T = __half; __VA_ARGS__; break; } \
+    default: throw std::runtime_error(std::string("semvoc.cuda ") + OP_NAME + ": float or float16 only"); \
+  }
+
+}  // namespace semvoc

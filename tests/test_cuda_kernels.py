@@ -1,0 +1,255 @@
+"""semvoc's CUDA ops (``--cuda-kernels``): the fused ConvNeXt form against the model's own block,
+what the export emits, the errors a user meets without nvcc or onnxruntime headers, and (on a
+GPU with nvcc and ``SEMVOC_ORT_INCLUDE``) each CUDA kernel against its PyTorch reference."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from semvoc.kernels import cuda_build
+from semvoc.kernels.bias_prelu import bias_prelu_reference
+from semvoc.kernels.bias_residual import bias_residual_reference
+from semvoc.kernels.convnext_mix import convnext_mix_reference
+from semvoc.kernels.onnx_ops import CUDA_DOMAIN, translation_table
+from semvoc.models.vocoder import ConvNeXtBlock
+
+
+def _block(channels=12, hidden=20, kernel=7, residual_scale=1.0, seed=0) -> ConvNeXtBlock:
+    torch.manual_seed(seed)
+    block = ConvNeXtBlock(channels, hidden, kernel, cond_channels=8, time_channels=6,
+                          residual_scale=residual_scale).eval()
+    with torch.no_grad():  # non-trivial norm and scale parameters (checkpoints are not at init)
+        block.norm.bias.normal_()
+        block.norm.log_scale.fill_(0.3)
+        block.act.weight.uniform_(-0.5, 0.5)
+        if residual_scale is not None:
+            block.residual_scale.scale.uniform_(0.5, 1.5)
+    return block
+
+
+def _inputs(block: ConvNeXtBlock, batch=2, length=37, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    channels = block.dwconv.in_channels
+    return (torch.randn(batch, channels, length, generator=gen), torch.randn(batch, channels, length, generator=gen),
+            1 + 0.1 * torch.randn(1, channels, generator=gen))
+
+
+@pytest.mark.parametrize("residual_scale", [1.0, None])
+def test_channels_last_block_is_the_block(residual_scale):
+    block = _block(residual_scale=residual_scale)
+    x, cond, scale = _inputs(block)
+    with torch.no_grad():
+        expected = block.forward_prepared(x, cond, scale)
+        fused = block.forward_channels_last(x.transpose(1, 2), cond.transpose(1, 2), scale).transpose(1, 2)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_vocoder_step_is_the_step():
+    """The --cuda-kernels step graph's module (channels-last tables) against the plain one."""
+    from semvoc.export import wrappers as W
+    from semvoc.models.config import preset
+    from semvoc.models.model import build_model
+
+    vocoder = build_model(preset("demo"), seed=0).vocoder.eval()
+    vocoder.use_export_kernels()
+    frames = 5
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, vocoder.cfg.latent_dim, frames, generator=gen)
+    t = torch.linspace(0, 1, 9)[:8]
+    times = W.VocoderTime(vocoder)(t)
+    audio = 0.1 * torch.randn(1, frames * vocoder.cfg.hop_length, generator=gen)
+    step, t_span = torch.tensor([3]), torch.linspace(0, 1, 9)
+    with torch.no_grad():
+        plain = W.VocoderStep(vocoder)(audio, step, t_span, *W.VocoderPrepare(vocoder)(latents), *times)
+        tables = W.VocoderPrepare(vocoder, channels_last=True)(latents)
+        reference = W.VocoderStep(vocoder, channels_last=True)(audio, step, t_span, *tables, *times)
+        vocoder.use_export_kernels(cuda_ops=True)
+        fused = W.VocoderStep(vocoder, channels_last=True)(audio, step, t_span, *tables, *times)
+    torch.testing.assert_close(reference[0], plain[0])
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-4, atol=1e-5)
+
+
+def test_references_are_what_the_kernels_document():
+    gen = torch.Generator().manual_seed(3)
+    y, x = torch.randn(2, 9, 5, generator=gen), torch.randn(2, 9, 5, generator=gen)  # [B, L, C]
+    bias, slope, scale = (torch.randn(5, generator=gen) for _ in range(3))
+    v = y + bias
+    torch.testing.assert_close(bias_prelu_reference(y, bias, slope), torch.where(v > 0, v, v * slope))
+    torch.testing.assert_close(bias_residual_reference(y, bias, x, scale), y + bias + x * scale)
+    # ConvNeXtMix's BiasNorm: over channels, no centring of the output, no epsilon
+    weight, dw_bias, norm_bias = torch.randn(5, 1, 3, generator=gen), torch.randn(5, generator=gen), torch.randn(5)
+    cond, ts = torch.randn(2, 9, 5, generator=gen), torch.randn(2, 5, generator=gen)
+    conv = torch.nn.functional.conv1d(x.transpose(1, 2), weight, dw_bias, padding=1, groups=5).transpose(1, 2)
+    normed = conv / ((conv - norm_bias) ** 2).mean(-1, keepdim=True).sqrt() * np.exp(0.2)
+    torch.testing.assert_close(convnext_mix_reference(x, weight, dw_bias, norm_bias, torch.tensor(0.2), cond, ts),
+                               (normed + cond) * ts[:, None, :], rtol=1e-5, atol=1e-5)
+
+
+def test_export_emits_one_cuda_op_each_and_plain_gemms(tmp_path):
+    block = _block()
+    x, cond, scale = (t.transpose(1, 2) if t.dim() == 3 else t for t in _inputs(block))
+
+    class Step(torch.nn.Module):
+        def forward(self, x, cond, scale):
+            return block.forward_channels_last(x, cond, scale)
+
+    path = tmp_path / "block.onnx"
+    torch.onnx.export(Step().eval(), (x, cond, scale), dynamo=True, opset_version=23,
+                      custom_translation_table=translation_table()).save(str(path))
+    graph = onnx.load(str(path)).graph
+    ours = sorted(n.op_type for n in graph.node if n.domain == CUDA_DOMAIN)
+    assert ours == ["BiasPRelu", "BiasResidual", "ConvNeXtMix"]
+    assert [n.op_type for n in graph.node if n.domain != CUDA_DOMAIN] == ["MatMul", "MatMul"]
+
+
+def test_build_explains_missing_headers_and_nvcc(tmp_path, monkeypatch):
+    monkeypatch.delenv(cuda_build.ORT_INCLUDE_ENV, raising=False)
+    with pytest.raises(cuda_build.KernelBuildError, match=r"onnxruntime_c_api\.h.*--ort-include"):
+        cuda_build.build_library(tmp_path / "out")
+    with pytest.raises(cuda_build.KernelBuildError, match=r"has no onnxruntime_c_api\.h"):
+        cuda_build.build_library(tmp_path / "out", ort_include=tmp_path)
+    (tmp_path / "onnxruntime_c_api.h").write_text("")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(cuda_build, "DEFAULT_CUDA_ROOT", str(tmp_path / "no-cuda"))
+    with pytest.raises(cuda_build.KernelBuildError, match="nvcc"):
+        cuda_build.build_library(tmp_path / "out", ort_include=tmp_path)
+    assert not (tmp_path / "out" / cuda_build.LIBRARY_NAME).exists()
+
+
+def test_cuda_kernel_engines_refuse_other_backends(tmp_path):
+    from semvoc.runtime.backends.base import BackendUnavailable
+    from semvoc.runtime.manifest import Manifest
+    from semvoc.runtime.select import make_backend
+
+    manifest = Manifest(tmp_path, {"graphs": {}, "custom_ops": {"library": "kernels/libsemvoc_cuda.so"}})
+    assert manifest.custom_ops_library == tmp_path / "kernels" / "libsemvoc_cuda.so"
+    for backend in ("onnxruntime-cpu", "tensorrt"):
+        with pytest.raises(BackendUnavailable, match="--cuda-kernels"):
+            make_backend(backend, manifest)
+
+
+def test_export_with_cuda_kernels_needs_a_gpu(tmp_path):
+    from semvoc.export.cli import main
+
+    # parity of the custom ops can only be checked on onnxruntime's CUDA EP: refused, nothing written
+    assert main(["--preset", "demo", "--components", "vocoder", "--durations", "1", "--batch-sizes", "1",
+                 "--cuda-kernels", "--out", str(tmp_path / "e")]) == 2
+    assert not (tmp_path / "e").exists()
+
+
+# ----------------------------------------------------------------------------- on a GPU
+
+
+def _gpu_library(tmp_path_factory) -> Path:
+    from semvoc.runtime.backends.ort_common import cuda_available
+
+    if not cuda_available():
+        pytest.skip("needs a CUDA GPU with onnxruntime-gpu")
+    try:
+        cuda_build.find_nvcc()
+        cuda_build.find_ort_include()
+    except cuda_build.KernelBuildError as err:
+        pytest.skip(str(err))
+    return cuda_build.build_library(tmp_path_factory.mktemp("cuda_ops"))
+
+
+@pytest.fixture(scope="module")
+def cuda_library(tmp_path_factory) -> Path:
+    return _gpu_library(tmp_path_factory)
+
+
+def _one_node_model(op: str, inputs: list[np.ndarray], path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    elem = TensorProto.FLOAT16 if inputs[0].dtype == np.float16 else TensorProto.FLOAT
+    names = [f"in{i}" for i in range(len(inputs))]
+    graph = helper.make_graph(
+        [helper.make_node(op, names, ["out"], domain=CUDA_DOMAIN)], op,
+        [helper.make_tensor_value_info(n, elem, list(a.shape)) for n, a in zip(names, inputs, strict=True)],
+        [helper.make_tensor_value_info("out", elem, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(CUDA_DOMAIN, 1)])
+    model.ir_version = 10  # what onnxruntime >= 1.20 reads (newer onnx writes newer IR versions)
+    onnx.save(model, str(path))
+
+
+def _run_cuda(path: Path, library: Path, inputs: list[np.ndarray], cuda_graph: bool = False) -> np.ndarray:
+    from semvoc.runtime.backends.ort_common import make_session
+
+    session = make_session(path, "cuda", custom_ops=library, cuda_graph=cuda_graph)
+    assert session.get_providers()[0] == "CUDAExecutionProvider"
+    feeds = {f"in{i}": a for i, a in enumerate(inputs)}
+    if not cuda_graph:
+        return session.run(None, feeds)[0]
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    device_inputs = [ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for a in inputs]
+    out = ort.OrtValue.ortvalue_from_numpy(np.zeros_like(inputs[0]), "cuda", 0)
+    for i, v in enumerate(device_inputs):
+        binding.bind_ortvalue_input(f"in{i}", v)
+    binding.bind_ortvalue_output("out", out)
+    for _ in range(3):  # warm-up, capture, replay
+        session.run_with_iobinding(binding)
+    return out.numpy()
+
+
+CASES = {  # channels-last [B, L, C]
+    "ConvNeXtMix": lambda g, b, c, L: [torch.randn(b, L, c, generator=g), torch.randn(c, 1, 7, generator=g),
+                                       torch.randn(c, generator=g), torch.randn(c, generator=g), torch.tensor([0.3]),
+                                       torch.randn(b, L, c, generator=g), 1 + 0.1 * torch.randn(1, c, generator=g)],
+    "BiasPRelu": lambda g, b, c, L: [torch.randn(b, L, c, generator=g), torch.randn(c, generator=g),
+                                     torch.rand(c, generator=g)],
+    "BiasResidual": lambda g, b, c, L: [torch.randn(b, L, c, generator=g), torch.randn(c, generator=g),
+                                        torch.randn(b, L, c, generator=g), torch.rand(c, generator=g)],
+}
+REFERENCES = {"ConvNeXtMix": lambda a: convnext_mix_reference(a[0], a[1], a[2], a[3], a[4][0], a[5], a[6]),
+              "BiasPRelu": lambda a: bias_prelu_reference(*a), "BiasResidual": lambda a: bias_residual_reference(*a)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("op", sorted(CASES))
+def test_cuda_op_matches_its_reference(op, dtype, cuda_library, tmp_path):
+    gen = torch.Generator().manual_seed(7)
+    # odd lengths, and channel counts that are not multiples of the kernels' tiles (up to the
+    # 1024-channel limit of ConvNeXtMix)
+    for batch, channels, length in ((3, 77, 1001), (1, 1000, 37)):
+        _check_op(op, dtype, CASES[op](gen, batch, channels, length), cuda_library, tmp_path)
+
+
+def _check_op(op, dtype, args, cuda_library, tmp_path):
+    expected = REFERENCES[op](args).numpy()
+    inputs = [a.numpy().astype(dtype) for a in args]
+    _one_node_model(op, inputs, tmp_path / "op.onnx")
+    for cuda_graph in (False, True):
+        out = _run_cuda(tmp_path / "op.onnx", cuda_library, inputs, cuda_graph=cuda_graph).astype(np.float32)
+        scale = np.abs(expected).max()
+        bound = 1e-5 if dtype == np.float32 else 4e-3
+        assert np.abs(out - expected).max() <= bound * scale, (op, dtype, cuda_graph)
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_engine_matches_the_plain_engine(demo_engine, tmp_path):
+    from semvoc.export.cli import main
+    from semvoc.runtime import Pipeline
+    from semvoc.runtime.backends.ort_common import cuda_available
+    from tests.conftest import DEMO_EXPORT_ARGS
+
+    if not cuda_available() or not os.environ.get(cuda_build.ORT_INCLUDE_ENV):
+        pytest.skip(f"needs a CUDA GPU, nvcc and {cuda_build.ORT_INCLUDE_ENV}")
+    out = tmp_path / "demo_cuda_ops"
+    assert main([*DEMO_EXPORT_ARGS, "--device", "cuda", "--cuda-kernels", "--out", str(out)]) == 0
+    prompts = ["a dog barks while rain falls", "church bells ring"]
+    plain = Pipeline(demo_engine, "onnxruntime-cuda").generate(prompts, seed=2, steps=8, vocoder_steps=6)
+    pipe = Pipeline(out, "onnxruntime-cuda")
+    fused = pipe.generate(prompts, seed=2, steps=8, vocoder_steps=6)
+    assert np.abs(fused.audio - plain.audio).max() <= 1e-3
+    assert not pipe.backend.capture_failures
