@@ -397,7 +397,8 @@ SHAPE_PRESERVING_CONTRIB_OPS = {"SkipLayerNormalization": (0, 3), "BiasGelu": (0
                                 "SkipSimplifiedLayerNormalization": (0, 3)}
 # semvoc's own CUDA ops (--cuda-kernels): elementwise/depthwise work, shape of input 0 (ConvNeXtMix's
 # depthwise conv, 2*C*L*K per row, is ~0.1 % of a vocoder step and not counted)
-SHAPE_PRESERVING_CUDA_OPS = {"ConvNeXtMix": (0,), "BiasPRelu": (0,), "BiasResidual": (0,)}
+SHAPE_PRESERVING_CUDA_OPS = {"ConvNeXtMix": (0,), "BiasPRelu": (0,), "BiasResidual": (0,), "HeadNorm": (0,),
+                             "HeadNormRope": (0,)}
 
 
 def replace_contrib_ops(model) -> None:

@@ -16,6 +16,7 @@ from semvoc.kernels import cuda_build
 from semvoc.kernels.bias_prelu import bias_prelu_reference
 from semvoc.kernels.bias_residual import bias_residual_reference
 from semvoc.kernels.convnext_mix import convnext_mix_reference
+from semvoc.kernels.head_norm import head_norm_reference, head_norm_rope_reference
 from semvoc.kernels.onnx_ops import CUDA_DOMAIN, translation_table
 from semvoc.models.vocoder import ConvNeXtBlock
 
@@ -108,6 +109,44 @@ def test_export_emits_one_cuda_op_each_and_plain_gemms(tmp_path):
     assert [n.op_type for n in graph.node if n.domain != CUDA_DOMAIN] == ["MatMul", "MatMul"]
 
 
+def test_dit_step_with_cuda_ops_exports_one_op_per_qk_norm(tmp_path):
+    from semvoc.export import wrappers as W
+    from semvoc.models.config import preset
+    from semvoc.models.model import build_model
+
+    dit = build_model(preset("demo"), seed=0).dit.eval()
+    assert dit.cfg.qk_norm == "layernorm" and dit.cfg.rope_mode == "shared"
+    gen = torch.Generator().manual_seed(0)
+    context = torch.randn(1, 6, dit.cfg.context_dim, generator=gen)
+    args = (torch.randn(1, dit.cfg.in_chans, 10, generator=gen), torch.tensor([1]),
+            W.FusedDitTime(dit)(torch.tensor([900.0, 400.0])), torch.tensor([1.0, 0.5, 0.0]),
+            W.FusedDitPrepare(dit)(context), torch.ones(1, 6, dtype=torch.bool), torch.tensor([3.5]))
+    path = tmp_path / "dit_step.onnx"
+    torch.onnx.export(W.FusedDitStep(dit, cuda_ops=True).eval(), args, dynamo=True, opset_version=23,
+                      custom_translation_table=translation_table()).save(str(path))
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    blocks = len(dit.blocks)
+    assert ops.count("HeadNormRope") == blocks and ops.count("HeadNorm") == blocks  # self q|k, cross q
+    assert "RotaryEmbedding" not in ops
+
+
+def test_head_norm_references():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 7, 3 * 64, generator=gen)
+    gamma, beta = torch.randn(3, 64, generator=gen), torch.randn(3, 64, generator=gen)
+    heads = x.reshape(2, 7, 3, 64)
+    expected = (heads - heads.mean(-1, keepdim=True)) / torch.sqrt(heads.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(head_norm_reference(x, gamma, beta, 1e-5), expected * gamma + beta, rtol=1e-5,
+                               atol=1e-5)
+    from semvoc.kernels.rotary import rope_tables, rotary_reference
+
+    cos, sin = rope_tables(1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64)), 9, torch.float32)
+    normed = head_norm_reference(x, gamma, beta, 1e-5).reshape(x.shape)
+    positions = torch.arange(7)[None].expand(2, 7)
+    torch.testing.assert_close(head_norm_rope_reference(x, gamma, beta, cos, sin, 1e-5),
+                               rotary_reference(normed, cos, sin, positions, 3), rtol=1e-5, atol=1e-5)
+
+
 def test_build_explains_missing_headers_and_nvcc(tmp_path, monkeypatch):
     monkeypatch.delenv(cuda_build.ORT_INCLUDE_ENV, raising=False)
     with pytest.raises(cuda_build.KernelBuildError, match=r"onnxruntime_c_api\.h.*--ort-include"):
@@ -122,6 +161,12 @@ def test_build_explains_missing_headers_and_nvcc(tmp_path, monkeypatch):
     with pytest.raises(cuda_build.KernelBuildError, match="nvcc"):
         cuda_build.build_library(tmp_path / "out", ort_include=tmp_path)
     assert not (tmp_path / "out" / cuda_build.LIBRARY_NAME).exists()
+
+
+def test_unsupported_vocoders_are_named():
+    assert cuda_build.unsupported_reason((768, 512, 384), (7, 7, 7)) is None
+    assert "2048 channels" in cuda_build.unsupported_reason((2048,), (7,))
+    assert "[11]" in cuda_build.unsupported_reason((512,), (11,))
 
 
 def test_cuda_kernel_engines_refuse_other_backends(tmp_path):
@@ -166,13 +211,13 @@ def cuda_library(tmp_path_factory) -> Path:
     return _gpu_library(tmp_path_factory)
 
 
-def _one_node_model(op: str, inputs: list[np.ndarray], path: Path) -> None:
+def _one_node_model(op: str, inputs: list[np.ndarray], path: Path, attributes: dict | None = None) -> None:
     from onnx import TensorProto, helper
 
     elem = TensorProto.FLOAT16 if inputs[0].dtype == np.float16 else TensorProto.FLOAT
     names = [f"in{i}" for i in range(len(inputs))]
     graph = helper.make_graph(
-        [helper.make_node(op, names, ["out"], domain=CUDA_DOMAIN)], op,
+        [helper.make_node(op, names, ["out"], domain=CUDA_DOMAIN, **(attributes or {}))], op,
         [helper.make_tensor_value_info(n, elem, list(a.shape)) for n, a in zip(names, inputs, strict=True)],
         [helper.make_tensor_value_info("out", elem, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(CUDA_DOMAIN, 1)])
@@ -210,8 +255,23 @@ CASES = {  # channels-last [B, L, C]
     "BiasResidual": lambda g, b, c, L: [torch.randn(b, L, c, generator=g), torch.randn(c, generator=g),
                                         torch.randn(b, L, c, generator=g), torch.rand(c, generator=g)],
 }
+
+def _rope_case(g, b, c, L):
+    from semvoc.kernels.rotary import rope_tables
+
+    cos, sin = rope_tables(1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64)), L + 3, torch.float32)
+    return [torch.randn(b, L, 4 * 64, generator=g), torch.randn(4, 64, generator=g), torch.randn(4, 64, generator=g),
+            cos, sin]
+
+
+CASES["HeadNormRope"] = _rope_case  # [B, L, 4 heads x 64]; tables longer than L
+CASES["HeadNorm"] = lambda g, b, c, L: [torch.randn(b, L, 3 * 128, generator=g), torch.randn(128, generator=g),
+                                        torch.randn(128, generator=g)]  # one affine shared by 3 heads of 128
+ATTRIBUTES = {"HeadNorm": {"epsilon": 1e-5}, "HeadNormRope": {"epsilon": 1e-6}}
 REFERENCES = {"ConvNeXtMix": lambda a: convnext_mix_reference(a[0], a[1], a[2], a[3], a[4][0], a[5], a[6]),
-              "BiasPRelu": lambda a: bias_prelu_reference(*a), "BiasResidual": lambda a: bias_residual_reference(*a)}
+              "BiasPRelu": lambda a: bias_prelu_reference(*a), "BiasResidual": lambda a: bias_residual_reference(*a),
+              "HeadNorm": lambda a: head_norm_reference(*a, 1e-5).reshape(a[0].shape),
+              "HeadNormRope": lambda a: head_norm_rope_reference(*a, 1e-6)}
 
 
 @pytest.mark.gpu
@@ -228,7 +288,7 @@ def test_cuda_op_matches_its_reference(op, dtype, cuda_library, tmp_path):
 def _check_op(op, dtype, args, cuda_library, tmp_path):
     expected = REFERENCES[op](args).numpy()
     inputs = [a.numpy().astype(dtype) for a in args]
-    _one_node_model(op, inputs, tmp_path / "op.onnx")
+    _one_node_model(op, inputs, tmp_path / "op.onnx", ATTRIBUTES.get(op))
     for cuda_graph in (False, True):
         out = _run_cuda(tmp_path / "op.onnx", cuda_library, inputs, cuda_graph=cuda_graph).astype(np.float32)
         scale = np.abs(expected).max()

@@ -27,9 +27,11 @@ def _dit(overrides: dict) -> UDiT:
     return build_model(cfg, seed=0).dit.eval()
 
 
+@pytest.mark.parametrize("cuda_ops", [False, True], ids=["onnxruntime-ops", "semvoc-cuda-ops"])
 @pytest.mark.parametrize("name", list(VARIANTS))
 @torch.no_grad()
-def test_fused_step_equals_the_generic_step(name):
+def test_fused_step_equals_the_generic_step(name, cuda_ops):
+    """``cuda_ops``: the qk-norms as semvoc's HeadNorm(Rope) ops (their PyTorch references here)."""
     dit = _dit(VARIANTS[name])
     assert supports_fused(dit)
     if dit.cfg.time_fusion == "ada_single":  # zero-initialised table: give it values
@@ -49,7 +51,7 @@ def test_fused_step_equals_the_generic_step(name):
     for step in range(3):
         s = torch.tensor([step])
         a, _ = W.DitStep(dit)(latent, s, generic[1], sigmas, generic[0], mask, guidance)
-        b, _ = W.FusedDitStep(dit)(latent, s, fused[1], sigmas, fused[0], mask, guidance)
+        b, _ = W.FusedDitStep(dit, cuda_ops)(latent, s, fused[1], sigmas, fused[0], mask, guidance)
         torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)
     assert not torch.allclose(a, latent)
 

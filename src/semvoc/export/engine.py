@@ -33,6 +33,7 @@ from semvoc.export.precision import (
 from semvoc.export.samples import pipeline_feeds
 from semvoc.export.tokenizer import convert_t5_tokenizer, demo_tokenizer_path
 from semvoc.kernels import cuda_build
+from semvoc.models.config import ModelConfig
 from semvoc.models.model import SemanticVocoderModel, parameter_counts
 from semvoc.runtime.backends.ort_common import NUMPY_DTYPES, cuda_available, make_session
 from semvoc.runtime.manifest import MANIFEST, SCHEMA_VERSION, sha256_file
@@ -65,6 +66,7 @@ class ExportOptions:
     verbose: bool = False
     dit_form: str = "auto"  # "auto" | "fused" | "generic" (see export.fused_dit)
     cuda_kernels: bool = False  # vocoder blocks as semvoc's CUDA ops (semvoc.kernels.cuda_build)
+    cuda_dit_kernels: bool = False  # + the DiT's qk-norms (UNVERIFIED on a GPU); implies cuda_kernels
     ort_include: Path | None = None  # onnxruntime's include/ for building them
     cuda_arch: str = "native"
 
@@ -195,7 +197,8 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
     device = torch.device(options.device)
     cfg = model.cfg
     dims = Dims.of(model, options.max_text_tokens, options.max_dit_steps, options.max_vocoder_steps,
-                   fused=_fused_dit(model, options), vocoder_channels_last=options.cuda_kernels)
+                   fused=_fused_dit(model, options), vocoder_channels_last=options.cuda_kernels,
+                   dit_cuda_ops=options.cuda_dit_kernels)
     frames = [round(d * cfg.sampling.latent_frames_per_second) for d in options.durations]
     if any(f < 2 for f in frames):
         raise ExportError(f"durations {options.durations} are too short: at least 0.08 s (2 frames)")
@@ -216,7 +219,7 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
         _log("  note: " + note)
 
     provider = "cuda" if (device.type == "cuda" and cuda_available()) else "cpu"
-    custom_ops = _build_cuda_kernels(tmp, options, provider) if options.cuda_kernels else None
+    custom_ops = _build_cuda_kernels(tmp, options, provider, cfg) if options.cuda_kernels else None
     lowered = copy.deepcopy(model).cpu()
     lowered.vocoder.use_export_kernels(cuda_ops=options.cuda_kernels)
     graph_model = cast_for_plan(lowered, plan)  # traced on the CPU (fake tensors, no compute)
@@ -299,12 +302,13 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
         "tensorrt": tensorrt,
         "custom_ops": None if custom_ops is None else {
             "library": custom_ops.relative_to(tmp).as_posix(), "domain": cuda_build.DOMAIN,
-            "ops": list(cuda_build.OPS), "provider": "onnxruntime-cuda", "arch": options.cuda_arch},
+            "ops": list(cuda_build.OPS), "provider": "onnxruntime-cuda", "arch": options.cuda_arch,
+            "vocoder": True, "dit": options.cuda_dit_kernels},
         "files": files,
     }
 
 
-def _build_cuda_kernels(tmp: Path, options: ExportOptions, provider: str) -> Path:
+def _build_cuda_kernels(tmp: Path, options: ExportOptions, provider: str, model_cfg: ModelConfig) -> Path:
     """Compile semvoc's CUDA op library into the engine (``kernels/``); parity needs it on CUDA."""
     if options.trt:
         raise ExportError("--cuda-kernels cannot go with --trt: TensorRT does not run semvoc's onnxruntime "
@@ -312,6 +316,12 @@ def _build_cuda_kernels(tmp: Path, options: ExportOptions, provider: str) -> Pat
     if provider != "cuda":
         raise ExportError("--cuda-kernels needs --device cuda on a machine with onnxruntime-gpu: its graphs only "
                           "run (and are parity-checked) on onnxruntime's CUDA execution provider")
+    if options.cuda_dit_kernels and options.dit_form == "generic":
+        raise ExportError("--cuda-dit-kernels works on the fused DiT form: drop --dit-form generic")
+    voc = model_cfg.vocoder
+    reason = cuda_build.unsupported_reason(tuple(voc.channels), tuple(voc.conv_kernel_sizes))
+    if reason:
+        raise ExportError(f"--cuda-kernels does not cover this model: {reason}; export without --cuda-kernels")
     _log("[2b] building semvoc's CUDA op library (nvcc)")
     try:
         return cuda_build.build_library(tmp / "kernels", options.ort_include, options.cuda_arch,

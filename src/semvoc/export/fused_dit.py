@@ -17,6 +17,9 @@ rounding-relevant order of the official block, and rewrites the rest:
   the timestep is shared by the batch (one row per step, broadcast);
 - GEGLU as two GEMMs, ``BiasGelu`` on the gate: no Split copy.
 
+With ``cuda_ops`` (``semvoc-export --cuda-dit-kernels``, UNVERIFIED on a GPU) the qk-LayerNorms
+(+ RoPE) run as semvoc's CUDA ops ``HeadNormRope`` / ``HeadNorm`` (``semvoc/kernels/head_norm.py``).
+
 Covered: the adaLN time fusions, cross-attention, LayerNorm, qk_norm None/layernorm, RoPE
 none/shared, GEGLU/GELU feed-forwards. Other configurations export through the generic form
 (``supports_fused`` says which). ``tests/test_fused_dit.py`` checks both forms agree.
@@ -30,6 +33,7 @@ from torch import nn
 
 from semvoc.kernels.attention import attention_packed, expand_key_mask
 from semvoc.kernels.bias_gelu import bias_gelu
+from semvoc.kernels.head_norm import head_norm, head_norm_rope
 from semvoc.kernels.rotary import rope_tables, rotary
 from semvoc.kernels.skip_layernorm import skip_layer_norm
 from semvoc.models.udit import GEGLU, DiTBlock, GELUProj, UDiT
@@ -85,10 +89,11 @@ def fused_cross_kv(dit: UDiT, context_tokens: torch.Tensor) -> torch.Tensor:
 class FusedBlock(nn.Module):
     """One ``DiTBlock`` (shares its parameters; only the q|k weights are concatenated)."""
 
-    def __init__(self, blk: DiTBlock, num_heads: int):
+    def __init__(self, blk: DiTBlock, num_heads: int, cuda_ops: bool = False):
         super().__init__()
         self.blk = blk
         self.heads = num_heads
+        self.cuda_ops = cuda_ops
         attn = blk.attn
         self.w_qk = nn.Parameter(torch.cat([attn.to_q.weight, attn.to_k.weight]).detach().clone(),
                                  requires_grad=False)
@@ -120,13 +125,18 @@ class FusedBlock(nn.Module):
         batch, length, dim = h.shape
         qk = F.linear(h, self.w_qk, self.b_qk)  # [B, L, 2D]
         v = attn.to_v(h)
-        if self.qk_norm:
-            heads = qk.reshape(batch, length, 2 * self.heads, -1)
-            heads = F.layer_norm(heads, heads.shape[-1:], eps=attn.norm_q.eps)
-            qk = (heads * self.qk_gamma + self.qk_beta).reshape(batch, length, 2 * dim)
-        if self.rope:
-            cos, sin, positions = rope
-            qk = rotary(qk, cos, sin, positions, 2 * self.heads)
+        if self.qk_norm and self.cuda_ops:  # one semvoc.cuda op: per-head LayerNorm (+ RoPE)
+            eps = attn.norm_q.eps
+            qk = (head_norm_rope(qk, self.qk_gamma, self.qk_beta, rope[0], rope[1], eps) if self.rope
+                  else head_norm(qk, self.qk_gamma, self.qk_beta, eps))
+        else:
+            if self.qk_norm:
+                heads = qk.reshape(batch, length, 2 * self.heads, -1)
+                heads = F.layer_norm(heads, heads.shape[-1:], eps=attn.norm_q.eps)
+                qk = (heads * self.qk_gamma + self.qk_beta).reshape(batch, length, 2 * dim)
+            if self.rope:
+                cos, sin, positions = rope
+                qk = rotary(qk, cos, sin, positions, 2 * self.heads)
         q, k = qk.split(dim, dim=-1)
         return F.linear(attention_packed(q, k, v, None, self.heads), attn.proj.weight)
 
@@ -135,7 +145,9 @@ class FusedBlock(nn.Module):
         cross = self.blk.cross_attn
         batch, length, dim = h.shape
         q = cross.to_q(h)
-        if self.qk_norm:
+        if self.qk_norm and self.cuda_ops:
+            q = head_norm(q, cross.norm_q.weight, cross.norm_q.bias, cross.norm_q.eps)
+        elif self.qk_norm:
             q = cross.norm_q(q.reshape(batch, length, self.heads, -1)).reshape(batch, length, dim)
         return F.linear(attention_packed(q, k, v, mask, self.heads), cross.proj.weight)
 
@@ -184,13 +196,13 @@ class FusedDiT(nn.Module):
     """``UDiT`` in the fused form (see the module docstring); uses its weights in place (only the
     q|k projections are concatenated copies)."""
 
-    def __init__(self, dit: UDiT):
+    def __init__(self, dit: UDiT, cuda_ops: bool = False):
         super().__init__()
         if not supports_fused(dit):
             raise ValueError("this UDiT configuration has no fused form; export uses the generic one")
         self.dit = dit
         self.heads = dit.cfg.num_heads
-        self.blocks = nn.ModuleList([FusedBlock(b, self.heads) for b in dit.blocks])
+        self.blocks = nn.ModuleList([FusedBlock(b, self.heads, cuda_ops) for b in dit.blocks])
 
     def forward(self, x: torch.Tensor, step_rows: torch.Tensor, cross_kv: torch.Tensor,
                 context_mask: torch.Tensor | None) -> torch.Tensor:

@@ -67,6 +67,7 @@ class Dims:
     vocoder_rows: int
     fused_dit: bool = False  # the DiT graphs use ``export.fused_dit`` (packed K/V, 8-row tables)
     vocoder_channels_last: bool = False  # cond_bias tables [n, B, L, C] (--cuda-kernels)
+    dit_cuda_ops: bool = False  # the fused DiT's qk-norms as semvoc's CUDA ops (--cuda-dit-kernels)
 
     @property
     def semantic_samples_per_frame(self) -> int:
@@ -75,7 +76,8 @@ class Dims:
 
     @classmethod
     def of(cls, model: SemanticVocoderModel, text_tokens: int, max_dit_steps: int,
-           max_vocoder_steps: int, fused: bool | None = None, vocoder_channels_last: bool = False) -> Dims:
+           max_vocoder_steps: int, fused: bool | None = None, vocoder_channels_last: bool = False,
+           dit_cuda_ops: bool = False) -> Dims:
         """``fused``: the fused DiT form (default: wherever ``supports_fused`` allows it)."""
         cfg = model.cfg
         voc = cfg.vocoder
@@ -91,7 +93,7 @@ class Dims:
             semantic_samples_per_second=cfg.semantic.sample_rate if cfg.semantic else 16000,
             frames_per_second=cfg.sampling.latent_frames_per_second,
             dit_rows=max_dit_steps + 1, vocoder_rows=max_vocoder_steps + 1, fused_dit=fused,
-            vocoder_channels_last=vocoder_channels_last)
+            vocoder_channels_last=vocoder_channels_last, dit_cuda_ops=dit_cuda_ops)
 
 
 def _branches(d: Dims, fmt: str) -> list[str]:
@@ -135,7 +137,8 @@ def graph_specs(d: Dims) -> list[GraphSpec]:
             outputs=(TensorSpec("time_table", compute, ("dit_rows", d.time_rows, d.embed_dim)),),
             notes="adaLN modulation of every block (+ final layer) for every scheduled timestep"),
         GraphSpec(
-            "dit_step", "dit", lambda m: step(m.dit), loop=True, attention_checked=True,
+            "dit_step", "dit", lambda m: step(m.dit, d.dit_cuda_ops) if d.fused_dit else step(m.dit), loop=True,
+            attention_checked=True,
             inputs=(TensorSpec("latent", FLOAT, ("batch", d.latent_channels, "frames")),
                     TensorSpec("step", INT64, (1,)),
                     TensorSpec("time_table", compute, ("dit_rows", d.time_rows, d.embed_dim)),

@@ -158,9 +158,9 @@ class FusedDitTime(nn.Module):
 class FusedDitStep(nn.Module):
     """``DitStep`` on the fused form (same inputs and outputs; tables in the fused layouts)."""
 
-    def __init__(self, dit: UDiT):
+    def __init__(self, dit: UDiT, cuda_ops: bool = False):
         super().__init__()
-        self.fused = FusedDiT(dit)
+        self.fused = FusedDiT(dit, cuda_ops)
 
     def forward(self, latent, step, time_table, sigmas, cross_kv, context_mask, guidance):
         batch = latent.shape[0]

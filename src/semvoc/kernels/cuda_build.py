@@ -21,12 +21,28 @@ import sys
 from pathlib import Path
 
 CUDA_SOURCES_DIR = Path(__file__).with_name("cuda")
-SOURCES = ("library.cu", "convnext_mix.cu", "bias_prelu.cu", "bias_residual.cu")
+SOURCES = ("library.cu", "convnext_mix.cu", "bias_prelu.cu", "bias_residual.cu", "head_norm.cu")
 LIBRARY_NAME = "libsemvoc_cuda.so"
 DOMAIN = "semvoc.cuda"
-OPS = ("ConvNeXtMix", "BiasPRelu", "BiasResidual")
+OPS = ("ConvNeXtMix", "BiasPRelu", "BiasResidual", "HeadNorm", "HeadNormRope")
 ORT_INCLUDE_ENV = "SEMVOC_ORT_INCLUDE"
 DEFAULT_CUDA_ROOT = "/usr/local/cuda"
+
+
+# what the kernels are built for (cuda/convnext_mix.cu): channels per branch, depthwise kernel sizes
+MAX_CHANNELS = 1024
+KERNEL_SIZES = (3, 5, 7, 9)
+
+
+def unsupported_reason(channels: tuple[int, ...], kernel_sizes: tuple[int, ...]) -> str | None:
+    """Why a vocoder of these branch widths and depthwise kernel sizes cannot use the CUDA ops
+    (None when it can)."""
+    if max(channels) > MAX_CHANNELS:
+        return f"vocoder branches of {max(channels)} channels (ConvNeXtMix handles up to {MAX_CHANNELS})"
+    odd = sorted(set(kernel_sizes) - set(KERNEL_SIZES))
+    if odd:
+        return f"depthwise kernel size(s) {odd} (ConvNeXtMix is built for {list(KERNEL_SIZES)})"
+    return None
 
 
 class KernelBuildError(RuntimeError):

@@ -59,6 +59,7 @@ def translation_table() -> dict:
         bias_prelu,
         bias_residual,
         convnext_mix,
+        head_norm,
         rotary,
         skip_layernorm,
     )

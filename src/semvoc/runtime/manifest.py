@@ -5,7 +5,9 @@ file per graph (plus ``.data`` for weights past 2 GB, and ``.plan`` TensorRT eng
 built). The manifest records: the schema version; producer versions; the model (its config,
 source and whether it is an untrained preset); precision per component and the fp32 islands;
 the opset; the buckets (batch sizes, durations, text length, table sizes); the sampling
-defaults; each graph's file, inputs and outputs; the sha256 of every file; the parity summary.
+defaults; each graph's file, inputs and outputs; the sha256 of every file; the parity summary;
+and, for engines exported with ``--cuda-kernels``, ``custom_ops``: semvoc's CUDA op library in
+the engine (``kernels/libsemvoc_cuda.so``), its domain and ops (onnxruntime CUDA only).
 
 ``load_manifest`` refuses what it cannot trust (missing or unknown schema, missing or modified
 files) with a message that says what to do.

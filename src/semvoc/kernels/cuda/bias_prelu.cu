@@ -30,7 +30,7 @@ static void Launch(const Tensor& y, const Tensor& bias, const Tensor& slope, Ten
       static_cast<T*>(out.data), vectors, static_cast<int>(y.dim(-1)));
 }
 
-void BiasPReluCompute(OrtKernelContext* ctx) {
+void BiasPReluCompute(OrtKernelContext* ctx, const KernelState&) {
   const Tensor y = Input(ctx, 0), bias = Input(ctx, 1), slope = Input(ctx, 2);
   Require(!y.shape.empty(), "BiasPRelu: y must be [..., C]");
   const int64_t channels = y.dim(-1), n = y.numel();

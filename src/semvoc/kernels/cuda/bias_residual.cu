@@ -31,7 +31,7 @@ static void Launch(const Tensor& y, const Tensor& bias, const Tensor& x, const T
       static_cast<const T*>(scale.data), static_cast<T*>(out.data), vectors, static_cast<int>(y.dim(-1)));
 }
 
-void BiasResidualCompute(OrtKernelContext* ctx) {
+void BiasResidualCompute(OrtKernelContext* ctx, const KernelState&) {
   const Tensor y = Input(ctx, 0), bias = Input(ctx, 1), x = Input(ctx, 2), scale = Input(ctx, 3);
   Require(!y.shape.empty() && y.shape == x.shape, "BiasResidual: y and x must have the same shape [..., C]");
   const int64_t channels = y.dim(-1), n = y.numel();

@@ -115,7 +115,7 @@ static void Launch(const Tensor& x, const Tensor& weight, const Tensor& bias, co
       static_cast<int>(length), cond_stride, scale_stride);
 }
 
-void ConvNeXtMixCompute(OrtKernelContext* ctx) {
+void ConvNeXtMixCompute(OrtKernelContext* ctx, const KernelState&) {
   const Tensor x = Input(ctx, 0), weight = Input(ctx, 1), bias = Input(ctx, 2), norm_bias = Input(ctx, 3),
                log_scale = Input(ctx, 4), cond = Input(ctx, 5), scale = Input(ctx, 6);
   Require(x.shape.size() == 3, "ConvNeXtMix: x must be [B, L, C]");

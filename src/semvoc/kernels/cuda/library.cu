@@ -4,28 +4,42 @@
 
 namespace semvoc {
 
-void ConvNeXtMixCompute(OrtKernelContext* ctx);
-void BiasPReluCompute(OrtKernelContext* ctx);
-void BiasResidualCompute(OrtKernelContext* ctx);
+void ConvNeXtMixCompute(OrtKernelContext* ctx, const KernelState&);
+void BiasPReluCompute(OrtKernelContext* ctx, const KernelState&);
+void BiasResidualCompute(OrtKernelContext* ctx, const KernelState&);
+void HeadNormCompute(OrtKernelContext* ctx, const KernelState&);
+void HeadNormRopeCompute(OrtKernelContext* ctx, const KernelState&);
+
+// A node's kernel: its op and the attributes it was created with.
+struct Kernel {
+  const OpDef* op;
+  KernelState state;
+};
 
 static const OrtApi* g_api = nullptr;
 const OrtApi* Api() { return g_api; }
 
-static void* CreateKernel(const OrtCustomOp* op, const OrtApi*, const OrtKernelInfo*) {
-  return const_cast<OrtCustomOp*>(op);
+static void* CreateKernel(const OrtCustomOp* custom_op, const OrtApi* api, const OrtKernelInfo* info) {
+  const OpDef* op = static_cast<const OpDef*>(custom_op);
+  Kernel* kernel = new Kernel{op, {}};
+  if (op->epsilon) Check(api->KernelInfoGetAttribute_float(info, "epsilon", &kernel->state.epsilon), "attribute epsilon");
+  return kernel;
 }
 static const char* GetName(const OrtCustomOp* op) { return static_cast<const OpDef*>(op)->name; }
 static const char* GetProvider(const OrtCustomOp*) { return "CUDAExecutionProvider"; }
 static ONNXTensorElementDataType GetType(const OrtCustomOp* op, size_t) { return static_cast<const OpDef*>(op)->type; }
 static size_t GetInputCount(const OrtCustomOp* op) { return static_cast<const OpDef*>(op)->inputs; }
 static size_t GetOutputCount(const OrtCustomOp* op) { return static_cast<const OpDef*>(op)->outputs; }
-static void Compute(void* kernel, OrtKernelContext* ctx) { static_cast<OpDef*>(kernel)->compute(ctx); }
-static void Destroy(void*) {}
+static void Compute(void* kernel, OrtKernelContext* ctx) {
+  const Kernel* k = static_cast<const Kernel*>(kernel);
+  k->op->compute(ctx, k->state);
+}
+static void Destroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
 static OrtCustomOpInputOutputCharacteristic Required(const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; }
 static OrtMemType DeviceMemory(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
 
-OpDef MakeOp(const char* name, ONNXTensorElementDataType type, size_t inputs, size_t outputs,
-             void (*compute)(OrtKernelContext*)) {
+OpDef MakeOp(const char* name, ONNXTensorElementDataType type, size_t inputs, size_t outputs, ComputeFn compute,
+             bool epsilon) {
   OpDef op;
   std::memset(static_cast<OrtCustomOp*>(&op), 0, sizeof(OrtCustomOp));  // newer headers: later fields unset
   op.version = kOrtApiVersion;  // onnxruntime reads only the fields of this version
@@ -45,6 +59,7 @@ OpDef MakeOp(const char* name, ONNXTensorElementDataType type, size_t inputs, si
   op.type = type;
   op.inputs = inputs;
   op.outputs = outputs;
+  op.epsilon = epsilon;
   op.compute = compute;
   return op;
 }
@@ -56,6 +71,8 @@ static std::vector<OpDef>& Ops() {
       all.push_back(MakeOp("ConvNeXtMix", type, 7, 1, ConvNeXtMixCompute));
       all.push_back(MakeOp("BiasPRelu", type, 3, 1, BiasPReluCompute));
       all.push_back(MakeOp("BiasResidual", type, 4, 1, BiasResidualCompute));
+      all.push_back(MakeOp("HeadNorm", type, 3, 1, HeadNormCompute, /*epsilon=*/true));
+      all.push_back(MakeOp("HeadNormRope", type, 5, 1, HeadNormRopeCompute, /*epsilon=*/true));
     }
     return all;
   }();

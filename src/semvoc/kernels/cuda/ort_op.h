@@ -31,7 +31,13 @@ inline void Check(OrtStatus* status, const char* what) {
 }
 
 inline void CheckCuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("semvoc.cuda ") + what + ": " + cudaGetErrorString(err));
+  if (err == cudaSuccess) return;
+  std::string message = std::string("semvoc.cuda ") + what + ": " + cudaGetErrorString(err);
+  if (err == cudaErrorNoKernelImageForDevice) {
+    message += " (the engine's kernels/libsemvoc_cuda.so was built for another GPU: re-export with "
+               "--cuda-arch listing this GPU's compute capability, e.g. 80,86,89,90)";
+  }
+  throw std::runtime_error(message);
 }
 
 struct Tensor {
@@ -115,16 +121,24 @@ inline unsigned GridFor(int64_t items, int threads) {
   return static_cast<unsigned>(std::min<int64_t>((items + threads - 1) / threads, 1 << 16));
 }
 
+// What a node's kernel keeps from its attributes (read once, when onnxruntime creates it).
+struct KernelState {
+  float epsilon = 0.f;  // ops declared with `epsilon`
+};
+
+using ComputeFn = void (*)(OrtKernelContext*, const KernelState&);
+
 // One ONNX op of the semvoc.cuda domain: `inputs` inputs and `outputs` outputs, all of `type`.
 struct OpDef : OrtCustomOp {
   const char* name;
   ONNXTensorElementDataType type;
   size_t inputs, outputs;
-  void (*compute)(OrtKernelContext*);
+  bool epsilon;  // the node carries a float attribute `epsilon`
+  ComputeFn compute;
 };
 
-OpDef MakeOp(const char* name, ONNXTensorElementDataType type, size_t inputs, size_t outputs,
-             void (*compute)(OrtKernelContext*));
+OpDef MakeOp(const char* name, ONNXTensorElementDataType type, size_t inputs, size_t outputs, ComputeFn compute,
+             bool epsilon = false);
 
 // Dispatch on the element type of input 0 (float32 or float16 engines).
 #define SEMVOC_DISPATCH_FLOAT(TYPE, OP_NAME, ...)                                 \

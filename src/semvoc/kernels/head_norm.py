@@ -1,0 +1,75 @@
+"""Per-head LayerNorm (+ RoPE) on packed heads as ONE op (semvoc's CUDA kernel).
+
+The fused DiT's qk-norm: q|k ``[B, L, 2H*hd]`` from one GEMM, LayerNorm over each head's ``hd``
+values with a per-head affine, then the half-split rotation of ``rotary.py``. In onnxruntime's
+stock ops that is a LayerNormalization (~12 us at the release shapes on an H100), an affine Mul
+and Add, and a RotaryEmbedding per block; ``semvoc.cuda::HeadNormRope`` (``cuda/head_norm.cu``)
+is one warp per head. ``HeadNorm`` is the same without the rotation (the cross-attention q-norm).
+Statistics and arithmetic in fp32, one rounding at the end.
+
+UNVERIFIED on a GPU: written and checked on the CPU (references, export form); exported only with
+``semvoc-export --cuda-dit-kernels`` until a GPU session runs its tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from onnx.defs import OpSchema
+
+from semvoc.kernels.onnx_ops import CUDA_DOMAIN, contrib_op, register_translation
+
+
+def head_norm_reference(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+    """x ``[B, L, n*hd]``; gamma, beta ``[n, hd]`` (per head) or ``[hd]`` (shared) -> fp32 ``[B, L, n, hd]``."""
+    batch, length, width = x.shape
+    hd = gamma.shape[-1]
+    heads = x.float().reshape(batch, length, width // hd, hd)
+    return F.layer_norm(heads, (hd,), eps=eps) * gamma.float() + beta.float()
+
+
+def head_norm_rope_reference(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, cos: torch.Tensor,
+                             sin: torch.Tensor, eps: float) -> torch.Tensor:
+    """``head_norm`` then the half-split rotation at positions ``0..L-1``; cos, sin ``[>=L, hd/2]``."""
+    normed = head_norm_reference(x, gamma, beta, eps)
+    length = x.shape[1]
+    c, s = cos[:length, None].float(), sin[:length, None].float()  # [L, 1, hd/2]
+    x1, x2 = normed.chunk(2, dim=-1)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).reshape(x.shape).to(x.dtype)
+
+
+@torch.library.custom_op("semvoc::head_norm", mutates_args=())
+def head_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+    return head_norm_reference(x, gamma, beta, eps).reshape(x.shape).to(x.dtype)
+
+
+@head_norm.register_fake
+def _(x, gamma, beta, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("semvoc::head_norm_rope", mutates_args=())
+def head_norm_rope(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    return head_norm_rope_reference(x, gamma, beta, cos, sin, eps)
+
+
+@head_norm_rope.register_fake
+def _(x, gamma, beta, cos, sin, eps):
+    return torch.empty_like(x)
+
+
+def _onnx_head_norm(x, gamma, beta, eps: float):
+    op = contrib_op("HeadNorm", ["x", "gamma", "beta"], ["y"], {"epsilon": OpSchema.AttrType.FLOAT},
+                    domain=CUDA_DOMAIN)
+    return op(x, gamma, beta, epsilon=eps)
+
+
+def _onnx_head_norm_rope(x, gamma, beta, cos, sin, eps: float):
+    op = contrib_op("HeadNormRope", ["x", "gamma", "beta", "cos", "sin"], ["y"],
+                    {"epsilon": OpSchema.AttrType.FLOAT}, domain=CUDA_DOMAIN)
+    return op(x, gamma, beta, cos, sin, epsilon=eps)
+
+
+register_translation(torch.ops.semvoc.head_norm.default, _onnx_head_norm)
+register_translation(torch.ops.semvoc.head_norm_rope.default, _onnx_head_norm_rope)
