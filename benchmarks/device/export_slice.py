@@ -26,6 +26,8 @@ def main() -> None:
                              "BiasNorm channel means as ReduceMean")
     parser.add_argument("--cuda-kernels", action="store_true",
                         help="vocoder blocks as semvoc's CUDA ops (needs nvcc and $SEMVOC_ORT_INCLUDE)")
+    parser.add_argument("--cuda-dit-kernels", action="store_true",
+                        help="also the DiT's qk-norms as semvoc's CUDA ops (experimental)")
     args = parser.parse_args()
 
     import torch
@@ -48,7 +50,9 @@ def main() -> None:
                                 f"{args.vocoder_layers}; UNTRAINED)", untrained=True)
     options = ExportOptions(out=args.out, dtype="float16" if args.fp16 else "float32", batch_sizes=(1,),
                             components=("dit", "vocoder"), parity_steps=1, force=True, device=args.device,
-                            dit_form="generic" if args.generic else "auto", cuda_kernels=args.cuda_kernels)
+                            dit_form="generic" if args.generic else "auto",
+                            cuda_kernels=args.cuda_kernels or args.cuda_dit_kernels,
+                            cuda_dit_kernels=args.cuda_dit_kernels)
     export_engine(source, options)
 
 

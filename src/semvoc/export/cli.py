@@ -19,12 +19,19 @@ examples:
   semvoc-export --checkpoint ckpt/SemanticVocoder --tokenizer ckpt/flan-t5-large \\
       --fp16 --device cuda --out engines/semvoc-fp16
 
+  # fastest GPU engine: + semvoc's own CUDA ops for the vocoder (needs nvcc and onnxruntime's
+  # C headers: the include/ folder of the onnxruntime release archive of your version)
+  semvoc-export --checkpoint ckpt/SemanticVocoder --tokenizer ckpt/flan-t5-large \\
+      --fp16 --device cuda --cuda-kernels --ort-include onnxruntime-linux-x64-gpu-1.31.1/include \\
+      --out engines/semvoc-fp16-k
+
 what it writes (DIR):
   manifest.json   schema, versions, precision, buckets, defaults, graph I/O, sha256 of every file
   tokenizer.json  the T5 tokenizer the runtime uses (no transformers at serve time)
   parity.json     every graph vs its PyTorch module on fresh inputs (max relative error)
   *.onnx          text_encoder, dit_prepare, dit_time, dit_step, vocoder_prepare, vocoder_time,
                   vocoder_step, semantic_encoder_<d>s  (+ .data files for weights past 2 GB)
+  kernels/        libsemvoc_cuda.so, with --cuda-kernels (the engine then runs on onnxruntime-cuda only)
 
 The export is atomic: it is built next to DIR and renamed into place at the end. It fails
 if a graph's parity error exceeds the bound of its precision (--allow-parity-failure to keep
