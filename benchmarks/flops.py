@@ -395,8 +395,8 @@ def _node_flops(node, shapes: dict[str, list[int | None]]) -> int | None:
 # know them): counted as Identity, so that shapes flow on to the GEMMs after them
 SHAPE_PRESERVING_CONTRIB_OPS = {"SkipLayerNormalization": (0, 3), "BiasGelu": (0,), "FastGelu": (0,),
                                 "SkipSimplifiedLayerNormalization": (0, 3)}
-# semvoc's own CUDA ops (--cuda-kernels): elementwise/depthwise work, shape of input 0 (ConvNeXtMix's
-# depthwise conv, 2*C*L*K per row, is ~0.1 % of a vocoder step and not counted)
+# semvoc's own CUDA ops (--cuda-kernels): shape of input 0; of their work only ConvNeXtMix's depthwise
+# conv (2*B*L*C*K, what the plain graph's depthwise Conv counts) is counted
 SHAPE_PRESERVING_CUDA_OPS = {"ConvNeXtMix": (0,), "BiasPRelu": (0,), "BiasResidual": (0,), "HeadNorm": (0,),
                              "HeadNormRope": (0,)}
 
@@ -421,11 +421,18 @@ def replace_contrib_ops(model) -> None:
 
 def count_model_flops(model, dims: dict[str, int]) -> GraphFlops:
     """FLOPs of one run of ``model`` (a ModelProto, modified in place) with the given input dims."""
+    depthwise = [(n.output[0], n.input[1]) for n in model.graph.node
+                 if n.domain == "semvoc.cuda" and n.op_type == "ConvNeXtMix"]
     replace_contrib_ops(model)
     fix_input_dims(model, dims)
     inferred = fold_shape_constants(model)
     shapes = _shape_table(inferred)
     result = GraphFlops()
+    for out, weight in depthwise:  # [B, L, C] output, [C, 1, K] weight
+        if _known(shapes.get(out)) and _known(shapes.get(weight)):
+            result.add("ConvNeXtMix", 2 * math.prod(shapes[out]) * shapes[weight][-1])
+        else:
+            result.unresolved.append(f"ConvNeXtMix {out}")
     for node in inferred.graph.node:
         if node.op_type in CONTROL_FLOW_OPS:
             result.notes.append(f"{node.op_type} node {node.name!r}: its subgraphs are not counted")

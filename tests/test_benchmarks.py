@@ -273,3 +273,33 @@ def test_recount_floor_keeps_the_rows_and_redoes_the_floor(demo_engine, tmp_path
     path.write_text(json.dumps(results))
     assert recount([str(path), str(demo_engine), "--reason", "x"]) == 2
     assert "not an export of preset 'reference'" in capsys.readouterr().err
+
+
+def test_flop_counter_sees_through_semvocs_cuda_ops():
+    """A channels-last ConvNeXt block as the --cuda-kernels graphs have it: the GEMMs after the
+    custom ops keep their shapes, and ConvNeXtMix counts its depthwise conv."""
+    import numpy as np
+    from benchmarks.flops import count_model_flops
+    from onnx import TensorProto, helper, numpy_helper
+
+    batch, length, channels, hidden, taps = 2, 37, 16, 48, 7
+    inits = [numpy_helper.from_array(np.zeros(shape, np.float32), name) for name, shape in [
+        ("dw_w", (channels, 1, taps)), ("dw_b", (channels,)), ("nb", (channels,)), ("ls", (1,)),
+        ("w1", (channels, hidden)), ("b1", (hidden,)), ("slope", (hidden,)), ("w2", (hidden, channels)),
+        ("b2", (channels,)), ("scale", (channels,))]]
+    nodes = [
+        helper.make_node("ConvNeXtMix", ["x", "dw_w", "dw_b", "nb", "ls", "cond", "ts"], ["y"], domain="semvoc.cuda"),
+        helper.make_node("MatMul", ["y", "w1"], ["h"]),
+        helper.make_node("BiasPRelu", ["h", "b1", "slope"], ["a"], domain="semvoc.cuda"),
+        helper.make_node("MatMul", ["a", "w2"], ["z"]),
+        helper.make_node("BiasResidual", ["z", "b2", "x", "scale"], ["out"], domain="semvoc.cuda")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "frames", channels]),
+              helper.make_tensor_value_info("cond", TensorProto.FLOAT, ["batch", "frames", channels]),
+              helper.make_tensor_value_info("ts", TensorProto.FLOAT, [1, channels])]
+    graph = helper.make_graph(nodes, "block", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("semvoc.cuda", 1)])
+    counted = count_model_flops(model, {"batch": batch, "frames": length})
+    assert counted.unresolved == []
+    assert counted.by_op["MatMul"] == 2 * (2 * batch * length * channels * hidden)
+    assert counted.by_op["ConvNeXtMix"] == 2 * batch * length * channels * taps
