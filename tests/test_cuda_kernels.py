@@ -193,7 +193,8 @@ def test_export_with_cuda_kernels_needs_a_gpu(tmp_path):
 # ----------------------------------------------------------------------------- on a GPU
 
 
-def _gpu_library(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module")
+def cuda_library(tmp_path_factory) -> Path:
     from semvoc.runtime.backends.ort_common import cuda_available
 
     if not cuda_available():
@@ -202,13 +203,8 @@ def _gpu_library(tmp_path_factory) -> Path:
         cuda_build.find_nvcc()
         cuda_build.find_ort_include()
     except cuda_build.KernelBuildError as err:
-        pytest.skip(str(err))
+        pytest.skip(str(err))  # says which of nvcc / onnxruntime's C header is missing and how to get it
     return cuda_build.build_library(tmp_path_factory.mktemp("cuda_ops"))
-
-
-@pytest.fixture(scope="module")
-def cuda_library(tmp_path_factory) -> Path:
-    return _gpu_library(tmp_path_factory)
 
 
 def _one_node_model(op: str, inputs: list[np.ndarray], path: Path, attributes: dict | None = None) -> None:

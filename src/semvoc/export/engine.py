@@ -303,7 +303,7 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
         "custom_ops": None if custom_ops is None else {
             "library": custom_ops.relative_to(tmp).as_posix(), "domain": cuda_build.DOMAIN,
             "ops": list(cuda_build.OPS), "provider": "onnxruntime-cuda", "arch": options.cuda_arch,
-            "vocoder": True, "dit": options.cuda_dit_kernels},
+            "dit": options.cuda_dit_kernels},
         "files": files,
     }
 

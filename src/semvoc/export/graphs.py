@@ -11,6 +11,7 @@ Symbols: ``batch`` prompts in the request; ``frames`` latent frames (25 per seco
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -105,7 +106,8 @@ def graph_specs(d: Dims) -> list[GraphSpec]:
     compute = "compute"
     if d.fused_dit:
         kv_shape = (d.blocks, 2, "2*batch", d.text_tokens, d.embed_dim)
-        prepare, time, step = W.FusedDitPrepare, W.FusedDitTime, W.FusedDitStep
+        prepare, time = W.FusedDitPrepare, W.FusedDitTime
+        step = functools.partial(W.FusedDitStep, cuda_ops=d.dit_cuda_ops)
     else:
         kv_shape = (d.blocks, 2, "2*batch", d.heads, d.text_tokens, d.head_dim)
         prepare, time, step = W.DitPrepare, W.DitTime, W.DitStep
@@ -137,8 +139,7 @@ def graph_specs(d: Dims) -> list[GraphSpec]:
             outputs=(TensorSpec("time_table", compute, ("dit_rows", d.time_rows, d.embed_dim)),),
             notes="adaLN modulation of every block (+ final layer) for every scheduled timestep"),
         GraphSpec(
-            "dit_step", "dit", lambda m: step(m.dit, d.dit_cuda_ops) if d.fused_dit else step(m.dit), loop=True,
-            attention_checked=True,
+            "dit_step", "dit", lambda m: step(m.dit), loop=True, attention_checked=True,
             inputs=(TensorSpec("latent", FLOAT, ("batch", d.latent_channels, "frames")),
                     TensorSpec("step", INT64, (1,)),
                     TensorSpec("time_table", compute, ("dit_rows", d.time_rows, d.embed_dim)),

@@ -90,19 +90,15 @@ static void HeadNormRun(OrtKernelContext* ctx, const KernelState& state, const c
   const int affine_stride = gamma.numel() == width ? 0 : static_cast<int>(width);
   cudaStream_t stream = Stream(ctx);
   SEMVOC_DISPATCH_FLOAT(x.type, name,
-    const T* c = kRope ? static_cast<const T*>(cos.data) : nullptr;
-    const T* s = kRope ? static_cast<const T*>(sin.data) : nullptr;
-    if (width == 64) {
-      HeadNormKernel<T, 2, kRope><<<blocks, threads, 0, stream>>>(
-          static_cast<const T*>(x.data), static_cast<const T*>(gamma.data), static_cast<const T*>(beta.data), c, s,
+    auto launch = [&](auto kernel) {
+      kernel<<<blocks, threads, 0, stream>>>(
+          static_cast<const T*>(x.data), static_cast<const T*>(gamma.data), static_cast<const T*>(beta.data),
+          kRope ? static_cast<const T*>(cos.data) : nullptr, kRope ? static_cast<const T*>(sin.data) : nullptr,
           static_cast<T*>(out.data), warps, static_cast<int>(heads), static_cast<int>(length), affine_stride,
           state.epsilon);
-    } else {
-      HeadNormKernel<T, 4, kRope><<<blocks, threads, 0, stream>>>(
-          static_cast<const T*>(x.data), static_cast<const T*>(gamma.data), static_cast<const T*>(beta.data), c, s,
-          static_cast<T*>(out.data), warps, static_cast<int>(heads), static_cast<int>(length), affine_stride,
-          state.epsilon);
-    });
+    };
+    if (width == 64) launch(HeadNormKernel<T, 2, kRope>);
+    else launch(HeadNormKernel<T, 4, kRope>));
   CheckCuda(cudaGetLastError(), name);
 }
 
