@@ -395,18 +395,26 @@ def _node_flops(node, shapes: dict[str, list[int | None]]) -> int | None:
 # know them): counted as Identity, so that shapes flow on to the GEMMs after them
 SHAPE_PRESERVING_CONTRIB_OPS = {"SkipLayerNormalization": (0, 3), "BiasGelu": (0,), "FastGelu": (0,),
                                 "SkipSimplifiedLayerNormalization": (0, 3)}
-# semvoc's own CUDA ops (--cuda-kernels): shape of input 0; of their work only ConvNeXtMix's depthwise
-# conv (2*B*L*C*K, what the plain graph's depthwise Conv counts) is counted
+# semvoc's own CUDA ops (--cuda-kernels): outputs with the shape of input 0; of their work only
+# ConvNeXtMix's depthwise conv (2*B*L*C*K, what the plain graph's depthwise Conv counts) is counted
 SHAPE_PRESERVING_CUDA_OPS = {"ConvNeXtMix": (0,), "BiasPRelu": (0,), "BiasResidual": (0,), "HeadNorm": (0,),
-                             "HeadNormRope": (0,)}
+                             "GatedSkipNorm": (0, 1)}
+# semvoc's CUDA ops whose outputs are the halves of input 0's last axis (HeadNormRope: q|k -> q, k;
+# BiasGeglu: [value, gate] -> one output of the value's shape)
+HALVING_CUDA_OPS = {"HeadNormRope", "BiasGeglu"}
 
 
 def replace_contrib_ops(model) -> None:
-    """Each shape-preserving contrib node -> Identity nodes from its first input (in place)."""
+    """Each contrib node or semvoc CUDA node -> Identity (or Split) nodes that give its outputs'
+    shapes (in place)."""
     from onnx import helper
 
     nodes = []
     for node in model.graph.node:
+        if node.domain == "semvoc.cuda" and node.op_type in HALVING_CUDA_OPS:
+            halves = list(node.output) + [f"{node.output[0]}__unused_half"] * (2 - len(node.output))
+            nodes.append(helper.make_node("Split", [node.input[0]], halves, axis=-1, num_outputs=2))
+            continue
         table = {"com.microsoft": SHAPE_PRESERVING_CONTRIB_OPS, "semvoc.cuda": SHAPE_PRESERVING_CUDA_OPS}
         outputs = table.get(node.domain, {}).get(node.op_type)
         if outputs is None:

@@ -303,3 +303,32 @@ def test_flop_counter_sees_through_semvocs_cuda_ops():
     assert counted.unresolved == []
     assert counted.by_op["MatMul"] == 2 * (2 * batch * length * channels * hidden)
     assert counted.by_op["ConvNeXtMix"] == 2 * batch * length * channels * taps
+
+
+def test_flop_counter_counts_the_dit_step_the_same_with_semvocs_cuda_ops(tmp_path):
+    """HeadNormRope (q|k -> q, k) and BiasGeglu (one GEMM of both GEGLU halves) change the
+    graph, not the work: the DiT step counts the same FLOPs with and without them."""
+    import onnx
+    import torch
+    from benchmarks.flops import count_model_flops
+
+    from semvoc.export import wrappers as W
+    from semvoc.kernels.onnx_ops import translation_table
+    from semvoc.models.config import preset
+    from semvoc.models.model import build_model
+
+    dit = build_model(preset("demo"), seed=0).dit.eval()
+    gen = torch.Generator().manual_seed(0)
+    args = (torch.randn(1, dit.cfg.in_chans, 10, generator=gen), torch.tensor([1]),
+            W.FusedDitTime(dit)(torch.tensor([900.0, 400.0])), torch.tensor([1.0, 0.5, 0.0]),
+            W.FusedDitPrepare(dit)(torch.randn(1, 6, dit.cfg.context_dim, generator=gen)),
+            torch.ones(1, 6, dtype=torch.bool), torch.tensor([3.5]))
+    counts = {}
+    for cuda_ops in (False, True):
+        path = tmp_path / f"dit_step_{cuda_ops}.onnx"
+        torch.onnx.export(W.FusedDitStep(dit, cuda_ops=cuda_ops).eval(), args, dynamo=True, opset_version=23,
+                          custom_translation_table=translation_table()).save(str(path))
+        counts[cuda_ops] = count_model_flops(onnx.load(str(path)), {})
+        assert counts[cuda_ops].unresolved == []
+    assert counts[True].total == counts[False].total > 0
+    assert counts[True].by_op.get("Attention") == counts[False].by_op.get("Attention") > 0

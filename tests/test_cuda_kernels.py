@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from semvoc.kernels import cuda_build
+from semvoc.kernels.bias_geglu import bias_geglu_reference
 from semvoc.kernels.bias_prelu import bias_prelu_reference
 from semvoc.kernels.bias_residual import bias_residual_reference
 from semvoc.kernels.convnext_mix import convnext_mix_reference
+from semvoc.kernels.gated_skip_norm import gated_skip_norm_reference
 from semvoc.kernels.head_norm import head_norm_reference, head_norm_rope_reference
 from semvoc.kernels.onnx_ops import CUDA_DOMAIN, translation_table
 from semvoc.models.vocoder import ConvNeXtBlock
@@ -109,13 +111,13 @@ def test_export_emits_one_cuda_op_each_and_plain_gemms(tmp_path):
     assert [n.op_type for n in graph.node if n.domain != CUDA_DOMAIN] == ["MatMul", "MatMul"]
 
 
-def test_dit_step_with_cuda_ops_exports_one_op_per_qk_norm(tmp_path):
+def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path):
     from semvoc.export import wrappers as W
     from semvoc.models.config import preset
     from semvoc.models.model import build_model
 
     dit = build_model(preset("demo"), seed=0).dit.eval()
-    assert dit.cfg.qk_norm == "layernorm" and dit.cfg.rope_mode == "shared"
+    assert dit.cfg.qk_norm == "layernorm" and dit.cfg.rope_mode == "shared" and dit.cfg.act_layer == "geglu"
     gen = torch.Generator().manual_seed(0)
     context = torch.randn(1, 6, dit.cfg.context_dim, generator=gen)
     args = (torch.randn(1, dit.cfg.in_chans, 10, generator=gen), torch.tensor([1]),
@@ -124,10 +126,38 @@ def test_dit_step_with_cuda_ops_exports_one_op_per_qk_norm(tmp_path):
     path = tmp_path / "dit_step.onnx"
     torch.onnx.export(W.FusedDitStep(dit, cuda_ops=True).eval(), args, dynamo=True, opset_version=23,
                       custom_translation_table=translation_table()).save(str(path))
-    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
-    blocks = len(dit.blocks)
-    assert ops.count("HeadNormRope") == blocks and ops.count("HeadNorm") == blocks  # self q|k, cross q
+    nodes = onnx.load(str(path)).graph.node
+    ops = [n.op_type for n in nodes]
+    blocks = dit.blocks
+    assert ops.count("HeadNormRope") == len(blocks) and ops.count("HeadNorm") == len(blocks)  # self q|k, cross q
+    assert ops.count("BiasGeglu") == len(blocks) and "BiasGelu" not in ops
+    # gated residual + norm: each block's attention output, each MLP output the next norm reads
+    # directly (not a U-Net skip block's, which first concatenates), and the final layer's
+    later_plain = sum(1 for i, b in enumerate(blocks) if i > 0 and not b.has_skip)
+    assert ops.count("GatedSkipNorm") == len(blocks) + later_plain + 1
     assert "RotaryEmbedding" not in ops
+
+    def readers(op: str, output: int) -> set[str]:
+        produced = {n.output[output] for n in nodes if n.op_type == op}
+        return {n.op_type for n in nodes if produced & set(n.input)}
+
+    assert readers("HeadNormRope", 0) == readers("HeadNormRope", 1) == {"Attention"}  # no Split between
+    assert readers("GatedSkipNorm", 0) == {"MatMul"}  # the adaLN modulation is in the norm's affine
+
+
+def test_semvoc_dit_op_references():
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(2, 5, 16, generator=gen), torch.randn(2, 5, 16, generator=gen)
+    gate, bias, gamma, beta = (torch.randn(16, generator=gen) for _ in range(4))
+    h, total = gated_skip_norm_reference(x, y, gate, bias, gamma, beta, 1e-5)
+    torch.testing.assert_close(total, x + y * gate + bias)
+    torch.testing.assert_close(h, torch.nn.functional.layer_norm(x + y * gate + bias, (16,), gamma, beta, 1e-5),
+                               rtol=1e-5, atol=1e-5)
+    from semvoc.models.udit import GEGLU
+
+    geglu = GEGLU(16, 24)
+    torch.testing.assert_close(bias_geglu_reference(torch.nn.functional.linear(x, geglu.proj.weight), geglu.proj.bias),
+                               geglu(x), rtol=1e-5, atol=1e-5)
 
 
 def test_head_norm_references():
@@ -167,6 +197,9 @@ def test_unsupported_vocoders_are_named():
     assert cuda_build.unsupported_reason((768, 512, 384), (7, 7, 7)) is None
     assert "2048 channels" in cuda_build.unsupported_reason((2048,), (7,))
     assert "[11]" in cuda_build.unsupported_reason((512,), (11,))
+    assert cuda_build.dit_unsupported_reason(1024, 16) is None
+    assert "heads of 32" in cuda_build.dit_unsupported_reason(512, 16)
+    assert "width of 2048" in cuda_build.dit_unsupported_reason(2048, 16)
 
 
 def test_cuda_kernel_engines_refuse_other_backends(tmp_path):
@@ -207,39 +240,43 @@ def cuda_library(tmp_path_factory) -> Path:
     return cuda_build.build_library(tmp_path_factory.mktemp("cuda_ops"))
 
 
-def _one_node_model(op: str, inputs: list[np.ndarray], path: Path, attributes: dict | None = None) -> None:
+def _one_node_model(op: str, inputs: list[np.ndarray], path: Path, attributes: dict | None = None,
+                    outputs: int = 1) -> None:
     from onnx import TensorProto, helper
 
     elem = TensorProto.FLOAT16 if inputs[0].dtype == np.float16 else TensorProto.FLOAT
     names = [f"in{i}" for i in range(len(inputs))]
+    out_names = [f"out{i}" for i in range(outputs)]
     graph = helper.make_graph(
-        [helper.make_node(op, names, ["out"], domain=CUDA_DOMAIN, **(attributes or {}))], op,
+        [helper.make_node(op, names, out_names, domain=CUDA_DOMAIN, **(attributes or {}))], op,
         [helper.make_tensor_value_info(n, elem, list(a.shape)) for n, a in zip(names, inputs, strict=True)],
-        [helper.make_tensor_value_info("out", elem, None)])
+        [helper.make_tensor_value_info(n, elem, None) for n in out_names])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(CUDA_DOMAIN, 1)])
     model.ir_version = 10  # what onnxruntime >= 1.20 reads (newer onnx writes newer IR versions)
     onnx.save(model, str(path))
 
 
-def _run_cuda(path: Path, library: Path, inputs: list[np.ndarray], cuda_graph: bool = False) -> np.ndarray:
+def _run_cuda(path: Path, library: Path, inputs: list[np.ndarray], out_shapes: list[tuple],
+              cuda_graph: bool = False) -> list[np.ndarray]:
     from semvoc.runtime.backends.ort_common import make_session
 
     session = make_session(path, "cuda", custom_ops=library, cuda_graph=cuda_graph)
     assert session.get_providers()[0] == "CUDAExecutionProvider"
     feeds = {f"in{i}": a for i, a in enumerate(inputs)}
     if not cuda_graph:
-        return session.run(None, feeds)[0]
+        return session.run(None, feeds)
     import onnxruntime as ort
 
     binding = session.io_binding()
     device_inputs = [ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for a in inputs]
-    out = ort.OrtValue.ortvalue_from_numpy(np.zeros_like(inputs[0]), "cuda", 0)
+    outs = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, inputs[0].dtype), "cuda", 0) for shape in out_shapes]
     for i, v in enumerate(device_inputs):
         binding.bind_ortvalue_input(f"in{i}", v)
-    binding.bind_ortvalue_output("out", out)
+    for i, v in enumerate(outs):
+        binding.bind_ortvalue_output(f"out{i}", v)
     for _ in range(3):  # warm-up, capture, replay
         session.run_with_iobinding(binding)
-    return out.numpy()
+    return [o.numpy() for o in outs]
 
 
 CASES = {  # channels-last [B, L, C]
@@ -263,11 +300,16 @@ def _rope_case(g, b, c, L):
 CASES["HeadNormRope"] = _rope_case  # [B, L, 4 heads x 64]; tables longer than L
 CASES["HeadNorm"] = lambda g, b, c, L: [torch.randn(b, L, 3 * 128, generator=g), torch.randn(128, generator=g),
                                         torch.randn(128, generator=g)]  # one affine shared by 3 heads of 128
-ATTRIBUTES = {"HeadNorm": {"epsilon": 1e-5}, "HeadNormRope": {"epsilon": 1e-6}}
+CASES["GatedSkipNorm"] = lambda g, b, c, L: [torch.randn(b, L, c, generator=g), torch.randn(b, L, c, generator=g),
+                                             *(torch.randn(c, generator=g) for _ in range(4))]
+CASES["BiasGeglu"] = lambda g, b, c, L: [torch.randn(b, L, 2 * c, generator=g), torch.randn(2 * c, generator=g)]
+ATTRIBUTES = {"HeadNorm": {"epsilon": 1e-5}, "HeadNormRope": {"epsilon": 1e-6}, "GatedSkipNorm": {"epsilon": 1e-5}}
 REFERENCES = {"ConvNeXtMix": lambda a: convnext_mix_reference(a[0], a[1], a[2], a[3], a[4][0], a[5], a[6]),
               "BiasPRelu": lambda a: bias_prelu_reference(*a), "BiasResidual": lambda a: bias_residual_reference(*a),
               "HeadNorm": lambda a: head_norm_reference(*a, 1e-5).reshape(a[0].shape),
-              "HeadNormRope": lambda a: head_norm_rope_reference(*a, 1e-6)}
+              "HeadNormRope": lambda a: head_norm_rope_reference(*a, 1e-6).chunk(2, dim=-1),  # q, k
+              "GatedSkipNorm": lambda a: gated_skip_norm_reference(*a, 1e-5),  # h, sum
+              "BiasGeglu": lambda a: bias_geglu_reference(*a)}
 
 
 @pytest.mark.gpu
@@ -282,14 +324,18 @@ def test_cuda_op_matches_its_reference(op, dtype, cuda_library, tmp_path):
 
 
 def _check_op(op, dtype, args, cuda_library, tmp_path):
-    expected = REFERENCES[op](args).numpy()
+    expected = REFERENCES[op](args)
+    expected = [t.numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
     inputs = [a.numpy().astype(dtype) for a in args]
-    _one_node_model(op, inputs, tmp_path / "op.onnx", ATTRIBUTES.get(op))
+    _one_node_model(op, inputs, tmp_path / "op.onnx", ATTRIBUTES.get(op), outputs=len(expected))
     for cuda_graph in (False, True):
-        out = _run_cuda(tmp_path / "op.onnx", cuda_library, inputs, cuda_graph=cuda_graph).astype(np.float32)
-        scale = np.abs(expected).max()
-        bound = 1e-5 if dtype == np.float32 else 4e-3
-        assert np.abs(out - expected).max() <= bound * scale, (op, dtype, cuda_graph)
+        outs = _run_cuda(tmp_path / "op.onnx", cuda_library, inputs, [e.shape for e in expected], cuda_graph)
+        assert len(outs) == len(expected)
+        for index, (out, want) in enumerate(zip(outs, expected, strict=True)):
+            assert out.shape == want.shape, (op, index)
+            bound = 1e-5 if dtype == np.float32 else 4e-3
+            error = np.abs(out.astype(np.float32) - want).max()
+            assert error <= bound * np.abs(want).max(), (op, index, dtype, cuda_graph, error)
 
 
 @pytest.mark.gpu

@@ -322,6 +322,10 @@ def _build_cuda_kernels(tmp: Path, options: ExportOptions, provider: str, model_
     reason = cuda_build.unsupported_reason(tuple(voc.channels), tuple(voc.conv_kernel_sizes))
     if reason:
         raise ExportError(f"--cuda-kernels does not cover this model: {reason}; export without --cuda-kernels")
+    dit_reason = cuda_build.dit_unsupported_reason(model_cfg.dit.embed_dim, model_cfg.dit.num_heads)
+    if options.cuda_dit_kernels and dit_reason:
+        raise ExportError(f"--cuda-dit-kernels does not cover this DiT: {dit_reason}; export with --cuda-kernels "
+                          "only")
     _log("[2b] building semvoc's CUDA op library (nvcc)")
     try:
         return cuda_build.build_library(tmp / "kernels", options.ort_include, options.cuda_arch,

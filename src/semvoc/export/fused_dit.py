@@ -11,14 +11,19 @@ rounding-relevant order of the official block, and rewrites the rest:
   ``2H`` heads (affine applied after, per half), then ONE ``RotaryEmbedding`` over both;
 - residual adds merge into the next LayerNorm (``SkipLayerNormalization``), the projection
   biases ride along as its bias input (the gated ones premultiplied by the gate);
-- the time table holds what the blocks multiply by: per block
-  ``shift_msa, 1+scale_msa, 1-gate_msa, (1-gate_msa)*b_proj, shift_mlp, 1+scale_mlp,
-  1-gate_mlp, (1-gate_mlp)*b_out`` (8 rows, not 6) and ``shift, 1+scale`` for the final layer;
-  the timestep is shared by the batch (one row per step, broadcast);
+- the adaLN modulation is folded into the norms' affine: ``LN(x) * w + b`` then ``* (1 + scale)
+  + shift`` is ``LN(x) * (w (1 + scale)) + (b (1 + scale) + shift)``, so the time table holds, per
+  block, ``w1 (1+scale_msa), b1 (1+scale_msa) + shift_msa, 1-gate_msa, (1-gate_msa)*b_proj`` and
+  the same four for the MLP (norm3), 8 rows, and ``wf (1+scale), bf (1+scale) + shift`` for the
+  final layer: no modulation kernels in the step. The timestep is shared by the batch (one row
+  per step, broadcast);
+- the cross-attention key mask becomes an additive bias once per step, not per block;
 - GEGLU as two GEMMs, ``BiasGelu`` on the gate: no Split copy.
 
-With ``cuda_ops`` (``semvoc-export --cuda-dit-kernels``, UNVERIFIED on a GPU) the qk-LayerNorms
-(+ RoPE) run as semvoc's CUDA ops ``HeadNormRope`` / ``HeadNorm`` (``semvoc/kernels/head_norm.py``).
+With ``cuda_ops`` (``semvoc-export --cuda-dit-kernels``) semvoc's CUDA ops take over what
+onnxruntime's stock ops need several kernels for: ``HeadNormRope`` (the self-attention qk-norms,
+RoPE and the q/k split), ``HeadNorm`` (the cross-attention q-norm), ``GatedSkipNorm`` (gate,
+residual and the next norm) and ``BiasGeglu`` (GEGLU after one GEMM of both halves).
 
 Covered: the adaLN time fusions, cross-attention, LayerNorm, qk_norm None/layernorm, RoPE
 none/shared, GEGLU/GELU feed-forwards. Other configurations export through the generic form
@@ -31,8 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semvoc.kernels.attention import attention_packed, expand_key_mask
+from semvoc.kernels.attention import attention_packed, key_mask_bias
+from semvoc.kernels.bias_geglu import bias_geglu
 from semvoc.kernels.bias_gelu import bias_gelu
+from semvoc.kernels.gated_skip_norm import gated_skip_norm
 from semvoc.kernels.head_norm import head_norm, head_norm_rope
 from semvoc.kernels.rotary import rope_tables, rotary
 from semvoc.kernels.skip_layernorm import skip_layer_norm
@@ -58,6 +65,11 @@ def _zeros_like_bias(linear: nn.Linear) -> torch.Tensor:
     return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
 
 
+def _modulated_affine(norm: nn.LayerNorm, shift: torch.Tensor, scale: torch.Tensor) -> list[torch.Tensor]:
+    """``film(norm(x), shift, scale)`` as one affine of ``LN(x)``: ``[weight, bias]``, ``[K, D]`` each."""
+    return [norm.weight * (1 + scale), norm.bias * (1 + scale) + shift]
+
+
 def fused_time_table(dit: UDiT, timesteps: torch.Tensor) -> torch.Tensor:
     """``[K]`` (already truncated) -> ``[K, 8 n_blocks + 2, D]`` (the rows listed above)."""
     time = dit.time_conditioning(timesteps)
@@ -66,10 +78,10 @@ def fused_time_table(dit: UDiT, timesteps: torch.Tensor) -> torch.Tensor:
     for j, blk in enumerate(dit.blocks):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods[:, j].unbind(1)
         gate_a, gate_m = 1 - gate_a, 1 - gate_m
-        rows += [shift_a, 1 + scale_a, gate_a, gate_a * _zeros_like_bias(blk.attn.proj),
-                 shift_m, 1 + scale_m, gate_m, gate_m * _zeros_like_bias(blk.mlp.net[2])]
+        rows += [*_modulated_affine(blk.norm1, shift_a, scale_a), gate_a, gate_a * _zeros_like_bias(blk.attn.proj),
+                 *_modulated_affine(blk.norm3, shift_m, scale_m), gate_m, gate_m * _zeros_like_bias(blk.mlp.net[2])]
     shift, scale = time.final_mod.reshape(-1, 2, mods.shape[-1]).unbind(1)
-    return torch.stack([*rows, shift, 1 + scale], dim=1)
+    return torch.stack([*rows, *_modulated_affine(dit.final_block.norm, shift, scale)], dim=1)
 
 
 def fused_cross_kv(dit: UDiT, context_tokens: torch.Tensor) -> torch.Tensor:
@@ -125,19 +137,19 @@ class FusedBlock(nn.Module):
         batch, length, dim = h.shape
         qk = F.linear(h, self.w_qk, self.b_qk)  # [B, L, 2D]
         v = attn.to_v(h)
-        if self.qk_norm and self.cuda_ops:  # one semvoc.cuda op: per-head LayerNorm (+ RoPE)
-            eps = attn.norm_q.eps
-            qk = (head_norm_rope(qk, self.qk_gamma, self.qk_beta, rope[0], rope[1], eps) if self.rope
-                  else head_norm(qk, self.qk_gamma, self.qk_beta, eps))
+        if self.qk_norm and self.cuda_ops and self.rope:  # one semvoc.cuda op: norms, RoPE, q/k split
+            q, k = head_norm_rope(qk, self.qk_gamma, self.qk_beta, rope[0], rope[1], attn.norm_q.eps)
         else:
-            if self.qk_norm:
+            if self.qk_norm and self.cuda_ops:
+                qk = head_norm(qk, self.qk_gamma, self.qk_beta, attn.norm_q.eps)
+            elif self.qk_norm:
                 heads = qk.reshape(batch, length, 2 * self.heads, -1)
                 heads = F.layer_norm(heads, heads.shape[-1:], eps=attn.norm_q.eps)
                 qk = (heads * self.qk_gamma + self.qk_beta).reshape(batch, length, 2 * dim)
             if self.rope:
                 cos, sin, positions = rope
                 qk = rotary(qk, cos, sin, positions, 2 * self.heads)
-        q, k = qk.split(dim, dim=-1)
+            q, k = qk.split(dim, dim=-1)
         return F.linear(attention_packed(q, k, v, None, self.heads), attn.proj.weight)
 
     def _cross_attention(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -153,7 +165,9 @@ class FusedBlock(nn.Module):
 
     def _feed_forward(self, h: torch.Tensor) -> torch.Tensor:
         net = self.blk.mlp.net
-        if self.gated:
+        if self.gated and self.cuda_ops:  # one GEMM of both halves (the projection as it is), then one op
+            hidden = bias_geglu(F.linear(h, net[0].proj.weight), net[0].proj.bias)
+        elif self.gated:
             hidden = F.linear(h, self.w_value, self.b_value) * bias_gelu(F.linear(h, self.w_gate), self.b_gate)
         elif self.exact_gelu:
             hidden = bias_gelu(F.linear(h, net[0].proj.weight), net[0].proj.bias)
@@ -163,33 +177,41 @@ class FusedBlock(nn.Module):
 
     # ------------------------------------------------------------------ block
 
+    def gated_norm(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor,
+                   weight: torch.Tensor, beta: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sum = x + y * gate + bias``, ``LN(sum) * weight + beta`` -> (normed, sum)."""
+        if self.cuda_ops:
+            return gated_skip_norm(x, y, gate, bias, weight, beta, eps)
+        return skip_layer_norm(x, y * gate, weight, beta, bias, eps)
+
     def forward(self, x: torch.Tensor, pending: tuple | None, rows: list[torch.Tensor], kv: tuple,
                 mask: torch.Tensor | None, rope: tuple | None, skip: torch.Tensor | None):
-        """x: the residual stream, still missing ``pending = (gated_out, gated_bias)`` of the
-        previous block (None for the first). Returns ``(x, pending, x_complete)`` where
+        """x: the residual stream, still missing ``pending = (out, gate, gated_bias)`` of the
+        previous block's MLP (None for the first). Returns ``(x, pending, x_complete)`` where
         ``x_complete`` is the previous block's finished output (for the U-Net skips)."""
         blk = self.blk
-        shift_msa, scale_msa, gate_msa, gbias_msa, shift_mlp, scale_mlp, gate_mlp, gbias_mlp = rows
+        norm1_w, norm1_b, gate_msa, gbias_msa, norm3_w, norm3_b, gate_mlp, gbias_mlp = rows
         completed = None
         if skip is not None:
             if pending is not None:
-                x = x + pending[0] + pending[1]
+                out, gate, gbias = pending
+                x = x + out * gate + gbias
             x = blk.skip_linear(blk.skip_norm(torch.cat([x, skip], dim=-1)))
-            h = blk.norm1(x)
+            h = F.layer_norm(x, x.shape[-1:], norm1_w, norm1_b, blk.norm1.eps)
         elif pending is not None:
-            h, x = skip_layer_norm(x, pending[0], blk.norm1.weight, blk.norm1.bias, pending[1], blk.norm1.eps)
+            h, x = self.gated_norm(x, *pending, norm1_w, norm1_b, blk.norm1.eps)
             completed = x
         else:
-            h = blk.norm1(x)
-        attn_out = self._self_attention(h * scale_msa + shift_msa, rope)
-        norm = blk.norm2 if blk.use_context else blk.norm3
-        h, x = skip_layer_norm(x, attn_out * gate_msa, norm.weight, norm.bias, gbias_msa, norm.eps)
+            h = F.layer_norm(x, x.shape[-1:], norm1_w, norm1_b, blk.norm1.eps)
+        attn_out = self._self_attention(h, rope)  # h is already modulated (folded into norm1's affine)
         if blk.use_context:
+            h, x = self.gated_norm(x, attn_out, gate_msa, gbias_msa, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
             cross_out = self._cross_attention(h, kv[0], kv[1], mask)
-            h, x = skip_layer_norm(x, cross_out, blk.norm3.weight, blk.norm3.bias,
-                                   _zeros_like_bias(blk.cross_attn.proj), blk.norm3.eps)
-        ff_out = self._feed_forward(h * scale_mlp + shift_mlp)
-        return x, (ff_out * gate_mlp, gbias_mlp), completed
+            h, x = skip_layer_norm(x, cross_out, norm3_w, norm3_b, _zeros_like_bias(blk.cross_attn.proj),
+                                   blk.norm3.eps)
+        else:
+            h, x = self.gated_norm(x, attn_out, gate_msa, gbias_msa, norm3_w, norm3_b, blk.norm3.eps)
+        return x, (self._feed_forward(h), gate_mlp, gbias_mlp), completed
 
 
 class FusedDiT(nn.Module):
@@ -216,7 +238,7 @@ class FusedDiT(nn.Module):
             cos, sin = rope_tables(dit.blocks[0].attn.rotary.inv_freq, length, h.dtype)
             positions = torch.arange(length, device=h.device)[None].expand(batch, length)
             rope = (cos, sin, positions)
-        mask = None if context_mask is None else expand_key_mask(context_mask, length)
+        mask = None if context_mask is None else key_mask_bias(context_mask, length, h.dtype)
         n = len(self.blocks)
         # chunk (one Split kernel per level), not unbind/indexing (one Slice kernel per piece)
         block_rows = step_rows[: ROWS_PER_BLOCK * n].reshape(n, ROWS_PER_BLOCK, -1).chunk(n)
@@ -230,8 +252,8 @@ class FusedDiT(nn.Module):
             if completed is not None and i - 1 < half and dit.cfg.skip:
                 skips.append(completed)  # the previous block's output, finished by this block's norm
         final = dit.final_block
-        shift, scale = (r.reshape(-1) for r in step_rows[ROWS_PER_BLOCK * n:].chunk(FINAL_ROWS))
-        h, _ = skip_layer_norm(h, pending[0], final.norm.weight, final.norm.bias, pending[1], final.norm.eps)
-        h = final.linear(h * scale + shift)  # [B, N, p*C]
+        weight, beta = (r.reshape(-1) for r in step_rows[ROWS_PER_BLOCK * n:].chunk(FINAL_ROWS))
+        h, _ = self.blocks[-1].gated_norm(h, *pending, weight, beta, final.norm.eps)  # modulation folded in
+        h = final.linear(h)  # [B, N, p*C]
         h = h.reshape(batch, length, final.patch_size, final.out_chans).permute(0, 3, 1, 2)
         return final.final_layer(h.reshape(batch, final.out_chans, length * final.patch_size))

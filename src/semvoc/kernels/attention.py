@@ -26,6 +26,16 @@ def expand_key_mask(key_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
     return key_mask[:, None, None, :].expand(batch, 1, num_queries, num_keys)
 
 
+def key_mask_bias(key_mask: torch.Tensor, num_queries: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, Lk]`` bool (True = attend) -> additive ``[B, 1, Lq, Lk]`` of ``dtype`` (0 or the
+    dtype's lowest value). onnxruntime's CUDA attention turns a boolean mask into such a bias
+    (and zeroes fully masked rows) on every call; a graph that attends with the same mask in
+    every block computes it once. A row needs one attended key (a text always has one token)."""
+    bias = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
+    bias = bias.masked_fill(~key_mask, torch.finfo(dtype).min)
+    return bias[:, None, None, :].expand(key_mask.shape[0], 1, num_queries, key_mask.shape[1])
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -64,8 +74,8 @@ def attention_packed_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 @torch.library.custom_op("semvoc::attention_packed", mutates_args=())
 def attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                      num_heads: int) -> torch.Tensor:
-    """q ``[B, Lq, H*hd]``, k/v ``[B, Lk, H*hd]``, mask ``[B, 1, Lq, Lk]`` bool or None
-    (see ``expand_key_mask``) -> ``[B, Lq, H*hd]``; scale ``hd ** -0.5``."""
+    """q ``[B, Lq, H*hd]``, k/v ``[B, Lk, H*hd]``, mask ``[B, 1, Lq, Lk]`` bool (see
+    ``expand_key_mask``), additive (``key_mask_bias``) or None -> ``[B, Lq, H*hd]``; scale ``hd ** -0.5``."""
     return attention_packed_reference(q, k, v, mask, num_heads)
 
 

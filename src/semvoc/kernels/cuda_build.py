@@ -21,10 +21,11 @@ import sys
 from pathlib import Path
 
 CUDA_SOURCES_DIR = Path(__file__).with_name("cuda")
-SOURCES = ("library.cu", "convnext_mix.cu", "bias_prelu.cu", "bias_residual.cu", "head_norm.cu")
+SOURCES = ("library.cu", "convnext_mix.cu", "bias_prelu.cu", "bias_residual.cu", "head_norm.cu",
+           "gated_skip_norm.cu", "bias_geglu.cu")
 LIBRARY_NAME = "libsemvoc_cuda.so"
 DOMAIN = "semvoc.cuda"
-OPS = ("ConvNeXtMix", "BiasPRelu", "BiasResidual", "HeadNorm", "HeadNormRope")
+OPS = ("ConvNeXtMix", "BiasPRelu", "BiasResidual", "HeadNorm", "HeadNormRope", "GatedSkipNorm", "BiasGeglu")
 ORT_INCLUDE_ENV = "SEMVOC_ORT_INCLUDE"
 DEFAULT_CUDA_ROOT = "/usr/local/cuda"
 
@@ -42,6 +43,20 @@ def unsupported_reason(channels: tuple[int, ...], kernel_sizes: tuple[int, ...])
     odd = sorted(set(kernel_sizes) - set(KERNEL_SIZES))
     if odd:
         return f"depthwise kernel size(s) {odd} (ConvNeXtMix is built for {list(KERNEL_SIZES)})"
+    return None
+
+
+# what the DiT ops are built for (cuda/head_norm.cu, cuda/gated_skip_norm.cu)
+HEAD_SIZES = (64, 128)
+MAX_DIT_WIDTH = 1024
+
+
+def dit_unsupported_reason(embed_dim: int, num_heads: int) -> str | None:
+    """Why a fused DiT of this width cannot use the CUDA ops of ``--cuda-dit-kernels`` (None when it can)."""
+    if embed_dim % num_heads or embed_dim // num_heads not in HEAD_SIZES:
+        return f"attention heads of {embed_dim / num_heads:g} (HeadNorm handles {list(HEAD_SIZES)})"
+    if embed_dim > MAX_DIT_WIDTH:
+        return f"a DiT width of {embed_dim} (GatedSkipNorm handles up to {MAX_DIT_WIDTH})"
     return None
 
 

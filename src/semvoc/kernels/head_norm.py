@@ -4,8 +4,9 @@ The fused DiT's qk-norm: q|k ``[B, L, 2H*hd]`` from one GEMM, LayerNorm over eac
 values with a per-head affine, then the half-split rotation of ``rotary.py``. In onnxruntime's
 stock ops that is a LayerNormalization (~12 us at the release shapes on an H100), an affine Mul
 and Add, and a RotaryEmbedding per block; ``semvoc.cuda::HeadNormRope`` (``cuda/head_norm.cu``)
-is one warp per head. ``HeadNorm`` is the same without the rotation (the cross-attention q-norm).
-Statistics and arithmetic in fp32, one rounding at the end.
+is one warp per head, and writes q and k as two outputs (no Split after it). ``HeadNorm`` is
+the same without the rotation and the split (the cross-attention q-norm). Statistics and
+arithmetic in fp32, one rounding at the end.
 
 UNVERIFIED on a GPU: written and checked on the CPU (references, export form); exported only with
 ``semvoc-export --cuda-dit-kernels`` until a GPU session runs its tests.
@@ -30,7 +31,8 @@ def head_norm_reference(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor
 
 def head_norm_rope_reference(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, cos: torch.Tensor,
                              sin: torch.Tensor, eps: float) -> torch.Tensor:
-    """``head_norm`` then the half-split rotation at positions ``0..L-1``; cos, sin ``[>=L, hd/2]``."""
+    """``head_norm`` then the half-split rotation at positions ``0..L-1``; cos, sin ``[>=L, hd/2]``.
+    Returns ``[B, L, n*hd]`` (the op splits it into its two halves, q and k)."""
     normed = head_norm_reference(x, gamma, beta, eps)
     length = x.shape[1]
     c, s = cos[:length, None].float(), sin[:length, None].float()  # [L, 1, hd/2]
@@ -50,13 +52,16 @@ def _(x, gamma, beta, eps):
 
 @torch.library.custom_op("semvoc::head_norm_rope", mutates_args=())
 def head_norm_rope(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   eps: float) -> torch.Tensor:
-    return head_norm_rope_reference(x, gamma, beta, cos, sin, eps)
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q|k ``[B, L, 2H*hd]`` -> normed and rotated (q, k), ``[B, L, H*hd]`` each."""
+    q, k = head_norm_rope_reference(x, gamma, beta, cos, sin, eps).chunk(2, dim=-1)
+    return q.contiguous(), k.contiguous()
 
 
 @head_norm_rope.register_fake
 def _(x, gamma, beta, cos, sin, eps):
-    return torch.empty_like(x)
+    shape = (*x.shape[:-1], x.shape[-1] // 2)
+    return x.new_empty(shape), x.new_empty(shape)
 
 
 def _onnx_head_norm(x, gamma, beta, eps: float):
@@ -66,7 +71,7 @@ def _onnx_head_norm(x, gamma, beta, eps: float):
 
 
 def _onnx_head_norm_rope(x, gamma, beta, cos, sin, eps: float):
-    op = contrib_op("HeadNormRope", ["x", "gamma", "beta", "cos", "sin"], ["y"],
+    op = contrib_op("HeadNormRope", ["x", "gamma", "beta", "cos", "sin"], ["q", "k"],
                     {"epsilon": OpSchema.AttrType.FLOAT}, domain=CUDA_DOMAIN)
     return op(x, gamma, beta, cos, sin, epsilon=eps)
 

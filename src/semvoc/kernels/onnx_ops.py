@@ -55,10 +55,12 @@ def translation_table() -> dict:
     """Every fused op's ONNX translation (import the kernel modules first: they register)."""
     from semvoc.kernels import (  # noqa: F401
         attention,
+        bias_geglu,
         bias_gelu,
         bias_prelu,
         bias_residual,
         convnext_mix,
+        gated_skip_norm,
         head_norm,
         rotary,
         skip_layernorm,

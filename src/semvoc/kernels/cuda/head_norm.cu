@@ -3,6 +3,8 @@
 //   y = (x - mean) * rsqrt(var + eps) * gamma[h] + beta[h]
 //   out[j] = y[j] cos[l, j] - y[j + hd/2] sin[l, j];  out[j + hd/2] = y[j + hd/2] cos[l, j] + y[j] sin[l, j]
 // Inputs: x [B, L, n*hd], gamma and beta [n, hd] or [hd], (cos, sin [>= L, hd/2]). Attribute epsilon.
+// HeadNorm writes one output [B, L, n*hd]; HeadNormRope takes q|k (n = 2H heads from one GEMM)
+// and writes q and k as two outputs [B, L, H*hd] each, so no Split follows it.
 // One warp per (row, head); lane i owns elements i + 32 m, so the rotation's pairs (j, j + hd/2)
 // stay in one lane. hd = 64 or 128. Statistics and arithmetic in fp32.
 // Reference: semvoc/kernels/head_norm.py. UNVERIFIED on a GPU (compiled, not yet run).
@@ -13,7 +15,7 @@ namespace semvoc {
 template <typename T, int kPerLane, bool kRope>
 __global__ void HeadNormKernel(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
                                const T* __restrict__ cos, const T* __restrict__ sin, T* __restrict__ out,
-                               int64_t warps, int heads, int length, int affine_stride, float eps) {
+                               T* __restrict__ second, int64_t warps, int heads, int length, int affine_stride, float eps) {
   constexpr int kWidth = 32 * kPerLane;
   constexpr int kHalf = kWidth / 2;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
@@ -58,7 +60,11 @@ __global__ void HeadNormKernel(const T* __restrict__ x, const T* __restrict__ ga
       v[m + kPerLane / 2] = second * c + first * s;
     }
   }
-  T* o = out + warp * kWidth;
+  // HeadNormRope: heads [0, n/2) go to out (q), the rest to second (k), each [B, L, n/2 * hd]
+  const int64_t row = warp / heads;
+  const int half = heads / 2;
+  T* o = !kRope ? out + warp * kWidth
+       : head < half ? out + (row * half + head) * kWidth : second + (row * half + head - half) * kWidth;
 #pragma unroll
   for (int m = 0; m < kPerLane; ++m) o[lane + 32 * m] = FromFloat<T>(v[m]);
 }
@@ -82,7 +88,13 @@ static void HeadNormRun(OrtKernelContext* ctx, const KernelState& state, const c
     Require(cos.shape.size() == 2 && cos.dim(0) >= length && cos.dim(1) == width / 2 && sin.shape == cos.shape,
             std::string(name) + ": cos and sin must be [>= L, hd/2]");
   }
-  Tensor out = Output(ctx, 0, x.shape);
+  std::vector<int64_t> out_shape = x.shape;
+  if (kRope) {
+    Require(heads % 2 == 0, std::string(name) + ": x must hold q|k (an even number of heads)");
+    out_shape.back() /= 2;
+  }
+  Tensor out = Output(ctx, 0, out_shape);
+  Tensor second = kRope ? Output(ctx, 1, out_shape) : Tensor{};
   const int64_t warps = x.numel() / width;
   if (warps == 0) return;
   const int threads = 256;
@@ -94,7 +106,7 @@ static void HeadNormRun(OrtKernelContext* ctx, const KernelState& state, const c
       kernel<<<blocks, threads, 0, stream>>>(
           static_cast<const T*>(x.data), static_cast<const T*>(gamma.data), static_cast<const T*>(beta.data),
           kRope ? static_cast<const T*>(cos.data) : nullptr, kRope ? static_cast<const T*>(sin.data) : nullptr,
-          static_cast<T*>(out.data), warps, static_cast<int>(heads), static_cast<int>(length), affine_stride,
+          static_cast<T*>(out.data), static_cast<T*>(second.data), warps, static_cast<int>(heads), static_cast<int>(length), affine_stride,
           state.epsilon);
     };
     if (width == 64) launch(HeadNormKernel<T, 2, kRope>);

@@ -9,6 +9,8 @@ void BiasPReluCompute(OrtKernelContext* ctx, const KernelState&);
 void BiasResidualCompute(OrtKernelContext* ctx, const KernelState&);
 void HeadNormCompute(OrtKernelContext* ctx, const KernelState&);
 void HeadNormRopeCompute(OrtKernelContext* ctx, const KernelState&);
+void GatedSkipNormCompute(OrtKernelContext* ctx, const KernelState&);
+void BiasGegluCompute(OrtKernelContext* ctx, const KernelState&);
 
 // A node's kernel: its op and the attributes it was created with.
 struct Kernel {
@@ -72,7 +74,9 @@ static std::vector<OpDef>& Ops() {
       all.push_back(MakeOp("BiasPRelu", type, 3, 1, BiasPReluCompute));
       all.push_back(MakeOp("BiasResidual", type, 4, 1, BiasResidualCompute));
       all.push_back(MakeOp("HeadNorm", type, 3, 1, HeadNormCompute, /*epsilon=*/true));
-      all.push_back(MakeOp("HeadNormRope", type, 5, 1, HeadNormRopeCompute, /*epsilon=*/true));
+      all.push_back(MakeOp("HeadNormRope", type, 5, 2, HeadNormRopeCompute, /*epsilon=*/true));
+      all.push_back(MakeOp("GatedSkipNorm", type, 6, 2, GatedSkipNormCompute, /*epsilon=*/true));
+      all.push_back(MakeOp("BiasGeglu", type, 2, 1, BiasGegluCompute));
     }
     return all;
   }();
