@@ -121,7 +121,7 @@ def render_markdown(results: dict) -> str:
             fmt(row.get("x_floor")), _row_notes(row).replace("|", "/")]) + " |")
     lines.append("")
     ratios = results.get("ratios") or []
-    lines += ["## Ratios (rows of this run only, same device)", ""]
+    lines += ["## Ratios (each from the rows of one run, same device)", ""]
     if ratios:
         lines += ["| batch | system | baseline | speed-up (baseline median / system median) |", "|---:|---|---|---:|"]
         lines += [f"| {r['batch']} | {r['system']} | {r['baseline']} | {fmt(r['speedup'])}x |" for r in ratios]

@@ -177,6 +177,50 @@ def test_report_writer_markdown_and_no_overwrite(tmp_path: Path):
     assert unique_base(tmp_path, "fake-gpu-2026-01-01").name == "fake-gpu-2026-01-01-3"
 
 
+def _run_of(batch: int, fp32: float, semvoc: float, rate: float) -> dict:
+    rows = [_row("torch-fp32", batch, fp32), _row("semvoc-cuda", batch, semvoc)]
+    flops = {"per_batch": {str(batch): {"flop_per_request": 95e12 * batch, "flop_per_clip": 95e12,
+                                        "tflop_per_clip": 95.0, "unresolved": []}}}
+    floor = attach_floor(rows, flops, {"tflops": rate, "method": "fake", "device_name": "Fake GPU"})
+    results = _fake_results()
+    results["workload"].update(systems=["torch-fp32", "semvoc-cuda"], batch_sizes=[batch])
+    results.update(rows=rows, ratios=compute_ratios(rows, "cuda"), floor=floor, command=f"run b{batch}",
+                   files={"json": "fake-gpu-2026-01-01.json"})
+    return results
+
+
+def test_merge_keeps_each_runs_ratios_and_floor():
+    from benchmarks.merge import merge_results
+
+    merged = merge_results([_run_of(1, 6.9, 0.3, 730.0), _run_of(16, 40.0, 4.0, 700.0)])
+    assert [(r["system"], r["batch"], r["run"]) for r in merged["rows"]] == [
+        ("torch-fp32", 1, 1), ("semvoc-cuda", 1, 1), ("torch-fp32", 16, 2), ("semvoc-cuda", 16, 2)]
+    assert [(r["batch"], r["speedup"]) for r in merged["ratios"]] == [(1, pytest.approx(23.0)),
+                                                                      (16, pytest.approx(10.0))]
+    by_batch = {r["batch"]: r for r in merged["rows"] if r["system"] == "semvoc-cuda"}
+    assert by_batch[16]["x_floor"] == pytest.approx((4.0 / 16) / (95 / 700))  # its own run's matmul rate
+    assert sorted(merged["floor"]["per_batch"]) == ["1", "16"] and merged["workload"]["batch_sizes"] == [1, 16]
+    assert {c["target"] for c in merged["targets"]["checks"]} >= {"semvoc-cuda batch 1: <= 0.35 s per clip",
+                                                                   "semvoc-cuda batch 16: >= 50 % of the floor's "
+                                                                   "throughput"}
+    assert "730, 700 TFLOP/s" in merged["notes"][0]
+
+
+def test_merge_refuses_other_cards_and_repeated_rows():
+    from benchmarks.merge import MergeError, merge_results
+
+    other = _run_of(16, 40.0, 4.0, 700.0)
+    other["machine"]["gpu"]["name"] = "Other GPU"
+    with pytest.raises(MergeError, match="only runs of one machine"):
+        merge_results([_run_of(1, 6.9, 0.3, 730.0), other])
+    with pytest.raises(MergeError, match="torch-fp32 at batch 1 is measured in more than one run"):
+        merge_results([_run_of(1, 6.9, 0.3, 730.0), _run_of(1, 6.8, 0.31, 730.0)])
+    changed = _run_of(16, 40.0, 4.0, 700.0)
+    changed["workload"]["steps"] = 50
+    with pytest.raises(MergeError, match="steps=50"):
+        merge_results([_run_of(1, 6.9, 0.3, 730.0), changed])
+
+
 # ------------------------------------------------------------------------------ refusals, budget
 
 

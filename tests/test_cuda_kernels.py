@@ -202,6 +202,23 @@ def test_unsupported_vocoders_are_named():
     assert "width of 2048" in cuda_build.dit_unsupported_reason(2048, 16)
 
 
+def test_cuda_kernels_cover_the_dit_where_they_can(capsys):
+    from semvoc.export.engine import ExportError, ExportOptions, _dit_cuda_ops
+    from semvoc.models.config import preset
+    from semvoc.models.model import build_model
+
+    demo = build_model(preset("demo"), seed=0)  # head size 16: not covered
+    assert not _dit_cuda_ops(demo, ExportOptions(out="x", cuda_kernels=True), fused=True)
+    assert "the DiT keeps onnxruntime's ops (attention heads of 16" in capsys.readouterr().err
+    with pytest.raises(ExportError, match="heads of 16"):
+        _dit_cuda_ops(demo, ExportOptions(out="x", cuda_kernels=True, cuda_dit_kernels=True), fused=True)
+    small = build_model(preset("small"), seed=0)  # 384 wide, 6 heads of 64
+    assert _dit_cuda_ops(small, ExportOptions(out="x", cuda_kernels=True), fused=True)
+    assert not _dit_cuda_ops(small, ExportOptions(out="x", cuda_kernels=True), fused=False)
+    assert not _dit_cuda_ops(small, ExportOptions(out="x", cuda_kernels=True, cuda_dit_kernels=False), fused=True)
+    assert not _dit_cuda_ops(small, ExportOptions(out="x"), fused=True)
+
+
 def test_cuda_kernel_engines_refuse_other_backends(tmp_path):
     from semvoc.runtime.backends.base import BackendUnavailable
     from semvoc.runtime.manifest import Manifest

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # A/B of semvoc's CUDA ops on a slice of the reference model (release widths, 2 DiT blocks,
-# 2 vocoder layers per branch), then their GPU tests. FORMS: any of cuda (--cuda-kernels),
-# cudadit (--cuda-dit-kernels), fused (neither); default "cuda fused". Needs onnxruntime-gpu,
+# 2 vocoder layers per branch), then their GPU tests. FORMS: any of cuda (--cuda-kernels: vocoder
+# and DiT), cudavoc (--cuda-kernels vocoder), fused (neither); default "cuda fused". Needs onnxruntime-gpu,
 # nvcc and SEMVOC_ORT_INCLUDE (onnxruntime's include/). Results go to ${OUT:-results}/.
 set -u
 OUT=${OUT:-results}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"
 for form in ${FORMS:-cuda fused}; do
-  case "$form" in cuda) extra="--cuda-kernels";; cudadit) extra="--cuda-dit-kernels";; *) extra="";; esac
+  case "$form" in cuda) extra="--cuda-kernels";; cudavoc) extra="--cuda-kernels vocoder";; *) extra="";; esac
   ( time python3 -m benchmarks.device.export_slice --out /tmp/slice_$form --fp16 $extra ) \
       > "$OUT/export_slice_$form.log" 2>&1 || { tail -30 "$OUT/export_slice_$form.log"; continue; }
   python3 -m benchmarks.device.graph_times /tmp/slice_$form --only dit_step,vocoder_step --iters 50 \

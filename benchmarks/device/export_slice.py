@@ -24,10 +24,8 @@ def main() -> None:
     parser.add_argument("--generic", action="store_true",
                         help="the forms before the kernel-count work (A/B baseline): generic DiT graphs, "
                              "BiasNorm channel means as ReduceMean")
-    parser.add_argument("--cuda-kernels", action="store_true",
-                        help="vocoder blocks as semvoc's CUDA ops (needs nvcc and $SEMVOC_ORT_INCLUDE)")
-    parser.add_argument("--cuda-dit-kernels", action="store_true",
-                        help="also the DiT's qk-norms as semvoc's CUDA ops (experimental)")
+    parser.add_argument("--cuda-kernels", nargs="?", const="all", choices=["all", "vocoder"], default=None,
+                        help="semvoc's CUDA ops, as semvoc-export --cuda-kernels (needs nvcc and $SEMVOC_ORT_INCLUDE)")
     args = parser.parse_args()
 
     import torch
@@ -51,8 +49,8 @@ def main() -> None:
     options = ExportOptions(out=args.out, dtype="float16" if args.fp16 else "float32", batch_sizes=(1,),
                             components=("dit", "vocoder"), parity_steps=1, force=True, device=args.device,
                             dit_form="generic" if args.generic else "auto",
-                            cuda_kernels=args.cuda_kernels or args.cuda_dit_kernels,
-                            cuda_dit_kernels=args.cuda_dit_kernels)
+                            cuda_kernels=args.cuda_kernels is not None,
+                            cuda_dit_kernels=True if args.cuda_kernels == "all" else False)
     export_engine(source, options)
 
 

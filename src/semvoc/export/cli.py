@@ -113,14 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "SkipLayerNormalization, RotaryEmbedding, BiasGelu; ~40 %% fewer GPU kernels) or "
                           "as plain ONNX (generic). auto: fused where the configuration allows it, "
                           "generic with --trt (TensorRT fuses on its own and lacks the onnxruntime ops)")
-    out.add_argument("--cuda-kernels", action="store_true",
-                     help="run the vocoder's ConvNeXt blocks on semvoc's own CUDA ops (a library built with "
-                          "nvcc into DIR/kernels/): fewer, fused GPU kernels per step. The engine then runs on "
-                          "onnxruntime-cuda only. Needs --device cuda, nvcc and onnxruntime's C headers "
-                          "(--ort-include)")
-    out.add_argument("--cuda-dit-kernels", action="store_true",
-                     help="EXPERIMENTAL, UNVERIFIED on a GPU: also run the DiT's qk-LayerNorms (+ RoPE) as semvoc's "
-                          "CUDA op HeadNormRope; implies --cuda-kernels. Export-time parity still checks the result")
+    out.add_argument("--cuda-kernels", nargs="?", const="all", choices=["all", "vocoder"], default=None,
+                     help="run semvoc's own CUDA ops (a library built with nvcc into DIR/kernels/): the "
+                          "vocoder's ConvNeXt blocks and, in the fused DiT form, the DiT's qk-norms + RoPE, "
+                          "gated residual + norm and GEGLU (where the DiT's head size is 64 or 128; otherwise "
+                          "the DiT keeps onnxruntime's ops, and the log says so). 'vocoder': the vocoder's "
+                          "only. Fewer, fused GPU kernels per step; the engine then runs on onnxruntime-cuda "
+                          "only. Needs --device cuda, nvcc and onnxruntime's C headers (--ort-include)")
     out.add_argument("--ort-include", type=Path, metavar="DIR",
                      help="include/ folder of the onnxruntime release archive matching your onnxruntime-gpu, "
                           "for --cuda-kernels (default: $SEMVOC_ORT_INCLUDE)")
@@ -210,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         max_dit_steps=args.max_steps, max_vocoder_steps=args.max_vocoder_steps,
         parity_steps=args.parity_steps, allow_parity_failure=args.allow_parity_failure,
         force=args.force, trt=args.trt, calibrate=not args.no_calibration, device=args.device,
-        dit_form=args.dit_form, cuda_kernels=args.cuda_kernels or args.cuda_dit_kernels,
-        cuda_dit_kernels=args.cuda_dit_kernels, ort_include=args.ort_include,
+        dit_form=args.dit_form, cuda_kernels=args.cuda_kernels is not None,
+        cuda_dit_kernels=None if args.cuda_kernels == "all" else False, ort_include=args.ort_include,
         cuda_arch=args.cuda_arch, verbose=args.verbose)
     try:
         from semvoc.export.engine import check_out_dir

@@ -65,8 +65,9 @@ class ExportOptions:
     device: str = "cpu"
     verbose: bool = False
     dit_form: str = "auto"  # "auto" | "fused" | "generic" (see export.fused_dit)
-    cuda_kernels: bool = False  # vocoder blocks as semvoc's CUDA ops (semvoc.kernels.cuda_build)
-    cuda_dit_kernels: bool = False  # + the DiT's qk-norms (UNVERIFIED on a GPU); implies cuda_kernels
+    cuda_kernels: bool = False  # semvoc's CUDA ops (semvoc.kernels.cuda_build): the vocoder's blocks, and
+    # the fused DiT's (cuda_dit_kernels: None = where they cover the DiT, True = required, False = not)
+    cuda_dit_kernels: bool | None = None
     ort_include: Path | None = None  # onnxruntime's include/ for building them
     cuda_arch: str = "native"
 
@@ -196,9 +197,10 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
     model = source.model
     device = torch.device(options.device)
     cfg = model.cfg
+    fused = _fused_dit(model, options)
+    dit_cuda_ops = _dit_cuda_ops(model, options, fused)
     dims = Dims.of(model, options.max_text_tokens, options.max_dit_steps, options.max_vocoder_steps,
-                   fused=_fused_dit(model, options), vocoder_channels_last=options.cuda_kernels,
-                   dit_cuda_ops=options.cuda_dit_kernels)
+                   fused=fused, vocoder_channels_last=options.cuda_kernels, dit_cuda_ops=dit_cuda_ops)
     frames = [round(d * cfg.sampling.latent_frames_per_second) for d in options.durations]
     if any(f < 2 for f in frames):
         raise ExportError(f"durations {options.durations} are too short: at least 0.08 s (2 frames)")
@@ -303,7 +305,7 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
         "custom_ops": None if custom_ops is None else {
             "library": custom_ops.relative_to(tmp).as_posix(), "domain": cuda_build.DOMAIN,
             "ops": list(cuda_build.OPS), "provider": "onnxruntime-cuda", "arch": options.cuda_arch,
-            "dit": options.cuda_dit_kernels},
+            "dit": dims.dit_cuda_ops},
         "files": files,
     }
 
@@ -316,22 +318,30 @@ def _build_cuda_kernels(tmp: Path, options: ExportOptions, provider: str, model_
     if provider != "cuda":
         raise ExportError("--cuda-kernels needs --device cuda on a machine with onnxruntime-gpu: its graphs only "
                           "run (and are parity-checked) on onnxruntime's CUDA execution provider")
-    if options.cuda_dit_kernels and options.dit_form == "generic":
-        raise ExportError("--cuda-dit-kernels works on the fused DiT form: drop --dit-form generic")
     voc = model_cfg.vocoder
     reason = cuda_build.unsupported_reason(tuple(voc.channels), tuple(voc.conv_kernel_sizes))
     if reason:
         raise ExportError(f"--cuda-kernels does not cover this model: {reason}; export without --cuda-kernels")
-    dit_reason = cuda_build.dit_unsupported_reason(model_cfg.dit.embed_dim, model_cfg.dit.num_heads)
-    if options.cuda_dit_kernels and dit_reason:
-        raise ExportError(f"--cuda-dit-kernels does not cover this DiT: {dit_reason}; export with --cuda-kernels "
-                          "only")
     _log("[2b] building semvoc's CUDA op library (nvcc)")
     try:
         return cuda_build.build_library(tmp / "kernels", options.ort_include, options.cuda_arch,
                                         verbose=options.verbose)
     except cuda_build.KernelBuildError as err:
         raise ExportError(f"--cuda-kernels: {err}") from err
+
+
+def _dit_cuda_ops(model: SemanticVocoderModel, options: ExportOptions, fused: bool) -> bool:
+    """Whether the DiT step runs semvoc's CUDA ops: with --cuda-kernels, where they cover the DiT."""
+    if not options.cuda_kernels or options.cuda_dit_kernels is False:
+        return False
+    cfg = model.dit.cfg
+    reason = (cuda_build.dit_unsupported_reason(cfg.embed_dim, cfg.num_heads) if fused
+              else "the generic DiT form (the CUDA ops work on the fused form)")
+    if reason and options.cuda_dit_kernels:
+        raise ExportError(f"semvoc's CUDA ops do not cover this DiT: {reason}")
+    if reason:
+        _log(f"  note: --cuda-kernels: the DiT keeps onnxruntime's ops ({reason}); the vocoder uses semvoc's")
+    return not reason
 
 
 def _fused_dit(model: SemanticVocoderModel, options: ExportOptions) -> bool:

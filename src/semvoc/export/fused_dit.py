@@ -20,7 +20,7 @@ rounding-relevant order of the official block, and rewrites the rest:
 - the cross-attention key mask becomes an additive bias once per step, not per block;
 - GEGLU as two GEMMs, ``BiasGelu`` on the gate: no Split copy.
 
-With ``cuda_ops`` (``semvoc-export --cuda-dit-kernels``) semvoc's CUDA ops take over what
+With ``cuda_ops`` (``semvoc-export --cuda-kernels``) semvoc's CUDA ops take over what
 onnxruntime's stock ops need several kernels for: ``HeadNormRope`` (the self-attention qk-norms,
 RoPE and the q/k split), ``HeadNorm`` (the cross-attention q-norm), ``GatedSkipNorm`` (gate,
 residual and the next norm) and ``BiasGeglu`` (GEGLU after one GEMM of both halves).

@@ -68,7 +68,7 @@ class Dims:
     vocoder_rows: int
     fused_dit: bool = False  # the DiT graphs use ``export.fused_dit`` (packed K/V, 8-row tables)
     vocoder_channels_last: bool = False  # cond_bias tables [n, B, L, C] (--cuda-kernels)
-    dit_cuda_ops: bool = False  # the fused DiT's qk-norms as semvoc's CUDA ops (--cuda-dit-kernels)
+    dit_cuda_ops: bool = False  # the fused DiT on semvoc's CUDA ops (--cuda-kernels)
 
     @property
     def semantic_samples_per_frame(self) -> int:

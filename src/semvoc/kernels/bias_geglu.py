@@ -5,7 +5,7 @@
 With onnxruntime's stock ops the DiT's feed-forward runs two GEMMs (the value's with a
 bias-broadcast kernel), ``BiasGelu`` and a Mul; ``semvoc.cuda::BiasGeglu``
 (``cuda/bias_geglu.cu``) reads both halves in place. Arithmetic in fp32, one rounding.
-Exported only with ``semvoc-export --cuda-dit-kernels``.
+Exported with ``semvoc-export --cuda-kernels``.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ MAX_DIT_WIDTH = 1024
 
 
 def dit_unsupported_reason(embed_dim: int, num_heads: int) -> str | None:
-    """Why a fused DiT of this width cannot use the CUDA ops of ``--cuda-dit-kernels`` (None when it can)."""
+    """Why a fused DiT of this width cannot use the DiT's CUDA ops (``--cuda-kernels``) (None when it can)."""
     if embed_dim % num_heads or embed_dim // num_heads not in HEAD_SIZES:
         return f"attention heads of {embed_dim / num_heads:g} (HeadNorm handles {list(HEAD_SIZES)})"
     if embed_dim > MAX_DIT_WIDTH:

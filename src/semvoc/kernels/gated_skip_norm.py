@@ -6,7 +6,7 @@ block keeps ``sum`` as its residual stream and feeds ``h`` to the next sub-layer
 norm's affine, with the next adaLN modulation folded in where there is one (``fused_dit``).
 onnxruntime's stock ops need a Mul and a ``SkipLayerNormalization`` for this;
 ``semvoc.cuda::GatedSkipNorm`` (``cuda/gated_skip_norm.cu``) is one warp per row, statistics in
-fp32 over the rounded sum. Exported only with ``semvoc-export --cuda-dit-kernels``.
+fp32 over the rounded sum. Exported with ``semvoc-export --cuda-kernels``.
 """
 
 from __future__ import annotations

@@ -68,9 +68,7 @@ ConvNeXtMixKernel(const T* __restrict__ x, const T* __restrict__ weight, const T
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
   for (int f = 0; f < kMixFrames; ++f) {
-    float v = sumsq[f];
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    const float v = WarpSum(sumsq[f]);
     if (lane == 0) partial[warp][f] = v;
   }
   __syncthreads();

@@ -43,8 +43,7 @@ __global__ void GatedSkipNormKernel(const T* __restrict__ x, const T* __restrict
       sr[j] = out;
     }
   }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
+  total = WarpSum(total);
   const float mean = total / width;
   float squares = 0.f;
 #pragma unroll
@@ -54,8 +53,7 @@ __global__ void GatedSkipNormKernel(const T* __restrict__ x, const T* __restrict
       for (int k = 0; k < V; ++k) squares += (s[i][k] - mean) * (s[i][k] - mean);
     }
   }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) squares += __shfl_xor_sync(0xffffffffu, squares, offset);
+  squares = WarpSum(squares);
   const float rstd = rsqrtf(squares / width + eps);
   Vector* hr = reinterpret_cast<Vector*>(h + row * width);
 #pragma unroll

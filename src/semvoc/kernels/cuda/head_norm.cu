@@ -7,7 +7,7 @@
 // and writes q and k as two outputs [B, L, H*hd] each, so no Split follows it.
 // One warp per (row, head); lane i owns elements i + 32 m, so the rotation's pairs (j, j + hd/2)
 // stay in one lane. hd = 64 or 128. Statistics and arithmetic in fp32.
-// Reference: semvoc/kernels/head_norm.py. UNVERIFIED on a GPU (compiled, not yet run).
+// Reference: semvoc/kernels/head_norm.py.
 #include "ort_op.h"
 
 namespace semvoc {
@@ -30,8 +30,7 @@ __global__ void HeadNormKernel(const T* __restrict__ x, const T* __restrict__ ga
     v[m] = ToFloat(xr[lane + 32 * m]);
     sum += v[m];
   }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  sum = WarpSum(sum);
   const float mean = sum / kWidth;
   float squares = 0.f;
 #pragma unroll
@@ -39,8 +38,7 @@ __global__ void HeadNormKernel(const T* __restrict__ x, const T* __restrict__ ga
     const float d = v[m] - mean;
     squares += d * d;
   }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) squares += __shfl_xor_sync(0xffffffffu, squares, offset);
+  squares = WarpSum(squares);
   const float rstd = rsqrtf(squares / kWidth + eps);
   const T* g = gamma + head * affine_stride;
   const T* b = beta + head * affine_stride;

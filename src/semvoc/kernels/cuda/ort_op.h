@@ -96,6 +96,13 @@ template <typename T> __device__ __forceinline__ T FromFloat(float v);
 template <> __device__ __forceinline__ float FromFloat<float>(float v) { return v; }
 template <> __device__ __forceinline__ __half FromFloat<__half>(float v) { return __float2half_rn(v); }
 
+// Sum of v over the 32 lanes of a warp, in every lane.
+__device__ __forceinline__ float WarpSum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
 // V elements of T in one aligned load/store (16 bytes for V = 16 / sizeof(T)): elementwise
 // kernels over channels-last data read whole vectors when C is a multiple of V.
 template <typename T, int V>
