@@ -28,9 +28,9 @@ def expand_key_mask(key_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
 
 def key_mask_bias(key_mask: torch.Tensor, num_queries: int, dtype: torch.dtype) -> torch.Tensor:
     """``[B, Lk]`` bool (True = attend) -> additive ``[B, 1, Lq, Lk]`` of ``dtype`` (0 or the
-    dtype's lowest value). onnxruntime's CUDA attention turns a boolean mask into such a bias
-    (and zeroes fully masked rows) on every call; a graph that attends with the same mask in
-    every block computes it once. A row needs one attended key (a text always has one token)."""
+    dtype's lowest value). onnxruntime's CUDA attention converts a boolean mask into such a bias
+    on every call (a kernel per block in the DiT step); a graph that attends with the same mask
+    in every block computes it once. A row needs one attended key (a text always has one token)."""
     bias = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
     bias = bias.masked_fill(~key_mask, torch.finfo(dtype).min)
     return bias[:, None, None, :].expand(key_mask.shape[0], 1, num_queries, key_mask.shape[1])

@@ -15,7 +15,8 @@ namespace semvoc {
 template <typename T, int kPerLane, bool kRope>
 __global__ void HeadNormKernel(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
                                const T* __restrict__ cos, const T* __restrict__ sin, T* __restrict__ out,
-                               T* __restrict__ second, int64_t warps, int heads, int length, int affine_stride, float eps) {
+                               T* __restrict__ out_k, int64_t warps, int heads, int length, int affine_stride,
+                               float eps) {
   constexpr int kWidth = 32 * kPerLane;
   constexpr int kHalf = kWidth / 2;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
@@ -58,11 +59,11 @@ __global__ void HeadNormKernel(const T* __restrict__ x, const T* __restrict__ ga
       v[m + kPerLane / 2] = second * c + first * s;
     }
   }
-  // HeadNormRope: heads [0, n/2) go to out (q), the rest to second (k), each [B, L, n/2 * hd]
+  // HeadNormRope: heads [0, n/2) go to out (q), the rest to out_k, each [B, L, n/2 * hd]
   const int64_t row = warp / heads;
   const int half = heads / 2;
   T* o = !kRope ? out + warp * kWidth
-       : head < half ? out + (row * half + head) * kWidth : second + (row * half + head - half) * kWidth;
+       : head < half ? out + (row * half + head) * kWidth : out_k + (row * half + head - half) * kWidth;
 #pragma unroll
   for (int m = 0; m < kPerLane; ++m) o[lane + 32 * m] = FromFloat<T>(v[m]);
 }
@@ -92,7 +93,7 @@ static void HeadNormRun(OrtKernelContext* ctx, const KernelState& state, const c
     out_shape.back() /= 2;
   }
   Tensor out = Output(ctx, 0, out_shape);
-  Tensor second = kRope ? Output(ctx, 1, out_shape) : Tensor{};
+  Tensor out_k = kRope ? Output(ctx, 1, out_shape) : Tensor{};
   const int64_t warps = x.numel() / width;
   if (warps == 0) return;
   const int threads = 256;
@@ -104,8 +105,8 @@ static void HeadNormRun(OrtKernelContext* ctx, const KernelState& state, const c
       kernel<<<blocks, threads, 0, stream>>>(
           static_cast<const T*>(x.data), static_cast<const T*>(gamma.data), static_cast<const T*>(beta.data),
           kRope ? static_cast<const T*>(cos.data) : nullptr, kRope ? static_cast<const T*>(sin.data) : nullptr,
-          static_cast<T*>(out.data), static_cast<T*>(second.data), warps, static_cast<int>(heads), static_cast<int>(length), affine_stride,
-          state.epsilon);
+          static_cast<T*>(out.data), static_cast<T*>(out_k.data), warps, static_cast<int>(heads),
+          static_cast<int>(length), affine_stride, state.epsilon);
     };
     if (width == 64) launch(HeadNormKernel<T, 2, kRope>);
     else launch(HeadNormKernel<T, 4, kRope>));
