@@ -98,6 +98,15 @@ def fused_cross_kv(dit: UDiT, context_tokens: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
+def gated_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor,
+               beta: torch.Tensor, eps: float, cuda_ops: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum = x + y * gate + bias``, ``LN(sum) * weight + beta`` -> (normed, sum): one semvoc
+    ``GatedSkipNorm`` with ``cuda_ops``, else a Mul and onnxruntime's ``SkipLayerNormalization``."""
+    if cuda_ops:
+        return gated_skip_norm(x, y, gate, bias, weight, beta, eps)
+    return skip_layer_norm(x, y * gate, weight, beta, bias, eps)
+
+
 class FusedBlock(nn.Module):
     """One ``DiTBlock`` (shares its parameters; only the q|k weights are concatenated)."""
 
@@ -177,13 +186,6 @@ class FusedBlock(nn.Module):
 
     # ------------------------------------------------------------------ block
 
-    def gated_norm(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor,
-                   weight: torch.Tensor, beta: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``sum = x + y * gate + bias``, ``LN(sum) * weight + beta`` -> (normed, sum)."""
-        if self.cuda_ops:
-            return gated_skip_norm(x, y, gate, bias, weight, beta, eps)
-        return skip_layer_norm(x, y * gate, weight, beta, bias, eps)
-
     def forward(self, x: torch.Tensor, pending: tuple | None, rows: list[torch.Tensor], kv: tuple,
                 mask: torch.Tensor | None, rope: tuple | None, skip: torch.Tensor | None):
         """x: the residual stream, still missing ``pending = (out, gate, gated_bias)`` of the
@@ -199,18 +201,19 @@ class FusedBlock(nn.Module):
             x = blk.skip_linear(blk.skip_norm(torch.cat([x, skip], dim=-1)))
             h = F.layer_norm(x, x.shape[-1:], norm1_w, norm1_b, blk.norm1.eps)
         elif pending is not None:
-            h, x = self.gated_norm(x, *pending, norm1_w, norm1_b, blk.norm1.eps)
+            h, x = gated_norm(x, *pending, norm1_w, norm1_b, blk.norm1.eps, self.cuda_ops)
             completed = x
         else:
             h = F.layer_norm(x, x.shape[-1:], norm1_w, norm1_b, blk.norm1.eps)
         attn_out = self._self_attention(h, rope)  # h is already modulated (folded into norm1's affine)
         if blk.use_context:
-            h, x = self.gated_norm(x, attn_out, gate_msa, gbias_msa, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
+            h, x = gated_norm(x, attn_out, gate_msa, gbias_msa, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps,
+                              self.cuda_ops)
             cross_out = self._cross_attention(h, kv[0], kv[1], mask)
             h, x = skip_layer_norm(x, cross_out, norm3_w, norm3_b, _zeros_like_bias(blk.cross_attn.proj),
                                    blk.norm3.eps)
         else:
-            h, x = self.gated_norm(x, attn_out, gate_msa, gbias_msa, norm3_w, norm3_b, blk.norm3.eps)
+            h, x = gated_norm(x, attn_out, gate_msa, gbias_msa, norm3_w, norm3_b, blk.norm3.eps, self.cuda_ops)
         return x, (self._feed_forward(h), gate_mlp, gbias_mlp), completed
 
 
@@ -224,6 +227,7 @@ class FusedDiT(nn.Module):
             raise ValueError("this UDiT configuration has no fused form; export uses the generic one")
         self.dit = dit
         self.heads = dit.cfg.num_heads
+        self.cuda_ops = cuda_ops
         self.blocks = nn.ModuleList([FusedBlock(b, self.heads, cuda_ops) for b in dit.blocks])
 
     def forward(self, x: torch.Tensor, step_rows: torch.Tensor, cross_kv: torch.Tensor,
@@ -253,7 +257,7 @@ class FusedDiT(nn.Module):
                 skips.append(completed)  # the previous block's output, finished by this block's norm
         final = dit.final_block
         weight, beta = (r.reshape(-1) for r in step_rows[ROWS_PER_BLOCK * n:].chunk(FINAL_ROWS))
-        h, _ = self.blocks[-1].gated_norm(h, *pending, weight, beta, final.norm.eps)  # modulation folded in
+        h, _ = gated_norm(h, *pending, weight, beta, final.norm.eps, self.cuda_ops)  # modulation folded in
         h = final.linear(h)  # [B, N, p*C]
         h = h.reshape(batch, length, final.patch_size, final.out_chans).permute(0, 3, 1, 2)
         return final.final_layer(h.reshape(batch, final.out_chans, length * final.patch_size))
