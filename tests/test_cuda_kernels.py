@@ -14,6 +14,7 @@ import torch
 
 from semvoc.kernels import cuda_build
 from semvoc.kernels.bias_geglu import bias_geglu_reference
+from semvoc.kernels.bias_norm import bias_norm_reference
 from semvoc.kernels.bias_prelu import bias_prelu_reference
 from semvoc.kernels.bias_residual import bias_residual_reference
 from semvoc.kernels.convnext_mix import convnext_mix_reference
@@ -109,6 +110,35 @@ def test_export_emits_one_cuda_op_each_and_plain_gemms(tmp_path):
     ours = sorted(n.op_type for n in graph.node if n.domain == CUDA_DOMAIN)
     assert ours == ["BiasPRelu", "BiasResidual", "ConvNeXtMix"]
     assert [n.op_type for n in graph.node if n.domain != CUDA_DOMAIN] == ["MatMul", "MatMul"]
+
+
+def test_vocoder_step_with_cuda_ops_exports_folded_branches(tmp_path):
+    """Each branch: one GEMM from the frames, BiasNorm, the blocks reading the whole tables (no
+    Split), one GEMM to frame pieces, overlap-add; no STFT basis, envelope or branch stack left."""
+    from semvoc.export import wrappers as W
+    from semvoc.models.config import preset
+    from semvoc.models.model import build_model
+
+    vocoder = build_model(preset("demo"), seed=0).vocoder.eval()
+    vocoder.use_export_kernels(cuda_ops=True)
+    assert vocoder.folded
+    frames, gen = 4, torch.Generator().manual_seed(0)
+    latents = torch.randn(1, vocoder.cfg.latent_dim, frames, generator=gen)
+    tables = (*W.VocoderPrepare(vocoder, channels_last=True)(latents),
+              *W.VocoderTime(vocoder)(torch.linspace(0, 1, 9)[:8]))
+    args = (0.1 * torch.randn(1, frames * vocoder.cfg.hop_length, generator=gen), torch.tensor([2]),
+            torch.linspace(0, 1, 9), *tables)
+    path = tmp_path / "vocoder_step.onnx"
+    torch.onnx.export(W.VocoderStep(vocoder, channels_last=True).eval(), args, dynamo=True, opset_version=23,
+                      custom_translation_table=translation_table()).save(str(path))
+    nodes = onnx.load(str(path)).graph.node
+    ops = [n.op_type for n in nodes]
+    branches, layers = len(vocoder.estimators), sum(vocoder.cfg.num_layers)
+    assert ops.count("BiasNorm") == branches and ops.count("ConvNeXtMix") == layers
+    assert {"Split", "ReduceMean", "Pow", "Expand"}.isdisjoint(ops)
+    assert ops.count("MatMul") == 2 * branches + 2 * layers
+    mix_layers = sorted(a.i for n in nodes if n.op_type == "ConvNeXtMix" for a in n.attribute if a.name == "layer")
+    assert mix_layers == sorted(i for n in vocoder.cfg.num_layers for i in range(n))
 
 
 def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path):
@@ -320,8 +350,17 @@ CASES["HeadNorm"] = lambda g, b, c, L: [torch.randn(b, L, 3 * 128, generator=g),
 CASES["GatedSkipNorm"] = lambda g, b, c, L: [torch.randn(b, L, c, generator=g), torch.randn(b, L, c, generator=g),
                                              *(torch.randn(c, generator=g) for _ in range(4))]
 CASES["BiasGeglu"] = lambda g, b, c, L: [torch.randn(b, L, 2 * c, generator=g), torch.randn(2 * c, generator=g)]
-ATTRIBUTES = {"HeadNorm": {"epsilon": 1e-5}, "HeadNormRope": {"epsilon": 1e-6}, "GatedSkipNorm": {"epsilon": 1e-5}}
+CASES["BiasNorm"] = lambda g, b, c, L: [torch.randn(b, L, c, generator=g), torch.randn(c, generator=g),
+                                        torch.randn(c, generator=g), torch.tensor([0.3])]
+# ConvNeXtMix reading entry 2 of whole tables: cond_bias [N, B, L, C], time_scale [1, N, C]
+CASES["ConvNeXtMix:table"] = lambda g, b, c, L: [*CASES["ConvNeXtMix"](g, b, c, L)[:5],
+                                                 torch.randn(3, b, L, c, generator=g),
+                                                 1 + 0.1 * torch.randn(1, 3, c, generator=g)]
+ATTRIBUTES = {"HeadNorm": {"epsilon": 1e-5}, "HeadNormRope": {"epsilon": 1e-6}, "GatedSkipNorm": {"epsilon": 1e-5},
+              "ConvNeXtMix:table": {"layer": 2}}
 REFERENCES = {"ConvNeXtMix": lambda a: convnext_mix_reference(a[0], a[1], a[2], a[3], a[4][0], a[5], a[6]),
+              "ConvNeXtMix:table": lambda a: convnext_mix_reference(a[0], a[1], a[2], a[3], a[4][0], a[5], a[6], 2),
+              "BiasNorm": lambda a: bias_norm_reference(a[0], a[1], a[2], a[3][0]),
               "BiasPRelu": lambda a: bias_prelu_reference(*a), "BiasResidual": lambda a: bias_residual_reference(*a),
               "HeadNorm": lambda a: head_norm_reference(*a, 1e-5).reshape(a[0].shape),
               "HeadNormRope": lambda a: head_norm_rope_reference(*a, 1e-6).chunk(2, dim=-1),  # q, k
@@ -344,7 +383,7 @@ def _check_op(op, dtype, args, cuda_library, tmp_path):
     expected = REFERENCES[op](args)
     expected = [t.numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
     inputs = [a.numpy().astype(dtype) for a in args]
-    _one_node_model(op, inputs, tmp_path / "op.onnx", ATTRIBUTES.get(op), outputs=len(expected))
+    _one_node_model(op.split(":")[0], inputs, tmp_path / "op.onnx", ATTRIBUTES.get(op), outputs=len(expected))
     for cuda_graph in (False, True):
         outs = _run_cuda(tmp_path / "op.onnx", cuda_library, inputs, [e.shape for e in expected], cuda_graph)
         assert len(outs) == len(expected)

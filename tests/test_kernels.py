@@ -9,7 +9,15 @@ import torch
 from semvoc.kernels.attention import attention, attention_reference
 from semvoc.kernels.norms import BiasNorm, RMSNorm
 from semvoc.kernels.resample import SincResample
-from semvoc.kernels.stft import ConvISTFT, ConvSTFT, istft_reference, stft_reference
+from semvoc.kernels.stft import (
+    ConvISTFT,
+    ConvSTFT,
+    fold_projections,
+    frame_halves,
+    istft_reference,
+    overlap_add_halves,
+    stft_reference,
+)
 from semvoc.runtime.audio import resample
 
 
@@ -79,6 +87,29 @@ def test_stft_round_trip_reconstructs_audio():
     audio = torch.randn(1, 120 * 50)
     rebuilt = ConvISTFT(window, 120)(ConvSTFT(window, 120)(audio))
     assert (rebuilt - audio).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("n_fft", [480, 120, 16])
+def test_folded_projections_are_stft_linear_istft(n_fft):
+    """istft(out(h)) with h = in(stft(x)), computed as frames @ w_in, h @ w_out and overlap-add."""
+    hop, channels = n_fft // 2, 24
+    gen = torch.Generator().manual_seed(n_fft)
+    window = torch.hann_window(n_fft, dtype=torch.float64)
+    audio = torch.randn(2, 37 * hop, generator=gen, dtype=torch.float64)
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    w_in, b_in, w_out, b_out = rand(channels, n_fft + 2), rand(channels), rand(n_fft + 2, channels), rand(n_fft + 2)
+    h = stft_reference(audio, window, hop).transpose(1, 2) @ w_in.t() + b_in  # [B, F, C]
+    fw_in, fb_in, fw_out, fb_out = fold_projections(window, hop, w_in, b_in, w_out, b_out, scale=1 / 3)
+    torch.testing.assert_close(frame_halves(audio, hop) @ fw_in.t() + fb_in, h, rtol=1e-9, atol=1e-9)
+    h = torch.tanh(h)  # anything between the two projections
+    expected = istft_reference((h @ w_out.t() + b_out).transpose(1, 2), window, hop) / 3
+    ours = overlap_add_halves(h @ fw_out.t() + fb_out)
+    assert ours.shape == expected.shape == audio.shape
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="n_fft = 2 \\* hop"):
+        fold_projections(torch.hann_window(512), 128, w_in, b_in, w_out, b_out)
 
 
 def test_rmsnorm_and_biasnorm_keep_fp32_statistics_under_fp16():

@@ -234,6 +234,11 @@ class VocoderStep(nn.Module):
         dtype = _dtype(self.vocoder)
         cond_biases, time_scales = tables[: self.branches], tables[self.branches :]
         x = audio.to(dtype)
+        if self.vocoder.folded:  # --cuda-kernels: tables passed whole, spectral transforms folded
+            pred = sum(est.forward_folded(x, bias, scales[step])
+                       for est, bias, scales in zip(self.vocoder.estimators, cond_biases, time_scales, strict=True))
+            t, dt = t_span[step], t_span[1] - t_span[0]
+            return self.vocoder.euler_update(audio, pred, t, dt), step + 1
         outputs = []
         for est, bias, scales in zip(self.vocoder.estimators, cond_biases, time_scales, strict=True):
             n = bias.shape[0]

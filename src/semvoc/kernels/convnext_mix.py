@@ -12,34 +12,43 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from onnx.defs import OpSchema
 
 from semvoc.kernels.norms import bias_norm
 from semvoc.kernels.onnx_ops import CUDA_DOMAIN, contrib_op, register_translation
 
 
 def convnext_mix_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, norm_bias: torch.Tensor,
-                           log_scale: torch.Tensor, cond_bias: torch.Tensor, time_scale: torch.Tensor) -> torch.Tensor:
+                           log_scale: torch.Tensor, cond_bias: torch.Tensor, time_scale: torch.Tensor,
+                           layer: int = 0) -> torch.Tensor:
     """x ``[B, L, C]``, weight ``[C, 1, K]``, bias/norm_bias ``[C]``, log_scale ``[]``,
-    cond_bias ``[B|1, L, C]``, time_scale ``[B|1, C]`` -> ``[B, L, C]``."""
+    cond_bias ``[B|1, L, C]``, time_scale ``[B|1, C]`` -> ``[B, L, C]``. Tables: cond_bias
+    ``[N, B|1, L, C]`` and time_scale ``[B|1, N, C]``, of which entry ``layer`` is used (the step
+    graph passes a branch's tables whole instead of splitting them into N copies)."""
+    if cond_bias.dim() == 4:
+        cond_bias = cond_bias[layer]
+    if time_scale.dim() == 3:
+        time_scale = time_scale[:, layer]
     y = F.conv1d(x.transpose(1, 2), weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[2])
     return (bias_norm(y, norm_bias, log_scale).transpose(1, 2) + cond_bias) * time_scale[:, None, :]
 
 
 @torch.library.custom_op("semvoc::convnext_mix", mutates_args=())
 def convnext_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, norm_bias: torch.Tensor,
-                 log_scale: torch.Tensor, cond_bias: torch.Tensor, time_scale: torch.Tensor) -> torch.Tensor:
-    return convnext_mix_reference(x, weight, bias, norm_bias, log_scale, cond_bias, time_scale)
+                 log_scale: torch.Tensor, cond_bias: torch.Tensor, time_scale: torch.Tensor,
+                 layer: int = 0) -> torch.Tensor:
+    return convnext_mix_reference(x, weight, bias, norm_bias, log_scale, cond_bias, time_scale, layer)
 
 
 @convnext_mix.register_fake
-def _(x, weight, bias, norm_bias, log_scale, cond_bias, time_scale):
+def _(x, weight, bias, norm_bias, log_scale, cond_bias, time_scale, layer=0):
     return torch.empty_like(x)
 
 
-def _onnx(x, weight, bias, norm_bias, log_scale, cond_bias, time_scale):
+def _onnx(x, weight, bias, norm_bias, log_scale, cond_bias, time_scale, layer: int = 0):
     op = contrib_op("ConvNeXtMix", ["x", "weight", "bias", "norm_bias", "log_scale", "cond_bias", "time_scale"],
-                    ["y"], {}, domain=CUDA_DOMAIN)
-    return op(x, weight, bias, norm_bias, log_scale, cond_bias, time_scale)
+                    ["y"], {"layer": OpSchema.AttrType.INT}, domain=CUDA_DOMAIN)
+    return op(x, weight, bias, norm_bias, log_scale, cond_bias, time_scale, layer=layer)
 
 
 register_translation(torch.ops.semvoc.convnext_mix.default, _onnx)

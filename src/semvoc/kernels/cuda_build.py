@@ -22,10 +22,10 @@ from pathlib import Path
 
 CUDA_SOURCES_DIR = Path(__file__).with_name("cuda")
 SOURCES = ("library.cu", "convnext_mix.cu", "bias_prelu.cu", "bias_residual.cu", "head_norm.cu",
-           "gated_skip_norm.cu", "bias_geglu.cu")
+           "gated_skip_norm.cu", "bias_geglu.cu", "bias_norm.cu")
 LIBRARY_NAME = "libsemvoc_cuda.so"
 DOMAIN = "semvoc.cuda"
-OPS = ("ConvNeXtMix", "BiasPRelu", "BiasResidual", "HeadNorm", "HeadNormRope", "GatedSkipNorm", "BiasGeglu")
+OPS = ("ConvNeXtMix", "BiasPRelu", "BiasResidual", "HeadNorm", "HeadNormRope", "GatedSkipNorm", "BiasGeglu", "BiasNorm")
 ORT_INCLUDE_ENV = "SEMVOC_ORT_INCLUDE"
 DEFAULT_CUDA_ROOT = "/usr/local/cuda"
 

@@ -57,6 +57,7 @@ def translation_table() -> dict:
         attention,
         bias_geglu,
         bias_gelu,
+        bias_norm,
         bias_prelu,
         bias_residual,
         convnext_mix,

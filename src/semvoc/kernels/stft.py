@@ -135,3 +135,54 @@ def istft_reference(spec: torch.Tensor, window: torch.Tensor, hop_length: int) -
     complex_spec = torch.complex(spec[:, :bins], spec[:, bins:])
     return torch.istft(complex_spec, n_fft, hop_length, win_length=n_fft, window=window,
                        center=True, onesided=True)
+
+
+# ------------------------------------------------------------------ folded form (export)
+
+
+def foldable(n_fft: int, hop_length: int) -> bool:
+    """Whether ``fold_projections`` applies: frames overlap by half (``n_fft = 2 hop``, every
+    released configuration), so every kept sample is covered by exactly two frames and the
+    squared-window envelope is periodic with period ``hop``."""
+    return n_fft == 2 * hop_length
+
+
+def fold_projections(window: torch.Tensor, hop_length: int, in_weight: torch.Tensor, in_bias: torch.Tensor,
+                     out_weight: torch.Tensor, out_bias: torch.Tensor, scale: float = 1.0):
+    """The STFT folded into the linear map after it, the iSTFT into the one before it.
+
+    ``in_proj(stft(x))`` is linear in the frames, so it is one GEMM with ``in_weight @ basis``
+    (``[C, n_fft]``); likewise ``istft(out_proj(h))`` is one GEMM to frame pieces followed by
+    overlap-add, and with half-overlapping frames the envelope ``torch.istft`` divides by is
+    ``w^2[j] + w^2[j + hop]`` at every kept sample (period ``hop``), so it divides the columns of
+    the folded weight instead (and so does ``scale``, e.g. the mean over branches). Returns float64
+    ``(w_in [C, n_fft], b_in [C], w_out [n_fft, C], b_out [n_fft])``: ``h = frames @ w_in.T + b_in``,
+    ``pieces = h @ w_out.T + b_out``, then ``overlap_add_halves(pieces)``.
+    """
+    n_fft = window.shape[0]
+    if not foldable(n_fft, hop_length):
+        raise ValueError(f"folded STFT needs n_fft = 2 * hop, got n_fft {n_fft}, hop {hop_length}")
+    forward, inverse = _dft_bases(window)  # [n_fft + 2, n_fft] each
+    square = window.to(torch.float64) ** 2
+    envelope = (square[:hop_length] + square[hop_length:]).repeat(2)  # [n_fft], period hop
+    w_in = in_weight.to(torch.float64) @ forward
+    w_out = (inverse.t() @ out_weight.to(torch.float64)) * (scale / envelope)[:, None]
+    b_out = (out_bias.to(torch.float64) @ inverse) * (scale / envelope)
+    return w_in, in_bias.to(torch.float64), w_out, b_out
+
+
+def frame_halves(audio: torch.Tensor, hop_length: int) -> torch.Tensor:
+    """``[B, L]`` (L a multiple of hop) -> ``[B, 1 + L // hop, 2 hop]``: the centred,
+    reflect-padded frames ``torch.stft`` sees when ``n_fft = 2 hop``."""
+    batch, frames = audio.shape[0], 1 + audio.shape[-1] // hop_length
+    padded = F.pad(audio[:, None, :], (hop_length, hop_length), mode="reflect")[:, 0]
+    blocks = padded.reshape(batch, frames + 1, hop_length)
+    return torch.cat([blocks[:, :frames], blocks[:, 1:]], dim=-1)
+
+
+def overlap_add_halves(pieces: torch.Tensor) -> torch.Tensor:
+    """``[B, F, 2 hop]`` frame pieces -> ``[B, (F - 1) hop]``: sample ``k hop + j`` is the first
+    half of frame ``k + 1`` plus the second half of frame ``k`` (``torch.istft``'s centre trim)."""
+    batch, frames, width = pieces.shape
+    halves = pieces.reshape(batch, frames, 2, width // 2)
+    return (halves[:, 1:, 0] + halves[:, :-1, 1]).reshape(batch, (frames - 1) * (width // 2))

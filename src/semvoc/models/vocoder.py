@@ -23,11 +23,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semvoc.kernels.bias_norm import bias_norm_op
 from semvoc.kernels.bias_prelu import bias_prelu
 from semvoc.kernels.bias_residual import bias_residual
 from semvoc.kernels.convnext_mix import convnext_mix
 from semvoc.kernels.norms import BiasNorm, bias_norm
-from semvoc.kernels.stft import ConvISTFT, ConvSTFT, istft_reference, stft_reference
+from semvoc.kernels.stft import (
+    ConvISTFT,
+    ConvSTFT,
+    fold_projections,
+    foldable,
+    frame_halves,
+    istft_reference,
+    overlap_add_halves,
+    stft_reference,
+)
 
 
 @dataclass(frozen=True)
@@ -114,11 +124,13 @@ class ConvNeXtBlock(nn.Module):
         residual = self.residual_scale(x) if hasattr(self, "residual_scale") else x
         return y + residual
 
-    def forward_channels_last(self, x: torch.Tensor, cond_bias: torch.Tensor, time_scale: torch.Tensor) -> torch.Tensor:
+    def forward_channels_last(self, x: torch.Tensor, cond_bias: torch.Tensor, time_scale: torch.Tensor,
+                              layer: int = 0) -> torch.Tensor:
         """``forward_prepared`` on ``[B, L, C]`` as semvoc's CUDA ops: ConvNeXtMix, a GEMM,
-        BiasPRelu, a GEMM, BiasResidual. cond_bias ``[B, L, C]``, time_scale ``[B|1, C]``."""
+        BiasPRelu, a GEMM, BiasResidual. cond_bias ``[B, L, C]``, time_scale ``[B|1, C]``, or the
+        decoder's tables ``[N, B, L, C]`` and ``[1, N, C]`` of which this block reads entry ``layer``."""
         dw = self.dwconv
-        y = convnext_mix(x, dw.weight, dw.bias, self.norm.bias, self.norm.log_scale, cond_bias, time_scale)
+        y = convnext_mix(x, dw.weight, dw.bias, self.norm.bias, self.norm.log_scale, cond_bias, time_scale, layer)
         h = bias_prelu(F.linear(y, self.pwconv1.weight[:, :, 0]), self.pwconv1.bias, self.act.weight)
         scale = self.residual_scale.scale.reshape(-1) if hasattr(self, "residual_scale") else torch.ones_like(dw.bias)
         return bias_residual(F.linear(h, self.pwconv2.weight[:, :, 0]), self.pwconv2.bias, x, scale)
@@ -263,6 +275,31 @@ class AudioConvNeXt(nn.Module):
     def forward(self, audio: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.forward_prepared(audio, self.cond_biases(cond, audio.shape[-1]), self.time_scales(t))
 
+    def fold_spectral(self, scale: float) -> None:
+        """Export form of ``--cuda-kernels``: the STFT folded into ``in_proj`` and the iSTFT (its
+        envelope and ``scale``, the branch reduction, too) into ``out_proj`` (``fold_projections``);
+        call after loading weights. Needs ``foldable(n_fft, hop)``."""
+        dec, dtype = self.decoder, self.decoder.in_proj.weight.dtype
+        with torch.no_grad():
+            folded = fold_projections(self.fft.window, self.fft.hop_length, dec.in_proj.weight[:, :, 0],
+                                      dec.in_proj.bias, dec.out_proj.weight[:, :, 0], dec.out_proj.bias, scale)
+        for name, value in zip(("fold_in_weight", "fold_in_bias", "fold_out_weight", "fold_out_bias"), folded,
+                               strict=True):
+            self.register_buffer(name, value.to(dtype), persistent=False)
+
+    def forward_folded(self, audio: torch.Tensor, cond_table: torch.Tensor, time_row: torch.Tensor) -> torch.Tensor:
+        """This branch's share of the prediction, ``scale * istft(decoder(stft(audio)))`` ``[B, L]``
+        fp32, on semvoc's CUDA ops: frames -> one GEMM -> BiasNorm -> blocks -> one GEMM -> overlap-add.
+        audio ``[B, L]`` in the decoder's dtype; cond_table ``[N, B, F, C]``; time_row ``[1, N, C]``."""
+        dec = self.decoder
+        frames = frame_halves(audio, self.fft.hop_length)  # [B, F, n_fft]
+        h = F.linear(frames, self.fold_in_weight)  # [B, F, C]
+        h = bias_norm_op(h, self.fold_in_bias, dec.in_norm.bias, dec.in_norm.log_scale)
+        for layer, block in enumerate(dec.blocks):
+            h = block.forward_channels_last(h, cond_table, time_row, layer)
+        pieces = F.linear(h, self.fold_out_weight, self.fold_out_bias)  # [B, F, n_fft]
+        return overlap_add_halves(pieces.float())
+
 
 class _LossSpectrogramBuffers(nn.Module):
     """Loss-only buffers of ``spec_scaling_loss=True`` checkpoints; unused at inference."""
@@ -308,6 +345,8 @@ class Vocoder(nn.Module):
 
     #: the step graph runs the decoders channels-last on semvoc's CUDA ops (``use_export_kernels``)
     cuda_ops: bool = False
+    #: with ``cuda_ops``: each branch's STFT/iSTFT folded into its projections (``forward_folded``)
+    folded: bool = False
 
     def use_export_kernels(self, cuda_ops: bool = False) -> None:
         """The export form, same function: conv STFT/iSTFT and BiasNorm channel means as GEMVs;
@@ -316,6 +355,11 @@ class Vocoder(nn.Module):
         (Without them the 1x1 convolutions stay convolutions: written as ``W @ x`` MatMuls they
         ran 3x slower on an H100, cuBLAS picking 2-byte-aligned kernels for the odd frame counts.)"""
         self.cuda_ops = cuda_ops
+        self.folded = cuda_ops and all(foldable(e.fft.n_fft, e.fft.hop_length) for e in self.estimators)
+        if self.folded:
+            scale = 1.0 / len(self.estimators) if self.cfg.branch_reduction == "mean" else 1.0
+            for est in self.estimators:
+                est.fold_spectral(scale)
         self.use_conv_spectral()
         for module in self.modules():
             if isinstance(module, BiasNorm):

@@ -11,6 +11,7 @@ void HeadNormCompute(OrtKernelContext* ctx, const KernelState&);
 void HeadNormRopeCompute(OrtKernelContext* ctx, const KernelState&);
 void GatedSkipNormCompute(OrtKernelContext* ctx, const KernelState&);
 void BiasGegluCompute(OrtKernelContext* ctx, const KernelState&);
+void BiasNormCompute(OrtKernelContext* ctx, const KernelState&);
 
 // A node's kernel: its op and the attributes it was created with.
 struct Kernel {
@@ -25,6 +26,12 @@ static void* CreateKernel(const OrtCustomOp* custom_op, const OrtApi* api, const
   const OpDef* op = static_cast<const OpDef*>(custom_op);
   Kernel* kernel = new Kernel{op, {}};
   if (op->epsilon) Check(api->KernelInfoGetAttribute_float(info, "epsilon", &kernel->state.epsilon), "attribute epsilon");
+  if (op->layer) {  // optional: a node without it reads layer 0
+    if (OrtStatus* status = api->KernelInfoGetAttribute_int64(info, "layer", &kernel->state.layer)) {
+      api->ReleaseStatus(status);
+      kernel->state.layer = 0;
+    }
+  }
   return kernel;
 }
 static const char* GetName(const OrtCustomOp* op) { return static_cast<const OpDef*>(op)->name; }
@@ -41,7 +48,7 @@ static OrtCustomOpInputOutputCharacteristic Required(const OrtCustomOp*, size_t)
 static OrtMemType DeviceMemory(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
 
 OpDef MakeOp(const char* name, ONNXTensorElementDataType type, size_t inputs, size_t outputs, ComputeFn compute,
-             bool epsilon) {
+             bool epsilon, bool layer) {
   OpDef op;
   std::memset(static_cast<OrtCustomOp*>(&op), 0, sizeof(OrtCustomOp));  // newer headers: later fields unset
   op.version = kOrtApiVersion;  // onnxruntime reads only the fields of this version
@@ -62,6 +69,7 @@ OpDef MakeOp(const char* name, ONNXTensorElementDataType type, size_t inputs, si
   op.inputs = inputs;
   op.outputs = outputs;
   op.epsilon = epsilon;
+  op.layer = layer;
   op.compute = compute;
   return op;
 }
@@ -70,13 +78,14 @@ static std::vector<OpDef>& Ops() {
   static std::vector<OpDef> ops = [] {
     std::vector<OpDef> all;
     for (auto type : {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16}) {
-      all.push_back(MakeOp("ConvNeXtMix", type, 7, 1, ConvNeXtMixCompute));
+      all.push_back(MakeOp("ConvNeXtMix", type, 7, 1, ConvNeXtMixCompute, /*epsilon=*/false, /*layer=*/true));
       all.push_back(MakeOp("BiasPRelu", type, 3, 1, BiasPReluCompute));
       all.push_back(MakeOp("BiasResidual", type, 4, 1, BiasResidualCompute));
       all.push_back(MakeOp("HeadNorm", type, 3, 1, HeadNormCompute, /*epsilon=*/true));
       all.push_back(MakeOp("HeadNormRope", type, 5, 2, HeadNormRopeCompute, /*epsilon=*/true));
       all.push_back(MakeOp("GatedSkipNorm", type, 6, 2, GatedSkipNormCompute, /*epsilon=*/true));
       all.push_back(MakeOp("BiasGeglu", type, 2, 1, BiasGegluCompute));
+      all.push_back(MakeOp("BiasNorm", type, 4, 1, BiasNormCompute));
     }
     return all;
   }();

@@ -131,6 +131,7 @@ inline unsigned GridFor(int64_t items, int threads) {
 // What a node's kernel keeps from its attributes (read once, when onnxruntime creates it).
 struct KernelState {
   float epsilon = 0.f;  // ops declared with `epsilon`
+  int64_t layer = 0;    // ops declared with `layer` (0 when the node has none)
 };
 
 using ComputeFn = void (*)(OrtKernelContext*, const KernelState&);
@@ -141,11 +142,12 @@ struct OpDef : OrtCustomOp {
   ONNXTensorElementDataType type;
   size_t inputs, outputs;
   bool epsilon;  // the node carries a float attribute `epsilon`
+  bool layer;    // the node may carry an int attribute `layer`
   ComputeFn compute;
 };
 
 OpDef MakeOp(const char* name, ONNXTensorElementDataType type, size_t inputs, size_t outputs, ComputeFn compute,
-             bool epsilon = false);
+             bool epsilon = false, bool layer = false);
 
 // Dispatch on the element type of input 0 (float32 or float16 engines).
 #define SEMVOC_DISPATCH_FLOAT(TYPE, OP_NAME, ...)                                 \
