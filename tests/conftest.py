@@ -6,6 +6,15 @@ from pathlib import Path
 
 import pytest
 
+
+def pytest_configure(config):
+    import os
+    import tempfile
+
+    # the runtime remembers verified engine files (semvoc.runtime.manifest.verify_files): keep the
+    # tests' memory out of the user's cache
+    os.environ.setdefault("SEMVOC_CACHE_DIR", tempfile.mkdtemp(prefix="semvoc-test-cache-"))
+
 DEMO_EXPORT_ARGS = ["--preset", "demo", "--durations", "1", "--max-text-tokens", "24",
                     "--max-steps", "40", "--max-vocoder-steps", "40", "--batch-sizes", "1,2"]
 

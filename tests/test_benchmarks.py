@@ -365,7 +365,7 @@ def test_flop_counter_counts_the_dit_step_the_same_with_semvocs_cuda_ops(tmp_pat
     gen = torch.Generator().manual_seed(0)
     args = (torch.randn(1, dit.cfg.in_chans, 10, generator=gen), torch.tensor([1]),
             W.FusedDitTime(dit)(torch.tensor([900.0, 400.0])), torch.tensor([1.0, 0.5, 0.0]),
-            W.FusedDitPrepare(dit)(torch.randn(1, 6, dit.cfg.context_dim, generator=gen)),
+            *W.FusedDitPrepare(dit)(torch.randn(1, 6, dit.cfg.context_dim, generator=gen)),
             torch.ones(1, 6, dtype=torch.bool), torch.tensor([3.5]))
     counts = {}
     for cuda_ops in (False, True):

@@ -152,7 +152,7 @@ def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path):
     context = torch.randn(1, 6, dit.cfg.context_dim, generator=gen)
     args = (torch.randn(1, dit.cfg.in_chans, 10, generator=gen), torch.tensor([1]),
             W.FusedDitTime(dit)(torch.tensor([900.0, 400.0])), torch.tensor([1.0, 0.5, 0.0]),
-            W.FusedDitPrepare(dit)(context), torch.ones(1, 6, dtype=torch.bool), torch.tensor([3.5]))
+            *W.FusedDitPrepare(dit)(context), torch.ones(1, 6, dtype=torch.bool), torch.tensor([3.5]))
     path = tmp_path / "dit_step.onnx"
     torch.onnx.export(W.FusedDitStep(dit, cuda_ops=True).eval(), args, dynamo=True, opset_version=23,
                       custom_translation_table=translation_table()).save(str(path))

@@ -58,7 +58,7 @@ def test_symbolic_dims_are_named_for_onnxruntime_overrides(demo_engine):
     dims = {t.name: t.onnx_dims for t in step.inputs}
     assert dims["audio"] == ["batch", "frames_x960"]
     assert dims["cond_bias_0"][-1] == "frames_x4_p1"
-    assert manifest.graphs["dit_step"].input("cross_kv").onnx_dims[2] == "batch_x2"
+    assert manifest.graphs["dit_step"].input("cross_k_0").onnx_dims[0] == "batch_x2"
     for tensor in step.inputs:
         for dim in tensor.onnx_dims:
             assert isinstance(dim, int) or dim.isidentifier()

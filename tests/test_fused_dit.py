@@ -51,7 +51,7 @@ def test_fused_step_equals_the_generic_step(name, cuda_ops):
     for step in range(3):
         s = torch.tensor([step])
         a, _ = W.DitStep(dit)(latent, s, generic[1], sigmas, generic[0], mask, guidance)
-        b, _ = W.FusedDitStep(dit, cuda_ops)(latent, s, fused[1], sigmas, fused[0], mask, guidance)
+        b, _ = W.FusedDitStep(dit, cuda_ops)(latent, s, fused[1], sigmas, *fused[0], mask, guidance)
         torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)
     assert not torch.allclose(a, latent)
 

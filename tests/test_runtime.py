@@ -317,3 +317,29 @@ def test_device_loop_buffers_share_tables_across_buckets(demo_engine):
     assert one["step_b"] == ((1,), "int64") and set(tables) == set(shared)
     assert all(one[name] is two[name] for name in shared)  # one schedule table for every bucket
     assert ping_pong_wiring("audio")[1] == ("audio_b", "step_b", "audio", "step")
+
+
+def test_verified_files_are_hashed_again_only_when_they_change(tmp_path, monkeypatch):
+    import os
+
+    from semvoc.runtime import manifest as M
+
+    monkeypatch.setenv("SEMVOC_CACHE_DIR", str(tmp_path / "cache"))
+    files = {}
+    for name in ("a.onnx", "b.onnx"):
+        (tmp_path / name).write_bytes(name.encode() * 1000)
+        os.utime(tmp_path / name, ns=(1_000_000_000, 1_000_000_000))  # settled long ago
+        files[name] = M.sha256_file(tmp_path / name)
+    hashed = []
+    real = M.sha256_file
+    monkeypatch.setattr(M, "sha256_file", lambda p, *a: hashed.append(p.name) or real(p, *a))
+    assert M.verify_files(tmp_path, files) == [] and sorted(hashed) == ["a.onnx", "b.onnx"]
+    hashed.clear()
+    assert M.verify_files(tmp_path, files) == [] and hashed == []  # remembered
+    (tmp_path / "b.onnx").write_bytes(b"x" * 6000)  # same size, new mtime: hashed, caught
+    assert M.verify_files(tmp_path, files) == ["modified or corrupt (sha256 mismatch): b.onnx"]
+    assert hashed == ["b.onnx"]
+    monkeypatch.setenv("SEMVOC_CACHE_DIR", "")  # off: every file hashed every time
+    hashed.clear()
+    M.verify_files(tmp_path, files)
+    assert sorted(hashed) == ["a.onnx", "b.onnx"]

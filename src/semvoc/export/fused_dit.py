@@ -32,6 +32,8 @@ none/shared, GEGLU/GELU feed-forwards. Other configurations export through the g
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,8 +86,11 @@ def fused_time_table(dit: UDiT, timesteps: torch.Tensor) -> torch.Tensor:
     return torch.stack([*rows, *_modulated_affine(dit.final_block.norm, shift, scale)], dim=1)
 
 
-def fused_cross_kv(dit: UDiT, context_tokens: torch.Tensor) -> torch.Tensor:
-    """``[B, S, D]`` -> packed K/V ``[n_blocks, 2, B, S, D]`` (keys qk-normed)."""
+def fused_cross_kv(dit: UDiT, context_tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``[B, S, D]`` -> every block's K and V ``[B, S, D]``: ``(k_0, v_0, k_1, v_1, ...)`` (keys
+    qk-normed). Separate tensors, not one table: onnxruntime's Split and Slice copy, and slicing
+    a table in the step graph copied all of it twice per step (0.8 ms of Split kernels per step at
+    batch 16 in the kernel profiles)."""
     heads = dit.cfg.num_heads
     out = []
     for blk in dit.blocks:
@@ -94,8 +99,8 @@ def fused_cross_kv(dit: UDiT, context_tokens: torch.Tensor) -> torch.Tensor:
         k, v = cross.to_k(ctx), cross.to_v(ctx)
         if isinstance(cross.norm_k, nn.LayerNorm):
             k = cross.norm_k(k.reshape(*k.shape[:2], heads, -1)).reshape(k.shape)
-        out.append(torch.stack([k, v]))
-    return torch.stack(out)
+        out += [k, v]
+    return tuple(out)
 
 
 def gated_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor,
@@ -230,10 +235,11 @@ class FusedDiT(nn.Module):
         self.cuda_ops = cuda_ops
         self.blocks = nn.ModuleList([FusedBlock(b, self.heads, cuda_ops) for b in dit.blocks])
 
-    def forward(self, x: torch.Tensor, step_rows: torch.Tensor, cross_kv: torch.Tensor,
+    def forward(self, x: torch.Tensor, step_rows: torch.Tensor, cross_kv: Sequence[torch.Tensor],
                 context_mask: torch.Tensor | None) -> torch.Tensor:
         """x ``[B, C, T]``, step_rows ``[8 n + 2, D]`` (one row of ``time_table``), cross_kv
-        ``[n, 2, B, S, D]``, context_mask ``[B, S]`` bool -> ``[B, C, T]``."""
+        ``(k_0, v_0, ..., k_n-1, v_n-1)`` ``[B, S, D]`` each (``fused_cross_kv``), context_mask
+        ``[B, S]`` bool -> ``[B, C, T]``."""
         dit = self.dit
         h = dit.x_pe(dit.patch_embed.proj(x).transpose(1, 2))  # [B, N, D]
         batch, length, _ = h.shape
@@ -246,13 +252,11 @@ class FusedDiT(nn.Module):
         n = len(self.blocks)
         # chunk (one Split kernel per level), not unbind/indexing (one Slice kernel per piece)
         block_rows = step_rows[: ROWS_PER_BLOCK * n].reshape(n, ROWS_PER_BLOCK, -1).chunk(n)
-        block_kv = cross_kv.chunk(n)
         half, skips, pending = len(dit.in_blocks), [], None
         for i, blk in enumerate(self.blocks):
             skip = skips.pop() if (i > half and blk.blk.has_skip) else None
             rows = [r.reshape(-1) for r in block_rows[i].reshape(ROWS_PER_BLOCK, -1).chunk(ROWS_PER_BLOCK)]
-            k, v = (t.squeeze(0).squeeze(0) for t in block_kv[i].chunk(2, dim=1))
-            h, pending, completed = blk(h, pending, rows, (k, v), mask, rope, skip)
+            h, pending, completed = blk(h, pending, rows, tuple(cross_kv[2 * i : 2 * i + 2]), mask, rope, skip)
             if completed is not None and i - 1 < half and dit.cfg.skip:
                 skips.append(completed)  # the previous block's output, finished by this block's norm
         final = dit.final_block

@@ -101,15 +101,23 @@ def _branches(d: Dims, fmt: str) -> list[str]:
     return [fmt.format(i=i) for i in range(len(d.branch_hops))]
 
 
+def cross_kv_names(d: Dims) -> list[str]:
+    """dit_prepare's outputs (dit_step's K/V inputs): one packed table, or per block in the fused form."""
+    if not d.fused_dit:
+        return ["cross_kv"]
+    return [f"cross_{kv}_{i}" for i in range(d.blocks) for kv in ("k", "v")]
+
+
 def graph_specs(d: Dims) -> list[GraphSpec]:
     """The graphs of an engine for the given dimensions, in execution order."""
     compute = "compute"
-    if d.fused_dit:
-        kv_shape = (d.blocks, 2, "2*batch", d.text_tokens, d.embed_dim)
+    if d.fused_dit:  # every block's K and V as its own tensor (slicing a table copies it)
+        cross_kv = tuple(TensorSpec(name, compute, ("2*batch", d.text_tokens, d.embed_dim))
+                         for name in cross_kv_names(d))
         prepare, time = W.FusedDitPrepare, W.FusedDitTime
         step = functools.partial(W.FusedDitStep, cuda_ops=d.dit_cuda_ops)
     else:
-        kv_shape = (d.blocks, 2, "2*batch", d.heads, d.text_tokens, d.head_dim)
+        cross_kv = (TensorSpec("cross_kv", compute, (d.blocks, 2, "2*batch", d.heads, d.text_tokens, d.head_dim)),)
         prepare, time, step = W.DitPrepare, W.DitTime, W.DitStep
     def cond_shape(i: int) -> tuple:
         frames = f"frames*{d.samples_per_frame // d.branch_hops[i]}+1"
@@ -131,7 +139,7 @@ def graph_specs(d: Dims) -> list[GraphSpec]:
         GraphSpec(
             "dit_prepare", "dit", lambda m: prepare(m.dit),
             inputs=(TensorSpec("context", FLOAT, ("batch", d.text_tokens, d.context_dim)),),
-            outputs=(TensorSpec("cross_kv", compute, kv_shape),),
+            outputs=cross_kv,
             notes="cross-attention K/V of every block for [uncond (zero context); cond]"),
         GraphSpec(
             "dit_time", "dit", lambda m: time(m.dit),
@@ -144,7 +152,7 @@ def graph_specs(d: Dims) -> list[GraphSpec]:
                     TensorSpec("step", INT64, (1,)),
                     TensorSpec("time_table", compute, ("dit_rows", d.time_rows, d.embed_dim)),
                     TensorSpec("sigmas", FLOAT, ("dit_rows+1",)),
-                    TensorSpec("cross_kv", compute, kv_shape),
+                    *cross_kv,
                     TensorSpec("context_mask", BOOL, ("batch", d.text_tokens)),
                     TensorSpec("guidance", FLOAT, (1,))),
             outputs=(TensorSpec("latent_next", FLOAT, ("batch", d.latent_channels, "frames")),

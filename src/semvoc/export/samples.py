@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from semvoc.export import wrappers as W
-from semvoc.export.graphs import Dims
+from semvoc.export.graphs import Dims, cross_kv_names
 from semvoc.models.model import SemanticVocoderModel
 from semvoc.runtime.backends.base import padded_table
 from semvoc.runtime.schedules import dit_schedule, vocoder_t_span
@@ -56,7 +56,9 @@ def pipeline_feeds(model: SemanticVocoderModel, dims: Dims, batch: int, frames: 
     if "dit" in components:
         sched = dit_schedule(min(max(dit_steps, loop_steps), dims.dit_rows - 1))
         prepare, time = (W.FusedDitPrepare, W.FusedDitTime) if dims.fused_dit else (W.DitPrepare, W.DitTime)
-        feeds["cross_kv"] = run(prepare(model.dit), context).to(compute_dtype)
+        kv = run(prepare(model.dit), context)
+        for name, tensor in zip(cross_kv_names(dims), kv if isinstance(kv, tuple) else (kv,), strict=True):
+            feeds[name] = tensor.to(compute_dtype)
         feeds["timesteps"] = padded(sched.embedded, dims.dit_rows)
         feeds["time_table"] = run(time(model.dit), feeds["timesteps"]).to(compute_dtype)
         feeds["sigmas"] = padded(sched.sigmas, dims.dit_rows + 1, fill=0.0)

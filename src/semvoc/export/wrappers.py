@@ -133,7 +133,7 @@ class DitStep(nn.Module):
 
 
 class FusedDitPrepare(nn.Module):
-    """The fused form's ``dit_prepare``: packed K/V ``[n_blocks, 2, 2B, S, D]``."""
+    """The fused form's ``dit_prepare``: every block's K and V ``[2B, S, D]`` (``fused_cross_kv``)."""
 
     def __init__(self, dit: UDiT):
         super().__init__()
@@ -162,7 +162,8 @@ class FusedDitStep(nn.Module):
         super().__init__()
         self.fused = FusedDiT(dit, cuda_ops)
 
-    def forward(self, latent, step, time_table, sigmas, cross_kv, context_mask, guidance):
+    def forward(self, latent, step, time_table, sigmas, *rest):
+        *cross_kv, context_mask, guidance = rest  # k_0, v_0, ..., then the mask and the scale
         batch = latent.shape[0]
         x = torch.cat([latent, latent]).to(_dtype(self.fused.dit))
         mask = torch.cat([context_mask, context_mask])

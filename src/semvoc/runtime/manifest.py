@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +141,67 @@ class Manifest:
         return round(duration_s * self.shapes["frames_per_second"])
 
 
+_SETTLED_NS = 5_000_000_000  # files younger than this are hashed on every load
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+
+
+def _verified_cache_path() -> Path | None:
+    """Where verified files are remembered (``SEMVOC_CACHE_DIR``, else the user cache); None: off."""
+    folder = os.environ.get("SEMVOC_CACHE_DIR")
+    if folder == "":
+        return None
+    base = Path(folder) if folder else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "semvoc"
+    return base / "verified-files.json"
+
+
+def verify_files(root: Path, files: dict[str, str]) -> list[str]:
+    """Check every file's sha256 against the manifest; returns the problems found.
+
+    Hashing a GB-sized engine takes seconds, so a file is hashed again only when its stat
+    (size, mtime, inode, device) differs from the one recorded after it last matched its digest,
+    the way git's index trusts unchanged files (``SEMVOC_CACHE_DIR=`` empty turns the memory off).
+    As in git, a file modified in the last seconds is not remembered: a same-size rewrite within
+    the file system's timestamp granularity would otherwise keep an old stamp.
+    The files left are hashed in parallel threads (hashlib releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache_path = _verified_cache_path()
+    try:
+        cache = json.loads(cache_path.read_text()) if cache_path else {}
+    except (OSError, ValueError):
+        cache = {}
+    problems, todo = [], []
+    for rel, digest in files.items():
+        file = root / rel
+        if not file.is_file():
+            problems.append(f"missing: {rel}")
+        elif cache.get(str(file.resolve())) != [digest, *_stamp(file)]:
+            todo.append((rel, digest, file))
+    with ThreadPoolExecutor(max_workers=min(8, len(todo) or 1)) as pool:
+        hashes = list(pool.map(lambda item: sha256_file(item[2]), todo))
+    changed = False
+    for (rel, digest, file), actual in zip(todo, hashes, strict=True):
+        stamp = _stamp(file)
+        if actual != digest:
+            problems.append(f"modified or corrupt (sha256 mismatch): {rel}")
+        elif time.time_ns() - stamp[1] > _SETTLED_NS:
+            cache[str(file.resolve())] = [digest, *stamp]
+            changed = True
+    if changed and cache_path:
+        try:  # best effort: a read-only home only costs the next load its hashing
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache_path.with_name(f".{cache_path.name}.{os.getpid()}")
+            partial.write_text(json.dumps(cache))
+            os.replace(partial, cache_path)
+        except OSError:
+            pass
+    return problems
+
+
 def load_manifest(root: str | Path, verify: bool = True) -> Manifest:
     """Read and check an engine directory; ``verify`` also checks every file's sha256."""
     root = Path(root)
@@ -163,13 +226,7 @@ def load_manifest(root: str | Path, verify: bool = True) -> Manifest:
         if key not in data:
             raise EngineError(f"{path} lacks {key!r}; re-export the engine")
     if verify:
-        problems = []
-        for rel, digest in data["files"].items():
-            file = root / rel
-            if not file.is_file():
-                problems.append(f"missing: {rel}")
-            elif sha256_file(file) != digest:
-                problems.append(f"modified or corrupt (sha256 mismatch): {rel}")
+        problems = verify_files(root, data["files"])
         if problems:
             raise EngineError(f"engine {root} failed verification:\n  " + "\n  ".join(problems)
                               + "\nRe-export the engine; do not edit engine files by hand.")

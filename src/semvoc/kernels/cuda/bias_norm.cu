@@ -53,8 +53,9 @@ __global__ void BiasNormKernel(const T* __restrict__ x, const T* __restrict__ in
   }
 }
 
-// Widest row each path holds in registers: 16-byte vectors x 4 per lane, or 32 scalars per lane.
-constexpr int kNormVectorsPerLane = 4;
+// Widest row each path holds in registers: 16-byte vectors x 8 per lane (1024 fp32 or 2048 fp16
+// channels), or 32 scalars per lane.
+constexpr int kNormVectorsPerLane = 8;
 constexpr int kNormScalarsPerLane = 32;
 
 void BiasNormCompute(OrtKernelContext* ctx, const KernelState&) {

@@ -58,7 +58,11 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
             ort.preload_dlls()
         # NHWC kernels and [N, C, 1, T] padding of 1-D convs: the vocoder step -30 % on an H100
         # (benchmarks/results/h100-2026-11-25-notes.md)
-        cuda_options = {"device_id": str(device_id), "cudnn_conv_algo_search": "EXHAUSTIVE",
+        # HEURISTIC: cuDNN's pick without timing every algorithm (the convolutions left run once per
+        # request, in vocoder_prepare, and an exhaustive search cost seconds of the first request);
+        # kSameAsRequested: the arena grows by what is asked, not by doubling (peak memory)
+        cuda_options = {"device_id": str(device_id), "cudnn_conv_algo_search": "HEURISTIC",
+                        "arena_extend_strategy": "kSameAsRequested",
                         "do_copy_in_default_stream": "1", "prefer_nhwc": "1", "cudnn_conv1d_pad_to_nc1d": "1"}
         if cuda_graph:
             cuda_options["enable_cuda_graph"] = "1"

@@ -53,10 +53,11 @@ class OrtCpuBackend(Backend):
         return feeds[state]
 
     def dit_loop(self, context, context_mask, latent, schedule, calls, guidance, progress: Progress = None):
-        cross_kv = self._run("dit_prepare", {"context": context})[0]
-        feeds = {"time_table": self._dit_time_table(schedule),
+        kv_names = [t.name for t in self.manifest.graph("dit_prepare").outputs]
+        feeds = dict(zip(kv_names, self._run("dit_prepare", {"context": context}), strict=True))
+        feeds |= {"time_table": self._dit_time_table(schedule),
                  "sigmas": padded_table(schedule.sigmas, self.manifest.buckets["dit_rows"] + 1, fill=0.0),
-                 "cross_kv": cross_kv, "context_mask": context_mask,
+                 "context_mask": context_mask,
                  "guidance": np.array([guidance], np.float32),
                  "latent": latent, "step": np.zeros(1, np.int64)}
         return self._step_loop("dit_step", "latent", feeds, calls, progress, "dit")

@@ -192,7 +192,8 @@ class OrtCudaBackend(Backend):
         loop = self._loop("dit_step", batch, frames, "latent", shared=("time_table", "sigmas"))
         self._set_dit_tables(schedule)
         b = loop.buffers
-        self._run_once("dit_prepare", {"context": context}, {"cross_kv": b["cross_kv"]})
+        prepare = self.manifest.graph("dit_prepare")  # K/V straight into the loop's buffers
+        self._run_once("dit_prepare", {"context": context}, {t.name: b[t.name] for t in prepare.outputs})
         b["context_mask"].update_inplace(np.ascontiguousarray(context_mask, np.bool_))
         b["guidance"].update_inplace(np.array([guidance], np.float32))
         b["latent"].update_inplace(np.ascontiguousarray(latent, np.float32))

@@ -352,7 +352,8 @@ class TensorRTBackend(Backend):
         loop = self._loop("dit_step", batch, frames, "latent", shared=("time_table", "sigmas"))
         self._set_dit_tables(schedule)
         b = loop.buffers
-        self._run_once("dit_prepare", {"context": context}, {"cross_kv": b["cross_kv"]}, batch=batch)
+        prepare = self.manifest.graph("dit_prepare")
+        self._run_once("dit_prepare", {"context": context}, {t.name: b[t.name] for t in prepare.outputs}, batch=batch)
         self._upload(b["context_mask"], context_mask)
         self._upload(b["guidance"], np.array([guidance], np.float32))
         self._upload(b["latent"], latent)
