@@ -28,12 +28,12 @@ __global__ void BiasNormKernel(const T* __restrict__ x, const T* __restrict__ in
   for (int i = 0; i < kMaxVec; ++i) {
     const int j = lane + 32 * i;
     if (j < vectors) {
-      const Vector a = xr[j];
+      const Vector a = xr[j], ib = reinterpret_cast<const Vector*>(input_bias)[j],
+                   nb = reinterpret_cast<const Vector*>(norm_bias)[j];
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        const int c = j * V + k;
-        y[i][k] = ToFloat(a.v[k]) + ToFloat(input_bias[c]);
-        const float d = y[i][k] - ToFloat(norm_bias[c]);
+        y[i][k] = ToFloat(a.v[k]) + ToFloat(ib.v[k]);
+        const float d = y[i][k] - ToFloat(nb.v[k]);
         squares += d * d;
       }
     }
@@ -76,7 +76,7 @@ void BiasNormCompute(OrtKernelContext* ctx, const KernelState&) {
           static_cast<const T*>(log_scale.data), static_cast<T*>(out.data), rows, static_cast<int>(width));
     };
     constexpr int V = WideVector<T>();
-    if (Vectorizable<T>(width, {x.data, out.data})) {
+    if (Vectorizable<T>(width, {x.data, out.data, input_bias.data, norm_bias.data})) {
       Require(width <= 32 * V * kNormVectorsPerLane, "BiasNorm: rows of at most " +
               std::to_string(32 * V * kNormVectorsPerLane) + " elements");
       launch(BiasNormKernel<T, V, kNormVectorsPerLane>);

@@ -31,12 +31,13 @@ __global__ void GatedSkipNormKernel(const T* __restrict__ x, const T* __restrict
   for (int i = 0; i < kMaxVec; ++i) {
     const int j = lane + 32 * i;
     if (j < vectors) {
-      const Vector a = xr[j], b = yr[j];
+      // the per-channel parameters as vectors too: scalar loads of them outnumbered the data's
+      const Vector a = xr[j], b = yr[j], g = reinterpret_cast<const Vector*>(gate)[j],
+                   c = reinterpret_cast<const Vector*>(bias)[j];
       Vector out;
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        const int d = j * V + k;
-        out.v[k] = FromFloat<T>(ToFloat(a.v[k]) + ToFloat(b.v[k]) * ToFloat(gate[d]) + ToFloat(bias[d]));
+        out.v[k] = FromFloat<T>(ToFloat(a.v[k]) + ToFloat(b.v[k]) * ToFloat(g.v[k]) + ToFloat(c.v[k]));
         s[i][k] = ToFloat(out.v[k]);
         total += s[i][k];
       }
@@ -60,12 +61,10 @@ __global__ void GatedSkipNormKernel(const T* __restrict__ x, const T* __restrict
   for (int i = 0; i < kMaxVec; ++i) {
     const int j = lane + 32 * i;
     if (j < vectors) {
+      const Vector g = reinterpret_cast<const Vector*>(gamma)[j], c = reinterpret_cast<const Vector*>(beta)[j];
       Vector out;
 #pragma unroll
-      for (int k = 0; k < V; ++k) {
-        const int d = j * V + k;
-        out.v[k] = FromFloat<T>((s[i][k] - mean) * rstd * ToFloat(gamma[d]) + ToFloat(beta[d]));
-      }
+      for (int k = 0; k < V; ++k) out.v[k] = FromFloat<T>((s[i][k] - mean) * rstd * ToFloat(g.v[k]) + ToFloat(c.v[k]));
       hr[j] = out;
     }
   }
@@ -98,7 +97,7 @@ void GatedSkipNormCompute(OrtKernelContext* ctx, const KernelState& state) {
                                                          static_cast<int>(width), state.epsilon);
     };
     constexpr int V = WideVector<T>();
-    if (Vectorizable<T>(width, {x.data, y.data, h.data, sum.data})) {
+    if (Vectorizable<T>(width, {x.data, y.data, h.data, sum.data, gate.data, bias.data, gamma.data, beta.data})) {
       Require(width <= 32 * V * kMaxVectorsPerLane, "GatedSkipNorm: rows of at most " +
               std::to_string(32 * V * kMaxVectorsPerLane) + " elements");
       launch(GatedSkipNormKernel<T, V, kMaxVectorsPerLane>);
