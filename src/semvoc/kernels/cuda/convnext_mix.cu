@@ -103,132 +103,17 @@ ConvNeXtMixKernel(const T* __restrict__ x, const T* __restrict__ weight, const T
   }
 }
 
-// The same for an even channel count, two adjacent channels per thread: 2-element vector loads
-// and stores (4 bytes in fp16, 8 in fp32) halve the memory instructions of the scalar kernel,
-// whose 2-byte accesses left it ~4x under the card's bandwidth at batch 16. 128 threads own
-// channel pairs p = threadIdx.x + 128 j.
-constexpr int kPairThreads = 128;
-constexpr int kPairsPerThread = kMixMaxChannels / (2 * kPairThreads);
-
-template <typename T, int K>
-__global__ void __launch_bounds__(kPairThreads)
-ConvNeXtMixPairKernel(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ bias,
-                      const T* __restrict__ norm_bias, const T* __restrict__ log_scale, const T* __restrict__ cond,
-                      const T* __restrict__ scale, T* __restrict__ out, int channels, int length,
-                      int64_t cond_stride, int64_t scale_stride) {
-  using Pair = Vec<T, 2>;
-  __shared__ float partial[kPairThreads / 32][kMixFrames];
-  __shared__ float inv_norm[kMixFrames];
-  const int b = blockIdx.y;
-  const int t0 = blockIdx.x * kMixFrames;
-  const int pairs = channels / 2;
-  const int64_t row = static_cast<int64_t>(pairs);  // a frame's row, in pairs
-  const Pair* xb = reinterpret_cast<const Pair*>(x) + static_cast<int64_t>(b) * length * row;
-
-  float y[kPairsPerThread][2][kMixFrames];
-  float sumsq[kMixFrames];
-#pragma unroll
-  for (int f = 0; f < kMixFrames; ++f) sumsq[f] = 0.f;
-
-#pragma unroll
-  for (int j = 0; j < kPairsPerThread; ++j) {
-    const int p = threadIdx.x + j * kPairThreads;
-    if (p < pairs) {
-      float window[2][kMixFrames + K - 1];
-#pragma unroll
-      for (int i = 0; i < kMixFrames + K - 1; ++i) {
-        const int s = t0 - K / 2 + i;
-        if (s >= 0 && s < length) {
-          const Pair v = xb[s * row + p];
-          window[0][i] = ToFloat(v.v[0]);
-          window[1][i] = ToFloat(v.v[1]);
-        } else {
-          window[0][i] = window[1][i] = 0.f;
-        }
-      }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int c = 2 * p + h;
-        float w[K];
-#pragma unroll
-        for (int k = 0; k < K; ++k) w[k] = ToFloat(weight[c * K + k]);
-        const float conv_bias = ToFloat(bias[c]), centre = ToFloat(norm_bias[c]);
-#pragma unroll
-        for (int f = 0; f < kMixFrames; ++f) {
-          float acc = conv_bias;
-#pragma unroll
-          for (int k = 0; k < K; ++k) acc += w[k] * window[h][f + k];
-          y[j][h][f] = acc;
-          const float d = acc - centre;
-          sumsq[f] += d * d;
-        }
-      }
-    }
-  }
-
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-#pragma unroll
-  for (int f = 0; f < kMixFrames; ++f) {
-    const float v = WarpSum(sumsq[f]);
-    if (lane == 0) partial[warp][f] = v;
-  }
-  __syncthreads();
-  if (threadIdx.x < kMixFrames) {
-    float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < kPairThreads / 32; ++w) total += partial[w][threadIdx.x];
-    inv_norm[threadIdx.x] = rsqrtf(total / channels) * expf(ToFloat(log_scale[0]));
-  }
-  __syncthreads();
-
-  const Pair* cb = reinterpret_cast<const Pair*>(cond + b * cond_stride);
-  const Pair* sb = reinterpret_cast<const Pair*>(scale + b * scale_stride);
-  Pair* ob = reinterpret_cast<Pair*>(out) + static_cast<int64_t>(b) * length * row;
-#pragma unroll
-  for (int j = 0; j < kPairsPerThread; ++j) {
-    const int p = threadIdx.x + j * kPairThreads;
-    if (p < pairs) {
-      const Pair ts = sb[p];
-      const float scale0 = ToFloat(ts.v[0]), scale1 = ToFloat(ts.v[1]);
-#pragma unroll
-      for (int f = 0; f < kMixFrames; ++f) {
-        const int t = t0 + f;
-        if (t < length) {
-          const int64_t i = t * row + p;
-          const Pair c = cb[i];
-          Pair o;
-          o.v[0] = FromFloat<T>((y[j][0][f] * inv_norm[f] + ToFloat(c.v[0])) * scale0);
-          o.v[1] = FromFloat<T>((y[j][1][f] * inv_norm[f] + ToFloat(c.v[1])) * scale1);
-          ob[i] = o;
-        }
-      }
-    }
-  }
-}
-
 template <typename T, int K>
 static void Launch(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& norm_bias,
                    const Tensor& log_scale, const Tensor& cond, const Tensor& scale, Tensor& out,
                    int64_t cond_stride, int64_t scale_stride, cudaStream_t stream) {
   const int64_t batch = x.dim(0), length = x.dim(1), channels = x.dim(2);
   const dim3 grid(static_cast<unsigned>((length + kMixFrames - 1) / kMixFrames), static_cast<unsigned>(batch));
-  // pairs need an even C and 2-element alignment of every buffer (cond and scale at their offsets)
-  const bool paired = channels % 2 == 0 && cond_stride % 2 == 0 && scale_stride % 2 == 0 &&
-                      [&] {
-                        for (const void* p : {x.data, cond.data, scale.data, out.data}) {
-                          if (reinterpret_cast<uintptr_t>(p) % (2 * sizeof(T)) != 0) return false;
-                        }
-                        return true;
-                      }();
-  auto launch = [&](auto kernel, int threads) {
-    kernel<<<grid, threads, 0, stream>>>(
-        static_cast<const T*>(x.data), static_cast<const T*>(weight.data), static_cast<const T*>(bias.data),
-        static_cast<const T*>(norm_bias.data), static_cast<const T*>(log_scale.data), static_cast<const T*>(cond.data),
-        static_cast<const T*>(scale.data), static_cast<T*>(out.data), static_cast<int>(channels),
-        static_cast<int>(length), cond_stride, scale_stride);
-  };
-  if (paired) launch(ConvNeXtMixPairKernel<T, K>, kPairThreads);
-  else launch(ConvNeXtMixKernel<T, K>, kMixThreads);
+  ConvNeXtMixKernel<T, K><<<grid, kMixThreads, 0, stream>>>(
+      static_cast<const T*>(x.data), static_cast<const T*>(weight.data), static_cast<const T*>(bias.data),
+      static_cast<const T*>(norm_bias.data), static_cast<const T*>(log_scale.data), static_cast<const T*>(cond.data),
+      static_cast<const T*>(scale.data), static_cast<T*>(out.data), static_cast<int>(channels),
+      static_cast<int>(length), cond_stride, scale_stride);
 }
 
 void ConvNeXtMixCompute(OrtKernelContext* ctx, const KernelState& state) {
