@@ -146,10 +146,10 @@ def test_long_prompt_is_truncated_with_a_warning(pipe):
 def test_unsupported_duration_and_steps(demo_engine, tmp_path, capsys):
     code, err = _run(["--engine", str(demo_engine), "--prompt", "x", "--out", str(tmp_path / "a.wav"),
                       "--duration", "7"], capsys)
-    assert code == 1 and "not an exported bucket" in err and "1 s" in err
+    assert code == 2 and "--duration 7: is not an exported bucket" in err and "1 s" in err
     code, err = _run(["--engine", str(demo_engine), "--prompt", "x", "--out", str(tmp_path / "a.wav"),
                       "--steps", "500"], capsys)
-    assert code == 1 and "outside 1..40" in err
+    assert code == 2 and "--steps 500:" in err and "at most 40" in err and "--max-steps 500" in err
 
 
 def test_batch_over_the_bucket_on_padding_backends(pipe):
@@ -209,7 +209,7 @@ def test_output_path_that_cannot_be_written(demo_engine, tmp_path, capsys):
     blocker.write_text("x")  # a file where the output directory should be
     code, err = _run(["--engine", str(demo_engine), "--prompt", "x", "--out", str(blocker / "a.wav"), *SHORT],
                      capsys)
-    assert code == 1 and "error" in err
+    assert code == 2 and f"{blocker} is a file, not a directory" in err
 
 
 def test_nan_in_a_loop_names_the_graph_and_step(pipe, monkeypatch):
@@ -291,7 +291,7 @@ def test_written_wav_is_atomic(tmp_path, monkeypatch):
 
     import soundfile
 
-    monkeypatch.setattr(soundfile, "write", failing_write)
+    monkeypatch.setattr(soundfile.SoundFile, "write", failing_write)
     with pytest.raises(OSError):
         audio_mod.write_wav_atomic(tmp_path / "x.wav", np.zeros(10, np.float32), 24000)
     assert list(Path(tmp_path).iterdir()) == []

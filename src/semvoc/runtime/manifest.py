@@ -143,6 +143,9 @@ def load_manifest(root: str | Path, verify: bool = True) -> Manifest:
     """Read and check an engine directory; ``verify`` also checks every file's sha256."""
     root = Path(root)
     path = root / MANIFEST
+    if root.exists() and not root.is_dir():
+        raise EngineError(f"{root} is a file, not an engine directory: pass the directory that "
+                          "semvoc-export wrote (the one holding manifest.json)")
     if not root.is_dir():
         raise EngineError(f"engine directory not found: {root}. Create one with "
                           "`semvoc-export --preset demo --out DIR` (or --checkpoint PATH).")
@@ -150,9 +153,11 @@ def load_manifest(root: str | Path, verify: bool = True) -> Manifest:
         raise EngineError(f"{root} has no {MANIFEST}: not an engine directory (or an interrupted "
                           "export). Re-run semvoc-export.")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise EngineError(f"{path} is not valid JSON ({err}); re-export the engine") from err
+    if not isinstance(data, dict):
+        raise EngineError(f"{path} is not an engine manifest (a JSON object); re-export the engine")
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
         raise EngineError(
@@ -162,6 +167,8 @@ def load_manifest(root: str | Path, verify: bool = True) -> Manifest:
     for key in ("graphs", "files", "defaults", "buckets", "shapes", "model"):
         if key not in data:
             raise EngineError(f"{path} lacks {key!r}; re-export the engine")
+    if not isinstance(data["files"], dict):
+        raise EngineError(f"{path} is malformed ('files' is not a mapping); re-export the engine")
     if verify:
         problems = []
         for rel, digest in data["files"].items():
@@ -173,4 +180,8 @@ def load_manifest(root: str | Path, verify: bool = True) -> Manifest:
         if problems:
             raise EngineError(f"engine {root} failed verification:\n  " + "\n  ".join(problems)
                               + "\nRe-export the engine; do not edit engine files by hand.")
-    return Manifest(root, data)
+    try:
+        return Manifest(root, data)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise EngineError(f"{path} is malformed ({type(err).__name__}: {err}); re-export the engine; do not "
+                          "edit engine files by hand") from err
