@@ -23,8 +23,8 @@ Prompts longer than the engine's text bucket are truncated with a warning.
 
 --audio takes a recording of any length: it is resynthesised in windows of the --duration
 bucket that overlap by 1 s (a quarter of the window at most) and are crossfaded, read and
-written block by block (memory holds --batch-size windows, default the largest exported
-bucket); the output has the input's duration at the engine's sample rate.
+written block by block (memory holds --batch-size windows: default the largest exported
+bucket on a GPU, 1 on the CPU); the output has the input's duration at the engine's rate.
 
 exit status (one rule, whether a problem is found before or after the engine loads):
   0    done
