@@ -145,7 +145,7 @@ def test_long_prompt_is_truncated_with_a_warning(pipe):
 
 def test_unsupported_duration_and_steps(demo_engine, tmp_path, capsys):
     code, err = _run(["--engine", str(demo_engine), "--prompt", "x", "--out", str(tmp_path / "a.wav"),
-                      "--duration", "7"], capsys)
+                      "--duration", "7", *SHORT], capsys)
     assert code == 2 and "--duration 7: is not an exported bucket" in err and "1 s" in err
     code, err = _run(["--engine", str(demo_engine), "--prompt", "x", "--out", str(tmp_path / "a.wav"),
                       "--steps", "500"], capsys)
@@ -261,7 +261,8 @@ def test_ctrl_c_leaves_no_partial_file(demo_engine, tmp_path, monkeypatch, capsy
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Pipeline, "generate", interrupted)
-    code, err = _run(["--engine", str(demo_engine), "--prompt", "x", "--out", str(tmp_path / "a.wav")], capsys)
+    code, err = _run(["--engine", str(demo_engine), "--prompt", "x", "--out", str(tmp_path / "a.wav"), *SHORT],
+                     capsys)
     assert code == 130 and "interrupted" in err
     assert list(tmp_path.iterdir()) == []
 
@@ -465,6 +466,24 @@ def test_an_internal_error_is_one_line_that_points_to_debug(demo_engine, tmp_pat
         raise ZeroDivisionError("division by zero")
 
     monkeypatch.setattr(Pipeline, "generate", broken)
-    code, err = _run(["--engine", str(demo_engine), "--prompt", "x", "--out", str(tmp_path / "a.wav")], capsys)
+    code, err = _run(["--engine", str(demo_engine), "--prompt", "x", "--out", str(tmp_path / "a.wav"), *SHORT],
+                     capsys)
     assert code == 1 and "ZeroDivisionError: division by zero" in err and "--debug" in err
     assert err.strip().count("\n") == 1  # the untrained-model note, then the error
+
+
+def test_audio_with_nan_samples_is_refused_by_name(demo_engine, tmp_path, capsys):
+    samples = np.zeros(48000, np.float32)
+    samples[30000] = np.nan  # 1.25 s into a 2-s recording: found while reading the second window
+    sf.write(tmp_path / "nan.wav", samples, 24000, subtype="FLOAT")
+    code, err = _run(["--engine", str(demo_engine), "--audio", str(tmp_path / "nan.wav"), "--out",
+                      str(tmp_path / "o.wav"), "--vocoder-steps", "2", "--quiet"], capsys)
+    assert code == 2 and "nan.wav holds NaN or infinite samples (the first at 1.250 s)" in err
+    assert "fp16" not in err and sorted(p.name for p in tmp_path.iterdir()) == ["nan.wav"]  # no partial output
+
+
+def test_a_default_step_count_beyond_the_engines_tables_names_the_option(demo_engine, tmp_path, capsys):
+    manifest = json.loads((demo_engine / "manifest.json").read_text())
+    assert manifest["defaults"]["steps"] == 100 and manifest["buckets"]["max_dit_steps"] == 40
+    code, err = _run(["--engine", str(demo_engine), "--prompt", "x", "--out", str(tmp_path / "a.wav")], capsys)
+    assert code == 2 and "--steps 100: is the engine's default" in err and "give 1..40" in err

@@ -93,6 +93,14 @@ def _zero_padded(x: np.ndarray, a: int, b: int) -> np.ndarray:
     return out
 
 
+def _check_finite(samples: np.ndarray, offset: int, sample_rate: int, name: str) -> None:
+    bad = np.flatnonzero(~np.isfinite(samples))
+    if bad.size:
+        at = (offset + int(bad[0])) / sample_rate
+        raise ValueError(f"{name} holds NaN or infinite samples (the first at {at:.3f} s): "
+                         "repair or re-export the recording")
+
+
 class AudioSource:
     """A mono signal read forward in blocks: from a file (bounded memory) or from an array.
 
@@ -101,8 +109,9 @@ class AudioSource:
     ``read16(start, count)`` is the same signal resampled to another rate, span by span.
     """
 
-    def __init__(self, frames: int, sample_rate: int, reader=None, array: np.ndarray | None = None):
-        self.frames, self.sample_rate = int(frames), int(sample_rate)
+    def __init__(self, frames: int, sample_rate: int, reader=None, array: np.ndarray | None = None,
+                 name: str = "the waveform"):
+        self.frames, self.sample_rate, self.name = int(frames), int(sample_rate), name
         self._reader = reader  # a soundfile.SoundFile, read sequentially (no seeking)
         self._array = array
         self._buffer = np.zeros(0, np.float32)
@@ -111,6 +120,7 @@ class AudioSource:
     @classmethod
     def from_array(cls, waveform: np.ndarray, sample_rate: int) -> AudioSource:
         waveform = np.asarray(waveform, np.float32)
+        _check_finite(waveform, 0, sample_rate, "the waveform")
         return cls(waveform.shape[-1], sample_rate, array=waveform)
 
     def read(self, a: int, b: int) -> np.ndarray:
@@ -124,7 +134,9 @@ class AudioSource:
             block = self._reader.read(want - end, dtype="float32", always_2d=True)
             if block.shape[0] < want - end:  # the header promised more than the file holds
                 self.frames = end + block.shape[0]
-            self._buffer = np.concatenate([self._buffer, block.mean(axis=1, dtype=np.float32)])
+            mono = block.mean(axis=1, dtype=np.float32)
+            _check_finite(mono, end, self.sample_rate, self.name)
+            self._buffer = np.concatenate([self._buffer, mono])
         drop = max(0, min(a, self._buffer_start + self._buffer.size) - self._buffer_start)
         self._buffer, self._buffer_start = self._buffer[drop:], self._buffer_start + drop
         out = np.zeros(b - a, np.float32)
@@ -155,6 +167,8 @@ def open_audio(path: str | os.PathLike) -> AudioSource:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"--audio {path} is a directory; give one audio file (WAV, FLAC or OGG)")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"--audio {path} is not a regular file (a device or a pipe?); give an audio file")
     if not path.is_file():
         raise FileNotFoundError(f"audio file not found: {path}")
     try:
@@ -164,7 +178,7 @@ def open_audio(path: str | os.PathLike) -> AudioSource:
     if reader.frames <= 0:
         reader.close()
         raise ValueError(f"audio file {path} is empty (0 samples)")
-    return AudioSource(reader.frames, reader.samplerate, reader=reader)
+    return AudioSource(reader.frames, reader.samplerate, reader=reader, name=str(path))
 
 
 def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:

@@ -182,7 +182,7 @@ def _run(args, parser) -> int:
     pipe = Pipeline(args.engine, args.backend, device_id=args.device_id, verify=not args.no_verify,
                     threads=args.threads)
     pipe.check(seed=args.seed, steps=args.steps, vocoder_steps=args.vocoder_steps, guidance=args.guidance,
-               duration=args.duration)
+               duration=args.duration, text=not args.audio)
     if pipe.manifest.untrained:
         print(f"semvoc-run: note: {pipe.manifest.data['model']['source']}: the audio will be noise-like",
               file=sys.stderr)

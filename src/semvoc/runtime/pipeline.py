@@ -31,7 +31,7 @@ from semvoc.runtime.audio import AudioSource, open_audio, wav_writer
 from semvoc.runtime.backends.base import Backend, NonFiniteError, Progress
 from semvoc.runtime.manifest import EngineError, Manifest, load_manifest
 from semvoc.runtime.noise import batch_noise, prompt_noise
-from semvoc.runtime.request import Request, RequestError, check_duration, check_request, check_seed, check_steps
+from semvoc.runtime.request import Request, RequestError, check_request
 from semvoc.runtime.schedules import dit_schedule, vocoder_t_span
 from semvoc.runtime.select import make_backend
 from semvoc.runtime.tokenizer import TextTokenizer
@@ -90,10 +90,12 @@ class Pipeline:
         self.sample_rate = int(self.defaults["sample_rate"])
 
     # ---------------------------------------------------------------------------- checks
-    def check(self, *, seed=0, steps=None, vocoder_steps=None, guidance=None, duration=None) -> Request:
-        """The request's parameters checked against this engine (``RequestError`` names the bad one)."""
+    def check(self, *, seed=0, steps=None, vocoder_steps=None, guidance=None, duration=None,
+              text: bool = True) -> Request:
+        """The request's parameters checked against this engine (``RequestError`` names the bad one);
+        ``text=False`` for resynthesis (no DiT steps, no guidance)."""
         return check_request(self.manifest, seed=seed, steps=steps, vocoder_steps=vocoder_steps,
-                             guidance=guidance, duration=duration)
+                             guidance=guidance, duration=duration, text=text)
 
     def _batch_bucket(self, batch: int) -> int:
         if not self.backend.pads_batches:
@@ -202,8 +204,8 @@ class Pipeline:
 
         Reads, resamples and writes block by block: memory holds one batch of windows
         (``batch_size``: default the largest exported batch bucket on a GPU, 1 on the CPU),
-        whatever the length. The WAV
-        appears at ``out_path`` only when complete. ``on_window(done, total)`` follows progress."""
+        whatever the length. The WAV appears at ``out_path`` only when complete (16-bit PCM;
+        RF64 past 4 GiB). ``on_window(done, total)`` follows progress."""
         source = open_audio(audio_path)
         try:
             plan, request, batch = self._plan(source, seed, vocoder_steps, duration, batch_size)
@@ -227,9 +229,7 @@ class Pipeline:
             raise RequestError("batch_size", batch_size, "must be a whole number >= 1")
         if self.backend.pads_batches and batch > max(buckets):
             raise RequestError("batch_size", batch, f"exceeds the largest exported batch bucket {max(buckets)}")
-        request = Request(seed=check_seed(seed), steps=0,
-                          vocoder_steps=check_steps(self.manifest, vocoder_steps, vocoder=True),
-                          guidance=0.0, duration=check_duration(self.manifest, duration))
+        request = self.check(seed=seed, vocoder_steps=vocoder_steps, duration=duration, text=False)
         shapes = self.manifest.shapes
         plan = plan_windows(source.frames, source.sample_rate, self.sample_rate, self.manifest.frames(request.duration),
                             shapes["frames_per_second"], shapes["samples_per_frame"], shapes["semantic_sample_rate"])
@@ -238,7 +238,7 @@ class Pipeline:
     def _windows(self, source: AudioSource, plan: WindowPlan, request: Request, batch: int,
                  timings: dict[str, float], audio_noise=None, progress: Progress = None,
                  on_window: Callable[[int, int], None] | None = None):
-        """The output, block by block, of every window of ``plan`` (``batch_size`` windows per run)."""
+        """The final output, block by block, of every window of ``plan`` (``batch`` windows per run)."""
         rate16 = self.manifest.shapes["semantic_sample_rate"]
         channels = self.manifest.shapes["latent_channels"]
         samples = plan.window_samples

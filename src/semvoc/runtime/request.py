@@ -52,10 +52,15 @@ def check_steps(manifest: Manifest, value, *, vocoder: bool = False) -> int:
     """A DiT (or vocoder) step count: the engine's default when ``value`` is None."""
     name = "vocoder_steps" if vocoder else "steps"
     defaults, buckets = manifest.defaults, manifest.buckets
-    if value is None:
-        return int(defaults[name])
-    steps = _integer(name, value)
     limit = int(buckets["max_vocoder_steps" if vocoder else "max_dit_steps"])
+    if value is None:
+        steps = int(defaults[name])
+        if steps > limit:  # an engine exported with smaller tables than its default needs
+            raise RequestError(name, steps, f"is the engine's default, but its tables hold at most {limit} steps: "
+                                            f"give 1..{limit}, or re-export the engine with a larger "
+                                            f"--max-{'vocoder-' if vocoder else ''}steps")
+        return steps
+    steps = _integer(name, value)
     if steps < 1:
         raise RequestError(name, steps, f"must be at least 1 (the engine's default is {defaults[name]})")
     if steps > limit:
@@ -106,15 +111,17 @@ class Request:
     """A checked request, every parameter resolved against the engine's defaults."""
 
     seed: int
-    steps: int
+    steps: int | None  # None for resynthesis (no DiT)
     vocoder_steps: int
-    guidance: float
+    guidance: float | None  # None for resynthesis
     duration: float
 
 
 def check_request(manifest: Manifest, *, seed=0, steps=None, vocoder_steps=None, guidance=None,
-                  duration=None) -> Request:
-    """Every parameter of a request checked against ``manifest``; raises :class:`RequestError`."""
-    return Request(seed=check_seed(seed), steps=check_steps(manifest, steps),
+                  duration=None, text: bool = True) -> Request:
+    """Every parameter of a request checked against ``manifest``; raises :class:`RequestError`.
+    ``text=False`` checks a resynthesis request, which has no DiT steps and no guidance."""
+    return Request(seed=check_seed(seed), steps=check_steps(manifest, steps) if text else None,
                    vocoder_steps=check_steps(manifest, vocoder_steps, vocoder=True),
-                   guidance=check_guidance(manifest, guidance), duration=check_duration(manifest, duration))
+                   guidance=check_guidance(manifest, guidance) if text else None,
+                   duration=check_duration(manifest, duration))
