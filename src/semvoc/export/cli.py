@@ -194,6 +194,8 @@ def check_inputs(args) -> None:
                          ("--tokenizer", args.tokenizer), ("--t5-config", args.t5_config)):
         if path is not None and not path.exists():
             raise FileNotFoundError(f"{option} {path}: not found")
+    if args.preset and args.t5_config:
+        raise ValueError("--t5-config describes the T5 of a --checkpoint; a --preset has its own (drop --t5-config)")
     if args.checkpoint is not None and args.checkpoint.is_file():
         raise ValueError(f"--checkpoint {args.checkpoint} is a file: pass the folder that holds config.json "
                          "and model.safetensors (the ZeyuXie/SemanticVocoder layout)")

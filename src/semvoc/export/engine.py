@@ -98,7 +98,10 @@ def _export_lock(out: Path):
     tell a partial folder of a dead export from one still being written."""
     out = out.resolve()
     lock = _lock_file(out.parent, out.name, os.getpid())
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    except OSError as err:
+        raise ExportError(f"cannot write to {out.parent} ({err.strerror}); choose a writable --out") from err
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": platform.node(), "out": str(out),

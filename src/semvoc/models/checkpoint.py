@@ -75,9 +75,13 @@ def read_tensors(path: str | Path, allow_pickle: bool = False) -> dict[str, torc
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=not allow_pickle)
     except Exception as err:
-        raise CheckpointError(
-            f"cannot read {path} as a weights-only torch file ({type(err).__name__}: {err}). If you "
-            "trust this file, rerun with --trust-checkpoint to allow pickled objects.") from err
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not allow_pickle and "weights only" in str(err).lower():
+            raise CheckpointError(
+                f"{path} holds pickled Python objects besides tensors, which a weights-only load refuses. "
+                "If you trust this file, rerun with --trust-checkpoint to allow them.") from err
+        raise CheckpointError(f"cannot read {path} as torch weights ({type(err).__name__}: {detail}): pass a "
+                              ".pt or .safetensors file of weights") from err
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
