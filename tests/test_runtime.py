@@ -487,3 +487,20 @@ def test_a_default_step_count_beyond_the_engines_tables_names_the_option(demo_en
     assert manifest["defaults"]["steps"] == 100 and manifest["buckets"]["max_dit_steps"] == 40
     code, err = _run(["--engine", str(demo_engine), "--prompt", "x", "--out", str(tmp_path / "a.wav")], capsys)
     assert code == 2 and "--steps 100: is the engine's default" in err and "give 1..40" in err
+
+
+def test_sigterm_during_long_audio_leaves_no_partial_file(demo_engine, tmp_path):
+    import signal
+    import time
+
+    _noise_wav(tmp_path / "long.wav", 600, rate=16000, channels=1)
+    proc = subprocess.Popen([sys.executable, "-m", "semvoc.runtime.cli", "--engine", str(demo_engine), "--audio",
+                             str(tmp_path / "long.wav"), "--out", str(tmp_path / "o.wav"), "--vocoder-steps", "2",
+                             "--quiet"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".o.wav.*.tmp")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)  # until the output's temp file exists: the run is writing
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "terminated" in err and "no partial file" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.wav"]

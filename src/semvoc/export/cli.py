@@ -41,7 +41,8 @@ it anyway). Nothing is ever downloaded.
 
 exit status: 0 the engine was written; 2 nothing was written because an option, an input
 (checkpoint, tokenizer, config) or --out cannot be used, or parity failed (the message says
-what to change); 1 an internal error; 130 interrupted. --debug shows the Python traceback.
+what to change); 1 an internal error; 130 interrupted (143 for SIGTERM). --debug shows the
+Python traceback.
 """
 
 #: what semvoc-export imports beyond the runtime: the `export` extra
@@ -248,18 +249,32 @@ def load_source(args):
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    from semvoc.runtime.cli import Terminated
+
+    def terminate(signum, frame):
+        raise Terminated
+
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()  # signals: main thread only
+    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None  # `kill` cleans up as Ctrl-C
     try:
         return _main(args)
-    except KeyboardInterrupt:
-        print("semvoc-export: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        print(f"semvoc-export: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}; nothing was "
+              "written", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
     except Exception as err:
         if args.debug:
             raise
         code, message = error_message(err)
         print(f"semvoc-export: error: {message}", file=sys.stderr)
         return code
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def error_message(err: Exception) -> tuple[int, str]:

@@ -223,8 +223,11 @@ def wav_writer(path: str | os.PathLike, sample_rate: int, expected_samples: int 
     import soundfile as sf
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:  # name the output, not the temp file
+        raise OSError(f"cannot write {path} ({err.strerror}); choose another output") from err
     os.close(fd)
     try:
         container = "RF64" if 2 * expected_samples + 44 > WAV_MAX_BYTES else "WAV"

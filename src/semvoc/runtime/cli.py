@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,7 +34,7 @@ exit status (one rule, whether a problem is found before or after the engine loa
        engine's range), or an input file, output path or engine directory that cannot be used;
        the message names the option or file and what to change
   1    the run failed while generating or writing (NaN/Inf, disk full, an internal error)
-  130  interrupted (Ctrl-C); finished files are complete, no partial file is left
+  130  interrupted (Ctrl-C; 143 for SIGTERM); finished files are complete, no partial file is left
 --debug shows the Python traceback of any error.
 """
 
@@ -116,18 +118,31 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --out or --out-dir, not both")
     if not args.out and not args.out_dir:
         parser.error("give --out FILE.wav or --out-dir DIR")
+    main_thread = threading.current_thread() is threading.main_thread()  # signals: main thread only
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # `kill` cleans up as Ctrl-C
     try:
         return _run(args, parser)
-    except KeyboardInterrupt:
-        print("\nsemvoc-run: interrupted; finished files are complete, no partial file was written",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        print(f"\nsemvoc-run: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}; finished files "
+              "are complete, no partial file was written", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
     except Exception as err:
         if args.debug:
             raise
         code, message = error_message(err)
         print(f"semvoc-run: error: {message}", file=sys.stderr)
         return code
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be so that temp files are removed the same way."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
 
 
 #: exit status of a command that cannot be served as given (argparse's own usage errors give 2 too)
@@ -206,6 +221,7 @@ def _run(args, parser) -> int:
 
 def _check_writable(folder: Path) -> None:
     import os
+    import tempfile
 
     target = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
     if not target.is_dir():
@@ -213,6 +229,11 @@ def _check_writable(folder: Path) -> None:
                                  "choose another output")
     if not os.access(target, os.W_OK):
         raise PermissionError(f"cannot write to {folder}: permission denied; choose another output")
+    if target == folder:  # os.access answers for root even on read-only mounts: try it
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as err:
+            raise PermissionError(f"cannot write to {folder} ({err.strerror}); choose another output") from err
 
 
 def _resynthesize(args, pipe) -> tuple[int, float]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,30 @@ class Manifest:
         return round(duration_s * self.shapes["frames_per_second"])
 
 
+#: entries the runtime reads, and what each must be (the manifest is not in its own sha256 list)
+_NUMBERS = {"buckets": ("text_tokens", "max_dit_steps", "max_vocoder_steps", "dit_rows", "vocoder_rows"),
+            "defaults": ("steps", "vocoder_steps", "guidance", "sway", "noise_scale", "sample_rate"),
+            "shapes": ("latent_channels", "samples_per_frame", "frames_per_second", "semantic_sample_rate")}
+
+
+def _check_entries(path: Path, data: dict) -> None:
+    def bad(entry: str) -> EngineError:
+        return EngineError(f"{path} is malformed ({entry}); re-export the engine; do not edit engine files by hand")
+
+    for section, keys in _NUMBERS.items():
+        if not isinstance(data[section], dict):
+            raise bad(f"{section!r} is not a mapping")
+        for key in keys:
+            value = data[section].get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(f"{section}.{key} = {value!r}")
+    for key in ("batch_sizes", "durations_s"):
+        values = data["buckets"].get(key)
+        if not isinstance(values, list) or not values or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+            raise bad(f"buckets.{key} = {values!r}")
+
+
 def load_manifest(root: str | Path, verify: bool = True) -> Manifest:
     """Read and check an engine directory; ``verify`` also checks every file's sha256."""
     root = Path(root)
@@ -169,6 +194,7 @@ def load_manifest(root: str | Path, verify: bool = True) -> Manifest:
             raise EngineError(f"{path} lacks {key!r}; re-export the engine")
     if not isinstance(data["files"], dict):
         raise EngineError(f"{path} is malformed ('files' is not a mapping); re-export the engine")
+    _check_entries(path, data)
     if verify:
         problems = []
         for rel, digest in data["files"].items():
