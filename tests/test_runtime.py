@@ -420,9 +420,9 @@ def test_request_errors_in_the_python_api(pipe):
         pipe.generate(["x"], steps=0)
     assert (err.value.name, err.value.value) == ("steps", 0) and "at least 1" in err.value.problem
     with pytest.raises(RequestError, match="seed"):
-        pipe.generate(["x"], seed=-1)
+        pipe.generate(["x"], seed=-1, steps=2, vocoder_steps=2)
     with pytest.raises(RequestError, match="guidance"):
-        pipe.generate(["x"], guidance=float("inf"))
+        pipe.generate(["x"], guidance=float("inf"), steps=2, vocoder_steps=2)
     with pytest.raises(RequestError, match="whole number"):
         pipe.resynthesize(np.zeros(100, np.float32), 16000, vocoder_steps=2.5)
 
@@ -504,3 +504,11 @@ def test_sigterm_during_long_audio_leaves_no_partial_file(demo_engine, tmp_path)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "terminated" in err and "no partial file" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["long.wav"]
+
+
+def test_hand_edited_manifest_entries_are_named(engine_copy, tmp_path, capsys):
+    manifest = json.loads((engine_copy / "manifest.json").read_text())
+    manifest["buckets"]["durations_s"] = []  # the manifest is not in its own sha256 list: checked by shape
+    (engine_copy / "manifest.json").write_text(json.dumps(manifest))
+    code, err = _run(["--engine", str(engine_copy), "--prompt", "x", "--out", str(tmp_path / "a.wav"), *SHORT], capsys)
+    assert code == 2 and "malformed (buckets.durations_s = [])" in err and "Traceback" not in err

@@ -182,22 +182,13 @@ def open_audio(path: str | os.PathLike) -> AudioSource:
 
 
 def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """Read any soundfile-supported file as mono float32 ``[samples]`` and its sample rate.
-
-    Channels are averaged, as the official ``DashengEncoderWrapper`` does.
-    """
-    import soundfile as sf
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"audio file not found: {path}")
+    """A whole file as mono float32 ``[samples]`` and its sample rate (``open_audio`` reads it in
+    blocks instead). Channels are averaged, as the official ``DashengEncoderWrapper`` does."""
+    source = open_audio(path)
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as err:  # soundfile raises its own LibsndfileError
-        raise ValueError(f"cannot read audio file {path}: {err}. Use WAV, FLAC or OGG.") from err
-    if data.shape[0] == 0:
-        raise ValueError(f"audio file {path} is empty (0 samples)")
-    return data.mean(axis=1).astype(np.float32), int(rate)
+        return source.read(0, source.frames), source.sample_rate
+    finally:
+        source.close()
 
 
 def write_wav_atomic(path: str | os.PathLike, waveform: np.ndarray, sample_rate: int) -> Path:

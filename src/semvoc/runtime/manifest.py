@@ -153,8 +153,10 @@ def _check_entries(path: Path, data: dict) -> None:
     for section, keys in _NUMBERS.items():
         if not isinstance(data[section], dict):
             raise bad(f"{section!r} is not a mapping")
-        for key in keys:
-            value = data[section].get(key)
+        for key in keys:  # a missing one is reported where it is needed
+            if key not in data[section]:
+                continue
+            value = data[section][key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise bad(f"{section}.{key} = {value!r}")
     for key in ("batch_sizes", "durations_s"):
