@@ -1,7 +1,7 @@
 """Merge results JSONs of several runs on one machine into one results file.
 
-A device session caps a command at 10 minutes, so a GPU session runs the harness once per batch
-size (each run measures its systems side by side). This writes those runs as one
+Where a command's run time is capped, the harness runs once per batch size (each run measures
+its systems side by side). This writes those runs as one
 ``<card>-<date>`` file: rows and ratios are concatenated as measured (every ratio stays within
 its own run, every row keeps the ``x_floor`` of its own run's matmul rate), the floor's per-batch
 entries are joined, the targets re-checked. Runs of different cards, drivers, engines or

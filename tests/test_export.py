@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -250,3 +253,115 @@ def test_parity_samples_keep_consecutive_steps_inside_the_schedule():
         assert float(feeds["t_span"][start + 2]) < 1.0
         starts.add(start)
     assert starts == set(range(6))  # and every legal start is drawn
+
+
+# ----------------------------------------------------------------------------- no tracebacks, stale partials
+
+
+def _demo_checkpoint(folder: Path) -> Path:
+    """A checkpoint folder of the official layout with a valid config.json (demo shapes)."""
+    import dataclasses
+
+    from semvoc.models.config import preset
+    from tests.test_models import _official_config
+
+    cfg = dataclasses.replace(preset("demo"), semantic=None)
+    folder.mkdir()
+    config = _official_config(cfg)
+    config["model_config"]["autoencoder"]["encoder_name"] = "none"
+    config["model_config"]["content_encoder"]["text_encoder"]["t5_config"] = cfg.text.t5
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_corrupt_safetensors_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    ckpt = _demo_checkpoint(tmp_path / "ckpt")
+    (ckpt / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json" + bytes(64))
+    args = ["--checkpoint", str(ckpt), "--out", str(tmp_path / "o")]
+    assert export_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"cannot read {ckpt / 'model.safetensors'}" in err and "download it again" in err
+    from semvoc.models.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError):  # --debug: the exception propagates with its traceback
+        export_main([*args, "--debug"])
+    assert not (tmp_path / "o").exists() and _nothing_left(tmp_path)
+
+
+def test_damaged_config_and_tokenizer_name_the_file(tmp_path, capsys):
+    ckpt = _demo_checkpoint(tmp_path / "ckpt")
+    (ckpt / "config.json").write_text("{\"model_config\": ")
+    assert export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{ckpt / 'config.json'}" in err and "not valid JSON" in err and "Traceback" not in err
+    bad = tmp_path / "tok"
+    bad.mkdir()
+    (bad / "tokenizer.json").write_text("[1, 2")
+    assert export_main(["--preset", "demo", "--tokenizer", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read the tokenizer {bad / 'tokenizer.json'}" in err and "Traceback" not in err
+    assert export_main(["--checkpoint", str(ckpt / "config.json"), "--out", str(tmp_path / "o")]) == 2
+    assert "is a file: pass the folder" in capsys.readouterr().err
+
+
+def test_runtime_only_install_is_told_to_install_the_export_extra(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):  # what a `pip install semvoc` (no extras) lacks
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers", "onnx", "onnxscript", "safetensors"):
+                    raise ModuleNotFoundError(f"No module named {{name!r}}")
+        sys.meta_path.insert(0, Block())
+        from semvoc.export.cli import main
+        sys.exit(main(["--preset", "demo", "--out", {str(tmp_path / "o")!r}]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "pip install 'semvoc[export]'" in proc.stderr and "torch" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_killed_hard_leaves_a_partial_that_the_next_export_removes(tmp_path, capsys):
+    """A real SIGKILL in the middle of an export; a running export's partial folder is never touched."""
+    import fcntl
+    import signal
+
+    out = tmp_path / "engine"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        import semvoc.export.engine as engine
+        from semvoc.export.cli import main
+
+        def killed(tmp, source, options):
+            (tmp / "half.onnx").write_bytes(b"x" * 4096)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        engine._export_into = killed
+        main(["--preset", "demo", "--components", "text", "--out", {str(out)!r}])
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    partials = [p for p in tmp_path.iterdir() if p.name.startswith(".engine.partial-")]
+    assert len(partials) == 1 and (partials[0] / "half.onnx").exists() and not out.exists()
+
+    # beside it, an export still running: its lock is held (here by this process), so its folder
+    # stays and a second export to the same --out is refused; the dead one's folder goes
+    running = tmp_path / ".engine.partial-999999"
+    running.mkdir()
+    lock = tmp_path / ".engine.export-999999.lock"
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert export_main([*DEMO_EXPORT_ARGS, "--components", "text", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"removed {partials[0]}" in err and "killed before it finished" in err
+        assert "another export to" in err and "process 999999" in err
+        assert running.is_dir() and not partials[0].exists()
+    running.rmdir()
+    lock.unlink()
+
+    assert export_main([*DEMO_EXPORT_ARGS, "--components", "text", "--out", str(out)]) == 0
+    assert (out / "manifest.json").exists() and _nothing_left(tmp_path)
+    assert not list(tmp_path.glob(".engine.export-*.lock"))

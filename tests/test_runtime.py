@@ -145,11 +145,11 @@ def test_long_prompt_is_truncated_with_a_warning(pipe):
 
 def test_unsupported_duration_and_steps(demo_engine, tmp_path, capsys):
     code, err = _run(["--engine", str(demo_engine), "--prompt", "x", "--out", str(tmp_path / "a.wav"),
-                      "--duration", "7"], capsys)
-    assert code == 1 and "not an exported bucket" in err and "1 s" in err
+                      "--duration", "7", *SHORT], capsys)
+    assert code == 2 and "--duration 7: is not an exported bucket" in err and "1 s" in err
     code, err = _run(["--engine", str(demo_engine), "--prompt", "x", "--out", str(tmp_path / "a.wav"),
                       "--steps", "500"], capsys)
-    assert code == 1 and "outside 1..40" in err
+    assert code == 2 and "--steps 500:" in err and "at most 40" in err and "--max-steps 500" in err
 
 
 def test_batch_over_the_bucket_on_padding_backends(pipe):
@@ -209,7 +209,7 @@ def test_output_path_that_cannot_be_written(demo_engine, tmp_path, capsys):
     blocker.write_text("x")  # a file where the output directory should be
     code, err = _run(["--engine", str(demo_engine), "--prompt", "x", "--out", str(blocker / "a.wav"), *SHORT],
                      capsys)
-    assert code == 1 and "error" in err
+    assert code == 2 and f"{blocker} is a file, not a directory" in err
 
 
 def test_nan_in_a_loop_names_the_graph_and_step(pipe, monkeypatch):
@@ -261,7 +261,8 @@ def test_ctrl_c_leaves_no_partial_file(demo_engine, tmp_path, monkeypatch, capsy
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Pipeline, "generate", interrupted)
-    code, err = _run(["--engine", str(demo_engine), "--prompt", "x", "--out", str(tmp_path / "a.wav")], capsys)
+    code, err = _run(["--engine", str(demo_engine), "--prompt", "x", "--out", str(tmp_path / "a.wav"), *SHORT],
+                     capsys)
     assert code == 130 and "interrupted" in err
     assert list(tmp_path.iterdir()) == []
 
@@ -279,7 +280,8 @@ def test_help_teaches(capsys):
     with pytest.raises(SystemExit):
         run_main(["--help"])
     text = capsys.readouterr().out
-    for phrase in ("--prompts", "--backend", "resumable", "--audio", "seed"):
+    for phrase in ("--prompts", "--backend", "resumable", "--audio", "seed", "exit status", "--debug",
+                   "crossfaded"):
         assert phrase in text
 
 
@@ -291,7 +293,7 @@ def test_written_wav_is_atomic(tmp_path, monkeypatch):
 
     import soundfile
 
-    monkeypatch.setattr(soundfile, "write", failing_write)
+    monkeypatch.setattr(soundfile.SoundFile, "write", failing_write)
     with pytest.raises(OSError):
         audio_mod.write_wav_atomic(tmp_path / "x.wav", np.zeros(10, np.float32), 24000)
     assert list(Path(tmp_path).iterdir()) == []
@@ -343,3 +345,196 @@ def test_verified_files_are_hashed_again_only_when_they_change(tmp_path, monkeyp
     hashed.clear()
     M.verify_files(tmp_path, files)
     assert sorted(hashed) == ["a.onnx", "b.onnx"]
+
+
+# ----------------------------------------------------------------------------- audio of any length
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import resource, sys
+    from semvoc.runtime.pipeline import Pipeline
+    engine, src, dst = sys.argv[1:4]
+    result = Pipeline(engine, "onnxruntime-cpu").resynthesize_file(src, dst, vocoder_steps=1, batch_size=2)
+    print(result.windows, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+""")
+
+
+def _noise_wav(path: Path, seconds: int, rate: int = 48000, channels: int = 2) -> int:
+    """A PCM-16 noise file written second by second (the test process never holds it whole)."""
+    rng = np.random.default_rng(seconds)
+    with sf.SoundFile(path, "w", rate, channels, "PCM_16") as f:
+        for _ in range(seconds):
+            f.write(rng.uniform(-0.3, 0.3, (rate, channels)).astype(np.float32))
+    return seconds * rate
+
+
+def test_long_audio_keeps_its_length_in_bounded_memory(demo_engine, tmp_path):
+    """90 s of 48-kHz stereo through 1-s windows: the whole output, and a process peak that does
+    not grow with the input (reading it whole would take 35 MB decoded, 52 MB with its mono mix)."""
+    peaks, windows = {}, {}
+    for name, seconds in (("short", 2), ("long", 90)):
+        frames = _noise_wav(tmp_path / f"{name}.wav", seconds)
+        proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(demo_engine), str(tmp_path / f"{name}.wav"),
+                               str(tmp_path / f"{name}_out.wav")], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        count, peak_kib = map(int, proc.stdout.split())
+        windows[name], peaks[name] = count, peak_kib / 1024
+        info = sf.info(tmp_path / f"{name}_out.wav")
+        assert info.samplerate == 24000 and info.frames == frames // 2  # the input's duration, at 24 kHz
+    assert windows["short"] == 3 and windows["long"] == 119
+    decoded_mb = 90 * 48000 * 2 * 4 / 2**20
+    growth = peaks["long"] - peaks["short"]
+    assert growth < 24 < decoded_mb, f"peak grew by {growth:.1f} MB with the input ({peaks})"
+
+
+def test_crossfade_gains_sum_to_one_and_stitch_in_order():
+    from semvoc.runtime.windows import Stitcher, crossfade_gains, plan_windows
+
+    gains = crossfade_gains(240)
+    np.testing.assert_allclose(gains + gains[::-1], 1.0, atol=1e-6)  # fade-out is the mirrored fade-in
+    assert 0 < gains[0] < 0.01 and 0.99 < gains[-1] < 1
+    plan = plan_windows(100_000, 24000, 24000, 25, 25, 960, 16000)  # 1-s windows of 25 frames
+    assert (plan.overlap_frames, plan.hop_frames, plan.count) == (6, 19, 6)
+    stitcher = Stitcher(plan)
+    out = np.concatenate([stitcher.add(np.full(plan.window_samples, 0.5, np.float32)) for _ in range(plan.count)])
+    assert out.shape == (100_000,)
+    np.testing.assert_allclose(out, 0.5, atol=1e-6)  # a constant stays constant across every seam
+    stitcher = Stitcher(plan)
+    ramps = np.concatenate([stitcher.add(np.full(plan.window_samples, float(k), np.float32))
+                            for k in range(plan.count)])
+    assert np.all(np.diff(ramps) >= -1e-6)  # window k fades into window k + 1, never back
+
+
+def test_file_and_array_resynthesis_agree_across_windows(pipe, tmp_path):
+    wav = np.random.default_rng(7).uniform(-0.3, 0.3, 44100 * 3 + 17).astype(np.float32)
+    sf.write(tmp_path / "in.flac", wav, 44100)
+    result = pipe.resynthesize(wav, 44100, seed=2, vocoder_steps=2)
+    written = pipe.resynthesize_file(tmp_path / "in.flac", tmp_path / "out.wav", seed=2, vocoder_steps=2,
+                                     batch_size=1)
+    audio, rate = sf.read(tmp_path / "out.wav", dtype="float32")
+    assert rate == 24000 and audio.shape == result.audio[0].shape == (round(wav.size * 24000 / 44100),)
+    assert written.windows == 4 and np.abs(audio - result.audio[0]).max() < 2e-4  # 16-bit PCM
+    first = pipe.resynthesize(wav[:44100], 44100, seed=2, vocoder_steps=2).audio[0]  # one window alone
+    np.testing.assert_allclose(result.audio[0][:18000], first[:18000], atol=1e-5)  # before the first seam
+
+
+# ----------------------------------------------------------------------------- messages and exit status
+
+
+def test_request_errors_name_the_option_and_share_one_exit_status(demo_engine, tmp_path, capsys):
+    base = ["--engine", str(demo_engine), "--prompt", "x", "--out", str(tmp_path / "a.wav"), *SHORT]
+    cases = {  # before the engine loads (--seed), after it (the others): the same status
+        ("--seed", "-1"): "--seed -1: must be from 0 to 2**64 - 1",
+        ("--steps", "0"): "--steps 0: must be at least 1",
+        ("--vocoder-steps", "41"): "--vocoder-steps 41: this engine's tables hold at most 40",
+        ("--guidance", "nan"): "--guidance nan: must be a finite number",
+        ("--guidance", "1e30"): "--guidance 1e+30: must be a finite number",
+        ("--threads", "0"): "--threads 0: must be a whole number >= 1",
+    }
+    for (option, value), message in cases.items():
+        code, err = _run([*base, option, value], capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, (option, err)
+        assert "fp16" not in err and "Traceback" not in err
+    code, err = _run([*base, "--steps", "0"], capsys)
+    assert "re-export" not in err  # nothing to re-export for a step count below 1
+    assert not (tmp_path / "a.wav").exists()
+
+
+def test_request_errors_in_the_python_api(pipe):
+    from semvoc.runtime.request import RequestError
+
+    with pytest.raises(RequestError) as err:
+        pipe.generate(["x"], steps=0)
+    assert (err.value.name, err.value.value) == ("steps", 0) and "at least 1" in err.value.problem
+    with pytest.raises(RequestError, match="seed"):
+        pipe.generate(["x"], seed=-1, steps=2, vocoder_steps=2)
+    with pytest.raises(RequestError, match="guidance"):
+        pipe.generate(["x"], guidance=float("inf"), steps=2, vocoder_steps=2)
+    with pytest.raises(RequestError, match="whole number"):
+        pipe.resynthesize(np.zeros(100, np.float32), 16000, vocoder_steps=2.5)
+
+
+def test_nan_in_an_fp32_engine_is_not_blamed_on_fp16(pipe, monkeypatch):
+    from semvoc.runtime.backends.base import NonFiniteError
+
+    real = pipe.backend._run
+
+    def poisoned(kind, feeds, duration_s=None):
+        out = real(kind, feeds, duration_s)
+        return [out[0] * np.float32("nan"), *out[1:]] if kind == "vocoder_step" else out
+
+    monkeypatch.setattr(pipe.backend, "_run", poisoned)
+    with pytest.raises(NonFiniteError) as err:
+        pipe.generate(["x"], steps=2, vocoder_steps=2)
+    assert err.value.precision == "float32" and "not an fp16 overflow" in str(err.value)
+    assert "re-export without --fp16" not in str(err.value)
+    assert "overflow" in str(NonFiniteError("dit_step", 3, precision="float16"))
+
+
+def test_a_file_given_as_the_engine(tmp_path, capsys):
+    (tmp_path / "engine.onnx").write_bytes(b"x")
+    code, err = _run(["--engine", str(tmp_path / "engine.onnx"), "--prompt", "x", "--out",
+                      str(tmp_path / "a.wav")], capsys)
+    assert code == 2 and "is a file, not an engine directory" in err and "not found" not in err
+
+
+def test_damaged_graph_without_verification_is_one_line(engine_copy, tmp_path, capsys):
+    (engine_copy / "text_encoder.onnx").write_bytes(b"not a protobuf")
+    args = ["--engine", str(engine_copy), "--prompt", "x", "--out", str(tmp_path / "a.wav"), "--no-verify", *SHORT]
+    code, err = _run(args, capsys)
+    assert code == 2 and "onnxruntime cannot load" in err and "text_encoder.onnx" in err
+    assert "Traceback" not in err and err.count("semvoc-run: error") == 1
+    with pytest.raises(EngineError):  # --debug lets the exception (and its traceback) through
+        run_main([*args, "--debug"])
+
+
+def test_an_internal_error_is_one_line_that_points_to_debug(demo_engine, tmp_path, capsys, monkeypatch):
+    def broken(self, *args, **kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(Pipeline, "generate", broken)
+    code, err = _run(["--engine", str(demo_engine), "--prompt", "x", "--out", str(tmp_path / "a.wav"), *SHORT],
+                     capsys)
+    assert code == 1 and "ZeroDivisionError: division by zero" in err and "--debug" in err
+    assert err.strip().count("\n") == 1  # the untrained-model note, then the error
+
+
+def test_audio_with_nan_samples_is_refused_by_name(demo_engine, tmp_path, capsys):
+    samples = np.zeros(48000, np.float32)
+    samples[30000] = np.nan  # 1.25 s into a 2-s recording: found while reading the second window
+    sf.write(tmp_path / "nan.wav", samples, 24000, subtype="FLOAT")
+    code, err = _run(["--engine", str(demo_engine), "--audio", str(tmp_path / "nan.wav"), "--out",
+                      str(tmp_path / "o.wav"), "--vocoder-steps", "2", "--quiet"], capsys)
+    assert code == 2 and "nan.wav holds NaN or infinite samples (the first at 1.250 s)" in err
+    assert "fp16" not in err and sorted(p.name for p in tmp_path.iterdir()) == ["nan.wav"]  # no partial output
+
+
+def test_a_default_step_count_beyond_the_engines_tables_names_the_option(demo_engine, tmp_path, capsys):
+    manifest = json.loads((demo_engine / "manifest.json").read_text())
+    assert manifest["defaults"]["steps"] == 100 and manifest["buckets"]["max_dit_steps"] == 40
+    code, err = _run(["--engine", str(demo_engine), "--prompt", "x", "--out", str(tmp_path / "a.wav")], capsys)
+    assert code == 2 and "--steps 100: is the engine's default" in err and "give 1..40" in err
+
+
+def test_sigterm_during_long_audio_leaves_no_partial_file(demo_engine, tmp_path):
+    import signal
+    import time
+
+    _noise_wav(tmp_path / "long.wav", 600, rate=16000, channels=1)
+    proc = subprocess.Popen([sys.executable, "-m", "semvoc.runtime.cli", "--engine", str(demo_engine), "--audio",
+                             str(tmp_path / "long.wav"), "--out", str(tmp_path / "o.wav"), "--vocoder-steps", "2",
+                             "--quiet"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".o.wav.*.tmp")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)  # until the output's temp file exists: the run is writing
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "terminated" in err and "no partial file" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.wav"]
+
+
+def test_hand_edited_manifest_entries_are_named(engine_copy, tmp_path, capsys):
+    manifest = json.loads((engine_copy / "manifest.json").read_text())
+    manifest["buckets"]["durations_s"] = []  # the manifest is not in its own sha256 list: checked by shape
+    (engine_copy / "manifest.json").write_text(json.dumps(manifest))
+    code, err = _run(["--engine", str(engine_copy), "--prompt", "x", "--out", str(tmp_path / "a.wav"), *SHORT], capsys)
+    assert code == 2 and "malformed (buckets.durations_s = [])" in err and "Traceback" not in err

@@ -1,4 +1,4 @@
-"""The PNG of a manual device session's summary JSON (benchmarks/results/<card>-<date>.json).
+"""The PNG of a manual GPU run's summary JSON (benchmarks/results/<card>-<date>.json).
 
     python -m benchmarks.device.plot_session benchmarks/results/h100-2026-11-25.json
 """

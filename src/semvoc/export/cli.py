@@ -33,10 +33,20 @@ what it writes (DIR):
                   vocoder_step, semantic_encoder_<d>s  (+ .data files for weights past 2 GB)
   kernels/        libsemvoc_cuda.so, with --cuda-kernels (the engine then runs on onnxruntime-cuda only)
 
-The export is atomic: it is built next to DIR and renamed into place at the end. It fails
+The export is atomic: it is built next to DIR (in .DIR.partial-PID) and renamed into place at
+the end. A partial folder left by an export that was killed hard is removed by the next export
+to the same DIR once its process is gone (one still running is left alone). The export fails
 if a graph's parity error exceeds the bound of its precision (--allow-parity-failure to keep
 it anyway). Nothing is ever downloaded.
+
+exit status: 0 the engine was written; 2 nothing was written because an option, an input
+(checkpoint, tokenizer, config) or --out cannot be used, or parity failed (the message says
+what to change); 1 an internal error; 130 interrupted (143 for SIGTERM). --debug shows the
+Python traceback.
 """
+
+#: what semvoc-export imports beyond the runtime: the `export` extra
+EXPORT_MODULES = ("torch", "transformers", "onnx", "onnxscript", "safetensors")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -148,7 +158,63 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                      help="where PyTorch runs calibration and parity references (default cpu)")
     p.add_argument("--verbose", action="store_true", help="show the exporter's own output")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return p
+
+
+def missing_export_modules() -> list[str]:
+    """The `export` extra's modules that cannot be imported here (a runtime-only install)."""
+    import importlib
+
+    missing = []
+    for name in EXPORT_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+def _read_json(path: Path, option: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{option} {path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{option} {path} is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{option} {path} must hold a JSON object")
+    return data
+
+
+def check_inputs(args) -> None:
+    """Problems with the given files, found before loading gigabytes of weights."""
+    # a missing --checkpoint is reported by the loader, with the command that fetches it
+    for option, path in (("--vocoder-snapshot", args.vocoder_snapshot),
+                         ("--t5-weights", args.t5_weights), ("--dasheng-weights", args.dasheng_weights),
+                         ("--tokenizer", args.tokenizer), ("--t5-config", args.t5_config)):
+        if path is not None and not path.exists():
+            raise FileNotFoundError(f"{option} {path}: not found")
+    if args.preset and args.t5_config:
+        raise ValueError("--t5-config describes the T5 of a --checkpoint; a --preset has its own (drop --t5-config)")
+    if args.checkpoint is not None and args.checkpoint.is_file():
+        raise ValueError(f"--checkpoint {args.checkpoint} is a file: pass the folder that holds config.json "
+                         "and model.safetensors (the ZeyuXie/SemanticVocoder layout)")
+    if args.tokenizer is not None:
+        from semvoc.runtime.tokenizer import TextTokenizer
+
+        folder = args.tokenizer
+        target = folder if folder.is_file() else folder / "tokenizer.json"
+        if target.is_file():
+            TextTokenizer(target, 1)  # parses it: a damaged file fails here, naming itself
+        elif not (folder / "spiece.model").is_file():
+            raise FileNotFoundError(f"--tokenizer {folder} holds neither tokenizer.json nor spiece.model: pass "
+                                    "the folder of the checkpoint's T5 tokenizer (e.g. google/flan-t5-large)")
+    for name, value, low in (("--max-text-tokens", args.max_text_tokens, 2), ("--max-steps", args.max_steps, 1),
+                             ("--max-vocoder-steps", args.max_vocoder_steps, 1),
+                             ("--parity-steps", args.parity_steps, 1)):
+        if value < low:
+            raise ValueError(f"{name} {value}: must be at least {low}")
 
 
 def load_source(args):
@@ -164,7 +230,7 @@ def load_source(args):
         source = ModelSource(model, f"preset {args.preset} (seed {args.seed}, UNTRAINED random weights)",
                              untrained=True, extra={"preset": args.preset, "seed": args.seed})
     else:
-        t5 = json.loads(args.t5_config.read_text()) if args.t5_config else None
+        t5 = _read_json(args.t5_config, "--t5-config") if args.t5_config else None
         model = ckpt.load_official(args.checkpoint, t5_config=t5)
         source = ModelSource(model, str(args.checkpoint.resolve()), untrained=False)
     if args.vocoder_snapshot:
@@ -183,10 +249,58 @@ def load_source(args):
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    from semvoc.runtime.cli import Terminated
+
+    def terminate(signum, frame):
+        raise Terminated
+
     args = build_parser().parse_args(argv)
-    from semvoc.export.engine import ExportError, ExportOptions, engine_summary, export_engine
+    main_thread = threading.current_thread() is threading.main_thread()  # signals: main thread only
+    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None  # `kill` cleans up as Ctrl-C
+    try:
+        return _main(args)
+    except KeyboardInterrupt as stop:
+        print(f"semvoc-export: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}; nothing was "
+              "written", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
+    except Exception as err:
+        if args.debug:
+            raise
+        code, message = error_message(err)
+        print(f"semvoc-export: error: {message}", file=sys.stderr)
+        return code
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def error_message(err: Exception) -> tuple[int, str]:
+    """Exit status and one-line message: 2 for what the user can change, 1 for internal errors."""
+    from semvoc.export.engine import ExportError
     from semvoc.models.checkpoint import CheckpointError
     from semvoc.models.config import ConfigError
+    from semvoc.runtime.manifest import EngineError
+
+    if isinstance(err, (ExportError, ConfigError, CheckpointError, EngineError, FileNotFoundError,
+                        NotImplementedError, ValueError)):
+        return 2, str(err)
+    if isinstance(err, OSError):
+        where = f" ({err.filename})" if err.filename else ""
+        return 2, f"{err.strerror or err}{where}; nothing was written"
+    return 1, (f"{type(err).__name__}: {err} (an internal error: rerun with --debug for the traceback and "
+               "report it); nothing was written")
+
+
+def _main(args) -> int:
+    missing = missing_export_modules()
+    if missing:
+        print(f"semvoc-export: error: exporting needs {', '.join(missing)}, which this install lacks "
+              "(semvoc-run alone needs none of them): pip install 'semvoc[export]'", file=sys.stderr)
+        return 2
+    from semvoc.export.engine import ExportOptions, check_out_dir, engine_summary, export_engine
 
     if args.trt:
         try:
@@ -212,19 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         dit_form=args.dit_form, cuda_kernels=args.cuda_kernels is not None,
         cuda_dit_kernels=None if args.cuda_kernels == "all" else False, ort_include=args.ort_include,
         cuda_arch=args.cuda_arch, verbose=args.verbose)
-    try:
-        from semvoc.export.engine import check_out_dir
-
-        check_out_dir(args.out, args.force)  # fail before loading gigabytes of weights
-        source = load_source(args)
-        out = export_engine(source, options)
-    except KeyboardInterrupt:
-        print("semvoc-export: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except (ExportError, ConfigError, CheckpointError, FileNotFoundError, NotImplementedError,
-            ValueError, OSError) as err:
-        print(f"semvoc-export: error: {err}", file=sys.stderr)
-        return 2
+    check_inputs(args)
+    check_out_dir(args.out, args.force)  # fail before loading gigabytes of weights
+    source = load_source(args)
+    out = export_engine(source, options)
     print(engine_summary(out))
     return 0
 

@@ -6,11 +6,14 @@ so an interrupted or failed export never leaves a half-made engine at ``--out``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
+import fcntl
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -84,7 +87,100 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _lock_file(parent: Path, name: str, pid: int) -> Path:
+    return parent / f".{name}.export-{pid}.lock"
+
+
+@contextlib.contextmanager
+def _export_lock(out: Path):
+    """An exclusive ``flock`` on ``.<out>.export-<pid>.lock`` for the export's lifetime. The kernel
+    drops it when the process ends, however it ends (kill -9 included), so a later export can
+    tell a partial folder of a dead export from one still being written."""
+    out = out.resolve()
+    lock = _lock_file(out.parent, out.name, os.getpid())
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    except OSError as err:
+        raise ExportError(f"cannot write to {out.parent} ({err.strerror}); choose a writable --out") from err
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": platform.node(), "out": str(out),
+                                 "started": datetime.datetime.now(datetime.timezone.utc).isoformat()}).encode())
+        yield
+    finally:
+        os.close(fd)
+        lock.unlink(missing_ok=True)
+
+
+def _owner_alive(parent: Path, name: str, pid: int) -> bool | None:
+    """Whether the export that made a partial folder still runs: True, False, or None (unknown)."""
+    lock = _lock_file(parent, name, pid)
+    if lock.exists():
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:  # its owner just finished
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+    try:  # no lock file (a folder from an older semvoc): fall back on the pid
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return None  # a live process has this pid: the export, or another process that reused the pid
+
+
+def _folder_size(path: Path) -> str:
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+    return f"{size / 2**30:.2f} GB" if size >= 2**30 else f"{size / 2**20:.1f} MB"
+
+
+def clean_stale_exports(out: Path) -> None:
+    """Deal with the hidden folders an export killed hard leaves beside ``out``.
+
+    ``.<out>.partial-<pid>`` (an engine being built) is removed once its process is gone;
+    ``.<out>.old-<pid>`` (the previous engine, set aside while the new one was moved in) is
+    removed too, or moved back to ``out`` if the kill came before the new engine took its place.
+    A folder of an export that still runs is left alone, and a second export to the same
+    ``out`` is refused while one runs.
+    """
+    out = out.resolve()
+    parent = out.parent
+    if not parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(partial|old)-(\d+)")
+    for path in sorted(parent.iterdir()):
+        match = pattern.fullmatch(path.name)
+        if not match or not path.is_dir():
+            continue
+        kind, pid = match.group(1), int(match.group(2))
+        alive = _owner_alive(parent, out.name, pid)
+        if alive:
+            raise ExportError(f"another export to {out} is running (process {pid}, writing {path}); wait for it "
+                              "to finish or choose another --out")
+        if alive is None:
+            _log(f"note: {path} may belong to an export still running (process {pid} exists); left alone. "
+                 "Remove it by hand if no export to this --out is running.")
+            continue
+        if kind == "old" and not out.exists():
+            path.rename(out)
+            _log(f"restored the previous engine at {out} from {path.name}: an export (process {pid}) was "
+                 "killed while replacing it")
+        else:
+            size = _folder_size(path)
+            shutil.rmtree(path)
+            _log(f"removed {path} ({size}), left by an export (process {pid}) that was killed before it finished")
+        _lock_file(parent, out.name, pid).unlink(missing_ok=True)
+
+
 def check_out_dir(out: Path, force: bool) -> None:
+    clean_stale_exports(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -166,17 +262,18 @@ def export_engine(source: ModelSource, options: ExportOptions) -> Path:
         raise ExportError("this model has no semantic encoder (encoder_name='none'); "
                           "drop 'semantic' from --components")
     tmp = out.resolve().parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     started = time.time()
-    try:
-        manifest = _export_into(tmp, source, options)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _export_lock(out):
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        try:
+            manifest = _export_into(tmp, source, options)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            _swap_into_place(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     _log(f"engine written to {out} in {time.time() - started:.0f} s")
     return out
 

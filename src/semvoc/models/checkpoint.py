@@ -35,6 +35,17 @@ class CheckpointError(ValueError):
     """A checkpoint that does not match the model; the message lists every problem."""
 
 
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``, or a ``CheckpointError`` that names the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} ({what}) is not valid JSON ({err}); download it again") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} ({what}) does not hold a JSON object; download it again")
+    return data
+
+
 def _fetch_hint(path: Path, what: str, repo: str) -> str:
     return (f"{what} not found at {path}. semvoc never downloads: fetch it first, e.g. "
             f"`huggingface-cli download {repo} --local-dir DIR`, then pass DIR.")
@@ -46,7 +57,9 @@ def read_tensors(path: str | Path, allow_pickle: bool = False) -> dict[str, torc
     if not path.exists():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.name.endswith(".index.json"):
-        index = json.loads(path.read_text())
+        index = read_json(path, "sharded weights index")
+        if not isinstance(index.get("weight_map"), dict):
+            raise CheckpointError(f"{path} has no \"weight_map\": not a safetensors index; re-download it")
         tensors: dict[str, torch.Tensor] = {}
         for shard in sorted(set(index["weight_map"].values())):
             tensors.update(read_tensors(path.parent / shard))
@@ -54,13 +67,21 @@ def read_tensors(path: str | Path, allow_pickle: bool = False) -> dict[str, torc
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors raises SafetensorError (and OSError) for damaged files
+            raise CheckpointError(f"cannot read {path} ({err}): the file is damaged or incomplete; "
+                                  "download it again") from err
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=not allow_pickle)
     except Exception as err:
-        raise CheckpointError(
-            f"cannot read {path} as a weights-only torch file ({type(err).__name__}: {err}). If you "
-            "trust this file, rerun with --trust-checkpoint to allow pickled objects.") from err
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not allow_pickle and "weights only" in str(err).lower():
+            raise CheckpointError(
+                f"{path} holds pickled Python objects besides tensors, which a weights-only load refuses. "
+                "If you trust this file, rerun with --trust-checkpoint to allow them.") from err
+        raise CheckpointError(f"cannot read {path} as torch weights ({type(err).__name__}: {detail}): pass a "
+                              ".pt or .safetensors file of weights") from err
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -103,7 +124,7 @@ def load_official(folder: str | Path, t5_config: dict | None = None) -> Semantic
     config_path = folder / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(_fetch_hint(config_path, "config.json", HF_REPO))
-    cfg = from_official_config(json.loads(config_path.read_text()))
+    cfg = from_official_config(read_json(config_path, "the model's config.json"))
     if t5_config is not None:
         cfg = _with_t5(cfg, t5_config)
     model = build_model(cfg)
@@ -161,7 +182,7 @@ def load_vocoder_snapshot(path: str | Path, allow_pickle: bool = False) -> Vocod
         if not candidates:
             raise FileNotFoundError(_fetch_hint(folder / "*.pt", "vocoder weights (.pt)", SNAPSHOT_REPO))
         path = candidates[0]
-    vocoder = Vocoder(vocoder_config(_generator_kwargs(json.loads(config_path.read_text())))).eval()
+    vocoder = Vocoder(vocoder_config(_generator_kwargs(read_json(config_path, "the vocoder's config.json")))).eval()
     load_strict(vocoder, read_tensors(path, allow_pickle), str(path))
     return vocoder
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +22,20 @@ prompts files: JSONL with "caption" (and optional "audio_id", used for the file 
 plain text with one prompt per line. The same --seed gives the same audio on the same
 backend and machine; prompt i of a run draws its noise from (seed, i), whatever the batching.
 Prompts longer than the engine's text bucket are truncated with a warning.
+
+--audio takes a recording of any length: it is resynthesised in windows of the --duration
+bucket that overlap by 1 s (a quarter of the window at most) and are crossfaded, read and
+written block by block (memory holds --batch-size windows: default the largest exported
+bucket on a GPU, 1 on the CPU); the output has the input's duration at the engine's rate.
+
+exit status (one rule, whether a problem is found before or after the engine loads):
+  0    done
+  2    the command cannot be served as given: a bad option or value (e.g. --steps outside the
+       engine's range), or an input file, output path or engine directory that cannot be used;
+       the message names the option or file and what to change
+  1    the run failed while generating or writing (NaN/Inf, disk full, an internal error)
+  130  interrupted (Ctrl-C; 143 for SIGTERM); finished files are complete, no partial file is left
+--debug shows the Python traceback of any error.
 """
 
 
@@ -56,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, help="CPU threads for onnxruntime-cpu (default: all cores)")
     run.add_argument("--no-verify", action="store_true", help="skip the sha256 check of engine files")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return p
 
 
@@ -101,77 +118,142 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --out or --out-dir, not both")
     if not args.out and not args.out_dir:
         parser.error("give --out FILE.wav or --out-dir DIR")
+    main_thread = threading.current_thread() is threading.main_thread()  # signals: main thread only
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # `kill` cleans up as Ctrl-C
     try:
         return _run(args, parser)
-    except KeyboardInterrupt:
-        print("\nsemvoc-run: interrupted; finished files are complete, no partial file was written",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        print(f"\nsemvoc-run: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}; finished files "
+              "are complete, no partial file was written", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
+    except Exception as err:
+        if args.debug:
+            raise
+        code, message = error_message(err)
+        print(f"semvoc-run: error: {message}", file=sys.stderr)
+        return code
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be so that temp files are removed the same way."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+#: exit status of a command that cannot be served as given (argparse's own usage errors give 2 too)
+USAGE = 2
+#: exit status of a run that failed while generating or writing
+FAILED = 1
+
+
+def error_message(err: Exception) -> tuple[int, str]:
+    """The exit status and one-line message for an error, by the rule in ``--help``."""
+    from semvoc.runtime.backends.base import BackendUnavailable, NonFiniteError
+    from semvoc.runtime.manifest import EngineError
+    from semvoc.runtime.request import RequestError
+
+    if isinstance(err, RequestError):
+        return USAGE, err.for_option()
+    if isinstance(err, (EngineError, BackendUnavailable, FileNotFoundError, PermissionError,
+                        IsADirectoryError, NotADirectoryError, ValueError)):
+        return USAGE, str(err)
+    if isinstance(err, NonFiniteError):
+        return FAILED, str(err)
+    if isinstance(err, OSError):
+        where = f" ({err.filename})" if err.filename else ""
+        return FAILED, f"{err.strerror or err}{where}"
+    return FAILED, (f"{type(err).__name__}: {err} (an internal error: rerun with --debug for the traceback "
+                    "and report it)")
 
 
 def _run(args, parser) -> int:
-    from semvoc.runtime.audio import read_audio, write_wav_atomic
-    from semvoc.runtime.backends.base import BackendUnavailable, NonFiniteError
-    from semvoc.runtime.manifest import EngineError
+    from semvoc.runtime.audio import open_audio, write_wav_atomic
     from semvoc.runtime.pipeline import Pipeline
+    from semvoc.runtime.request import check_seed
 
-    try:
-        if args.prompts:
-            items = read_prompts(args.prompts)
-        elif args.prompt:
-            items = [(p, None) for p in args.prompt]
-        else:
-            items = []
-        for number, (caption, _) in enumerate(items, start=1):
-            if not caption.strip():
-                raise ValueError(f"prompt #{number} is empty: give a text description of the audio")
-        if args.out and len(items) > 1:
-            parser.error(f"{len(items)} prompts need --out-dir, not --out")
-        if args.out and args.out.suffix.lower() != ".wav":
-            parser.error("--out must end in .wav")
-        _check_writable(args.out.parent if args.out else args.out_dir)
-        waveform = read_audio(args.audio) if args.audio else None
-        pipe = Pipeline(args.engine, args.backend, device_id=args.device_id, verify=not args.no_verify,
-                        threads=args.threads)
-    except (EngineError, BackendUnavailable, FileNotFoundError, ValueError, PermissionError) as err:
-        print(f"semvoc-run: error: {err}", file=sys.stderr)
-        return 2
+    # checks before the engine loads (a problem found later gets the same exit status)
+    check_seed(args.seed)
+    if args.prompts:
+        items = read_prompts(args.prompts)
+    elif args.prompt:
+        items = [(p, None) for p in args.prompt]
+    else:
+        items = []
+    for number, (caption, _) in enumerate(items, start=1):
+        if not caption.strip():
+            raise ValueError(f"prompt #{number} is empty: give a text description of the audio")
+    if args.out and len(items) > 1:
+        parser.error(f"{len(items)} prompts need --out-dir, not --out")
+    if args.out and args.out.suffix.lower() != ".wav":
+        parser.error("--out must end in .wav")
+    _check_writable(args.out.parent if args.out else args.out_dir)
+    if args.audio:
+        open_audio(args.audio).close()  # readable, not empty: before loading the engine
+    pipe = Pipeline(args.engine, args.backend, device_id=args.device_id, verify=not args.no_verify,
+                    threads=args.threads)
+    pipe.check(seed=args.seed, steps=args.steps, vocoder_steps=args.vocoder_steps, guidance=args.guidance,
+               duration=args.duration, text=not args.audio)
     if pipe.manifest.untrained:
         print(f"semvoc-run: note: {pipe.manifest.data['model']['source']}: the audio will be noise-like",
               file=sys.stderr)
     started = time.perf_counter()
     try:
-        if waveform is not None:
-            produced = _resynthesize(args, pipe, waveform, write_wav_atomic)
+        if args.audio:
+            produced = _resynthesize(args, pipe)
         else:
             produced = _generate(args, pipe, items, write_wav_atomic)
-    except (EngineError, NonFiniteError, ValueError, OSError) as err:
-        print(f"semvoc-run: error: {err}", file=sys.stderr)
-        return 1
+        backend = pipe.backend.describe()
+    finally:
+        pipe.close()
     wall = time.perf_counter() - started
     clips, seconds = produced
     if clips:
         print(f"semvoc-run: {clips} clip(s), {seconds:.1f} s of audio in {wall:.2f} s wall on "
-              f"{pipe.backend.describe()}; real-time factor {wall / seconds:.4f} "
+              f"{backend}; real-time factor {wall / seconds:.4f} "
               f"({seconds / wall:.1f}x faster than real time)", file=sys.stderr)
-    pipe.close()
     return 0
 
 
 def _check_writable(folder: Path) -> None:
     import os
+    import tempfile
 
-    target = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("."))
+    target = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not target.is_dir():
+        raise NotADirectoryError(f"cannot write to {folder}: {target} is a file, not a directory; "
+                                 "choose another output")
     if not os.access(target, os.W_OK):
         raise PermissionError(f"cannot write to {folder}: permission denied; choose another output")
+    if target == folder:  # os.access answers for root even on read-only mounts: try it
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as err:
+            raise PermissionError(f"cannot write to {folder} ({err.strerror}); choose another output") from err
 
 
-def _resynthesize(args, pipe, waveform, write) -> tuple[int, float]:
-    data, rate = waveform
-    result = pipe.resynthesize(data, rate, seed=args.seed, vocoder_steps=args.vocoder_steps,
-                               duration=args.duration)
+def _resynthesize(args, pipe) -> tuple[int, float]:
+    from tqdm import tqdm
+
     path = args.out or (args.out_dir / f"{args.audio.stem}_resynth.wav")
-    write(path, result.audio[0], result.sample_rate)
+    if path.is_dir():
+        raise IsADirectoryError(f"--out {path} is a directory; give a .wav file name")
+    bar = tqdm(unit="window", disable=args.quiet, file=sys.stderr, leave=False)
+
+    def window_done(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        result = pipe.resynthesize_file(args.audio, path, seed=args.seed, vocoder_steps=args.vocoder_steps,
+                                        duration=args.duration, batch_size=args.batch_size,
+                                        on_window=window_done)
+    finally:
+        bar.close()
     print(path)
     return 1, result.seconds_of_audio
 

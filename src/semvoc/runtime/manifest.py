@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -202,10 +203,39 @@ def verify_files(root: Path, files: dict[str, str]) -> list[str]:
     return problems
 
 
+#: entries the runtime reads, and what each must be (the manifest is not in its own sha256 list)
+_NUMBERS = {"buckets": ("text_tokens", "max_dit_steps", "max_vocoder_steps", "dit_rows", "vocoder_rows"),
+            "defaults": ("steps", "vocoder_steps", "guidance", "sway", "noise_scale", "sample_rate"),
+            "shapes": ("latent_channels", "samples_per_frame", "frames_per_second", "semantic_sample_rate")}
+
+
+def _check_entries(path: Path, data: dict) -> None:
+    def bad(entry: str) -> EngineError:
+        return EngineError(f"{path} is malformed ({entry}); re-export the engine; do not edit engine files by hand")
+
+    for section, keys in _NUMBERS.items():
+        if not isinstance(data[section], dict):
+            raise bad(f"{section!r} is not a mapping")
+        for key in keys:  # a missing one is reported where it is needed
+            if key not in data[section]:
+                continue
+            value = data[section][key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(f"{section}.{key} = {value!r}")
+    for key in ("batch_sizes", "durations_s"):
+        values = data["buckets"].get(key)
+        if not isinstance(values, list) or not values or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+            raise bad(f"buckets.{key} = {values!r}")
+
+
 def load_manifest(root: str | Path, verify: bool = True) -> Manifest:
     """Read and check an engine directory; ``verify`` also checks every file's sha256."""
     root = Path(root)
     path = root / MANIFEST
+    if root.exists() and not root.is_dir():
+        raise EngineError(f"{root} is a file, not an engine directory: pass the directory that "
+                          "semvoc-export wrote (the one holding manifest.json)")
     if not root.is_dir():
         raise EngineError(f"engine directory not found: {root}. Create one with "
                           "`semvoc-export --preset demo --out DIR` (or --checkpoint PATH).")
@@ -213,9 +243,11 @@ def load_manifest(root: str | Path, verify: bool = True) -> Manifest:
         raise EngineError(f"{root} has no {MANIFEST}: not an engine directory (or an interrupted "
                           "export). Re-run semvoc-export.")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise EngineError(f"{path} is not valid JSON ({err}); re-export the engine") from err
+    if not isinstance(data, dict):
+        raise EngineError(f"{path} is not an engine manifest (a JSON object); re-export the engine")
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
         raise EngineError(
@@ -225,9 +257,16 @@ def load_manifest(root: str | Path, verify: bool = True) -> Manifest:
     for key in ("graphs", "files", "defaults", "buckets", "shapes", "model"):
         if key not in data:
             raise EngineError(f"{path} lacks {key!r}; re-export the engine")
+    if not isinstance(data["files"], dict):
+        raise EngineError(f"{path} is malformed ('files' is not a mapping); re-export the engine")
+    _check_entries(path, data)
     if verify:
         problems = verify_files(root, data["files"])
         if problems:
             raise EngineError(f"engine {root} failed verification:\n  " + "\n  ".join(problems)
                               + "\nRe-export the engine; do not edit engine files by hand.")
-    return Manifest(root, data)
+    try:
+        return Manifest(root, data)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise EngineError(f"{path} is malformed ({type(err).__name__}: {err}); re-export the engine; do not "
+                          "edit engine files by hand") from err

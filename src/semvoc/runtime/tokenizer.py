@@ -31,7 +31,11 @@ class TextTokenizer:
         path = Path(tokenizer_json)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer not found: {path}")
-        self.tokenizer = Tokenizer.from_file(str(path))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a bare Exception for any parse error
+            raise ValueError(f"cannot read the tokenizer {path} ({err}): it must be the tokenizer.json of a "
+                             "T5 tokenizer (tokenizers format)") from err
         self.max_tokens = int(max_tokens)
         self.pad_id = self.tokenizer.token_to_id("<pad>")
         if self.pad_id is None:

@@ -24,14 +24,24 @@ Progress = Callable[[str, int], None] | None  # (stage, steps done so far)
 
 
 class NonFiniteError(RuntimeError):
-    """NaN or Inf appeared in an ODE loop."""
+    """NaN or Inf appeared in an ODE loop. ``precision``: the graph's dtype in the engine, when
+    known (the pipeline fills it in), decides what the message blames."""
 
-    def __init__(self, graph: str, step: int, detail: str = ""):
-        self.graph, self.step = graph, step
-        super().__init__(
-            f"non-finite values (NaN/Inf) in {graph} at step {step}{detail}. In an fp16 engine this "
-            "is an fp16 overflow: re-export with --fp16 after adding calibration coverage, or export "
-            "fp32 (drop --fp16) to keep this component in fp32 islands.")
+    def __init__(self, graph: str, step: int, detail: str = "", precision: str | None = None):
+        self.graph, self.step, self.detail, self.precision = graph, step, detail, precision
+        where = f"non-finite values (NaN/Inf) in {graph} at step {step}{detail}."
+        if precision in ("float16", "bfloat16"):
+            advice = (f" This graph runs in {precision} in this engine, so this is most likely an overflow: "
+                      "re-export without --fp16 (fp32), or with more calibration coverage so that the "
+                      "overflowing component falls back to fp32.")
+        elif precision == "float32":
+            advice = (" This graph runs in fp32 in this engine, so this is not an fp16 overflow: check the "
+                      "request (a very large --guidance can diverge) and the engine's parity.json; "
+                      "re-export the engine if its weights are damaged.")
+        else:
+            advice = (" In an fp16 engine this is most likely an fp16 overflow (re-export without --fp16); "
+                      "in an fp32 engine, check the request's guidance and the engine's parity.json.")
+        super().__init__(where + advice)
 
 
 class BackendUnavailable(RuntimeError):

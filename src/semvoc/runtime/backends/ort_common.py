@@ -75,4 +75,14 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
         providers = ["CPUExecutionProvider"]
     if os.environ.get("SEMVOC_ORT_PROFILE"):
         options.enable_profiling = True
-    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.NoSuchFile) as err:
+        from semvoc.runtime.manifest import EngineError
+
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EngineError(f"onnxruntime cannot load {path}: {detail}. The file is damaged or not an ONNX graph "
+                          "of this semvoc: re-export the engine (semvoc-run checks every file's sha256 first "
+                          "unless --no-verify is given)") from err
