@@ -398,7 +398,7 @@ SHAPE_PRESERVING_CONTRIB_OPS = {"SkipLayerNormalization": (0, 3), "BiasGelu": (0
 # semvoc's own CUDA ops (--cuda-kernels): outputs with the shape of input 0; of their work only
 # ConvNeXtMix's depthwise conv (2*B*L*C*K, what the plain graph's depthwise Conv counts) is counted
 SHAPE_PRESERVING_CUDA_OPS = {"ConvNeXtMix": (0,), "BiasPRelu": (0,), "BiasResidual": (0,), "HeadNorm": (0,),
-                             "GatedSkipNorm": (0, 1)}
+                             "GatedSkipNorm": (0, 1), "BiasNorm": (0,)}
 # semvoc's CUDA ops whose outputs are the halves of input 0's last axis (HeadNormRope: q|k -> q, k;
 # BiasGeglu: [value, gate] -> one output of the value's shape)
 HALVING_CUDA_OPS = {"HeadNormRope", "BiasGeglu"}

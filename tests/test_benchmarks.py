@@ -349,6 +349,41 @@ def test_flop_counter_sees_through_semvocs_cuda_ops():
     assert counted.by_op["ConvNeXtMix"] == 2 * batch * length * channels * taps
 
 
+def test_flop_counter_counts_every_gemm_of_the_folded_vocoder_step(tmp_path):
+    """The --cuda-kernels vocoder step (spectral transforms folded into the projections, BiasNorm,
+    tables read whole): every shape resolves and the GEMMs count what the branches compute."""
+    import onnx
+    import torch
+    from benchmarks.flops import count_model_flops
+
+    from semvoc.export import wrappers as W
+    from semvoc.kernels.onnx_ops import translation_table
+    from semvoc.models.config import preset
+    from semvoc.models.model import build_model
+
+    vocoder = build_model(preset("demo"), seed=0).vocoder.eval()
+    vocoder.use_export_kernels(cuda_ops=True)
+    frames, batch = 4, 1
+    gen = torch.Generator().manual_seed(0)
+    tables = (*W.VocoderPrepare(vocoder, channels_last=True)(torch.randn(batch, vocoder.cfg.latent_dim, frames,
+                                                                         generator=gen)),
+              *W.VocoderTime(vocoder)(torch.linspace(0, 1, 9)[:8]))
+    samples = frames * vocoder.cfg.hop_length
+    args = (torch.randn(batch, samples, generator=gen), torch.tensor([2]), torch.linspace(0, 1, 9), *tables)
+    path = tmp_path / "vocoder_step.onnx"
+    torch.onnx.export(W.VocoderStep(vocoder, channels_last=True).eval(), args, dynamo=True, opset_version=23,
+                      custom_translation_table=translation_table()).save(str(path))
+    counted = count_model_flops(onnx.load(str(path)), {})
+    assert counted.unresolved == []
+    expected = 0
+    for est in vocoder.estimators:
+        n_fft, hop = est.fft.n_fft, est.fft.hop_length
+        rows, channels = batch * (1 + samples // hop), est.decoder.in_proj.out_channels
+        hidden = est.decoder.blocks[0].pwconv1.out_channels
+        expected += 2 * (2 * rows * n_fft * channels) + len(est.decoder.blocks) * 2 * (2 * rows * channels * hidden)
+    assert counted.by_op["MatMul"] == expected
+
+
 def test_flop_counter_counts_the_dit_step_the_same_with_semvocs_cuda_ops(tmp_path):
     """HeadNormRope (q|k -> q, k) and BiasGeglu (one GEMM of both GEGLU halves) change the
     graph, not the work: the DiT step counts the same FLOPs with and without them."""
