@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, help="CPU threads for onnxruntime-cpu (default: all cores)")
     run.add_argument("--no-verify", action="store_true", help="skip the sha256 check of engine files")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--verbose", action="store_true", help="show onnxruntime's warnings and info messages")
     return p
 
 
@@ -101,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --out or --out-dir, not both")
     if not args.out and not args.out_dir:
         parser.error("give --out FILE.wav or --out-dir DIR")
+    from semvoc.runtime.backends.ort_common import set_ort_verbose
+
+    set_ort_verbose(args.verbose)
     try:
         return _run(args, parser)
     except KeyboardInterrupt:
