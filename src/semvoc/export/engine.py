@@ -286,7 +286,8 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
 
     _log("[4/4] writing parity.json and manifest.json")
     parity_report = {"provider": provider, "bounds": BOUNDS, "graphs": parity,
-                     "all_passed": all(p["passed"] for p in parity.values())}
+                     "all_passed": all(p["passed"] for p in parity.values()),
+                     "fp32_islands": plan.islands}  # graph -> nodes kept in fp32 (details per graph)
     (tmp / "parity.json").write_text(json.dumps(parity_report, indent=1))
     files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
              if p.is_file()}

@@ -172,7 +172,8 @@ def _run_all(model: onnx.ModelProto, feeds: dict[str, np.ndarray], make_session:
 def _diverging(candidate: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, float]:
     """Tensors (by name) whose values diverge, with their error (max |diff| / max |reference|),
     compared by polygraphy on scaled copies (so one absolute tolerance fits every tensor)."""
-    from polygraphy.comparator import Comparator, CompareFunc, RunResults
+    from polygraphy import comparator
+    from polygraphy.comparator import Comparator, RunResults
     from polygraphy.comparator.struct import IterationResult
 
     ours, theirs, scales = {}, {}, {}
@@ -189,7 +190,8 @@ def _diverging(candidate: dict[str, np.ndarray], reference: dict[str, np.ndarray
         theirs[name] = np.atleast_1d(ref32 / scale)
     results = RunResults([("fp16", [IterationResult(ours, runner_name="fp16")]),
                           ("fp32", [IterationResult(theirs, runner_name="fp32")])])
-    compare = CompareFunc.simple(atol=DIVERGENCE, rtol=0.0, check_error_stat="max")
+    simple = getattr(comparator, "SimpleCompareFunc", None) or comparator.CompareFunc.simple  # newer name first
+    compare = simple(atol=DIVERGENCE, rtol=0.0, check_error_stat="max")
     with np.errstate(all="ignore"), warnings.catch_warnings():  # inf - inf in the statistics: failing anyway
         warnings.simplefilter("ignore")
         accuracy = Comparator.compare_accuracy(results, compare_func=compare, fail_fast=False)
