@@ -191,9 +191,15 @@ def test_library_compiles_against_the_official_header(official_include, tmp_path
         nvcc = cuda_build.find_nvcc()
     except cuda_build.KernelBuildError as err:
         pytest.skip(str(err))
-    # compile only (-c, PTX only): the calls' signatures are checked against the official declarations
-    for source in cuda_build.sources():
-        result = subprocess.run([nvcc, "-std=c++17", "-c", "-arch=compute_80", "-DSEMVOC_OFFICIAL_ORT_HEADER",
-                                 "-I", str(official_include), "-I", str(cuda_build.CUDA_SOURCES_DIR), str(source),
-                                 "-o", str(tmp_path / f"{source.stem}.o")], capture_output=True, text=True)
-        assert result.returncode == 0, f"{source.name}:\n{result.stderr[-3000:]}"
+    from concurrent.futures import ThreadPoolExecutor
+
+    def compile_one(source: Path) -> tuple[str, subprocess.CompletedProcess]:
+        # compile only (-c, PTX only): the calls' signatures are checked against the official declarations
+        return source.name, subprocess.run(
+            [nvcc, "-std=c++17", "-c", "-arch=compute_80", "-DSEMVOC_OFFICIAL_ORT_HEADER", "-I", str(official_include),
+             "-I", str(cuda_build.CUDA_SOURCES_DIR), str(source), "-o", str(tmp_path / f"{source.stem}.o")],
+            capture_output=True, text=True)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for name, result in pool.map(compile_one, cuda_build.sources()):
+            assert result.returncode == 0, f"{name}:\n{result.stderr[-3000:]}"

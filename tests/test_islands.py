@@ -16,17 +16,18 @@ from semvoc.runtime.backends.ort_common import make_session
 
 
 def _overflowing_graph() -> onnx.ModelProto:
-    """y = (x @ W) * 1e-3 with |x @ W| ~ 1e5 (past fp16's 65504); z = x + 1 on the side."""
+    """y = (x @ W) * 1e-3 (a Constant) with |x @ W| ~ 1e5 (past fp16's 65504); z = x + 1 on the side."""
     w = np.full((4, 4), 3e4, np.float16)
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="big_matmul"),
+    nodes = [helper.make_node("Constant", [], ["s"], name="scale", value=numpy_helper.from_array(
+                 np.array(1e-3, np.float16))),
+             helper.make_node("MatMul", ["x", "w"], ["h"], name="big_matmul"),
              helper.make_node("Mul", ["h", "s"], ["y"], name="scale_down"),
              helper.make_node("Add", ["x", "one"], ["z"], name="side_add")]
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2, 4]),
          helper.make_tensor_value_info("z", TensorProto.FLOAT16, [2, 4])],
-        initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(1e-3, np.float16), "s"),
-                     numpy_helper.from_array(np.array(1.0, np.float16), "one")])
+        initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(1.0, np.float16), "one")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     return model
@@ -39,6 +40,7 @@ def test_islands_rewrite_is_a_valid_graph_with_fp32_inside(tmp_path):
     onnx.checker.check_model(rewritten, full_check=True)
     nodes = {n.name: n for n in rewritten.graph.node}
     assert list(nodes["big_matmul"].input) == ["x__fp32", "w__fp32"]  # input cast up, weight stored fp32
+    assert list(nodes["scale_down"].input) == ["h", "s__fp32"]  # island-internal h is fp32; constant cast up
     assert nodes["scale_down"].output[0] == "y__fp32" and nodes["side_add"].input[0] == "x"  # side stays fp16
     path = tmp_path / "islands.onnx"
     onnx.save(rewritten, str(path))

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--force", action="store_true", help="replace a non-empty --out")
     prec = out.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true",
-                      help="fp16 graphs with fp32 islands chosen by calibration (for GPUs; default fp32)")
+                      help="fp16 graphs with fp32 islands chosen by calibration and, per node, by parity (for GPUs; "
+                           "default fp32)")
     prec.add_argument("--bf16", action="store_true", help="bf16 graphs (for GPUs; experimental)")
     out.add_argument("--components", type=_components, default=("text", "dit", "vocoder", "semantic"),
                      help="graphs to export (default text,dit,vocoder,semantic)")

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from semvoc import __version__
@@ -447,11 +448,17 @@ def _with_islands(spec: GraphSpec, result: tuple, tmp: Path, reference, dims: Di
     if not search.nodes:
         first["fp32_islands"] = search.report()
         return result
-    external = entry.get("data_file") is not None
+    # weights past protobuf's limit go to <graph>.onnx.data, rewritten whole (onnx appends to a file)
+    weights = sum(np.prod(t.dims, dtype=np.int64) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+                  for t in search.model.graph.initializer)
+    external = entry.get("data_file") is not None or weights > onnx_export.EXTERNAL_DATA_THRESHOLD
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
     partial = path.with_name(path.name + ".islands")
     onnx.save_model(search.model, str(partial), save_as_external_data=external,
-                    location=f"{path.name}.data" if external else None)
+                    location=data.name if external else None)
     os.replace(partial, path)
+    entry["data_file"] = data.relative_to(tmp).as_posix() if external else None
     entry["structure"] = onnx_export.check_structure(spec, path, _expected_attention(spec, reference))
     again = _parity(spec, path, entry, reference, dims, options, provider, frames=f, dtype=first["dtype"],
                     custom_ops=custom_ops)

@@ -81,6 +81,9 @@ def with_fp32_islands(model: onnx.ModelProto, islands: set[str], dtypes: dict[st
     initializers = {t.name: t for t in graph.initializer}
     half |= {n for n, t in initializers.items() if t.data_type == TensorProto.FLOAT16}
     half |= {v.name for v in graph.input if v.type.tensor_type.elem_type == TensorProto.FLOAT16}
+    half |= {n.output[0] for n in graph.node if n.op_type == "Constant"  # constants are not marked outputs
+             and any(a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT16
+                     for a in n.attribute)}
     graph_outputs = {v.name for v in graph.output}
     island_nodes = [n for n in graph.node if n.name in islands]
     produced_in_island = {out for n in island_nodes for out in n.output if out}
@@ -176,15 +179,15 @@ def _diverging(candidate: dict[str, np.ndarray], reference: dict[str, np.ndarray
     from polygraphy.comparator import Comparator, RunResults
     from polygraphy.comparator.struct import IterationResult
 
-    ours, theirs, scales = {}, {}, {}
+    ours, theirs = {}, {}
     for name, ref in reference.items():
         out = candidate.get(name)
         if out is None or ref.dtype.kind != "f" or out.dtype.kind != "f" or out.shape != ref.shape or not ref.size:
             continue
         ref32 = ref.astype(np.float32)
-        finite = ref32[np.isfinite(ref32)]
-        scale = float(np.abs(finite).max()) if finite.size else 0.0
-        scales[name] = scale = scale if scale > 0 else 1.0
+        if not np.all(np.isfinite(ref32)):  # not finite in fp32 either: nothing fp32 islands could fix
+            continue
+        scale = float(np.abs(ref32).max()) or 1.0
         # (at least 1-D: polygraphy indexes its arrays)
         ours[name] = np.atleast_1d(out.astype(np.float32) / scale)
         theirs[name] = np.atleast_1d(ref32 / scale)
