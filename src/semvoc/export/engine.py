@@ -433,6 +433,11 @@ def _with_islands(spec: GraphSpec, result: tuple, tmp: Path, reference, dims: Di
     from semvoc.export.islands import find_fp32_islands
 
     name, entry, first = result
+    try:
+        import polygraphy  # noqa: F401
+    except ImportError:
+        _log(f"  note: {name}: no per-node fp32 islands without polygraphy (pip install 'semvoc[export]')")
+        return result
     path = tmp / entry["file"]
     f = first["frames"]
     why = (f"fp16 parity error {first['max_rel_error']:.3g} exceeds {first['bound']:g}" if not first["passed"]
