@@ -108,6 +108,26 @@ def test_nvcc_comes_from_the_pip_wheels_without_a_toolkit(monkeypatch, tmp_path)
     assert {80, 86, 89, 90, 100, 120} <= cuda_build.nvcc_archs(nvcc)
 
 
+def test_an_older_nvcc_builds_the_default_list_it_can_and_refuses_explicit_ones(monkeypatch, tmp_path):
+    monkeypatch.setattr(cuda_build, "find_nvcc", lambda: "nvcc-12.0")
+    monkeypatch.setattr(cuda_build, "nvcc_archs", lambda nvcc: {75, 80, 86, 89, 90})
+    monkeypatch.setattr(cuda_build, "nvcc_version", lambda nvcc: "12.0")
+    commands = []
+
+    def fake_nvcc(command, **kwargs):
+        commands.append(command)
+        Path(command[command.index("-o") + 1]).write_bytes(b"library")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(cuda_build.subprocess, "run", fake_nvcc)
+    monkeypatch.delenv(cuda_build.ORT_INCLUDE_ENV, raising=False)
+    built = cuda_build.build(tmp_path)
+    assert built.archs == [80, 86, 89, 90] and built.ptx == 90
+    assert "-gencode=arch=compute_90,code=compute_90" in commands[0]
+    with pytest.raises(cuda_build.KernelBuildError, match=r"cannot build for compute capability 120"):
+        cuda_build.build(tmp_path, arch="90,120")
+
+
 def test_arch_lists_and_sources():
     assert cuda_build.parse_arch("90,8.0,80") == [80, 90] and cuda_build.parse_arch("native") is None
     with pytest.raises(cuda_build.KernelBuildError, match="compute capabilities"):

@@ -180,6 +180,11 @@ def build(out_dir: str | Path, ort_include: str | Path | None = None, arch: str 
     if caps is not None:
         known = nvcc_archs(nvcc)
         missing = [c for c in caps if known and c not in known]
+        if missing and arch == DEFAULT_ARCH and len(missing) < len(caps):
+            # an older toolkit (e.g. CUDA 12.0 has no sm_100/sm_120): the default list shrinks to what
+            # it can build; the PTX of its newest architecture still runs on the newer GPUs
+            caps = [c for c in caps if c not in missing]
+            missing = []
         if missing:
             raise KernelBuildError(f"{nvcc} (CUDA {nvcc_version(nvcc)}) cannot build for compute capability "
                                    f"{', '.join(str(c) for c in missing)}: pass --cuda-arch with those it "
