@@ -3,7 +3,7 @@
 # pytest. Exit 5 from pytest (no test collected) is a failure here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh dev || exit 1
+scripts/setup.sh dev || exit 1  # dev includes cuda-kernels: CI compiles the CUDA ops
 . .venv/bin/activate
 ruff check src tests benchmarks || exit 1
 python -m pytest "$@"

@@ -19,6 +19,11 @@ DEMO_EXPORT_ARGS = ["--preset", "demo", "--durations", "1", "--max-text-tokens",
                     "--max-steps", "40", "--max-vocoder-steps", "40", "--batch-sizes", "1,2"]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--ort-include", default=None, metavar="DIR",
+                     help="folder of an official onnxruntime_c_api.h to check semvoc's CUDA ops against")
+
+
 @pytest.fixture(scope="session")
 def demo_engine(tmp_path_factory) -> Path:
     """An fp32 `demo` engine (all components, 1-second bucket), exported through the CLI."""

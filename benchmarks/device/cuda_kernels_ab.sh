@@ -2,7 +2,7 @@
 # A/B of semvoc's CUDA ops on a slice of the reference model (release widths, 2 DiT blocks,
 # 2 vocoder layers per branch), then their GPU tests. FORMS: any of cuda (--cuda-kernels: vocoder
 # and DiT), cudavoc (--cuda-kernels vocoder), fused (neither); default "cuda fused". Needs onnxruntime-gpu,
-# nvcc and SEMVOC_ORT_INCLUDE (onnxruntime's include/). Results go to ${OUT:-results}/.
+# nvcc (pip install 'semvoc[cuda-kernels]', or a CUDA toolkit). Results go to ${OUT:-results}/.
 set -u
 OUT=${OUT:-results}
 mkdir -p "$OUT"

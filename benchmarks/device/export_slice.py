@@ -25,7 +25,7 @@ def main() -> None:
                         help="the forms before the kernel-count work (A/B baseline): generic DiT graphs, "
                              "BiasNorm channel means as ReduceMean")
     parser.add_argument("--cuda-kernels", nargs="?", const="all", choices=["all", "vocoder"], default=None,
-                        help="semvoc's CUDA ops, as semvoc-export --cuda-kernels (needs nvcc and $SEMVOC_ORT_INCLUDE)")
+                        help="semvoc's CUDA ops, as semvoc-export --cuda-kernels (nvcc: the cuda-kernels extra)")
     args = parser.parse_args()
 
     import torch
@@ -50,7 +50,8 @@ def main() -> None:
                             components=("dit", "vocoder"), parity_steps=1, force=True, device=args.device,
                             dit_form="generic" if args.generic else "auto",
                             cuda_kernels=args.cuda_kernels is not None,
-                            cuda_dit_kernels=True if args.cuda_kernels == "all" else False)
+                            cuda_dit_kernels=True if args.cuda_kernels == "all" else False,
+                            cuda_arch="native")  # this GPU only: an A/B needs no portable library
     export_engine(source, options)
 
 

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from semvoc.kernels.cuda_build import DEFAULT_ARCH as DEFAULT_CUDA_ARCH
+
 EPILOG = """\
 examples:
   # the built-in demo model (tiny, untrained), fp32, for a quick CPU test
@@ -19,11 +21,9 @@ examples:
   semvoc-export --checkpoint ckpt/SemanticVocoder --tokenizer ckpt/flan-t5-large \\
       --fp16 --device cuda --out engines/semvoc-fp16
 
-  # fastest GPU engine: + semvoc's own CUDA ops for the vocoder (needs nvcc and onnxruntime's
-  # C headers: the include/ folder of the onnxruntime release archive of your version)
-  semvoc-export --checkpoint ckpt/SemanticVocoder --tokenizer ckpt/flan-t5-large \\
-      --fp16 --device cuda --cuda-kernels --ort-include onnxruntime-linux-x64-gpu-1.31.1/include \\
-      --out engines/semvoc-fp16-k
+  # the GPU engine above uses semvoc's own CUDA ops whenever nvcc is there to build them:
+  # pip install 'semvoc[cuda-kernels]' brings nvcc and the CUDA headers from PyPI (no GPU needed
+  # to build). --cuda-kernels makes them required, --no-cuda-kernels leaves them out.
 
 what it writes (DIR):
   manifest.json   schema, versions, precision, buckets, defaults, graph I/O, sha256 of every file
@@ -31,7 +31,7 @@ what it writes (DIR):
   parity.json     every graph vs its PyTorch module on fresh inputs (max relative error)
   *.onnx          text_encoder, dit_prepare, dit_time, dit_step, vocoder_prepare, vocoder_time,
                   vocoder_step, semantic_encoder_<d>s  (+ .data files for weights past 2 GB)
-  kernels/        libsemvoc_cuda.so, with --cuda-kernels (the engine then runs on onnxruntime-cuda only)
+  kernels/        libsemvoc_cuda.so, semvoc's CUDA ops (the engine then runs on onnxruntime-cuda only)
 
 The export is atomic: it is built next to DIR (in .DIR.partial-PID) and renamed into place at
 the end. A partial folder left by an export that was killed hard is removed by the next export
@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--force", action="store_true", help="replace a non-empty --out")
     prec = out.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true",
-                      help="fp16 graphs with fp32 islands chosen by calibration (for GPUs; default fp32)")
+                      help="fp16 graphs with fp32 islands chosen by calibration and, per node, by parity (for GPUs; "
+                           "default fp32)")
     prec.add_argument("--bf16", action="store_true", help="bf16 graphs (for GPUs; experimental)")
     out.add_argument("--components", type=_components, default=("text", "dit", "vocoder", "semantic"),
                      help="graphs to export (default text,dit,vocoder,semantic)")
@@ -123,18 +124,25 @@ def build_parser() -> argparse.ArgumentParser:
                           "SkipLayerNormalization, RotaryEmbedding, BiasGelu; ~40 %% fewer GPU kernels) or "
                           "as plain ONNX (generic). auto: fused where the configuration allows it, "
                           "generic with --trt (TensorRT fuses on its own and lacks the onnxruntime ops)")
-    out.add_argument("--cuda-kernels", nargs="?", const="all", choices=["all", "vocoder"], default=None,
-                     help="run semvoc's own CUDA ops (a library built with nvcc into DIR/kernels/): the "
-                          "vocoder's ConvNeXt blocks and, in the fused DiT form, the DiT's qk-norms + RoPE, "
-                          "gated residual + norm and GEGLU (where the DiT's head size is 64 or 128; otherwise "
-                          "the DiT keeps onnxruntime's ops, and the log says so). 'vocoder': the vocoder's "
-                          "only. Fewer, fused GPU kernels per step; the engine then runs on onnxruntime-cuda "
-                          "only. Needs --device cuda, nvcc and onnxruntime's C headers (--ort-include)")
+    kernels = out.add_mutually_exclusive_group()
+    kernels.add_argument("--cuda-kernels", nargs="?", const="all", choices=["auto", "all", "vocoder"],
+                         default="auto",
+                         help="run semvoc's own CUDA ops (a library compiled with nvcc into DIR/kernels/): the "
+                              "vocoder's ConvNeXt blocks and, in the fused DiT form, the DiT's qk-norms + RoPE, "
+                              "gated residual + norm and GEGLU (where the DiT's head size is 64 or 128). Fewer, "
+                              "fused GPU kernels per step; the engine then runs on onnxruntime-cuda only. "
+                              "auto (default): with --device cuda, whenever they can be built here (nvcc from "
+                              "pip install 'semvoc[cuda-kernels]' or a CUDA toolkit); the log says in one line "
+                              "what was chosen and why. all (the flag alone): required. vocoder: the vocoder's only")
+    kernels.add_argument("--no-cuda-kernels", dest="cuda_kernels", action="store_const", const="off",
+                         help="onnxruntime's own ops only (an engine for onnxruntime-cuda, -cpu and TensorRT)")
     out.add_argument("--ort-include", type=Path, metavar="DIR",
-                     help="include/ folder of the onnxruntime release archive matching your onnxruntime-gpu, "
-                          "for --cuda-kernels (default: $SEMVOC_ORT_INCLUDE)")
-    out.add_argument("--cuda-arch", default="native", metavar="CC",
-                     help="GPU architectures of --cuda-kernels: native (this GPU, default) or e.g. 80,86,89,90")
+                     help="build semvoc's CUDA ops against this official onnxruntime_c_api.h (the include/ "
+                          "folder of an onnxruntime release; default: $SEMVOC_ORT_INCLUDE, else semvoc's own "
+                          "declaration of the API, which needs no download)")
+    out.add_argument("--cuda-arch", default=DEFAULT_CUDA_ARCH, metavar="CC",
+                     help=f"GPU architectures of semvoc's CUDA ops: compute capabilities (default "
+                          f"{DEFAULT_CUDA_ARCH}, plus PTX of the last for newer GPUs) or native (this GPU only)")
 
     shape = p.add_argument_group("buckets")
     shape.add_argument("--batch-sizes", type=_int_list, default=(1, 4, 16), metavar="N,N",
@@ -157,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="--fp16 without measuring activations (every component in fp16)")
     chk.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                      help="where PyTorch runs calibration and parity references (default cpu)")
-    p.add_argument("--verbose", action="store_true", help="show the exporter's own output")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the exporter's own output and onnxruntime's warnings and info messages")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return p
 
@@ -316,6 +325,9 @@ def _main(args) -> int:
             print("semvoc-export: error: --device cuda but PyTorch sees no CUDA GPU; use --device cpu",
                   file=sys.stderr)
             return 2
+    from semvoc.runtime.backends.ort_common import set_ort_verbose
+
+    set_ort_verbose(args.verbose)
     dtype = "float16" if args.fp16 else "bfloat16" if args.bf16 else "float32"
     options = ExportOptions(
         out=args.out, dtype=dtype, batch_sizes=args.batch_sizes, durations=args.durations,
@@ -323,8 +335,9 @@ def _main(args) -> int:
         max_dit_steps=args.max_steps, max_vocoder_steps=args.max_vocoder_steps,
         parity_steps=args.parity_steps, allow_parity_failure=args.allow_parity_failure,
         force=args.force, trt=args.trt, calibrate=not args.no_calibration, device=args.device,
-        dit_form=args.dit_form, cuda_kernels=args.cuda_kernels is not None,
-        cuda_dit_kernels=None if args.cuda_kernels == "all" else False, ort_include=args.ort_include,
+        dit_form=args.dit_form, cuda_kernels=args.cuda_kernels in ("all", "vocoder"),
+        cuda_kernels_auto=args.cuda_kernels == "auto",
+        cuda_dit_kernels=False if args.cuda_kernels == "vocoder" else None, ort_include=args.ort_include,
         cuda_arch=args.cuda_arch, verbose=args.verbose)
     check_inputs(args)
     check_out_dir(args.out, args.force)  # fail before loading gigabytes of weights

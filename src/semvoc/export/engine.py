@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import datetime
 import fcntl
 import json
@@ -20,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from semvoc import __version__
@@ -71,8 +73,10 @@ class ExportOptions:
     cuda_kernels: bool = False  # semvoc's CUDA ops (semvoc.kernels.cuda_build): the vocoder's blocks, and
     # the fused DiT's (cuda_dit_kernels: None = where they cover the DiT, True = required, False = not)
     cuda_dit_kernels: bool | None = None
-    ort_include: Path | None = None  # onnxruntime's include/ for building them
-    cuda_arch: str = "native"
+    cuda_kernels_auto: bool = False  # use them where they can be built (cuda_kernels then says whether they were)
+    ort_include: Path | None = None  # an official onnxruntime include/ to build them against (optional)
+    cuda_arch: str = cuda_build.DEFAULT_ARCH
+    fp32_islands: bool = True  # fp16 graphs that miss parity: fp32 islands per node before fp32 whole
 
 
 @dataclass
@@ -294,6 +298,10 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
     model = source.model
     device = torch.device(options.device)
     cfg = model.cfg
+    provider = "cuda" if (device.type == "cuda" and cuda_available()) else "cpu"
+    built = _cuda_kernels(tmp, options, provider, cfg)
+    options = dataclasses.replace(options, cuda_kernels=built is not None)
+    custom_ops = built.path if built else None
     fused = _fused_dit(model, options)
     dit_cuda_ops = _dit_cuda_ops(model, options, fused)
     dims = Dims.of(model, options.max_text_tokens, options.max_dit_steps, options.max_vocoder_steps,
@@ -313,12 +321,10 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
         batch = tok(CALIBRATION_CAPTIONS[:2], warn=False)
         maxima = measure_activations(model.to(device), batch.input_ids, batch.attention_mask,
                                      frames=min(frames))
-    plan = plan_precision(options.dtype, maxima)
+    plan = plan_precision(options.dtype, maxima, islands=options.fp32_islands)
     for note in plan.notes:
         _log("  note: " + note)
 
-    provider = "cuda" if (device.type == "cuda" and cuda_available()) else "cpu"
-    custom_ops = _build_cuda_kernels(tmp, options, provider, cfg) if options.cuda_kernels else None
     lowered = copy.deepcopy(model).cpu()
     lowered.vocoder.use_export_kernels(cuda_ops=options.cuda_kernels)
     graph_model = cast_for_plan(lowered, plan)  # traced on the CPU (fake tensors, no compute)
@@ -334,9 +340,16 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
     bar = tqdm(total=len(jobs), unit="graph", file=sys.stderr, disable=None)
     for component in [c for c in COMPONENTS if any(s.component == c for s, _ in jobs)]:
         todo = [(s, d) for s, d in jobs if s.component == component]
-        while True:  # a component whose fp16 graphs lose too much is redone in fp32
+        while True:  # a component whose fp16 graphs lose too much gets fp32 islands, else is redone in fp32
             results = [_export_one(spec, duration, tmp, graph_model, reference, model, dims, dtypes, options,
                                    provider, frames, trace_frames, custom_ops) for spec, duration in todo]
+            if dtypes[component] == "float16" and options.fp32_islands:
+                # calibration saw overflow: search even where parity passed (onnxruntime's CPU provider
+                # computes many fp16 nodes in fp32, so CPU parity can miss what a GPU overflows on)
+                overflow = bool(plan.overflow_sites.get(component))
+                results = [_with_islands(spec, result, tmp, reference, dims, options, provider, plan, custom_ops)
+                           if overflow or not result[2]["passed"] else result
+                           for (spec, _), result in zip(todo, results, strict=True)]
             failed = [(name, p) for name, _, p in results if not p["passed"]]
             if failed and dtypes[component] != "float32" and plan.components.get(component) != "float32":
                 name, p = failed[0]
@@ -345,6 +358,8 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
                 _log("  note: " + note)
                 plan.notes.append(note)
                 plan.components[component] = "float32"
+                for graph_name, _, _ in results:  # redone in fp32 whole: no islands
+                    plan.islands.pop(graph_name, None)
                 graph_model = cast_for_plan(lowered, plan)
                 continue
             break
@@ -369,7 +384,8 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
 
     _log("[4/4] writing parity.json and manifest.json")
     parity_report = {"provider": provider, "bounds": BOUNDS, "graphs": parity,
-                     "all_passed": all(p["passed"] for p in parity.values())}
+                     "all_passed": all(p["passed"] for p in parity.values()),
+                     "fp32_islands": plan.islands}  # graph -> nodes kept in fp32 (details per graph)
     (tmp / "parity.json").write_text(json.dumps(parity_report, indent=1))
     files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
              if p.is_file()}
@@ -402,29 +418,57 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
         "custom_ops": None if custom_ops is None else {
             "library": custom_ops.relative_to(tmp).as_posix(), "domain": cuda_build.DOMAIN,
             "ops": list(cuda_build.OPS), "provider": "onnxruntime-cuda", "arch": options.cuda_arch,
-            "dit": dims.dit_cuda_ops},
+            **built.manifest_entry(), "dit": dims.dit_cuda_ops},
         "files": files,
     }
 
 
-def _build_cuda_kernels(tmp: Path, options: ExportOptions, provider: str, model_cfg: ModelConfig) -> Path:
-    """Compile semvoc's CUDA op library into the engine (``kernels/``); parity needs it on CUDA."""
+def _cuda_kernels_off_reason(options: ExportOptions, provider: str, model_cfg: ModelConfig) -> str | None:
+    """Why this export cannot use semvoc's CUDA ops (None when it can)."""
     if options.trt:
-        raise ExportError("--cuda-kernels cannot go with --trt: TensorRT does not run semvoc's onnxruntime "
-                          "custom ops; export TensorRT plans without --cuda-kernels")
+        return "--trt: TensorRT does not run semvoc's onnxruntime custom ops"
     if provider != "cuda":
-        raise ExportError("--cuda-kernels needs --device cuda on a machine with onnxruntime-gpu: its graphs only "
-                          "run (and are parity-checked) on onnxruntime's CUDA execution provider")
+        return ("they run (and are parity-checked) on onnxruntime's CUDA execution provider only: export with "
+                "--device cuda on a machine with onnxruntime-gpu")
+    if options.dtype == "bfloat16":
+        return "--bf16: the ops take float32 and float16"
     voc = model_cfg.vocoder
     reason = cuda_build.unsupported_reason(tuple(voc.channels), tuple(voc.conv_kernel_sizes))
-    if reason:
-        raise ExportError(f"--cuda-kernels does not cover this model: {reason}; export without --cuda-kernels")
-    _log("[2b] building semvoc's CUDA op library (nvcc)")
-    try:
-        return cuda_build.build_library(tmp / "kernels", options.ort_include, options.cuda_arch,
-                                        verbose=options.verbose)
-    except cuda_build.KernelBuildError as err:
-        raise ExportError(f"--cuda-kernels: {err}") from err
+    return f"they do not cover this model: {reason}" if reason else None
+
+
+def _cuda_kernels(tmp: Path, options: ExportOptions, provider: str,
+                  model_cfg: ModelConfig) -> cuda_build.BuiltLibrary | None:
+    """Compile semvoc's CUDA op library into the engine (``kernels/``) when asked for, or, with
+    ``--cuda-kernels auto``, when it can be built here; logs one line saying what was chosen and why."""
+    if not options.cuda_kernels and not options.cuda_kernels_auto:
+        _log("  semvoc's CUDA ops: off (not asked for: --no-cuda-kernels)")
+        return None
+    reason = _cuda_kernels_off_reason(options, provider, model_cfg)
+    if reason is None:
+        try:
+            cuda_build.find_nvcc()
+        except cuda_build.KernelBuildError as err:
+            reason = str(err)
+    if reason is None:
+        _log(f"[2b] building semvoc's CUDA op library (nvcc, {options.cuda_arch})")
+        try:
+            built = cuda_build.build(tmp / "kernels", options.ort_include, options.cuda_arch, verbose=options.verbose)
+        except cuda_build.KernelBuildError as err:
+            if options.cuda_kernels:
+                raise ExportError(f"--cuda-kernels: {err}") from err
+            shutil.rmtree(tmp / "kernels", ignore_errors=True)
+            reason = str(err).splitlines()[0]
+        else:
+            archs = "this GPU" if built.archs is None else ", ".join(f"sm_{a}" for a in built.archs) + (
+                f" + PTX {built.ptx}" if built.ptx else "")
+            _log(f"  semvoc's CUDA ops: on ({'--cuda-kernels' if options.cuda_kernels else 'auto'}; built for "
+                 f"{archs} by CUDA {built.nvcc_version} nvcc in {built.seconds:.0f} s; --no-cuda-kernels to opt out)")
+            return built
+    if options.cuda_kernels:
+        raise ExportError(f"--cuda-kernels: {reason}; export without --cuda-kernels")
+    _log(f"  semvoc's CUDA ops: off ({reason})")
+    return None
 
 
 def _dit_cuda_ops(model: SemanticVocoderModel, options: ExportOptions, fused: bool) -> bool:
@@ -475,6 +519,64 @@ def _export_one(spec: GraphSpec, duration: float | None, tmp: Path, graph_model,
                      custom_ops=custom_ops)
     result["export_seconds"] = round(time.time() - t0, 1)
     return name, entry, result
+
+
+def _with_islands(spec: GraphSpec, result: tuple, tmp: Path, reference, dims: Dims, options: ExportOptions,
+                  provider: str, plan, custom_ops: Path | None) -> tuple:
+    """An fp16 graph that missed parity: search its fp32 islands (``export.islands``), rewrite the
+    file with them and check parity again. Returns (name, entry, parity) as ``_export_one``."""
+    import onnx
+
+    from semvoc.export.islands import find_fp32_islands
+
+    name, entry, first = result
+    try:
+        import polygraphy  # noqa: F401
+    except ImportError:
+        _log(f"  note: {name}: no per-node fp32 islands without polygraphy (pip install 'semvoc[export]')")
+        return result
+    path = tmp / entry["file"]
+    f = first["frames"]
+    why = (f"fp16 parity error {first['max_rel_error']:.3g} exceeds {first['bound']:g}" if not first["passed"]
+           else "calibration saw activations past the fp16 limit")
+    _log(f"  note: {name}: {why}; looking for the nodes that diverge in fp16 (polygraphy)")
+    t0 = time.time()
+    feeds = pipeline_feeds(reference, dims, first["batch"], f, seed=1234, compute_dtype=torch.float32,
+                           components={"text", spec.component}, loop_steps=options.parity_steps)
+    graph_dtypes = {t["name"]: NUMPY_DTYPES[t["dtype"]] for t in entry["inputs"]}
+    ort_feeds = {t.name: feeds[t.name].cpu().numpy().astype(graph_dtypes[t.name]) for t in spec.inputs}
+    search = find_fp32_islands(onnx.load(str(path)), ort_feeds,
+                               lambda p: make_session(p, provider, custom_ops=custom_ops))
+    if not search.nodes:
+        first["fp32_islands"] = search.report()
+        return result
+    # weights past protobuf's limit go to <graph>.onnx.data, rewritten whole (onnx appends to a file)
+    weights = sum(np.prod(t.dims, dtype=np.int64) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+                  for t in search.model.graph.initializer)
+    external = entry.get("data_file") is not None or weights > onnx_export.EXTERNAL_DATA_THRESHOLD
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    partial = path.with_name(path.name + ".islands")
+    onnx.save_model(search.model, str(partial), save_as_external_data=external,
+                    location=data.name if external else None)
+    os.replace(partial, path)
+    entry["data_file"] = data.relative_to(tmp).as_posix() if external else None
+    entry["structure"] = onnx_export.check_structure(spec, path, _expected_attention(spec, reference))
+    again = _parity(spec, path, entry, reference, dims, options, provider, frames=f, dtype=first["dtype"],
+                    custom_ops=custom_ops)
+    again["fp32_islands"] = {**search.report(), "parity_error_without": first["max_rel_error"],
+                             "seconds": round(time.time() - t0, 1)}
+    again["export_seconds"] = first.get("export_seconds")
+    entry["fp32_islands"] = search.nodes
+    verdict = "passes" if again["passed"] else "still misses"
+    note = (f"{spec.component}: {name} keeps {len(search.nodes)} node(s) in fp32 ({', '.join(search.nodes[:6])}"
+            f"{', ...' if len(search.nodes) > 6 else ''}); fp16 parity error {first['max_rel_error']:.3g} -> "
+            f"{again['max_rel_error']:.3g}, {verdict} the bound")
+    _log("  note: " + note)
+    plan.notes.append(note)
+    if again["passed"]:
+        plan.islands[name] = search.nodes
+    return name, entry, again
 
 
 def _expected_attention(spec: GraphSpec, model: SemanticVocoderModel) -> int | None:

@@ -9,12 +9,14 @@ Islands built into the model code (always fp32, whatever the engine dtype):
   and the ODE loop state and updates (latent and waveform stay fp32 across steps).
 
 Measured islands: a calibration run (a short generation in fp32 on built-in captions, with
-hooks on every module) records the largest |activation| of each module. A component with
-any activation above ``OVERFLOW_LIMIT`` (a quarter of the fp16 maximum) cannot run in fp16:
-the T5 text encoder (its feed-forward output is the known site in trained checkpoints) then
-runs in fp32 (it runs once per request, so this costs little), and so would the DiT or the
-vocoder, with a warning in the report. bf16 has fp32's range, so nothing overflows there.
-The decisions and the measured maxima go into the manifest.
+hooks on every module) records the largest |activation| of each module. When the T5 text
+encoder has an activation above ``OVERFLOW_LIMIT`` (a quarter of the fp16 maximum; its
+feed-forward output is the known site in trained checkpoints) it runs in fp32 whole: it runs
+once per request, so this costs little. The DiT, the vocoder and the semantic encoder stay
+fp16; where one of their graphs then misses the parity bound, ``export.islands`` finds the
+nodes that diverge (polygraphy, per tensor) and keeps only those in fp32; only if that does
+not restore parity does the component run in fp32 whole. bf16 has fp32's range, so nothing
+overflows there. The decisions, the measured maxima and the islands go into the manifest.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class PrecisionPlan:
     max_abs: dict[str, float] = field(default_factory=dict)  # component -> largest |activation|
     overflow_sites: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    islands: dict[str, list[str]] = field(default_factory=dict)  # graph -> nodes kept in fp32 (export.islands)
 
     def to_dict(self) -> dict:
         return {
@@ -64,6 +67,7 @@ class PrecisionPlan:
                 "sinusoidal time features", "softmax inside the fused Attention op",
                 "Dasheng log-mel front end and BatchNorm", "vocoder STFT/iSTFT convolutions",
                 "ODE loop state and Euler updates"],
+            "fp32_islands": self.islands,
             "notes": self.notes,
         }
 
@@ -101,7 +105,14 @@ def measure_activations(model: SemanticVocoderModel, input_ids: np.ndarray, atte
     return maxima
 
 
-def plan_precision(dtype: str, maxima: dict[str, float] | None) -> PrecisionPlan:
+# components that run once per request: fp32 whole costs little there. The loops (DiT, vocoder)
+# and the semantic encoder keep fp16 and get fp32 islands per node where their parity needs them.
+WHOLE_FP32_ON_OVERFLOW = ("text",)
+
+
+def plan_precision(dtype: str, maxima: dict[str, float] | None, islands: bool = True) -> PrecisionPlan:
+    """Each component's dtype from the calibration maxima. With ``islands``, only the text encoder
+    falls back to fp32 whole on overflow; the others are left to parity and per-node islands."""
     plan = PrecisionPlan(dtype=dtype)
     for component, prefix in COMPONENT_MODULES.items():
         plan.components[component] = dtype
@@ -115,6 +126,11 @@ def plan_precision(dtype: str, maxima: dict[str, float] | None) -> PrecisionPlan
                        key=lambda k: -values[k])
         if dtype == "float16" and sites:
             plan.overflow_sites[component] = sites[:20]
+            if islands and component not in WHOLE_FP32_ON_OVERFLOW:
+                plan.notes.append(f"{component}: activations up to {plan.max_abs[component]:.3g} exceed the fp16 "
+                                  f"limit {OVERFLOW_LIMIT:.0f} (e.g. {sites[0]}); its graphs stay fp16 where "
+                                  "parity allows, with fp32 islands per node where it does not")
+                continue
             plan.components[component] = "float32"
             message = (f"{component}: activations up to {plan.max_abs[component]:.3g} exceed the fp16 "
                        f"limit {OVERFLOW_LIMIT:.0f} (e.g. {sites[0]}); this component runs in fp32")

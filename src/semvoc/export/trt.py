@@ -4,8 +4,9 @@ Written against the TensorRT 10.14+/11 Python API and never run by semvoc's auth
 cannot be installed on their machines. The result says so (``"verified": False``), and the
 runtime uses these plans only when asked for (``--backend tensorrt``).
 
-Each graph's ONNX file is parsed with ``OnnxParser.parse_from_file`` (so ``.data`` files next
-to it resolve) into a strongly typed network and built into ``<graph>.plan`` with one
+Built with polygraphy's TensorRT loaders: each graph's ONNX file is parsed from its path
+(``NetworkFromOnnxPath``, so ``.data`` files next to it resolve) into a strongly typed network and
+built (``CreateConfig`` + ``EngineBytesFromNetwork``) into ``<graph>.plan`` with one
 optimization profile per (batch bucket, duration) the graph's shapes distinguish. Every
 profile has min = opt = max: the runtime only ever runs these exact shapes, and fixed shapes
 let it capture whole ODE loops in CUDA graphs. The table rows are fixed to the export's
@@ -59,11 +60,9 @@ def build_plans(engine_dir: Path, graphs: dict, options) -> dict:
     import tensorrt as trt
 
     engine_dir = Path(engine_dir)
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
     plans, profiles = {}, {}
     for name, entry in graphs.items():
-        plan, used = _build_plan(trt, builder, logger, engine_dir, name, entry, graph_profiles(entry, options))
+        plan, used = _build_plan(engine_dir, name, entry, graph_profiles(entry, options))
         (engine_dir / f"{name}.plan").write_bytes(plan)
         entry["plan_file"] = plans[name] = f"{name}.plan"
         # the runtime selects a context's profile by the index of its shapes in this list
@@ -72,40 +71,39 @@ def build_plans(engine_dir: Path, graphs: dict, options) -> dict:
             "verified": False, "note": NOTE}
 
 
-def _build_plan(trt, builder, logger, engine_dir: Path, name: str, entry: dict,
-                profiles: list[Shapes]) -> tuple[object, list[Shapes]]:
+def _build_plan(engine_dir: Path, name: str, entry: dict, profiles: list[Shapes]) -> tuple[bytes, list[Shapes]]:
+    from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
+
     # Strongly typed: every tensor keeps the type the ONNX gives it. semvoc's fp16 graphs
     # already carry their precision plan (fp16 weights and activations, fp32 islands chosen by
-    # calibration, explicit Casts between them). A weakly typed build with BuilderFlag.FP16
-    # would let TensorRT re-pick precisions per layer and could drop those islands (the ONNX
-    # parser does not turn ONNX types into layer precision constraints, so
-    # OBEY_PRECISION_CONSTRAINTS would have nothing to obey). TensorRT deprecated weak typing
-    # in 10.12 and 11.x removed BuilderFlag.FP16/OBEY_PRECISION_CONSTRAINTS; there the flag
-    # below is accepted and ignored since every network is strongly typed.
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(engine_dir / entry["file"])):
-        errors = "\n  ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse graph {name!r} ({entry['file']}):\n  {errors}")
+    # calibration and per node by export.islands, explicit Casts between them). A weakly typed
+    # build with fp16 enabled would let TensorRT re-pick precisions per layer and could drop
+    # those islands. TensorRT deprecated weak typing in 10.12 and 11.x builds every network
+    # strongly typed.
+    try:
+        builder, network, parser = network_from_onnx_path(str(engine_dir / entry["file"]), strongly_typed=True)
+    except Exception as err:  # polygraphy reports the parser's errors and raises
+        raise RuntimeError(f"TensorRT could not parse graph {name!r} ({entry['file']}): {err}") from err
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
     dynamic = [t.name for t in inputs if any(d < 0 for d in t.shape)]
-    config = builder.create_builder_config()
-    if dynamic:
-        for shapes in profiles:
-            profile = builder.create_optimization_profile()
-            for tensor in dynamic:
-                if tensor not in shapes:
-                    raise RuntimeError(f"graph {name!r}: network input {tensor!r} is not in the manifest")
-                profile.set_shape(tensor, shapes[tensor], shapes[tensor], shapes[tensor])
-            config.add_optimization_profile(profile)
+    trt_profiles = []
+    for shapes in profiles if dynamic else []:
+        profile = Profile()
+        for tensor in dynamic:
+            if tensor not in shapes:
+                raise RuntimeError(f"graph {name!r}: network input {tensor!r} is not in the manifest")
+            profile.add(tensor, min=shapes[tensor], opt=shapes[tensor], max=shapes[tensor])
+        trt_profiles.append(profile)
+    # one timing cache for all graphs of the export: layers repeated across graphs are timed once
     cache_path = engine_dir / TIMING_CACHE
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, False)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise RuntimeError(f"TensorRT could not build graph {name!r} ({entry['file']}); see its log above")
-    cache_path.write_bytes(cache.serialize())
-    return plan, profiles if dynamic else []
+    config = CreateConfig(profiles=trt_profiles or None,
+                          load_timing_cache=str(cache_path) if cache_path.is_file() else None)
+    try:
+        plan = engine_bytes_from_network((builder, network, parser), config=config,
+                                         save_timing_cache=str(cache_path))
+    except Exception as err:
+        raise RuntimeError(f"TensorRT could not build graph {name!r} ({entry['file']}): {err}") from err
+    return bytes(plan), profiles if dynamic else []
 
 
 def _gpu_name() -> str:

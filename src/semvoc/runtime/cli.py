@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-verify", action="store_true", help="skip the sha256 check of engine files")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    run.add_argument("--verbose", action="store_true", help="show onnxruntime's warnings and info messages")
     return p
 
 
@@ -120,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --out FILE.wav or --out-dir DIR")
     main_thread = threading.current_thread() is threading.main_thread()  # signals: main thread only
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # `kill` cleans up as Ctrl-C
+    from semvoc.runtime.backends.ort_common import set_ort_verbose
+
+    set_ort_verbose(args.verbose)
     try:
         return _run(args, parser)
     except KeyboardInterrupt as stop:

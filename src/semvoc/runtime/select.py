@@ -37,7 +37,11 @@ def make_backend(name: str, manifest: Manifest, *, device_id: int = 0, threads: 
                 "answers (install onnxruntime-gpu in place of onnxruntime on a machine with an NVIDIA "
                 f"GPU). --backend auto would pick {auto_backend()}.")
         from semvoc.runtime.backends.ort_cuda import OrtCudaBackend
+        from semvoc.runtime.gpu import kernel_arch_problem
 
+        problem = kernel_arch_problem(manifest.data, device_id)
+        if problem:
+            raise BackendUnavailable(problem)
         return OrtCudaBackend(manifest, device_id=device_id)
     from semvoc.runtime.backends.tensorrt import TensorRTBackend, tensorrt_available
 

@@ -97,7 +97,14 @@ static std::vector<OpDef>& Ops() {
 extern "C" ORT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
   using namespace semvoc;
   g_api = base->GetApi(kOrtApiVersion);
-  if (g_api == nullptr) return nullptr;  // cannot even report: onnxruntime older than API 13
+  if (g_api == nullptr) {  // an onnxruntime older than the API we call: refuse, through API 1's CreateStatus
+    const OrtApi* v1 = base->GetApi(1);
+    std::string message = std::string("semvoc.cuda: libsemvoc_cuda.so needs onnxruntime's C API version ") +
+                          std::to_string(kOrtApiVersion) + " (onnxruntime >= 1." + std::to_string(kOrtApiVersion) +
+                          "), which this onnxruntime " + base->GetVersionString() +
+                          " does not offer: pip install -U onnxruntime-gpu";
+    return v1 != nullptr ? v1->CreateStatus(ORT_FAIL, message.c_str()) : nullptr;
+  }
   OrtCustomOpDomain* domain = nullptr;  // owned by the sessions' lifetime: never released (tiny)
   if (OrtStatus* status = g_api->CreateCustomOpDomain(kDomain, &domain)) return status;
   for (OpDef& op : Ops()) {

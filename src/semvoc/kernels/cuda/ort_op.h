@@ -1,12 +1,16 @@
 // semvoc's onnxruntime custom ops for the CUDA execution provider: the small C++ layer between
-// onnxruntime's C API (onnxruntime_c_api.h, API version 13, from the onnxruntime release archive)
-// and the kernels. Each op is stateless: the kernel object is the op definition itself, and
+// onnxruntime's C API (version 13: ort_api.h declares the part we use; a build with --ort-include
+// takes the official onnxruntime_c_api.h instead) and the kernels. Each op is stateless: the kernel object is the op definition itself, and
 // every launch goes on the stream onnxruntime gives the node (so CUDA-graph capture sees it).
 #pragma once
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#ifdef SEMVOC_OFFICIAL_ORT_HEADER
 #include <onnxruntime_c_api.h>
+#else
+#include "ort_api.h"
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -18,7 +22,7 @@
 
 namespace semvoc {
 
-constexpr uint32_t kOrtApiVersion = 13;  // the oldest API with KernelContext_GetGPUComputeStream we use
+constexpr uint32_t kOrtApiVersion = 13;  // the oldest API with KernelContext_GetGPUComputeStream (onnxruntime 1.13)
 constexpr const char* kDomain = "semvoc.cuda";
 
 const OrtApi* Api();
@@ -36,6 +40,9 @@ inline void CheckCuda(cudaError_t err, const char* what) {
   if (err == cudaErrorNoKernelImageForDevice) {
     message += " (the engine's kernels/libsemvoc_cuda.so was built for another GPU: re-export with "
                "--cuda-arch listing this GPU's compute capability, e.g. 80,86,89,90)";
+  } else if (err == cudaErrorInsufficientDriver) {
+    message += " (the library was built with a newer CUDA than this NVIDIA driver supports: update the "
+               "driver, or re-export with an nvcc of the driver's CUDA version on PATH)";
   }
   throw std::runtime_error(message);
 }

@@ -9,11 +9,28 @@ import numpy as np
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_}
 
+# onnxruntime's own log: errors only by default (it warns on every session, e.g. "No registered
+# plugin EP device found"); --verbose in semvoc-run and semvoc-export shows its warnings and info
+QUIET, VERBOSE = 3, 1
+_log_severity = QUIET
 
-def available_providers() -> list[str]:
+
+def set_ort_verbose(verbose: bool) -> None:
+    """Show onnxruntime's warnings and info messages (``--verbose``), or errors only."""
+    global _log_severity
+    _log_severity = VERBOSE if verbose else QUIET
+    _onnxruntime()
+
+
+def _onnxruntime():
     import onnxruntime as ort
 
-    return ort.get_available_providers()
+    ort.set_default_logger_severity(_log_severity)
+    return ort
+
+
+def available_providers() -> list[str]:
+    return _onnxruntime().get_available_providers()
 
 
 def cuda_available() -> bool:
@@ -21,8 +38,7 @@ def cuda_available() -> bool:
     if "CUDAExecutionProvider" not in available_providers():
         return False
     try:
-        import onnxruntime as ort
-
+        ort = _onnxruntime()
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()
         return ort.get_device() == "GPU"
@@ -40,11 +56,10 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
     run in a CUDA graph (``cuda_graph``). ``custom_ops`` is semvoc's CUDA op library
     (``libsemvoc_cuda.so``) for graphs exported with ``--cuda-kernels``.
     """
-    import onnxruntime as ort
-
+    ort = _onnxruntime()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = _log_severity
     if threads:
         options.intra_op_num_threads = threads
     if custom_ops is not None:
