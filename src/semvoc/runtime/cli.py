@@ -212,6 +212,8 @@ def _run_on_ray(args, items) -> int:
     if args.audio or not args.out_dir:
         raise ValueError("--ray runs --prompts (or --prompt) jobs into --out-dir; drop --ray for --audio or --out")
     try:
+        import ray  # noqa: F401 (the extra's presence, checked before any work)
+
         from semvoc.serve.offline import run_job
     except ImportError as err:
         raise ValueError(f"--ray needs Ray: pip install 'semvoc[serve]' ({err})") from err
