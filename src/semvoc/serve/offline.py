@@ -124,6 +124,8 @@ def run_job(args, items: list[tuple[str, str | None]]) -> int:
 
     from semvoc.runtime.manifest import load_manifest
 
+    if args.ray_workers is not None and args.ray_workers < 1:
+        raise ValueError(f"--ray-workers must be >= 1 (got {args.ray_workers})")
     manifest = load_manifest(args.engine, verify=not args.no_verify)
     request = jobs.resolve_request(manifest, seed=args.seed, steps=args.steps, vocoder_steps=args.vocoder_steps,
                                    guidance=args.guidance, duration=args.duration)
@@ -138,7 +140,12 @@ def run_job(args, items: list[tuple[str, str | None]]) -> int:
               file=sys.stderr)
     if not plan.todo:
         return 0
-    started_ray = connect(args.ray, quiet=args.quiet)
+    try:
+        started_ray = connect(args.ray, quiet=args.quiet)
+    except (ConnectionError, RuntimeError) as err:
+        cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--ray {args.ray}: cannot start or join Ray ({cause}); for a cluster with token "
+                         "authentication set RAY_AUTH_MODE=token and its token") from err
     started = time.perf_counter()
     bar = tqdm(total=len(plan.todo), unit="clip", disable=args.quiet, file=sys.stderr)
     try:

@@ -341,10 +341,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # semvoc reports nothing to anyone
-    if args.address:
-        ray.init(address=args.address, logging_level="WARNING")
-    else:
-        ray.init(logging_level="WARNING", _metrics_export_port=args.metrics_port)
+    try:
+        if args.address:
+            ray.init(address=args.address, logging_level="WARNING")
+        else:
+            ray.init(logging_level="WARNING", _metrics_export_port=args.metrics_port)
+    except (ConnectionError, RuntimeError, ValueError) as err:  # Ray's own exceptions derive from these
+        cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        print(f"semvoc-serve: error: cannot start or join Ray ({cause}); check --address, and for a cluster "
+              "with token authentication set RAY_AUTH_MODE=token and its token (see Ray's token-auth docs)",
+              file=sys.stderr)
+        return 2
     stop = {"flag": False}
 
     def on_signal(signum, _frame):
