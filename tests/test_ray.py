@@ -140,7 +140,7 @@ def test_server_wav_equals_pipeline_generate(server, local_pipe):
     ({"prompt": "x", "duration": 7}, 422, "duration 7 s is not an exported bucket"),
     ({"prompt": "x", "steps": 0}, 422, "--steps 0 is outside 1..40"),
     ({"prompt": "x", "vocoder_steps": 999}, 422, "--vocoder-steps 999 is outside 1..40"),
-    (b'{"prompt": "x", "guidance": NaN}', 422, "--guidance must be a finite number"),
+    (b'{"prompt": "x", "steps": 4, "vocoder_steps": 3, "guidance": NaN}', 422, "--guidance must be a finite number"),
     ({"prompt": "x", "seed": -1}, 422, "--seed must be a non-negative integer"),
     ({"prompt": "x" * (1 << 20)}, 413, "exceeds the limit of 1048576 bytes"),
 ])
@@ -246,10 +246,13 @@ def _complete(out: Path, n: int) -> None:
         assert sf.info(str(out / f"clip{i:02d}.wav")).frames == 24000
 
 
-def test_offline_two_nodes_equals_single_process(cluster, demo_engine, tmp_path, capsys):
+def test_offline_two_nodes_equals_single_process(cluster, demo_engine, tmp_path, capsys, monkeypatch):
+    import ray.data
     from ray import serve
 
     serve.shutdown()  # free the CPU slots for the pool
+    # start only when both actors (one per node: each node has one CPU) are up, so both get work
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 120)
     prompts = _prompts_file(tmp_path, 6)
     assert run_main(_job(demo_engine, prompts, tmp_path / "local")) == 0
     capsys.readouterr()

@@ -13,8 +13,8 @@ EPILOG = """\
 examples:
   semvoc-run --engine engines/demo --prompt "a dog barks while rain falls" --out dog.wav
   semvoc-run --engine engines/fp16 --prompts data/audiocaps_test_captions.jsonl \\
-      --out-dir out/audiocaps --batch-size 16          # resumable: existing wavs are skipped
-  semvoc-run --engine engines/fp16 --prompts captions.jsonl --out-dir out/caps \
+      --out-dir out/audiocaps --batch-size 16          # resumable: finished wavs are skipped
+  semvoc-run --engine engines/fp16 --prompts captions.jsonl --out-dir out/caps \\
       --ray                                            # the same job over a Ray cluster (semvoc[serve])
   semvoc-run --engine engines/fp16 --audio speech.flac --out resynth.wav   # audio -> audio
 
@@ -22,8 +22,8 @@ prompts files: JSONL with "caption" (and optional "audio_id", used for the file 
 plain text with one prompt per line. Two prompts that would write the same file name are
 refused. Beside each NAME.wav, NAME.wav.json records what made it (prompt, index, seed, steps,
 guidance, duration, engine): a later run skips a wav only when that record matches its request,
-and refuses other existing wavs unless --overwrite is given. The same --seed gives the same audio on the same
-backend and machine; prompt i of a run draws its noise from (seed, i), whatever the batching.
+and refuses other existing wavs unless --overwrite is given. The same --seed gives the same
+audio on the same backend and machine; prompt i of a run draws its noise from (seed, i), whatever the batching.
 Prompts longer than the engine's text bucket are truncated with a warning.
 """
 

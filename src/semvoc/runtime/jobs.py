@@ -90,16 +90,16 @@ def resolve_request(manifest: Manifest, *, seed: int = 0, steps: int | None = No
 
     checks = object.__new__(Pipeline)  # only the manifest-based checks run: no sessions are made
     checks.manifest, checks.defaults = manifest, manifest.defaults
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"--seed must be a non-negative integer (got {seed!r})")
+    # the order of Pipeline.generate's checks, then what it leaves to the backends
+    duration = checks._duration(duration)
+    steps = checks._steps(steps, "steps", "max_dit_steps", "--steps")
+    vocoder_steps = checks._steps(vocoder_steps, "vocoder_steps", "max_vocoder_steps", "--vocoder-steps")
     guidance = float(manifest.defaults["guidance"] if guidance is None else guidance)
     if not math.isfinite(guidance):
         raise ValueError(f"--guidance must be a finite number (got {guidance})")
-    return Request(seed=int(seed),
-                   steps=checks._steps(steps, "steps", "max_dit_steps", "--steps"),
-                   vocoder_steps=checks._steps(vocoder_steps, "vocoder_steps", "max_vocoder_steps",
-                                               "--vocoder-steps"),
-                   guidance=guidance, duration=checks._duration(duration))
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer (got {seed!r})")
+    return Request(seed=int(seed), steps=steps, vocoder_steps=vocoder_steps, guidance=guidance, duration=duration)
 
 
 def engine_identity(manifest: Manifest) -> str:

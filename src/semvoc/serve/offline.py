@@ -52,6 +52,20 @@ class ClipWriter:
                 "node": [ray.get_runtime_context().get_node_id()] * len(clips), "pid": [os.getpid()] * len(clips)}
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast for a HOST:PORT nothing listens on (Ray itself retries for minutes)."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return  # "auto", ray:// client addresses: left to Ray
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ConnectionError(f"nothing answers at {address} ({err.strerror or err}); start the head with "
+                              "`ray start --head` or give its address") from err
+
+
 def connect(address: str | None, quiet: bool = False) -> bool:
     """Join the cluster at ``address`` ("auto": a running local one, else start one). Returns
     whether this call started Ray (and so should shut it down)."""
@@ -67,6 +81,7 @@ def connect(address: str | None, quiet: bool = False) -> bool:
         except ConnectionError:
             ray.init(**kwargs)  # no cluster running: a local instance for this run
     else:
+        check_reachable(address)
         ray.init(address=address, **kwargs)
     return True
 

@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     from semvoc.runtime.select import BACKENDS
 
     p = argparse.ArgumentParser(prog="semvoc-serve", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description=__doc__.split("\n\n", 1)[0].strip("` "),
+                                description="An HTTP text-to-audio endpoint on Ray Serve, for a semvoc engine.",
                                 epilog=__doc__.split("\n", 1)[1])
     p.add_argument("--engine", type=Path, required=True, metavar="DIR", help="engine directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
@@ -343,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # semvoc reports nothing to anyone
     try:
         if args.address:
+            from semvoc.serve.offline import check_reachable
+
+            check_reachable(args.address)
             ray.init(address=args.address, logging_level="WARNING")
         else:
             ray.init(logging_level="WARNING", _metrics_export_port=args.metrics_port)
