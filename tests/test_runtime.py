@@ -104,7 +104,7 @@ def test_cli_writes_wavs_and_resumes(demo_engine, tmp_path, capsys):
     out = tmp_path / "wavs"
     assert run_main(["--engine", str(demo_engine), "--prompts", str(prompts), "--out-dir", str(out),
                      "--batch-size", "2", "--quiet", *SHORT]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["Y0.wav", "Y1.wav", "Y2.wav"]
+    assert sorted(p.name for p in out.glob("*.wav")) == ["Y0.wav", "Y1.wav", "Y2.wav"]
     assert "real-time factor" in capsys.readouterr().err
     before = (out / "Y1.wav").stat().st_mtime_ns
     (out / "Y2.wav").unlink()

@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
+from semvoc.runtime.jobs import file_stem, read_prompts  # noqa: F401 (the job path's helpers, re-exported)
+
 EPILOG = """\
 examples:
   semvoc-run --engine engines/demo --prompt "a dog barks while rain falls" --out dog.wav
   semvoc-run --engine engines/fp16 --prompts data/audiocaps_test_captions.jsonl \\
-      --out-dir out/audiocaps --batch-size 16          # resumable: existing wavs are skipped
+      --out-dir out/audiocaps --batch-size 16          # resumable: finished wavs are skipped
+  semvoc-run --engine engines/fp16 --prompts captions.jsonl --out-dir out/caps \\
+      --ray                                            # the same job over a Ray cluster (semvoc[serve])
   semvoc-run --engine engines/fp16 --audio speech.flac --out resynth.wav   # audio -> audio
 
 prompts files: JSONL with "caption" (and optional "audio_id", used for the file name), or
-plain text with one prompt per line. The same --seed gives the same audio on the same
-backend and machine; prompt i of a run draws its noise from (seed, i), whatever the batching.
+plain text with one prompt per line. Two prompts that would write the same file name are
+refused. Beside each NAME.wav, NAME.wav.json records what made it (prompt, index, seed, steps,
+guidance, duration, engine): a later run skips a wav only when that record matches its request,
+and refuses other existing wavs unless --overwrite is given. The same --seed gives the same
+audio on the same backend and machine; prompt i of a run draws its noise from (seed, i), whatever the batching.
 Prompts longer than the engine's text bucket are truncated with a warning.
 
 --audio takes a recording of any length: it is resynthesised in windows of the --duration
@@ -56,14 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, metavar="FILE.wav", help="output file (one prompt or --audio)")
     out.add_argument("--out-dir", type=Path, metavar="DIR", help="output directory (one wav per prompt)")
-    out.add_argument("--overwrite", action="store_true", help="regenerate wavs that already exist")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace existing wavs made by another request or engine (without it they are "
+                          "refused; wavs made by the same request are always skipped)")
     gen = p.add_argument_group("generation (defaults come from the engine)")
     gen.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     gen.add_argument("--steps", type=int, help="DiT steps (official default 100)")
     gen.add_argument("--vocoder-steps", type=int, help="vocoder steps (official default 200)")
     gen.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 3.5)")
     gen.add_argument("--duration", type=float, help="seconds; an exported duration bucket (default: the first)")
-    gen.add_argument("--batch-size", type=int, help="prompts per batch (default: the largest exported bucket)")
+    gen.add_argument("--batch-size", type=int,
+                     help="prompts per batch (default and upper bound: the largest exported bucket)")
     run = p.add_argument_group("execution")
     run.add_argument("--backend", choices=BACKENDS, default="auto",
                      help="auto (CUDA if available, else CPU), onnxruntime-cpu, onnxruntime-cuda, "
@@ -74,39 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     run.add_argument("--verbose", action="store_true", help="show onnxruntime's warnings and info messages")
+    run.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                     help="run a --prompts job on Ray Data: one Pipeline per GPU (or per CPU worker) over "
+                          "the cluster at ADDRESS (default: a running local cluster, else a new local "
+                          "instance); --out-dir must be visible to every node. Needs semvoc[serve]")
+    run.add_argument("--ray-workers", type=int, metavar="N",
+                     help="with --ray: pipelines in the pool (default: one per GPU, else one per CPU "
+                          "worker slot of --threads cores)")
     return p
-
-
-def read_prompts(path: Path) -> list[tuple[str, str | None]]:
-    """(caption, audio_id or None) from a JSONL or plain-text file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file not found: {path}")
-    items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("{"):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: invalid JSON ({err})") from err
-            caption = record.get("caption")
-            if not isinstance(caption, str) or not caption.strip():
-                raise ValueError(f"{path}:{number}: no \"caption\" text")
-            items.append((caption, record.get("audio_id")))
-        else:
-            items.append((line, None))
-    if not items:
-        raise ValueError(f"{path} holds no prompts")
-    return items
-
-
-def file_stem(index: int, caption: str, audio_id: str | None) -> str:
-    if audio_id:
-        return re.sub(r"[^\w.-]+", "_", Path(str(audio_id)).stem)[:120]
-    slug = re.sub(r"[^\w]+", "_", caption.lower()).strip("_")[:60]
-    return f"{index:05d}_{slug}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,6 +181,8 @@ def _run(args, parser) -> int:
     _check_writable(args.out.parent if args.out else args.out_dir)
     if args.audio:
         open_audio(args.audio).close()  # readable, not empty: before loading the engine
+    if args.ray:
+        return _run_on_ray(args, items)
     pipe = Pipeline(args.engine, args.backend, device_id=args.device_id, verify=not args.no_verify,
                     threads=args.threads)
     pipe.check(seed=args.seed, steps=args.steps, vocoder_steps=args.vocoder_steps, guidance=args.guidance,
@@ -265,45 +250,60 @@ def _resynthesize(args, pipe) -> tuple[int, float]:
 def _generate(args, pipe, items, write) -> tuple[int, float]:
     from tqdm import tqdm
 
-    buckets = pipe.manifest.buckets["batch_sizes"]
-    batch_size = args.batch_size or (max(buckets) if len(items) > 1 else 1)
-    if batch_size < 1:
-        raise ValueError("--batch-size must be >= 1")
-    if pipe.backend.pads_batches and batch_size > max(buckets):
-        raise ValueError(f"--batch-size {batch_size} exceeds the largest exported bucket {max(buckets)}")
-    targets = [args.out] if args.out else [args.out_dir / f"{file_stem(i, c, a)}.wav"
-                                             for i, (c, a) in enumerate(items)]
-    todo = [i for i, t in enumerate(targets) if args.overwrite or not t.exists()]
-    if len(todo) < len(items):
-        print(f"semvoc-run: skipping {len(items) - len(todo)} existing file(s) (--overwrite to redo)",
-              file=sys.stderr)
-    clips, seconds = 0, 0.0
-    prompt_bar = tqdm(total=len(todo), unit="clip", disable=args.quiet or len(todo) <= 1, file=sys.stderr)
-    defaults = pipe.manifest.defaults
-    total_steps = (args.steps or defaults["steps"]) + (args.vocoder_steps or defaults["vocoder_steps"])
-    step_bar = tqdm(total=total_steps, unit="step", disable=args.quiet or len(todo) != 1, file=sys.stderr,
-                    leave=False)
+    from semvoc.runtime import jobs
+
+    request = jobs.resolve_request(pipe.manifest, seed=args.seed, steps=args.steps,
+                                   vocoder_steps=args.vocoder_steps, guidance=args.guidance,
+                                   duration=args.duration)
+    size = jobs.chunk_size(args.batch_size, pipe.manifest.buckets["batch_sizes"], len(items))
+    if args.batch_size and size < args.batch_size:
+        print(f"semvoc-run: note: --batch-size {args.batch_size} runs in batches of {size}, the engine's "
+              "largest batch bucket", file=sys.stderr)
+    engine = jobs.engine_identity(pipe.manifest)
+    plan = jobs.plan_outputs(items, request, engine, out_dir=args.out_dir, out=args.out,
+                             overwrite=args.overwrite)
+    _report_plan(plan)
+    prompt_bar = tqdm(total=len(plan.todo), unit="clip", disable=args.quiet or len(plan.todo) <= 1,
+                      file=sys.stderr)
+    step_bar = tqdm(total=request.steps + request.vocoder_steps, unit="step", file=sys.stderr, leave=False,
+                    disable=args.quiet or len(plan.todo) != 1)
 
     def progress(stage: str, done: int) -> None:
         if done == 1:  # a new loop starts: name it once, not on every step
             step_bar.set_description(stage)
         step_bar.update(1)
 
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        result = pipe.generate([items[i][0] for i in chunk], seed=args.seed, indices=chunk,
-                               steps=args.steps, vocoder_steps=args.vocoder_steps, guidance=args.guidance,
-                               duration=args.duration, progress=progress if not step_bar.disable else None)
-        for row, i in enumerate(chunk):
-            write(targets[i], result.audio[row], result.sample_rate)
-            if len(items) == 1:
-                print(targets[i])
-        clips += len(chunk)
-        seconds += result.seconds_of_audio
+    def finished(chunk, _seconds) -> None:
+        if len(items) == 1:
+            print(chunk[0].path)
         prompt_bar.update(len(chunk))
+
+    produced = jobs.run_local(pipe, plan, request, engine, size, on_chunk=finished,
+                              progress=progress if not step_bar.disable else None)
     step_bar.close()
     prompt_bar.close()
-    return clips, seconds
+    return produced
+
+
+def _report_plan(plan) -> None:
+    if plan.skipped:
+        print(f"semvoc-run: skipping {plan.skipped} existing file(s) made by this request and engine",
+              file=sys.stderr)
+    if plan.replaced:
+        print(f"semvoc-run: replacing {plan.replaced} existing file(s) made otherwise (--overwrite)",
+              file=sys.stderr)
+
+
+def _run_on_ray(args, items) -> int:
+    if args.audio or not args.out_dir:
+        raise ValueError("--ray runs --prompts (or --prompt) jobs into --out-dir; drop --ray for --audio or --out")
+    try:
+        import ray  # noqa: F401 (the extra's presence, checked before any work)
+
+        from semvoc.serve.offline import run_job
+    except ImportError as err:
+        raise ValueError(f"--ray needs Ray: pip install 'semvoc[serve]' ({err})") from err
+    return run_job(args, items)
 
 
 if __name__ == "__main__":
