@@ -258,32 +258,11 @@ def load_source(args):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import signal
-    import threading
-
-    from semvoc.runtime.cli import Terminated
-
-    def terminate(signum, frame):
-        raise Terminated
+    from semvoc.runtime.cli import guarded
 
     args = build_parser().parse_args(argv)
-    main_thread = threading.current_thread() is threading.main_thread()  # signals: main thread only
-    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None  # `kill` cleans up as Ctrl-C
-    try:
-        return _main(args)
-    except KeyboardInterrupt as stop:
-        print(f"semvoc-export: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}; nothing was "
-              "written", file=sys.stderr)
-        return 143 if isinstance(stop, Terminated) else 130
-    except Exception as err:
-        if args.debug:
-            raise
-        code, message = error_message(err)
-        print(f"semvoc-export: error: {message}", file=sys.stderr)
-        return code
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+    return guarded("semvoc-export", lambda: _main(args), error_message, debug=args.debug,
+                   stopped="nothing was written")
 
 
 def error_message(err: Exception) -> tuple[int, str]:

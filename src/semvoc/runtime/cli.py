@@ -102,22 +102,30 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --out or --out-dir, not both")
     if not args.out and not args.out_dir:
         parser.error("give --out FILE.wav or --out-dir DIR")
-    main_thread = threading.current_thread() is threading.main_thread()  # signals: main thread only
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # `kill` cleans up as Ctrl-C
     from semvoc.runtime.backends.ort_common import set_ort_verbose
 
     set_ort_verbose(args.verbose)
+    return guarded("semvoc-run", lambda: _run(args, parser), error_message, debug=args.debug,
+                   stopped="finished files are complete, no partial file was written")
+
+
+def guarded(prog: str, body, describe, *, debug: bool, stopped: str) -> int:
+    """Run a command's ``body`` by the exit-status rule of ``--help``: Ctrl-C 130 and SIGTERM 143
+    (raised where Ctrl-C would be, so temp files go the same way; ``stopped`` says what is left),
+    other errors one line from ``describe(err) -> (status, message)``, the traceback with ``debug``."""
+    main_thread = threading.current_thread() is threading.main_thread()  # signals: main thread only
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
-        return _run(args, parser)
+        return body()
     except KeyboardInterrupt as stop:
-        print(f"\nsemvoc-run: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}; finished files "
-              "are complete, no partial file was written", file=sys.stderr)
+        print(f"\n{prog}: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}; {stopped}",
+              file=sys.stderr)
         return 143 if isinstance(stop, Terminated) else 130
     except Exception as err:
-        if args.debug:
+        if debug:
             raise
-        code, message = error_message(err)
-        print(f"semvoc-run: error: {message}", file=sys.stderr)
+        code, message = describe(err)
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return code
     finally:
         if main_thread:
@@ -286,12 +294,8 @@ def _generate(args, pipe, items, write) -> tuple[int, float]:
 
 
 def _report_plan(plan) -> None:
-    if plan.skipped:
-        print(f"semvoc-run: skipping {plan.skipped} existing file(s) made by this request and engine",
-              file=sys.stderr)
-    if plan.replaced:
-        print(f"semvoc-run: replacing {plan.replaced} existing file(s) made otherwise (--overwrite)",
-              file=sys.stderr)
+    for note in plan.notes():
+        print(f"semvoc-run: {note}", file=sys.stderr)
 
 
 def _run_on_ray(args, items) -> int:

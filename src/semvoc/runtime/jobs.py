@@ -123,6 +123,15 @@ class Plan:
     skipped: int       # existing wavs made by the same request and engine
     replaced: int      # existing wavs that --overwrite replaces
 
+    def notes(self) -> list[str]:
+        """What the plan does with existing files, for the person who started the job."""
+        notes = []
+        if self.skipped:
+            notes.append(f"skipping {self.skipped} existing file(s) made by this request and engine")
+        if self.replaced:
+            notes.append(f"replacing {self.replaced} existing file(s) made otherwise (--overwrite)")
+        return notes
+
 
 def plan_outputs(items: list[tuple[str, str | None]], request: Request, engine: str, *,
                  out_dir: Path | None = None, out: Path | None = None, overwrite: bool = False) -> Plan:

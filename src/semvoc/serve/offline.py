@@ -147,12 +147,8 @@ def run_job(args, items: list[tuple[str, str | None]]) -> int:
     size = jobs.chunk_size(args.batch_size, manifest.buckets["batch_sizes"], len(items))
     engine_id = jobs.engine_identity(manifest)
     plan = jobs.plan_outputs(items, request, engine_id, out_dir=args.out_dir, overwrite=args.overwrite)
-    if plan.skipped:
-        print(f"semvoc-run: skipping {plan.skipped} existing file(s) made by this request and engine",
-              file=sys.stderr)
-    if plan.replaced:
-        print(f"semvoc-run: replacing {plan.replaced} existing file(s) made otherwise (--overwrite)",
-              file=sys.stderr)
+    for note in plan.notes():
+        print(f"semvoc-run: {note}", file=sys.stderr)
     if not plan.todo:
         return 0
     try:
