@@ -270,10 +270,14 @@ def test_ctrl_c_leaves_no_partial_file(demo_engine, tmp_path, monkeypatch, capsy
 def test_usage_errors(demo_engine, tmp_path, capsys):
     for args in (["--prompt", "x"], ["--prompt", "x", "--prompts", "f", "--out", "a.wav"],
                  ["--prompt", "x", "--prompt", "y", "--out", str(tmp_path / "a.wav")],
-                 ["--prompt", "x", "--out", str(tmp_path / "a.mp3")]):
+                 ["--prompt", "x", "--out", str(tmp_path / "a.mp3")],
+                 ["--audio", "in.wav", "--steps", "10", "--out", str(tmp_path / "a.wav")],  # no DiT for --audio
+                 ["--audio", "in.wav", "--guidance", "2", "--out", str(tmp_path / "a.wav")]):
         with pytest.raises(SystemExit) as exit_info:
             run_main(["--engine", str(demo_engine), *args])
         assert exit_info.value.code == 2
+        if "--audio" in args:
+            assert "which --audio does not run" in capsys.readouterr().err
 
 
 def test_help_teaches(capsys):

@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --out or --out-dir, not both")
     if not args.out and not args.out_dir:
         parser.error("give --out FILE.wav or --out-dir DIR")
+    if args.audio and (args.steps is not None or args.guidance is not None):
+        parser.error("--steps and --guidance set the text-to-latent DiT, which --audio does not run "
+                     "(resynthesis uses the vocoder alone: --vocoder-steps)")
     from semvoc.runtime.backends.ort_common import set_ort_verbose
 
     set_ort_verbose(args.verbose)
