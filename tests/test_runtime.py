@@ -542,3 +542,18 @@ def test_hand_edited_manifest_entries_are_named(engine_copy, tmp_path, capsys):
     (engine_copy / "manifest.json").write_text(json.dumps(manifest))
     code, err = _run(["--engine", str(engine_copy), "--prompt", "x", "--out", str(tmp_path / "a.wav"), *SHORT], capsys)
     assert code == 2 and "malformed (buckets.durations_s = [])" in err and "Traceback" not in err
+
+
+def test_a_cuda_session_that_onnxruntime_puts_on_the_cpu_is_refused(demo_engine):
+    """onnxruntime quietly retries on the CPU a session it cannot make on the GPU (here: no GPU
+    build at all); semvoc's GPU backend must say so instead of running many times slower."""
+    from semvoc.runtime.backends.base import BackendUnavailable
+    from semvoc.runtime.backends.ort_common import conv_algo_search, make_session
+
+    graph = demo_engine / "dit_time.onnx"
+    assert make_session(graph, "cpu").get_providers() == ["CPUExecutionProvider"]
+    with pytest.raises(BackendUnavailable, match=r"dit_time\.onnx on the GPU and fell back to the CPU"):
+        make_session(graph, "cuda")
+    # the semantic encoder keeps cuDNN's exhaustive search (its patch convolution has no heuristic plan)
+    assert conv_algo_search(demo_engine / "semantic_encoder_1s.onnx") == "EXHAUSTIVE"
+    assert conv_algo_search(demo_engine / "vocoder_prepare.onnx") == "HEURISTIC"

@@ -46,6 +46,15 @@ def cuda_available() -> bool:
         return False
 
 
+def conv_algo_search(path: str | Path) -> str:
+    """cuDNN's algorithm choice for a graph's convolutions: HEURISTIC (no timing of every algorithm:
+    the text-to-audio graphs' convolutions run once per request, in vocoder_prepare, and an
+    exhaustive search cost seconds of the first request), except for the semantic encoder, whose
+    fp16 patch convolution (64x4 stride, NHWC) gets no plan from cuDNN's heuristic query on an H200
+    (onnxruntime then fell back to the CPU for the whole graph): it keeps the exhaustive search."""
+    return "EXHAUSTIVE" if Path(path).stem.startswith("semantic_encoder") else "HEURISTIC"
+
+
 def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict[str, int] | None = None,
                  cuda_graph: bool = False, device_id: int = 0, threads: int | None = None,
                  custom_ops: str | Path | None = None):
@@ -73,10 +82,8 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
             ort.preload_dlls()
         # NHWC kernels and [N, C, 1, T] padding of 1-D convs: the vocoder step -30 % on an H100
         # (benchmarks/results/h100-2026-11-25-notes.md)
-        # HEURISTIC: cuDNN's pick without timing every algorithm (the convolutions left run once per
-        # request, in vocoder_prepare, and an exhaustive search cost seconds of the first request);
         # kSameAsRequested: the arena grows by what is asked, not by doubling (peak memory)
-        cuda_options = {"device_id": str(device_id), "cudnn_conv_algo_search": "HEURISTIC",
+        cuda_options = {"device_id": str(device_id), "cudnn_conv_algo_search": conv_algo_search(path),
                         "arena_extend_strategy": "kSameAsRequested",
                         "do_copy_in_default_stream": "1", "prefer_nhwc": "1", "cudnn_conv1d_pad_to_nc1d": "1"}
         if cuda_graph:
@@ -93,7 +100,7 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.NoSuchFile) as err:
         from semvoc.runtime.manifest import EngineError
 
@@ -101,3 +108,12 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
         raise EngineError(f"onnxruntime cannot load {path}: {detail}. The file is damaged or not an ONNX graph "
                           "of this semvoc: re-export the engine (semvoc-run checks every file's sha256 first "
                           "unless --no-verify is given)") from err
+    if provider == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+        from semvoc.runtime.backends.base import BackendUnavailable
+
+        # onnxruntime retries a session it cannot create on the GPU on the CPU, with a printed note:
+        # a GPU run must not go on many times slower without a word
+        raise BackendUnavailable(f"onnxruntime could not create {Path(path).name} on the GPU and fell back to "
+                                 "the CPU (its message above says why; --verbose shows more); run on the CPU "
+                                 "with --backend onnxruntime-cpu, or report it with that message")
+    return session
