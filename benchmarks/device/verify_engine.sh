@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# On a CUDA machine with onnxruntime-gpu: semvoc's CUDA-op tests (in the background, beside the
-# export), a reference-preset fp16 engine with the ops, cold start and memory under two
+# On a CUDA machine with onnxruntime-gpu: semvoc's GPU tests (in the background, beside the
+# export), a reference-preset fp16 engine exported with the defaults (which use the CUDA ops), cold start and memory under two
 # onnxruntime settings, per-graph times, kernel profiles and one batch-1 request against PyTorch
 # fp32. ENGINE (default /tmp/engines/ref16k) is exported unless it exists; results go to
 # ${OUT:-results}/ (a handful of files: pass KEEP_LOGS=1 for every log).
@@ -14,19 +14,22 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 tests=""
 if [ -z "${SKIP_TESTS:-}" ]; then
   timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py \
-      > "$LOGS/pytest_gpu.log" 2>&1 &
+      tests/test_gpu.py > "$LOGS/pytest_gpu.log" 2>&1 &
   tests=$!
 fi
 if [ ! -f "$ENGINE/manifest.json" ]; then
-  ( time python3 -m semvoc.export.cli --preset reference --fp16 --device cuda --cuda-kernels --out "$ENGINE" ) \
+  # the default export: semvoc's CUDA ops whenever they can be built (--cuda-kernels auto)
+  ( time python3 -m semvoc.export.cli --preset reference --fp16 --device cuda --out "$ENGINE" ) \
       > "$LOGS/export.log" 2>&1 || { tail -30 "$LOGS/export.log"; }
   tail -4 "$LOGS/export.log"
+  python3 -c "import json, sys; ops = json.load(open(sys.argv[1]))['custom_ops']; print('custom ops:', ops)" \
+      "$ENGINE/manifest.json" 2>/dev/null
 fi
 [ -n "$tests" ] && { wait "$tests"; tail -3 "$LOGS/pytest_gpu.log"; grep -E "^(FAILED|ERROR)" "$LOGS/pytest_gpu.log"; }
 if [ ! -f "$ENGINE/manifest.json" ] && [ -n "${FALLBACK_SOURCES:-}" ]; then  # kernel sources to retry with
   echo "export failed: retrying with the kernel sources in $FALLBACK_SOURCES"
   cp "$FALLBACK_SOURCES"/*.cu "$FALLBACK_SOURCES"/*.h src/semvoc/kernels/cuda/
-  python3 -m semvoc.export.cli --preset reference --fp16 --device cuda --cuda-kernels --out "$ENGINE" \
+  python3 -m semvoc.export.cli --preset reference --fp16 --device cuda --out "$ENGINE" \
       > "$LOGS/export_fallback.log" 2>&1 || tail -20 "$LOGS/export_fallback.log"
 fi
 [ -f "$ENGINE/manifest.json" ] || exit 1
