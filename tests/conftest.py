@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -42,3 +45,18 @@ def engine_copy(demo_engine, tmp_path) -> Path:
     target = tmp_path / "engine"
     shutil.copytree(demo_engine, target)
     return target
+
+
+def run_without(packages: tuple[str, ...], body: str) -> subprocess.CompletedProcess:
+    """Run the Python ``body`` in a fresh interpreter where ``packages`` cannot be imported."""
+
+    prelude = textwrap.dedent(f"""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {tuple(packages)!r}:
+                    raise ImportError(f"{{name}} is blocked in this test")
+        sys.meta_path.insert(0, Block())
+    """)
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(body)], capture_output=True, text=True,
+                          timeout=300)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -183,13 +180,9 @@ def test_request_values_are_checked_before_any_work(demo_engine, tmp_path, capsy
 def test_prompts_job_runs_without_ray_and_torch(demo_engine, tmp_path):
     """The runtime and its prompts job import neither ray nor torch; --ray then says what to install."""
     prompts = _prompts(tmp_path, [{"caption": "rain", "audio_id": "r"}])
-    script = textwrap.dedent(f"""
-        import sys, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("ray", "torch", "fastapi", "starlette", "onnx"):
-                    raise ImportError(f"{{name}} is blocked in this test")
-        sys.meta_path.insert(0, Block())
+    from tests.conftest import run_without
+
+    proc = run_without(("ray", "torch", "fastapi", "starlette", "onnx"), f"""
         from semvoc.runtime.cli import main
         common = ["--engine", {str(demo_engine)!r}, "--prompts", {str(prompts)!r}, "--steps", "3",
                   "--vocoder-steps", "2", "--quiet"]
@@ -197,7 +190,6 @@ def test_prompts_job_runs_without_ray_and_torch(demo_engine, tmp_path):
         assert main([*common, "--out-dir", {str(tmp_path / "r")!r}, "--ray"]) == 2
         assert not [m for m in sys.modules if m.split(".")[0] in ("ray", "torch")]
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "--ray needs Ray: pip install 'semvoc[serve]'" in proc.stderr
     assert (tmp_path / "o" / "r.wav").is_file() and not (tmp_path / "r").exists()

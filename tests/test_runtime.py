@@ -78,20 +78,15 @@ def test_prompt_audio_does_not_depend_on_batching(pipe):
 
 def test_runtime_imports_no_torch(demo_engine, tmp_path):
     """Generation in a process where torch, transformers and onnx cannot be imported."""
-    script = textwrap.dedent(f"""
-        import sys, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "transformers", "onnx", "onnxscript", "safetensors"):
-                    raise ImportError(f"{{name}} is blocked in this test")
-        sys.meta_path.insert(0, Block())
+    from tests.conftest import run_without
+
+    proc = run_without(("torch", "transformers", "onnx", "onnxscript", "safetensors"), f"""
         from semvoc.runtime.cli import main
         code = main(["--engine", {str(demo_engine)!r}, "--prompt", "rain", "--out", {str(tmp_path / "a.wav")!r},
                      "--steps", "3", "--vocoder-steps", "2", "--quiet"])
         assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "onnx")]
         sys.exit(code)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     audio, rate = sf.read(tmp_path / "a.wav")
     assert rate == 24000 and audio.shape == (24000,)
