@@ -1,10 +1,13 @@
 """semvoc's CUDA ops (``--cuda-kernels``): the fused ConvNeXt form against the model's own block,
 what the export emits, the errors a user meets without nvcc or onnxruntime headers, and (on a
-GPU with nvcc) each CUDA kernel against its PyTorch reference."""
+GPU with nvcc) each CUDA kernel against its PyTorch reference. ``SEMVOC_TEST_CUDA_LIBRARY`` names
+a library built beforehand (``python -m semvoc.kernels.cuda_build --out DIR``, on any machine) to
+test instead of building one here."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -282,6 +285,9 @@ def cuda_library(tmp_path_factory) -> Path:
 
     if not cuda_available():
         pytest.skip("needs a CUDA GPU with onnxruntime-gpu")
+    prebuilt = os.environ.get("SEMVOC_TEST_CUDA_LIBRARY")
+    if prebuilt:  # a library built elsewhere, e.g. on a CPU-only machine with pip's nvcc
+        return Path(prebuilt).resolve()
     try:
         cuda_build.find_nvcc()
     except cuda_build.KernelBuildError as err:
@@ -406,6 +412,9 @@ def test_cuda_kernel_engine_matches_the_plain_engine(demo_engine, tmp_path):
 
     if not cuda_available():
         pytest.skip("needs a CUDA GPU with onnxruntime-gpu")
+    prebuilt = os.environ.get("SEMVOC_TEST_CUDA_LIBRARY")
+    if prebuilt:  # a library built elsewhere, e.g. on a CPU-only machine with pip's nvcc
+        return Path(prebuilt).resolve()
     try:
         cuda_build.find_nvcc()
     except cuda_build.KernelBuildError as err:

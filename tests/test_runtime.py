@@ -552,3 +552,49 @@ def test_a_cuda_session_that_onnxruntime_puts_on_the_cpu_is_refused(demo_engine)
     # the semantic encoder keeps cuDNN's exhaustive search (its patch convolution has no heuristic plan)
     assert conv_algo_search(demo_engine / "semantic_encoder_1s.onnx") == "EXHAUSTIVE"
     assert conv_algo_search(demo_engine / "vocoder_prepare.onnx") == "HEURISTIC"
+
+
+def test_gpu_sessions_of_a_bucket_are_created_together(demo_engine, monkeypatch):
+    """``prepare`` creates what a request needs in parallel threads, once; step graphs get the
+    bucket's fixed dims and CUDA-graph capture, the others the shared arena. onnxruntime's CUDA
+    provider is replaced by a recorder, so the logic runs on any machine."""
+    import threading
+    import time
+
+    from semvoc.runtime.backends import ort_cuda
+    from semvoc.runtime.manifest import load_manifest
+
+    calls, threads = [], set()
+
+    def fake_session(path, provider, **kwargs):
+        threads.add(threading.get_ident())
+        time.sleep(0.05)  # a load takes time: the pool's threads overlap
+        calls.append((Path(path).name, kwargs))
+        if Path(path).name == "vocoder_step.onnx" and kwargs["cuda_graph"]:
+            raise RuntimeError("capture refused")  # left for _bind_loop's uncaptured retry
+        return object()
+
+    monkeypatch.setattr(ort_cuda, "make_session", fake_session)
+    manifest = load_manifest(demo_engine, verify=False)
+    backend = ort_cuda.OrtCudaBackend(manifest)
+    backend.prepare(1, 25)
+    made = {name: kwargs for name, kwargs in calls}
+    assert set(made) == {"text_encoder.onnx", "dit_prepare.onnx", "dit_time.onnx", "dit_step.onnx",
+                         "vocoder_prepare.onnx", "vocoder_time.onnx", "vocoder_step.onnx"}
+    for name, kwargs in made.items():
+        step = name in ("dit_step.onnx", "vocoder_step.onnx")
+        assert kwargs["cuda_graph"] is step and kwargs["shared_arena"] is not step
+        assert (kwargs["dim_overrides"] is not None) is step
+    assert made["dit_step.onnx"]["dim_overrides"]["batch"] == 1
+    assert len(backend._sessions) == 6 and len(threads) > 1  # the refused capture is not kept
+
+    calls.clear()
+    backend.prepare(1, 25)  # only the refused one is tried again
+    assert [name for name, _ in calls] == ["vocoder_step.onnx"]
+
+    def broken(path, provider, **kwargs):
+        raise RuntimeError(f"cannot load {Path(path).name}")
+
+    monkeypatch.setattr(ort_cuda, "make_session", broken)
+    with pytest.raises(RuntimeError, match=r"cannot load semantic_encoder_1s\.onnx"):
+        backend.prepare(1, 25, text=False, duration_s=1.0)

@@ -1,12 +1,14 @@
 """Cold start and GPU memory of one engine on onnxruntime CUDA, in this (fresh) process.
 
-    python -m benchmarks.device.cold_start ENGINE_DIR [--batch 1] [--json OUT.json]
+    python -m benchmarks.device.cold_start ENGINE_DIR [--batch 1] [--sequential] [--json OUT.json]
 
-Reports ``Pipeline(engine)`` (manifest, file verification, sessions created up front), the first
-request (sessions created on demand, cuDNN algorithm search, CUDA-graph capture) with the time
-spent creating each onnxruntime session, a warm request, and the device memory in use (NVML)
-before loading, after the first request and after the warm one. Run it once per setting in
-separate processes, e.g. with ``SEMVOC_ORT_CUDA_OPTIONS=cudnn_conv_algo_search=EXHAUSTIVE``.
+Reports ``Pipeline(engine)`` (manifest, file verification), the first request (its sessions
+created together by ``prepare``, then cuDNN algorithm search and CUDA-graph capture) with the
+time spent creating each onnxruntime session, a warm request, and the device memory in use
+(NVML) before loading, after ``prepare``, after each stage of the first request and after the
+warm one. ``--sequential`` creates the sessions one at a time (the memory after each one is then
+that session's own). Run it once per setting in separate processes, e.g. with
+``SEMVOC_ORT_CUDA_OPTIONS=cudnn_conv_algo_search=EXHAUSTIVE`` or ``SEMVOC_ORT_SHARED_ARENA=0``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("engine")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--sequential", action="store_true", help="create the sessions one at a time")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -44,19 +47,38 @@ def main() -> None:
     def timed(path, *a, **k):
         t0 = time.perf_counter()
         session = make_session(path, *a, **k)
-        sessions.append((os.path.basename(str(path)), round(time.perf_counter() - t0, 3)))
+        entry = (os.path.basename(str(path)), round(time.perf_counter() - t0, 3))
+        sessions.append((*entry, _used_mib()) if args.sequential else entry)
         return session
 
     ort_cuda.make_session = timed
     prompts = ["A dog barking as a man is talking while birds chirp"] * args.batch
-    report = {"engine": args.engine, "batch": args.batch,
-              "cuda_options_env": os.environ.get("SEMVOC_ORT_CUDA_OPTIONS", ""), "used_mib_before": _used_mib()}
+    report = {"engine": args.engine, "batch": args.batch, "sequential": args.sequential,
+              "cuda_options_env": os.environ.get("SEMVOC_ORT_CUDA_OPTIONS", ""),
+              "shared_arena_env": os.environ.get("SEMVOC_ORT_SHARED_ARENA", ""), "used_mib_before": _used_mib()}
     t0 = time.perf_counter()
     pipe = Pipeline(args.engine, "onnxruntime-cuda")
     report["pipeline_s"] = time.perf_counter() - t0
     report["sessions_at_load"] = list(sessions)
+    backend = pipe.backend
+    if args.sequential:
+        backend.load_threads = 1
+    stages: dict[str, list] = {}
+
+    def traced(name, method):  # wall time and memory after each stage of the first request
+        def call(*a, **k):
+            t = time.perf_counter()
+            out = method(*a, **k)
+            if name not in stages:
+                stages[name] = [round(time.perf_counter() - t, 3), _used_mib()]
+            return out
+        return call
+
+    for name in ("prepare", "encode_text", "dit_loop", "vocoder_loop"):
+        setattr(backend, name, traced(name, getattr(backend, name)))
     t1 = time.perf_counter()
     first = pipe.generate(prompts, seed=0)
+    report["first_request_stages_s_mib"] = stages
     report["first_request_s"] = time.perf_counter() - t1
     report["cold_start_s"] = time.perf_counter() - t0
     report["sessions_in_first_request"] = sessions[len(report["sessions_at_load"]):]

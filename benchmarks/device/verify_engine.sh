@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine with onnxruntime-gpu: semvoc's GPU tests (in the background, beside the
 # export), a reference-preset fp16 engine exported with the defaults (which use the CUDA ops), cold start and memory under two
-# onnxruntime settings, per-graph times, kernel profiles and one batch-1 request against PyTorch
+# onnxruntime settings, session-creation times, per-graph times, kernel profiles and one batch-1 request against PyTorch
 # fp32. ENGINE (default /tmp/engines/ref16k) is exported unless it exists; results go to
 # ${OUT:-results}/ (a handful of files: pass KEEP_LOGS=1 for every log).
 #   OUT=results bash benchmarks/device/verify_engine.sh
@@ -33,12 +33,23 @@ if [ ! -f "$ENGINE/manifest.json" ] && [ -n "${FALLBACK_SOURCES:-}" ]; then  # k
       > "$LOGS/export_fallback.log" 2>&1 || tail -20 "$LOGS/export_fallback.log"
 fi
 [ -f "$ENGINE/manifest.json" ] || exit 1
-cold() {  # cold start and memory in a fresh process: NAME BATCH [SEMVOC_ORT_CUDA_OPTIONS]
-  SEMVOC_ORT_CUDA_OPTIONS="${3:-}" python3 -m benchmarks.device.cold_start "$ENGINE" --batch "$2" \
-      --json "$LOGS/cold_$1.json" > "$LOGS/cold_$1.log" 2>&1 || tail -5 "$LOGS/cold_$1.log"
+cold() {  # cold start and memory in a fresh process: NAME BATCH [ENV=VALUE ...] [-- cold_start flags]
+  local name=$1 batch=$2; shift 2
+  local envs=() flags=()
+  while [ $# -gt 0 ]; do
+    if [ "$1" = "--" ]; then shift; flags=("$@"); break; fi
+    envs+=("$1"); shift
+  done
+  env "${envs[@]}" python3 -m benchmarks.device.cold_start "$ENGINE" --batch "$batch" "${flags[@]}" \
+      --json "$LOGS/cold_$name.json" > "$LOGS/cold_$name.log" 2>&1 || tail -5 "$LOGS/cold_$name.log"
 }
-old="cudnn_conv_algo_search=EXHAUSTIVE,arena_extend_strategy=kNextPowerOfTwo"
-cold b1 1; cold b16 16; cold b16_old 16 "$old"
+# the previous release's settings: exhaustive cuDNN search, arenas doubling, one arena per session,
+# sessions created one after another
+old=(SEMVOC_ORT_CUDA_OPTIONS=cudnn_conv_algo_search=EXHAUSTIVE,arena_extend_strategy=kNextPowerOfTwo
+     SEMVOC_ORT_SHARED_ARENA=0)
+cold b1 1; cold b16 16; cold b16_sequential 16 -- --sequential; cold b16_old 16 "${old[@]}" -- --sequential
+python3 -m benchmarks.device.session_load "$ENGINE" --json "$LOGS/session_load.json" > "$LOGS/session_load.log" 2>&1 \
+    || tail -5 "$LOGS/session_load.log"
 for b in 1 16; do
   python3 -m benchmarks.device.graph_times "$ENGINE" --batch "$b" --only dit_step,vocoder_step --iters 30 \
       --json "$LOGS/graphs_b$b.json" > "$LOGS/graphs_b$b.log" 2>&1
@@ -52,10 +63,12 @@ logs = pathlib.Path(sys.argv[1])
 summary = {"gpu": (logs / "gpu.txt").read_text().strip()}
 for f in sorted(logs.glob("*.json")):
     summary[f.stem] = json.loads(f.read_text())
-for name in ("cold_b1", "cold_b1_old", "cold_b16", "cold_b16_old"):
+for name in ("cold_b1", "cold_b16", "cold_b16_sequential", "cold_b16_old"):
     c = summary.get(name, {})
     print(name, {k: c.get(k) for k in ("pipeline_s", "first_request_s", "cold_start_s", "session_creation_s",
-                                         "warm_request_s", "used_mib_before", "used_mib_after_warm")})
+                                         "warm_request_s", "used_mib_before", "used_mib_after_warm",
+                                         "first_request_stages_s_mib")})
+print("session_load", summary.get("session_load"))
 for b in (1, 16):
     for r in summary.get(f"graphs_b{b}", {}).get("rows", []):
         print(f"b{b}", r["graph"], "cuda graph ms", round(r["cuda_graph_ms"], 3), "parity", r["parity_max_rel_error"])

@@ -159,6 +159,7 @@ class Pipeline:
         t_span = vocoder_t_span(vocoder_steps)
         x0 = (audio_noise * np.float32(self.defaults["noise_scale"])).astype(np.float32)
 
+        self.backend.prepare(bucket, frames)  # sessions this bucket needs, loaded together on first use
         timings = {}
         start = time.perf_counter()
         context = self.backend.encode_text(ids, mask)
@@ -246,6 +247,8 @@ class Pipeline:
         clamp = bool(self.defaults["clamp"])
         stitcher = Stitcher(plan)
         timings.update(read=0.0, encode=0.0, vocoder=0.0)
+        self.backend.prepare(self._batch_bucket(min(batch, plan.count)), plan.window_frames, text=False,
+                             duration_s=request.duration)
         started = time.perf_counter()
         for first in range(0, plan.count, batch):
             ks = list(range(first, min(first + batch, plan.count)))

@@ -70,6 +70,11 @@ class Backend(ABC):
     @abstractmethod
     def encode_audio(self, waveform: np.ndarray, duration_s: float): ...
 
+    def prepare(self, batch: int, frames: int, *, text: bool = True, duration_s: float | None = None) -> None:  # noqa: B027
+        """Load up front what a request of this (batch, frames) bucket needs: text -> audio when
+        ``text``, else resynthesis at ``duration_s``. Optional (stages load on demand anyway); a
+        backend that can load several graphs at once does it here, in parallel."""
+
     def to_host(self, handle) -> np.ndarray:
         """A handle returned by a stage, as a numpy array."""
         return np.asarray(handle)

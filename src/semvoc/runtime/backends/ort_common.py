@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -55,19 +56,49 @@ def conv_algo_search(path: str | Path) -> str:
     return "EXHAUSTIVE" if Path(path).stem.startswith("semantic_encoder") else "HEURISTIC"
 
 
+_shared_arenas: set[int] = set()
+_shared_arenas_lock = threading.Lock()
+
+
+def _register_shared_cuda_arena(ort, device_id: int) -> bool:
+    """One CUDA memory arena per device for the sessions that ask for it (``shared_arena``): their
+    peaks overlap instead of adding up. Off with ``SEMVOC_ORT_SHARED_ARENA=0``."""
+    if os.environ.get("SEMVOC_ORT_SHARED_ARENA", "1") == "0":
+        return False
+    with _shared_arenas_lock:
+        if device_id not in _shared_arenas:
+            memory = ort.OrtMemoryInfo("Cuda", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, device_id,
+                                       ort.OrtMemType.DEFAULT)
+            arena = ort.OrtArenaCfg({"arena_extend_strategy": 1})  # kSameAsRequested
+            try:
+                ort.create_and_register_allocator_v2("CUDAExecutionProvider", memory,
+                                                     {"device_id": str(device_id)}, arena)
+            except Exception:  # an onnxruntime without CUDA: each session keeps its own arena
+                return False
+            _shared_arenas.add(device_id)
+    return True
+
+
 def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict[str, int] | None = None,
                  cuda_graph: bool = False, device_id: int = 0, threads: int | None = None,
-                 custom_ops: str | Path | None = None):
+                 custom_ops: str | Path | None = None, shared_arena: bool = False):
     """An ``InferenceSession`` for ``path`` on "cpu" or "cuda".
 
     ``dim_overrides`` fixes symbolic input dimensions (by name) so that onnxruntime folds all
     shape arithmetic at load time: with every node on the GPU, the CUDA EP can capture the
     run in a CUDA graph (``cuda_graph``). ``custom_ops`` is semvoc's CUDA op library
-    (``libsemvoc_cuda.so``) for graphs exported with ``--cuda-kernels``.
+    (``libsemvoc_cuda.so``) for graphs exported with ``--cuda-kernels``. ``shared_arena`` (CUDA,
+    never with ``cuda_graph``: a captured graph replays fixed addresses, which a shared arena
+    could hand to another session between replays) draws device memory from one arena per device.
     """
     ort = _onnxruntime()
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # "all" (the default); "extended", "basic" or "disabled" only for experiments
+    # (benchmarks/device/session_load.py times session creation at each level)
+    level = os.environ.get("SEMVOC_ORT_OPTIMIZATION", "all")
+    levels = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
+              "disabled": "ORT_DISABLE_ALL"}
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, levels[level])
     options.log_severity_level = _log_severity
     if threads:
         options.intra_op_num_threads = threads
@@ -88,6 +119,8 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
                         "do_copy_in_default_stream": "1", "prefer_nhwc": "1", "cudnn_conv1d_pad_to_nc1d": "1"}
         if cuda_graph:
             cuda_options["enable_cuda_graph"] = "1"
+        elif shared_arena and _register_shared_cuda_arena(ort, device_id):
+            options.add_session_config_entry("session.use_env_allocators", "1")
         # extra CUDA EP options for experiments, e.g. "prefer_nhwc=1,cudnn_conv1d_pad_to_nc1d=1"
         for item in filter(None, os.environ.get("SEMVOC_ORT_CUDA_OPTIONS", "").split(",")):
             key, _, value = item.partition("=")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from semvoc.runtime.backends.base import Backend, NonFiniteError, Progress, padded_table
@@ -25,6 +27,18 @@ class OrtCpuBackend(Backend):
             self._sessions[graph.name] = make_session(self.manifest.root / graph.file, "cpu",
                                                       threads=self.threads)
         return self._sessions[graph.name]
+
+    def prepare(self, batch: int, frames: int, *, text: bool = True, duration_s: float | None = None) -> None:
+        """Create the sessions a request needs in parallel threads (onnxruntime releases the GIL
+        while it loads a graph). CPU sessions take any batch, so only the graphs matter."""
+        kinds = ["text_encoder", "dit_prepare", "dit_time", "dit_step"] if text else []
+        graphs = [self.manifest.graph(kind) for kind in [*kinds, "vocoder_prepare", "vocoder_time", "vocoder_step"]]
+        if not text:
+            graphs.append(self.manifest.graph("semantic_encoder", duration_s))
+        todo = [g for g in graphs if g.name not in self._sessions]
+        if len(todo) > 1:
+            with ThreadPoolExecutor(max_workers=min(4, len(todo))) as pool:
+                list(pool.map(self._session, todo))
 
     def _run(self, kind: str, feeds: dict, duration_s: float | None = None) -> list[np.ndarray]:
         graph = self.manifest.graph(kind, duration_s)

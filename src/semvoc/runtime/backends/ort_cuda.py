@@ -21,6 +21,7 @@ when found, the loop is re-run eagerly step by step to name the first bad step.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,6 +71,7 @@ class OrtCudaBackend(Backend):
         self._tables: dict[str, object] = {}  # persistent schedule tables shared by all buckets
         self._table_keys: dict[str, object] = {}
         self.capture_failures: list[str] = []
+        self.load_threads = 8  # sessions created at once by prepare()
 
     # ------------------------------------------------------------------------------ helpers
     def _empty(self, shape, dtype: str):
@@ -93,14 +95,55 @@ class OrtCudaBackend(Backend):
                     overrides[name] = eval_dim(expression, symbols)
         return overrides
 
-    def _session(self, graph: GraphInfo, symbols: dict | None = None, cuda_graph: bool = False):
+    def _session_key(self, graph: GraphInfo, symbols: dict | None, cuda_graph: bool) -> tuple:
         overrides = self._overrides(graph, symbols) if symbols else None
-        key = (graph.name, tuple(sorted((overrides or {}).items())), cuda_graph)
+        return graph.name, tuple(sorted((overrides or {}).items())), cuda_graph
+
+    def _create_session(self, graph: GraphInfo, key: tuple):
+        _, overrides, cuda_graph = key
+        # the graphs run once per request share one memory arena; a captured step graph keeps its
+        # own: its CUDA graphs replay fixed addresses that a shared arena could hand to another session
+        return make_session(self.manifest.root / graph.file, "cuda", dim_overrides=dict(overrides) or None,
+                            cuda_graph=cuda_graph, device_id=self.device_id,
+                            custom_ops=self.manifest.custom_ops_library, shared_arena=not cuda_graph)
+
+    def _session(self, graph: GraphInfo, symbols: dict | None = None, cuda_graph: bool = False):
+        key = self._session_key(graph, symbols, cuda_graph)
         if key not in self._sessions:
-            self._sessions[key] = make_session(self.manifest.root / graph.file, "cuda", dim_overrides=overrides,
-                                               cuda_graph=cuda_graph, device_id=self.device_id,
-                                               custom_ops=self.manifest.custom_ops_library)
+            self._sessions[key] = self._create_session(graph, key)
         return self._sessions[key]
+
+    def prepare(self, batch: int, frames: int, *, text: bool = True, duration_s: float | None = None) -> None:
+        """Create every session a request of this bucket needs, in parallel threads (onnxruntime
+        releases the GIL while it loads and optimizes a graph): the first request then waits for
+        the slowest graph, not for the sum of all of them."""
+        manifest, symbols = self.manifest, self._symbols(batch, frames)
+        once = ["text_encoder", "dit_prepare", "dit_time"] if text else []
+        steps = ["dit_step", "vocoder_step"] if text else ["vocoder_step"]
+        specs = [(manifest.graph(kind), None, False) for kind in [*once, "vocoder_prepare", "vocoder_time"]]
+        if not text:
+            specs.append((manifest.graph("semantic_encoder", duration_s), None, False))
+        specs += [(manifest.graph(kind), symbols, self.cuda_graphs) for kind in steps
+                  if (kind, batch, frames) not in self._loops]
+        todo = {}
+        for graph, graph_symbols, capture in specs:
+            key = self._session_key(graph, graph_symbols, capture)
+            if key not in self._sessions:
+                todo[key] = graph
+        if not todo:
+            return
+        with ThreadPoolExecutor(max_workers=min(self.load_threads, len(todo))) as pool:
+            futures = {key: pool.submit(self._create_session, graph, key) for key, graph in todo.items()}
+        failed = None
+        for key, future in futures.items():
+            try:
+                self._sessions[key] = future.result()
+            except Exception as err:
+                # a step graph whose capture onnxruntime refused is retried, uncaptured, by _bind_loop
+                if not key[2] and failed is None:
+                    failed = err
+        if failed is not None:
+            raise failed
 
     def _run_once(self, kind: str, inputs: dict, outputs: dict | None = None, duration_s=None) -> list:
         """Run an uncaptured graph: numpy inputs are uploaded, OrtValues bound as they are;
