@@ -555,16 +555,37 @@ def test_a_cuda_session_that_onnxruntime_puts_on_the_cpu_is_refused(demo_engine)
 
 
 def test_gpu_sessions_of_a_bucket_are_created_together(demo_engine, monkeypatch):
-    """``prepare`` creates what a request needs in parallel threads, once; step graphs get the
-    bucket's fixed dims and CUDA-graph capture, the others the shared arena. onnxruntime's CUDA
-    provider is replaced by a recorder, so the logic runs on any machine."""
+    """``prepare`` creates what a request needs in parallel threads, once, and runs each graph that
+    runs once per request one time at the bucket's shapes; step graphs get the bucket's fixed dims
+    and CUDA-graph capture (and no warm-up run), the others the shared arena. onnxruntime's CUDA
+    provider is replaced by recorders, so the logic runs on any machine."""
     import threading
     import time
 
     from semvoc.runtime.backends import ort_cuda
     from semvoc.runtime.manifest import load_manifest
 
-    calls, threads = [], set()
+    calls, runs, threads = [], [], set()
+
+    class FakeBinding:
+        def __init__(self, name):
+            self.name, self.inputs = name, {}
+
+        def bind_ortvalue_input(self, name, value):
+            self.inputs[name] = value
+
+        def bind_output(self, name, device, device_id):
+            assert device == "cuda"
+
+    class FakeSession:
+        def __init__(self, name):
+            self.name = name
+
+        def io_binding(self):
+            return FakeBinding(self.name)
+
+        def run_with_iobinding(self, binding):
+            runs.append((self.name, {k: (v.shape, v.dtype, float(v.flat[0])) for k, v in binding.inputs.items()}))
 
     def fake_session(path, provider, **kwargs):
         threads.add(threading.get_ident())
@@ -572,25 +593,38 @@ def test_gpu_sessions_of_a_bucket_are_created_together(demo_engine, monkeypatch)
         calls.append((Path(path).name, kwargs))
         if Path(path).name == "vocoder_step.onnx" and kwargs["cuda_graph"]:
             raise RuntimeError("capture refused")  # left for _bind_loop's uncaptured retry
-        return object()
+        return FakeSession(Path(path).name)
 
     monkeypatch.setattr(ort_cuda, "make_session", fake_session)
     manifest = load_manifest(demo_engine, verify=False)
     backend = ort_cuda.OrtCudaBackend(manifest)
+    monkeypatch.setattr(backend, "_upload", lambda array, dtype: array)  # no device here
     backend.prepare(1, 25)
     made = {name: kwargs for name, kwargs in calls}
-    assert set(made) == {"text_encoder.onnx", "dit_prepare.onnx", "dit_time.onnx", "dit_step.onnx",
-                         "vocoder_prepare.onnx", "vocoder_time.onnx", "vocoder_step.onnx"}
+    once = {"text_encoder.onnx", "dit_prepare.onnx", "dit_time.onnx", "vocoder_prepare.onnx", "vocoder_time.onnx"}
+    assert set(made) == once | {"dit_step.onnx", "vocoder_step.onnx"}
     for name, kwargs in made.items():
         step = name in ("dit_step.onnx", "vocoder_step.onnx")
         assert kwargs["cuda_graph"] is step and kwargs["shared_arena"] is not step
         assert (kwargs["dim_overrides"] is not None) is step
     assert made["dit_step.onnx"]["dim_overrides"]["batch"] == 1
     assert len(backend._sessions) == 6 and len(threads) > 1  # the refused capture is not kept
+    warmed = dict(runs)
+    assert set(warmed) == once  # step graphs are not run here: their capture happens in the request
+    tokens = manifest.buckets["text_tokens"]
+    assert warmed["text_encoder.onnx"]["input_ids"] == ((1, tokens), np.int64, 0.0)
+    assert warmed["text_encoder.onnx"]["attention_mask"] == ((1, tokens), np.int64, 1.0)
+    channels = manifest.shapes["latent_channels"]
+    assert warmed["vocoder_prepare.onnx"]["latents"][0] == (1, channels, 25)
 
     calls.clear()
-    backend.prepare(1, 25)  # only the refused one is tried again
-    assert [name for name, _ in calls] == ["vocoder_step.onnx"]
+    runs.clear()
+    backend.prepare(1, 25)  # only the refused one is tried again; nothing runs twice
+    assert [name for name, _ in calls] == ["vocoder_step.onnx"] and runs == []
+    calls.clear()
+    backend.prepare(4, 25)  # another bucket: its step sessions; the others are run at its shapes
+    assert {name for name, _ in calls} == {"dit_step.onnx", "vocoder_step.onnx"}
+    assert {name for name, _ in runs} == once and dict(runs)["dit_prepare.onnx"]["context"][0][0] == 4
 
     def broken(path, provider, **kwargs):
         raise RuntimeError(f"cannot load {Path(path).name}")

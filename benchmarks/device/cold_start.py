@@ -1,6 +1,6 @@
 """Cold start and GPU memory of one engine on onnxruntime CUDA, in this (fresh) process.
 
-    python -m benchmarks.device.cold_start ENGINE_DIR [--batch 1] [--sequential] [--json OUT.json]
+    python -m benchmarks.device.cold_start ENGINE_DIR [--batch 1] [--sequential] [--no-warm-up] [--json OUT.json]
 
 Reports ``Pipeline(engine)`` (manifest, file verification), the first request (its sessions
 created together by ``prepare``, then cuDNN algorithm search and CUDA-graph capture) with the
@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("engine")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--sequential", action="store_true", help="create the sessions one at a time")
+    parser.add_argument("--no-warm-up", action="store_true",
+                        help="prepare() only creates the sessions (no first run of the once-per-request graphs)")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -54,6 +56,7 @@ def main() -> None:
     ort_cuda.make_session = timed
     prompts = ["A dog barking as a man is talking while birds chirp"] * args.batch
     report = {"engine": args.engine, "batch": args.batch, "sequential": args.sequential,
+              "warm_up": not args.no_warm_up,
               "cuda_options_env": os.environ.get("SEMVOC_ORT_CUDA_OPTIONS", ""),
               "shared_arena_env": os.environ.get("SEMVOC_ORT_SHARED_ARENA", ""), "used_mib_before": _used_mib()}
     t0 = time.perf_counter()
@@ -63,6 +66,7 @@ def main() -> None:
     backend = pipe.backend
     if args.sequential:
         backend.load_threads = 1
+    backend.warm_up = not args.no_warm_up
     stages: dict[str, list] = {}
 
     def traced(name, method):  # wall time and memory after each stage of the first request
@@ -82,7 +86,7 @@ def main() -> None:
     report["first_request_s"] = time.perf_counter() - t1
     report["cold_start_s"] = time.perf_counter() - t0
     report["sessions_in_first_request"] = sessions[len(report["sessions_at_load"]):]
-    report["session_creation_s"] = round(sum(s for _, s in sessions), 3)
+    report["session_creation_s"] = round(sum(s[1] for s in sessions), 3)
     report["used_mib_after_first"] = _used_mib()
     warm = pipe.generate(prompts, seed=0)
     report["warm_request_s"] = warm.timings["total"]

@@ -45,11 +45,14 @@ def main() -> None:
         fixed = backend._overrides(graph, symbols) if kind in steps else None
         return manifest.root / graph.file, fixed, kind in steps
 
-    def create(kind: str) -> float:
+    def create(kind: str) -> float | str:
         path, fixed, capture = spec(kind)
         t0 = time.perf_counter()
-        make_session(path, "cuda", dim_overrides=fixed, cuda_graph=capture,
-                     custom_ops=manifest.custom_ops_library, shared_arena=not capture)
+        try:
+            make_session(path, "cuda", dim_overrides=fixed, cuda_graph=capture,
+                         custom_ops=manifest.custom_ops_library, shared_arena=not capture)
+        except Exception as err:  # e.g. capture refused: without optimizations shape nodes stay on the CPU
+            return f"failed: {str(err).strip().splitlines()[-1][:200]}"
         return round(time.perf_counter() - t0, 3)
 
     report: dict = {"engine": args.engine, "batch": args.batch, "levels": {}, "preoptimized": {}}

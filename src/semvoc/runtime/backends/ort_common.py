@@ -57,13 +57,21 @@ def conv_algo_search(path: str | Path) -> str:
 
 
 _shared_arenas: set[int] = set()
+
+
+def shared_arena_mode() -> str:
+    """``SEMVOC_ORT_SHARED_ARENA``: "1" (default: the graphs run once per request share one arena,
+    each captured step graph keeps its own), "all" (the step graphs too; see ``make_session``),
+    "0" (every session its own arena)."""
+    value = os.environ.get("SEMVOC_ORT_SHARED_ARENA", "1")
+    return {"0": "off", "all": "all"}.get(value, "once")
 _shared_arenas_lock = threading.Lock()
 
 
 def _register_shared_cuda_arena(ort, device_id: int) -> bool:
     """One CUDA memory arena per device for the sessions that ask for it (``shared_arena``): their
     peaks overlap instead of adding up. Off with ``SEMVOC_ORT_SHARED_ARENA=0``."""
-    if os.environ.get("SEMVOC_ORT_SHARED_ARENA", "1") == "0":
+    if shared_arena_mode() == "off":
         return False
     with _shared_arenas_lock:
         if device_id not in _shared_arenas:
@@ -87,9 +95,11 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
     ``dim_overrides`` fixes symbolic input dimensions (by name) so that onnxruntime folds all
     shape arithmetic at load time: with every node on the GPU, the CUDA EP can capture the
     run in a CUDA graph (``cuda_graph``). ``custom_ops`` is semvoc's CUDA op library
-    (``libsemvoc_cuda.so``) for graphs exported with ``--cuda-kernels``. ``shared_arena`` (CUDA,
-    never with ``cuda_graph``: a captured graph replays fixed addresses, which a shared arena
-    could hand to another session between replays) draws device memory from one arena per device.
+    (``libsemvoc_cuda.so``) for graphs exported with ``--cuda-kernels``. ``shared_arena`` (CUDA)
+    draws device memory from one arena per device. With ``cuda_graph`` this is only safe when
+    nothing that another session allocates from that arena is still read after a replay (a
+    captured graph reuses, on every replay, the addresses its capture was given, which the arena
+    may hand to another session in between).
     """
     ort = _onnxruntime()
     options = ort.SessionOptions()
@@ -119,7 +129,7 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
                         "do_copy_in_default_stream": "1", "prefer_nhwc": "1", "cudnn_conv1d_pad_to_nc1d": "1"}
         if cuda_graph:
             cuda_options["enable_cuda_graph"] = "1"
-        elif shared_arena and _register_shared_cuda_arena(ort, device_id):
+        if shared_arena and _register_shared_cuda_arena(ort, device_id):
             options.add_session_config_entry("session.use_env_allocators", "1")
         # extra CUDA EP options for experiments, e.g. "prefer_nhwc=1,cudnn_conv1d_pad_to_nc1d=1"
         for item in filter(None, os.environ.get("SEMVOC_ORT_CUDA_OPTIONS", "").split(",")):

@@ -34,8 +34,9 @@ from semvoc.runtime.backends.base import (
     loop_buffers,
     padded_table,
     ping_pong_wiring,
+    tensor_shape,
 )
-from semvoc.runtime.backends.ort_common import NUMPY_DTYPES, make_session
+from semvoc.runtime.backends.ort_common import NUMPY_DTYPES, make_session, shared_arena_mode
 from semvoc.runtime.manifest import GraphInfo, Manifest, dim_name, eval_dim
 from semvoc.runtime.schedules import DitSchedule
 
@@ -72,6 +73,8 @@ class OrtCudaBackend(Backend):
         self._table_keys: dict[str, object] = {}
         self.capture_failures: list[str] = []
         self.load_threads = 8  # sessions created at once by prepare()
+        self.warm_up = True  # prepare() also runs each once-per-request graph once at the bucket's shapes
+        self._warmed: set[tuple[str, int]] = set()
 
     # ------------------------------------------------------------------------------ helpers
     def _empty(self, shape, dtype: str):
@@ -102,10 +105,12 @@ class OrtCudaBackend(Backend):
     def _create_session(self, graph: GraphInfo, key: tuple):
         _, overrides, cuda_graph = key
         # the graphs run once per request share one memory arena; a captured step graph keeps its
-        # own: its CUDA graphs replay fixed addresses that a shared arena could hand to another session
+        # own (unless SEMVOC_ORT_SHARED_ARENA=all): its CUDA graphs replay fixed addresses that a
+        # shared arena could hand to another session between replays
+        shared = not cuda_graph or shared_arena_mode() == "all"
         return make_session(self.manifest.root / graph.file, "cuda", dim_overrides=dict(overrides) or None,
                             cuda_graph=cuda_graph, device_id=self.device_id,
-                            custom_ops=self.manifest.custom_ops_library, shared_arena=not cuda_graph)
+                            custom_ops=self.manifest.custom_ops_library, shared_arena=shared)
 
     def _session(self, graph: GraphInfo, symbols: dict | None = None, cuda_graph: bool = False):
         key = self._session_key(graph, symbols, cuda_graph)
@@ -115,35 +120,65 @@ class OrtCudaBackend(Backend):
 
     def prepare(self, batch: int, frames: int, *, text: bool = True, duration_s: float | None = None) -> None:
         """Create every session a request of this bucket needs, in parallel threads (onnxruntime
-        releases the GIL while it loads and optimizes a graph): the first request then waits for
-        the slowest graph, not for the sum of all of them."""
+        releases the GIL while it loads and optimizes a graph), and run each graph that runs once
+        per request one time on zeros at this bucket's shapes in the same thread (cuBLAS and cuDNN
+        initialise and choose their algorithms on a graph's first run at a shape: about a second
+        for the vocoder's prepare graph on an H200). The first request then waits for the slowest
+        of these, not for their sum. Captured step graphs are only created here: their first runs
+        and captures happen in the request, on this thread alone (a capture must not overlap
+        other work on the GPU)."""
         manifest, symbols = self.manifest, self._symbols(batch, frames)
         once = ["text_encoder", "dit_prepare", "dit_time"] if text else []
         steps = ["dit_step", "vocoder_step"] if text else ["vocoder_step"]
-        specs = [(manifest.graph(kind), None, False) for kind in [*once, "vocoder_prepare", "vocoder_time"]]
+        graphs = [manifest.graph(kind) for kind in [*once, "vocoder_prepare", "vocoder_time"]]
         if not text:
-            specs.append((manifest.graph("semantic_encoder", duration_s), None, False))
-        specs += [(manifest.graph(kind), symbols, self.cuda_graphs) for kind in steps
-                  if (kind, batch, frames) not in self._loops]
-        todo = {}
-        for graph, graph_symbols, capture in specs:
-            key = self._session_key(graph, graph_symbols, capture)
-            if key not in self._sessions:
-                todo[key] = graph
-        if not todo:
+            graphs.append(manifest.graph("semantic_encoder", duration_s))
+        tasks = {}
+        for graph in graphs:
+            key = self._session_key(graph, None, False)
+            warm = self.warm_up and (graph.name, batch) not in self._warmed
+            if key not in self._sessions or warm:
+                tasks[key] = (graph, warm)
+        for kind in steps:
+            graph = manifest.graph(kind)
+            key = self._session_key(graph, symbols, self.cuda_graphs)
+            if (kind, batch, frames) not in self._loops and key not in self._sessions:
+                tasks[key] = (graph, False)
+        if not tasks:
             return
-        with ThreadPoolExecutor(max_workers=min(self.load_threads, len(todo))) as pool:
-            futures = {key: pool.submit(self._create_session, graph, key) for key, graph in todo.items()}
+
+        def load(key: tuple, graph: GraphInfo, warm: bool):
+            session = self._sessions.get(key) or self._create_session(graph, key)
+            if warm:
+                self._warm_run(session, graph, symbols)
+            return session
+
+        with ThreadPoolExecutor(max_workers=min(self.load_threads, len(tasks))) as pool:
+            futures = {key: pool.submit(load, key, *task) for key, task in tasks.items()}
         failed = None
         for key, future in futures.items():
             try:
                 self._sessions[key] = future.result()
+                if tasks[key][1]:
+                    self._warmed.add((tasks[key][0].name, batch))
             except Exception as err:
                 # a step graph whose capture onnxruntime refused is retried, uncaptured, by _bind_loop
                 if not key[2] and failed is None:
                     failed = err
         if failed is not None:
             raise failed
+
+    def _warm_run(self, session, graph: GraphInfo, symbols: dict[str, int]) -> None:
+        """One run of ``graph`` on zeros (attention masks of ones) at the bucket's shapes; the
+        outputs are dropped."""
+        binding = session.io_binding()
+        for t in graph.inputs:
+            shape = tensor_shape(t, symbols)
+            fill = np.ones if t.name.endswith("mask") else np.zeros
+            binding.bind_ortvalue_input(t.name, self._upload(fill(shape, NUMPY_DTYPES[t.dtype]), t.dtype))
+        for t in graph.outputs:
+            binding.bind_output(t.name, "cuda", self.device_id)
+        session.run_with_iobinding(binding)
 
     def _run_once(self, kind: str, inputs: dict, outputs: dict | None = None, duration_s=None) -> list:
         """Run an uncaptured graph: numpy inputs are uploaded, OrtValues bound as they are;
