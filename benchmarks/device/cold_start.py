@@ -1,6 +1,7 @@
 """Cold start and GPU memory of one engine on onnxruntime CUDA, in this (fresh) process.
 
-    python -m benchmarks.device.cold_start ENGINE_DIR [--batch 1] [--sequential] [--no-warm-up] [--json OUT.json]
+    python -m benchmarks.device.cold_start ENGINE_DIR [--batch 1] [--sequential] [--no-warm-up]
+        [--then 4,16] [--json OUT.json]
 
 Reports ``Pipeline(engine)`` (manifest, file verification), the first request (its sessions
 created together by ``prepare``, then cuDNN algorithm search and CUDA-graph capture) with the
@@ -37,6 +38,9 @@ def main() -> None:
     parser.add_argument("--sequential", action="store_true", help="create the sessions one at a time")
     parser.add_argument("--no-warm-up", action="store_true",
                         help="prepare() only creates the sessions (no first run of the once-per-request graphs)")
+    parser.add_argument("--then", default="",
+                        help="batch sizes to run after the warm request, in this process (e.g. 4,16): the "
+                             "memory in use after each says what every further bucket costs")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -93,6 +97,14 @@ def main() -> None:
     report["warm_stages_s"] = warm.timings
     report["used_mib_after_warm"] = _used_mib()
     report["bit_identical"] = bool((first.audio == warm.audio).all())
+    report["then"] = []
+    for batch in filter(None, args.then.split(",")):
+        t = time.perf_counter()
+        pipe.generate(prompts[:1] * int(batch), seed=0)
+        report["then"].append({"batch": int(batch), "first_request_s": round(time.perf_counter() - t, 3),
+                               "used_mib": _used_mib()})
+    again = pipe.generate(prompts, seed=0)  # back to the first bucket: its CUDA graphs still replay the same
+    report["bit_identical_after_other_buckets"] = bool((first.audio == again.audio).all())
     print(json.dumps(report, indent=1))
     if args.json:
         with open(args.json, "w") as f:
