@@ -186,7 +186,8 @@ class FakeSession:
             x_out, step_out = binding.outputs.values()
 
             def run():
-                x_out.array[...] = x_in.array + 1
+                bad = int(step_in.array[0]) == world.nan_at_step.get(self.name)
+                x_out.array[...] = np.nan if bad else x_in.array + 1
                 step_out.array[...] = step_in.array + 1
         else:
             def run():
@@ -215,6 +216,7 @@ class World:
         self.runs: list[tuple[str, str]] = []
         self.fail_capture: set[str] = set()
         self.extra_nodes: dict[str, list[tuple]] = {}  # graph -> nodes its captured runs add
+        self.nan_at_step: dict[str, int] = {}  # graph -> the step that writes NaN
 
         def import_cudart():
             if self.cudart is None:
@@ -449,3 +451,17 @@ def test_graph_times_runs_a_whole_loop_in_each_mode(demo_engine, monkeypatch):
         # semvoc: only the warm-up runs eagerly; onnxruntime: every step of the 3 loops is a run of its own
         assert len(eager) == (2 if mode == "semvoc" else 3 * rows)
     assert os.environ[ort_cuda.GRAPHS_ENV] == "onnxruntime"  # restored
+
+
+def test_a_nan_in_a_whole_loop_is_traced_to_its_step(demo_engine, monkeypatch):
+    from semvoc.runtime.backends.base import NonFiniteError
+
+    world = World(monkeypatch, demo_engine, None)
+    latent = world.latent()
+    assert np.array_equal(world.dit(6, latent), latent + 6)
+    world.nan_at_step["dit_step"] = 3
+    with pytest.raises(NonFiniteError, match="dit_step at step 3"):
+        world.dit(6, latent)
+    # the diagnosis re-ran the loop step by step with an uncaptured session of its own
+    assert [kwargs["dim_overrides"] for kwargs in world.made("dit_step")][-1] is None
+    assert world.runs[-4:] == [("dit_step", "run")] * 4

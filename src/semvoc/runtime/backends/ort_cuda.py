@@ -15,7 +15,7 @@ be captured) and two IOBindings over persistent device buffers: A -> B and B -> 
 Two ways to run a loop from CUDA graphs, chosen by ``SEMVOC_CUDA_GRAPHS``:
 
 ``semvoc`` (the default; UNVERIFIED: written for onnxruntime-gpu >= 1.23 and cuda-python, never
-run on a GPU by its authors, only against fakes in tests/test_runtime.py; tests/test_gpu.py
+run on a GPU by its authors, only against fakes in tests/test_cuda_graphs.py; tests/test_gpu.py
 compares it with ``onnxruntime`` bit for bit on a GPU). semvoc captures the two runs A and B of
 a step graph into ONE CUDA graph on a stream of its own and launches that graph ``calls // 2``
 times (plus a one-step graph of A for an odd count) with no synchronisation in between, then
