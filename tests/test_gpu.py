@@ -6,15 +6,31 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from semvoc.runtime.backends.cuda_graph import import_cudart
 from semvoc.runtime.backends.ort_common import cuda_available
+from semvoc.runtime.backends.ort_cuda import GRAPHS_ENV
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU with onnxruntime-gpu")]
 
 
-def test_cuda_backend_matches_cpu_and_captures_cuda_graphs(demo_engine):
+def _has_cuda_python() -> bool:
+    try:
+        import_cudart()
+    except ImportError:
+        return False
+    return True
+
+
+needs_cuda_python = pytest.mark.skipif(not _has_cuda_python(), reason="needs cuda-python (pip install 'semvoc[gpu]')")
+MODE_TEXT = {"semvoc": "whole-loop CUDA graphs", "onnxruntime": "onnxruntime's per-step CUDA graphs"}
+
+
+@pytest.mark.parametrize("mode", ["onnxruntime", pytest.param("semvoc", marks=needs_cuda_python)])
+def test_cuda_backend_matches_cpu_and_captures_cuda_graphs(demo_engine, monkeypatch, mode):
     from semvoc.runtime import Pipeline
 
+    monkeypatch.setenv(GRAPHS_ENV, mode)
     prompts = ["a dog barks while rain falls", "church bells ring"]
     cpu = Pipeline(demo_engine, "onnxruntime-cpu").generate(prompts, seed=2, steps=8, vocoder_steps=6)
     gpu_pipe = Pipeline(demo_engine, "onnxruntime-cuda")
@@ -22,8 +38,31 @@ def test_cuda_backend_matches_cpu_and_captures_cuda_graphs(demo_engine):
     again = gpu_pipe.generate(prompts, seed=2, steps=8, vocoder_steps=6)
     assert np.abs(first.audio - cpu.audio).max() <= 1e-3
     assert np.array_equal(first.audio, again.audio)  # deterministic kernels, replayed graphs
-    assert "dit_step" in gpu_pipe.backend.describe() and "vocoder_step" in gpu_pipe.backend.describe()
-    assert not gpu_pipe.backend.capture_failures
+    described = gpu_pipe.backend.describe()
+    assert f"{MODE_TEXT[mode]}: dit_step, vocoder_step" in described, described
+    assert not gpu_pipe.backend.capture_failures, described
+
+
+@needs_cuda_python
+def test_whole_loop_graphs_give_the_audio_of_onnxruntimes_graphs_bit_for_bit(demo_engine, monkeypatch):
+    """The same seed gives the same samples whether semvoc launches whole loops or onnxruntime
+    replays one graph per step; odd step counts end with the one-step graph."""
+    from semvoc.runtime import Pipeline
+
+    prompts = ["a dog barks while rain falls", "church bells ring"]
+    audio = {}
+    for mode in ("onnxruntime", "semvoc"):
+        monkeypatch.setenv(GRAPHS_ENV, mode)
+        pipe = Pipeline(demo_engine, "onnxruntime-cuda")
+        audio[mode] = [pipe.generate(prompts, seed=5, steps=steps, vocoder_steps=vocoder_steps).audio
+                       for steps, vocoder_steps in ((7, 5), (8, 6), (7, 5))]
+        described = pipe.backend.describe()
+        assert f"{MODE_TEXT[mode]}: dit_step, vocoder_step" in described, described
+        assert not pipe.backend.capture_failures, described
+        pipe.close()
+    for reference, whole_loop in zip(audio["onnxruntime"], audio["semvoc"], strict=True):
+        assert np.array_equal(reference, whole_loop)
+    assert np.array_equal(audio["semvoc"][0], audio["semvoc"][2])  # the graphs replay the same way again
 
 
 def test_cuda_resynthesis_matches_cpu(demo_engine):

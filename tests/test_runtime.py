@@ -596,6 +596,7 @@ def test_gpu_sessions_of_a_bucket_are_created_together(demo_engine, monkeypatch)
         return FakeSession(Path(path).name)
 
     monkeypatch.setattr(ort_cuda, "make_session", fake_session)
+    monkeypatch.setenv(ort_cuda.GRAPHS_ENV, "onnxruntime")  # the whole-loop mode: tests/test_cuda_graphs.py
     manifest = load_manifest(demo_engine, verify=False)
     backend = ort_cuda.OrtCudaBackend(manifest)
     monkeypatch.setattr(backend, "_upload", lambda array, dtype: array)  # no device here

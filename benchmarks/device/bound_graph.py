@@ -47,7 +47,7 @@ def bind_graph(manifest, name: str, batch: int, *, cuda_graph: bool = False, see
     from semvoc.runtime.manifest import eval_dim
 
     graph = manifest.graphs[name]
-    helper = OrtCudaBackend(manifest)
+    helper = OrtCudaBackend(manifest, cuda_graphs=False)  # only its shape helpers
     duration = graph.duration_s or manifest.buckets["durations_s"][0]
     symbols = helper._symbols(batch, manifest.frames(duration))
     session = make_session(manifest.root / graph.file, "cuda", dim_overrides=helper._overrides(graph, symbols),

@@ -29,7 +29,7 @@ def main() -> None:
     ort.preload_dlls()
     manifest = load_manifest(args.engine, verify=False)
     graph = manifest.graphs[args.graph]
-    helper = OrtCudaBackend(manifest)
+    helper = OrtCudaBackend(manifest, cuda_graphs=False)  # only its shape helpers
     symbols = helper._symbols(args.batch, manifest.frames(graph.duration_s or manifest.buckets["durations_s"][0]))
     options = ort.SessionOptions()
     options.enable_profiling = True

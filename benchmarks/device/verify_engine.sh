@@ -71,7 +71,10 @@ for name in ("cold_b1", "cold_b16", "cold_b16_sequential", "cold_b16_old"):
 print("session_load", summary.get("session_load"))
 for b in (1, 16):
     for r in summary.get(f"graphs_b{b}", {}).get("rows", []):
-        print(f"b{b}", r["graph"], "cuda graph ms", round(r["cuda_graph_ms"], 3), "parity", r["parity_max_rel_error"])
+        loops = {m: (round(r[f"loop_{m}_step_ms"], 3), r[f"loop_{m}_ran_as"]) for m in ("onnxruntime", "semvoc")
+                 if f"loop_{m}_step_ms" in r}
+        print(f"b{b}", r["graph"], "cuda graph ms", round(r["cuda_graph_ms"], 3), "loop ms/step", loops,
+              "parity", r["parity_max_rel_error"])
 e = summary.get("e2e_b1", {})
 print("e2e b1", e.get("median_stage_s"), e.get("vs_torch_fp32"), e.get("bit_identical_across_runs"))
 pathlib.Path(sys.argv[1], "summary.json").write_text(json.dumps(summary, indent=1))

@@ -108,7 +108,7 @@ def _build_plan(engine_dir: Path, name: str, entry: dict, profiles: list[Shapes]
 
 def _gpu_name() -> str:
     try:
-        from semvoc.runtime.backends.tensorrt import import_cudart
+        from semvoc.runtime.backends.cuda_graph import import_cudart
 
         cudart = import_cudart()
     except ImportError:

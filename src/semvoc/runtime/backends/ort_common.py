@@ -89,7 +89,8 @@ def _register_shared_cuda_arena(ort, device_id: int) -> bool:
 
 def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict[str, int] | None = None,
                  cuda_graph: bool = False, device_id: int = 0, threads: int | None = None,
-                 custom_ops: str | Path | None = None, shared_arena: bool = False):
+                 custom_ops: str | Path | None = None, shared_arena: bool = False,
+                 compute_stream: int | None = None):
     """An ``InferenceSession`` for ``path`` on "cpu" or "cuda".
 
     ``dim_overrides`` fixes symbolic input dimensions (by name) so that onnxruntime folds all
@@ -100,6 +101,8 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
     nothing that another session allocates from that arena is still read after a replay (a
     captured graph reuses, on every replay, the addresses its capture was given, which the arena
     may hand to another session in between).
+    ``compute_stream`` (CUDA) is a ``cudaStream_t`` handle, as an integer, that the session runs
+    all its work on (onnxruntime's ``user_compute_stream``) instead of a stream of its own.
     """
     ort = _onnxruntime()
     options = ort.SessionOptions()
@@ -127,6 +130,9 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
         cuda_options = {"device_id": str(device_id), "cudnn_conv_algo_search": conv_algo_search(path),
                         "arena_extend_strategy": "kSameAsRequested",
                         "do_copy_in_default_stream": "1", "prefer_nhwc": "1", "cudnn_conv1d_pad_to_nc1d": "1"}
+        if compute_stream is not None:
+            # the handle as a decimal string, as onnxruntime parses it (a size_t address)
+            cuda_options["user_compute_stream"] = str(int(compute_stream))
         if cuda_graph:
             cuda_options["enable_cuda_graph"] = "1"
         if shared_arena and _register_shared_cuda_arena(ort, device_id):

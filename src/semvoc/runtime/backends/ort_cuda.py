@@ -2,25 +2,70 @@
 
 Per (batch, frames) bucket, each step graph gets a session whose symbolic dimensions are
 fixed at load time (so every node, shape arithmetic included, runs on the GPU and the run can
-be captured) and two IOBindings over persistent device buffers: A -> B and B -> A, captured
-as ``gpu_graph_id`` 1 and 2. A request then:
+be captured) and two IOBindings over persistent device buffers: A -> B and B -> A. A request then:
 
 - uploads the token ids (host -> device), runs text_encoder and dit_prepare (whose output is
   written straight into the bucket's persistent K/V buffer), resets the step counter and
   copies the initial noise into buffer A;
-- replays the two captured graphs alternately; the step counter advances on the device, the
+- runs the loop from CUDA graphs (below); the step counter advances on the device, the
   schedule tables are read by index on the device: nothing crosses to the host in the loop;
 - hands the final latent (on the device) to vocoder_prepare and runs the vocoder loop the same
   way; only the finished waveform is copied back.
 
+Two ways to run a loop from CUDA graphs, chosen by ``SEMVOC_CUDA_GRAPHS``:
+
+``semvoc`` (the default; UNVERIFIED: written for onnxruntime-gpu >= 1.23 and cuda-python, never
+run on a GPU by its authors, only against fakes in tests/test_cuda_graphs.py; tests/test_gpu.py
+compares it with ``onnxruntime`` bit for bit on a GPU). semvoc captures the two runs A and B of
+a step graph into ONE CUDA graph on a stream of its own and launches that graph ``calls // 2``
+times (plus a one-step graph of A for an odd count) with no synchronisation in between, then
+synchronises once: the GPU goes from step to step without waiting for Python. The sessions are
+created without onnxruntime's ``enable_cuda_graph`` and with the provider option
+``user_compute_stream`` (the stream handle as a decimal string); the runs inside a capture carry
+the run option ``disable_synchronize_execution_providers=1``, since onnxruntime otherwise
+synchronises the stream at the end of every run, which is illegal while capturing. Before
+capturing, A and B each run once uncaptured: onnxruntime allocates from its arena, picks
+algorithms and creates cuBLAS workspaces on a session's first run and allocates its memory
+pattern on the second, and nothing may be allocated during a capture. The capture is
+thread-local (a CUDA call from another thread does not break it). A captured graph is checked
+before it is kept: a node that is not a kernel, memset, device-to-device copy or event (e.g. the
+host function onnxruntime enqueues to free pinned staging buffers, which a replay would free
+again, or a copy from such a buffer) refuses it. Each step session keeps its own memory arena:
+the graph replays the addresses of the intermediate tensors of the captured runs, which only
+runs of that session, on the same stream, ever reuse.
+
+``onnxruntime``: onnxruntime's own CUDA graphs (``enable_cuda_graph``, the two bindings captured
+as ``gpu_graph_id`` 1 and 2) and one ``run_with_iobinding`` per step; onnxruntime synchronises
+the stream after every replay, so the GPU idles while the next step is prepared on the host.
+
+Anything that stops the ``semvoc`` way (cuda-python missing, no stream, a session refused, a
+capture that fails or holds an unsafe node) falls back to ``onnxruntime`` for that loop, and if
+onnxruntime refuses its capture too, the loop runs uncaptured (still device-resident);
+``capture_failures`` and ``describe()`` say which and why.
+
+Ordering, in the ``semvoc`` way. Every CUDA session of the backend (text encoder, prepare and
+table graphs, semantic encoder, step graphs) runs on the backend's one stream, so onnxruntime's
+work is ordered on it; the one-shot graphs run with onnxruntime's end-of-run synchronisation, so
+the host continues only when their results are there. ``do_copy_in_default_stream`` stays 1:
+copies onnxruntime makes inside a run go on the compute stream, i.e. this one. The host <-> device
+copies outside runs (``OrtValue.update_inplace``, ``ortvalue_from_numpy``, ``.numpy()``) are
+synchronous ``cudaMemcpy`` calls on the legacy default stream, so the stream is created blocking
+(no ``cudaStreamNonBlocking``): the legacy default stream then waits for work queued on it
+before a copy starts, and work queued after a copy waits for the copy to finish, which a
+pageable host -> device ``cudaMemcpy`` does not guarantee on return. Handles returned by a
+stage are device buffers owned by the backend, valid until that stage runs again (the
+pipeline serves one request at a time).
+
 The schedule tables (``dit_time``/``vocoder_time``) are computed once per step count and kept.
-If onnxruntime refuses CUDA-graph capture for a graph, that graph runs uncaptured (still
-device-resident) and ``describe()`` says so. NaN/Inf is checked on the loop's final state;
-when found, the loop is re-run eagerly step by step to name the first bad step.
+Progress is reported when a loop is done: its launches are queued in microseconds, so a count
+per launch would report work queued, not done, and knowing when a launch is done takes a
+synchronisation the loop exists to avoid. NaN/Inf is checked on the loop's final state; when
+found, the loop is re-run eagerly step by step to name the first bad step.
 """
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -28,6 +73,7 @@ import numpy as np
 
 from semvoc.runtime.backends.base import (
     Backend,
+    BackendUnavailable,
     NonFiniteError,
     Progress,
     bucket_symbols,
@@ -36,22 +82,52 @@ from semvoc.runtime.backends.base import (
     ping_pong_wiring,
     tensor_shape,
 )
+from semvoc.runtime.backends.cuda_graph import check, graph_hazards, import_cudart, launch_plan
 from semvoc.runtime.backends.ort_common import NUMPY_DTYPES, make_session, shared_arena_mode
 from semvoc.runtime.manifest import GraphInfo, Manifest, dim_name, eval_dim
 from semvoc.runtime.schedules import DitSchedule
 
+GRAPHS_ENV = "SEMVOC_CUDA_GRAPHS"
+#: how the loops run from CUDA graphs: whole loops launched by semvoc, or onnxruntime's graph per step
+GRAPH_MODES = ("semvoc", "onnxruntime")
+_MODE_NAMES = {"semvoc": "whole-loop CUDA graphs", "onnxruntime": "onnxruntime's per-step CUDA graphs",
+               "": "uncaptured"}
+_FALLBACK = {"semvoc": "onnxruntime", "onnxruntime": ""}
+
+
+def cuda_graphs_mode() -> str:
+    """The CUDA-graph mode asked for with ``SEMVOC_CUDA_GRAPHS`` (``semvoc`` when unset)."""
+    value = os.environ.get(GRAPHS_ENV, "").strip().lower() or "semvoc"
+    if value not in GRAPH_MODES:
+        raise BackendUnavailable(f"{GRAPHS_ENV}={value!r} is not a CUDA-graph mode: set it to 'semvoc' (whole "
+                                 "loops launched at once, the default) or 'onnxruntime' (onnxruntime's graph per "
+                                 "step)")
+    return value
+
+
+class CaptureRefused(RuntimeError):
+    """A loop could not be captured into a CUDA graph that is safe to replay; the message says why."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
 
 @dataclass
 class _Loop:
-    """A step graph bound for one bucket: persistent buffers and two captured bindings."""
+    """A step graph bound for one bucket: persistent buffers, the A and B bindings, and how they run:
+    ``mode`` "semvoc" (``graphs``: steps per launch -> instantiated CUDA graph, None for a one-step
+    graph that was refused), "onnxruntime" (onnxruntime replays its own graph per step) or ""."""
 
     session: object
     buffers: dict[str, object]
     state: str
     symbols: dict
+    mode: str
     bindings: list = field(default_factory=list)
     run_options: list = field(default_factory=list)
-    captured: bool = True
+    graphs: dict[int, object] = field(default_factory=dict)
 
 
 class OrtCudaBackend(Backend):
@@ -66,7 +142,6 @@ class OrtCudaBackend(Backend):
             ort.preload_dlls()
         self.ort = ort
         self.device_id = device_id
-        self.cuda_graphs = cuda_graphs
         self._sessions: dict[tuple, object] = {}
         self._loops: dict[tuple, _Loop] = {}
         self._tables: dict[str, object] = {}  # persistent schedule tables shared by all buckets
@@ -75,6 +150,38 @@ class OrtCudaBackend(Backend):
         self.load_threads = 8  # sessions created at once by prepare()
         self.warm_up = True  # prepare() also runs each once-per-request graph once at the bucket's shapes
         self._warmed: set[tuple[str, int]] = set()
+        # "semvoc", "onnxruntime" or "" (no capture); "semvoc" needs cuda-python and a stream
+        self.graphs_mode = cuda_graphs_mode() if cuda_graphs else ""
+        self.cudart = None
+        self.stream = None
+        if self.graphs_mode == "semvoc":
+            self._open_stream()
+
+    # ------------------------------------------------------------------------------- stream
+    def _open_stream(self) -> None:
+        try:
+            cudart = import_cudart()
+        except ImportError:
+            self._without_stream("cuda-python is not installed (pip install 'semvoc[gpu]')")
+            return
+        try:
+            check(cudart, cudart.cudaSetDevice(self.device_id))
+            # blocking (no cudaStreamNonBlocking): ordered with the legacy default stream's copies
+            self.stream = check(cudart, cudart.cudaStreamCreate())
+        except Exception as err:
+            self._without_stream(f"no CUDA stream ({_first_line(err)})")
+            return
+        self.cudart = cudart
+
+    def _without_stream(self, reason: str) -> None:
+        self.capture_failures.append(f"whole-loop CUDA graphs: {reason}; onnxruntime's per-step graphs instead")
+        self.graphs_mode = "onnxruntime"
+
+    def _stream_handle(self) -> int | None:
+        return None if self.stream is None else int(self.stream)
+
+    def _sync(self) -> None:
+        check(self.cudart, self.cudart.cudaStreamSynchronize(self.stream))
 
     # ------------------------------------------------------------------------------ helpers
     def _empty(self, shape, dtype: str):
@@ -98,22 +205,25 @@ class OrtCudaBackend(Backend):
                     overrides[name] = eval_dim(expression, symbols)
         return overrides
 
-    def _session_key(self, graph: GraphInfo, symbols: dict | None, cuda_graph: bool) -> tuple:
+    def _session_key(self, graph: GraphInfo, symbols: dict | None, graphs: str) -> tuple:
+        """``graphs``: "" for a graph run uncaptured, else the CUDA-graph mode its session is made for."""
         overrides = self._overrides(graph, symbols) if symbols else None
-        return graph.name, tuple(sorted((overrides or {}).items())), cuda_graph
+        return graph.name, tuple(sorted((overrides or {}).items())), graphs
 
     def _create_session(self, graph: GraphInfo, key: tuple):
-        _, overrides, cuda_graph = key
+        _, overrides, graphs = key
         # the graphs run once per request share one memory arena; a captured step graph keeps its
         # own (unless SEMVOC_ORT_SHARED_ARENA=all): its CUDA graphs replay fixed addresses that a
-        # shared arena could hand to another session between replays
-        shared = not cuda_graph or shared_arena_mode() == "all"
+        # shared arena could hand to another session between replays. onnxruntime's own graphs run
+        # on onnxruntime's stream, everything else on the backend's (if any)
+        shared = not graphs or shared_arena_mode() == "all"
         return make_session(self.manifest.root / graph.file, "cuda", dim_overrides=dict(overrides) or None,
-                            cuda_graph=cuda_graph, device_id=self.device_id,
-                            custom_ops=self.manifest.custom_ops_library, shared_arena=shared)
+                            cuda_graph=graphs == "onnxruntime", device_id=self.device_id,
+                            custom_ops=self.manifest.custom_ops_library, shared_arena=shared,
+                            compute_stream=None if graphs == "onnxruntime" else self._stream_handle())
 
-    def _session(self, graph: GraphInfo, symbols: dict | None = None, cuda_graph: bool = False):
-        key = self._session_key(graph, symbols, cuda_graph)
+    def _session(self, graph: GraphInfo, symbols: dict | None = None, graphs: str = ""):
+        key = self._session_key(graph, symbols, graphs)
         if key not in self._sessions:
             self._sessions[key] = self._create_session(graph, key)
         return self._sessions[key]
@@ -135,13 +245,13 @@ class OrtCudaBackend(Backend):
             graphs.append(manifest.graph("semantic_encoder", duration_s))
         tasks = {}
         for graph in graphs:
-            key = self._session_key(graph, None, False)
+            key = self._session_key(graph, None, "")
             warm = self.warm_up and (graph.name, batch) not in self._warmed
             if key not in self._sessions or warm:
                 tasks[key] = (graph, warm)
         for kind in steps:
             graph = manifest.graph(kind)
-            key = self._session_key(graph, symbols, self.cuda_graphs)
+            key = self._session_key(graph, symbols, self.graphs_mode)
             if (kind, batch, frames) not in self._loops and key not in self._sessions:
                 tasks[key] = (graph, False)
         if not tasks:
@@ -162,7 +272,7 @@ class OrtCudaBackend(Backend):
                 if tasks[key][1]:
                     self._warmed.add((tasks[key][0].name, batch))
             except Exception as err:
-                # a step graph whose capture onnxruntime refused is retried, uncaptured, by _bind_loop
+                # a step graph whose session was refused is retried in the fallback mode by _bind_loop
                 if not key[2] and failed is None:
                     failed = err
         if failed is not None:
@@ -208,19 +318,18 @@ class OrtCudaBackend(Backend):
         graph = self.manifest.graph(kind)
         symbols = self._symbols(batch, frames)
         buffers = loop_buffers(graph, symbols, state, shared, self._tables, self._empty)
-        loop = self._bind_loop(graph, symbols, buffers, state, self.cuda_graphs)
+        loop = self._bind_loop(graph, symbols, buffers, state, self.graphs_mode)
         self._loops[key] = loop
         return loop
 
-    def _bind_loop(self, graph: GraphInfo, symbols, buffers, state: str, capture: bool) -> _Loop:
+    def _bind_loop(self, graph: GraphInfo, symbols, buffers, state: str, mode: str) -> _Loop:
         try:
-            session = self._session(graph, symbols, cuda_graph=capture)
-        except Exception as err:  # capture refused at load time: run uncaptured
-            if not capture:
+            session = self._session(graph, symbols, mode)
+        except Exception as err:  # e.g. onnxruntime refused capture at load time
+            if not mode:
                 raise
-            self.capture_failures.append(f"{graph.name}: {err}")
-            return self._bind_loop(graph, symbols, buffers, state, capture=False)
-        loop = _Loop(session, buffers, state, symbols, captured=capture)
+            return self._fall_back(graph, symbols, buffers, state, mode, err)
+        loop = _Loop(session, buffers, state, symbols, mode)
         for graph_id, (x_in, s_in, x_out, s_out) in enumerate(ping_pong_wiring(state), start=1):
             binding = session.io_binding()
             for t in graph.inputs:
@@ -229,27 +338,111 @@ class OrtCudaBackend(Backend):
             binding.bind_ortvalue_output(graph.outputs[0].name, buffers[x_out])
             binding.bind_ortvalue_output(graph.outputs[1].name, buffers[s_out])
             options = self.ort.RunOptions()
-            options.add_run_config_entry("gpu_graph_id", str(graph_id) if capture else "-1")
+            if mode == "semvoc":
+                # queued on the backend's stream, never synchronised by onnxruntime: a run inside a
+                # capture must not synchronise, and a loop synchronises once, at its end
+                options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+            else:
+                options.add_run_config_entry("gpu_graph_id", str(graph_id) if mode else "-1")
             loop.bindings.append(binding)
             loop.run_options.append(options)
+        if mode == "semvoc":
+            try:
+                self._warm_up(loop)
+                loop.graphs[2] = self._capture(loop, 2)
+            except Exception as err:
+                return self._fall_back(graph, symbols, buffers, state, mode, err)
         return loop
 
-    def _replay(self, loop: _Loop, kind: str, calls: int, progress: Progress, stage: str) -> None:
+    def _fall_back(self, graph: GraphInfo, symbols, buffers, state: str, mode: str, err: BaseException) -> _Loop:
+        """Record why ``mode`` failed for this loop and bind it in the next mode down."""
+        self.capture_failures.append(f"{graph.name} ({_MODE_NAMES[mode]}): {_first_line(err)}")
+        self._sessions.pop(self._session_key(graph, symbols, mode), None)  # its memory goes with it
+        return self._bind_loop(graph, symbols, buffers, state, _FALLBACK[mode])
+
+    def _warm_up(self, loop: _Loop) -> None:
+        """Run A and B once each, uncaptured: onnxruntime's first runs of a session allocate (arena,
+        memory pattern, cuBLAS workspace), which must not happen inside a capture."""
+        for name in ("step", "step_b"):  # the warm-up reads row 0 of the tables, whatever they hold
+            loop.buffers[name].update_inplace(np.zeros(1, np.int64))
+        for k in range(2):
+            loop.session.run_with_iobinding(loop.bindings[k], loop.run_options[k])
+        self._sync()
+
+    def _capture(self, loop: _Loop, steps: int):
+        """Capture ``steps`` runs (A, B, A, ...) into one instantiated CUDA graph, or raise CaptureRefused."""
+        cudart = self.cudart
+        # thread-local: an unsafe call (cudaMalloc, a sync) from this thread breaks the capture,
+        # one from another thread does not
+        check(cudart, cudart.cudaStreamBeginCapture(
+            self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+        failure = None
+        try:
+            for k in range(steps):
+                loop.session.run_with_iobinding(loop.bindings[k % 2], loop.run_options[k % 2])
+        except Exception as err:
+            failure = f"onnxruntime failed inside the capture: {_first_line(err)}"
+        err, graph = cudart.cudaStreamEndCapture(self.stream)  # ends the capture even after a failure
+        if failure is None and err != cudart.cudaError_t.cudaSuccess:
+            failure = f"the capture failed ({cudart.cudaGetErrorName(err)[1].decode()})"
+        executable = None
+        if err == cudart.cudaError_t.cudaSuccess:
+            try:
+                if failure is None:
+                    hazards = graph_hazards(cudart, graph)
+                    if hazards:
+                        failure = (f"the captured graph holds {', '.join(sorted(set(hazards)))}, which a replay "
+                                   "would repeat")
+                if failure is None:
+                    err, executable = cudart.cudaGraphInstantiate(graph, 0)
+                    if err != cudart.cudaError_t.cudaSuccess:
+                        failure = f"the graph could not be instantiated ({cudart.cudaGetErrorName(err)[1].decode()})"
+                        executable = None
+            finally:
+                check(cudart, cudart.cudaGraphDestroy(graph))
+        if failure is not None:
+            cudart.cudaGetLastError()  # clear the capture error so later calls do not report it
+            raise CaptureRefused(failure)
+        return executable
+
+    def _run_loop(self, loop: _Loop, kind: str, calls: int, progress: Progress, stage: str) -> None:
+        if loop.mode == "semvoc":
+            self._launch(loop, kind, calls)
+            if progress:
+                progress(stage, calls)
+            return
         for k in range(calls):
             try:
                 loop.session.run_with_iobinding(loop.bindings[k % 2], loop.run_options[k % 2])
             except Exception as err:
-                if not loop.captured or k > 2:
+                if loop.mode != "onnxruntime" or k > 2:
                     raise
-                # capture refused at run time: rebind uncaptured and carry on from this step
-                self.capture_failures.append(f"{kind}: {err}")
-                fresh = self._bind_loop(self.manifest.graph(kind), loop.symbols, loop.buffers, loop.state,
-                                        False)
-                loop.session, loop.bindings, loop.run_options, loop.captured = (
-                    fresh.session, fresh.bindings, fresh.run_options, False)
+                # onnxruntime refused its capture at run time: rebind uncaptured and carry on from this step
+                fresh = self._fall_back(self.manifest.graph(kind), loop.symbols, loop.buffers, loop.state,
+                                        loop.mode, err)
+                loop.session, loop.bindings, loop.run_options, loop.mode = (
+                    fresh.session, fresh.bindings, fresh.run_options, fresh.mode)
                 loop.session.run_with_iobinding(loop.bindings[k % 2], loop.run_options[k % 2])
             if progress:
                 progress(stage, k + 1)
+
+    def _launch(self, loop: _Loop, kind: str, calls: int) -> None:
+        """``calls`` steps from the captured graphs, queued back to back, then one synchronisation."""
+        pairs, single = launch_plan(calls)
+        if single and 1 not in loop.graphs:
+            try:
+                loop.graphs[1] = self._capture(loop, 1)
+            except Exception as err:  # CaptureRefused, or a CUDA call that failed
+                loop.graphs[1] = None
+                self.capture_failures.append(f"{kind} (one-step graph): {err}; an odd step count ends uncaptured")
+        for _ in range(pairs):
+            check(self.cudart, self.cudart.cudaGraphLaunch(loop.graphs[2], self.stream))
+        if single:
+            if loop.graphs[1] is not None:
+                check(self.cudart, self.cudart.cudaGraphLaunch(loop.graphs[1], self.stream))
+            else:  # queued after the launches, on the same stream
+                loop.session.run_with_iobinding(loop.bindings[0], loop.run_options[0])
+        self._sync()
 
     # ------------------------------------------------------------------------------- stages
     def encode_text(self, input_ids, attention_mask):
@@ -276,7 +469,7 @@ class OrtCudaBackend(Backend):
         b["guidance"].update_inplace(np.array([guidance], np.float32))
         b["latent"].update_inplace(np.ascontiguousarray(latent, np.float32))
         b["step"].update_inplace(np.zeros(1, np.int64))
-        self._replay(loop, "dit_step", calls, progress, "dit")
+        self._run_loop(loop, "dit_step", calls, progress, "dit")
         final = b["latent"] if calls % 2 == 0 else b["latent_b"]
         if not np.isfinite(final.numpy()).all():
             self._diagnose(loop, "dit_step", "latent", latent, calls)
@@ -306,7 +499,7 @@ class OrtCudaBackend(Backend):
         self._run_once("vocoder_prepare", {"latents": latents_value}, {t.name: b[t.name] for t in prepare.outputs})
         b["audio"].update_inplace(np.ascontiguousarray(audio, np.float32))
         b["step"].update_inplace(np.zeros(1, np.int64))
-        self._replay(loop, "vocoder_step", steps, progress, "vocoder")
+        self._run_loop(loop, "vocoder_step", steps, progress, "vocoder")
         out = (b["audio"] if steps % 2 == 0 else b["audio_b"]).numpy()
         if not np.isfinite(out).all():
             self._diagnose(loop, "vocoder_step", "audio", audio, steps)
@@ -340,14 +533,29 @@ class OrtCudaBackend(Backend):
         raise NonFiniteError(kind, calls - 1, " (only when replayed from the CUDA graph)")
 
     def describe(self) -> str:
-        captured = sorted({k[0] for k, loop in self._loops.items() if loop.captured})
-        text = f"{self.name} (CUDA graphs: {', '.join(captured) or 'none yet'})"
+        parts = []
+        for mode in ("semvoc", "onnxruntime"):
+            names = sorted({key[0] for key, loop in self._loops.items() if loop.mode == mode})
+            if names:
+                parts.append(f"{_MODE_NAMES[mode]}: {', '.join(names)}")
+        if not parts:
+            parts.append(f"{_MODE_NAMES[self.graphs_mode]}: none yet" if self.graphs_mode else "CUDA graphs off")
+        text = f"{self.name} ({'; '.join(parts)})"
         if self.capture_failures:
             text += f"; capture refused for: {'; '.join(self.capture_failures)}"
         return text
 
     def close(self):
+        if self.stream is not None:
+            self._sync()
+        for loop in self._loops.values():
+            for executable in loop.graphs.values():
+                if executable is not None:
+                    check(self.cudart, self.cudart.cudaGraphExecDestroy(executable))
+        # the sessions run on the stream: they go first
         self._loops.clear()
         self._sessions.clear()
         self._tables.clear()
-
+        if self.stream is not None:
+            check(self.cudart, self.cudart.cudaStreamDestroy(self.stream))
+            self.stream = None

@@ -63,20 +63,12 @@ from semvoc.runtime.backends.base import (
     ping_pong_wiring,
     tensor_shape,
 )
+from semvoc.runtime.backends.cuda_graph import import_cudart
 from semvoc.runtime.backends.ort_common import NUMPY_DTYPES
 from semvoc.runtime.manifest import EngineError, GraphInfo, Manifest
 from semvoc.runtime.schedules import DitSchedule
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "bool": 1}
-
-
-def import_cudart():
-    """cuda-python's runtime module: ``cuda.bindings.runtime`` since 12.6.2, ``cuda.cudart`` before."""
-    try:
-        from cuda.bindings import runtime
-    except ImportError:
-        from cuda import cudart as runtime
-    return runtime
 
 
 def tensorrt_available(manifest: Manifest) -> str | None:
