@@ -60,3 +60,30 @@ def run_without(packages: tuple[str, ...], body: str) -> subprocess.CompletedPro
     """)
     return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(body)], capture_output=True, text=True,
                           timeout=300)
+
+
+def assert_weight_index_matches(engine: Path, graph: str) -> None:
+    """The manifest's weight index of ``graph`` describes its ONNX file: every tensor stored in the
+    graph's .data file is indexed with its dtype and shape, and the bytes at its offset are its values."""
+    import json
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    entry = json.loads((engine / "manifest.json").read_text())["graphs"][graph]
+    index = {w["name"]: w for w in entry["weights"]}
+    model = onnx.load(str(engine / entry["file"]))  # loads the external data through onnx
+    external = onnx.load(str(engine / entry["file"]), load_external_data=False).graph.initializer
+    stored = {t.name for t in external if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert stored and set(index) == stored
+    data = (engine / entry["data_file"]).read_bytes()
+    for tensor in model.graph.initializer:
+        array = numpy_helper.to_array(tensor)
+        if tensor.name not in index:
+            assert array.nbytes < 1024, f"{tensor.name} ({array.nbytes} bytes) stayed in the .onnx"
+            continue
+        w = index[tensor.name]
+        assert (w["dtype"], w["shape"]) == (array.dtype.name, list(array.shape)), tensor.name
+        stored_bytes = data[w["offset"]:w["offset"] + w["length"]]
+        assert np.array_equal(np.frombuffer(stored_bytes, array.dtype).reshape(array.shape), array), tensor.name

@@ -374,6 +374,9 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
                                       "(pass --allow-parity-failure to write it anyway)")
                 _log("  WARNING: " + message)
     bar.close()
+    for entry in graphs.values():  # indexed from the final files (fp32 islands rewrite a graph)
+        if entry["loop"] and entry["data_file"]:
+            entry["weights"] = onnx_export.weight_index(tmp / entry["file"])
 
     tensorrt = None
     if options.trt:
@@ -553,14 +556,10 @@ def _with_islands(spec: GraphSpec, result: tuple, tmp: Path, reference, dims: Di
     # weights past protobuf's limit go to <graph>.onnx.data, rewritten whole (onnx appends to a file)
     weights = sum(np.prod(t.dims, dtype=np.int64) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
                   for t in search.model.graph.initializer)
-    external = entry.get("data_file") is not None or weights > onnx_export.EXTERNAL_DATA_THRESHOLD
+    external = spec.loop or entry.get("data_file") is not None or weights > onnx_export.EXTERNAL_DATA_THRESHOLD
     data = path.with_name(path.name + ".data")
-    data.unlink(missing_ok=True)
-    partial = path.with_name(path.name + ".islands")
-    onnx.save_model(search.model, str(partial), save_as_external_data=external,
-                    location=data.name if external else None)
-    os.replace(partial, path)
-    entry["data_file"] = data.relative_to(tmp).as_posix() if external else None
+    onnx_export.save_model(search.model, path, external)
+    entry["data_file"] = data.relative_to(tmp).as_posix() if external and data.exists() else None
     entry["structure"] = onnx_export.check_structure(spec, path, _expected_attention(spec, reference))
     again = _parity(spec, path, entry, reference, dims, options, provider, frames=f, dtype=first["dtype"],
                     custom_ops=custom_ops)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,8 @@ def _register_shared_cuda_arena(ort, device_id: int) -> bool:
 
 def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict[str, int] | None = None,
                  cuda_graph: bool = False, device_id: int = 0, threads: int | None = None,
-                 custom_ops: str | Path | None = None, shared_arena: bool = False):
+                 custom_ops: str | Path | None = None, shared_arena: bool = False,
+                 initializers: Mapping[str, object] | None = None):
     """An ``InferenceSession`` for ``path`` on "cpu" or "cuda".
 
     ``dim_overrides`` fixes symbolic input dimensions (by name) so that onnxruntime folds all
@@ -90,6 +92,9 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
     (``libsemvoc_cuda.so``) for graphs exported with ``--cuda-kernels``. ``shared_arena`` (CUDA,
     never with ``cuda_graph``: a captured graph replays fixed addresses, which a shared arena
     could hand to another session between replays) draws device memory from one arena per device.
+    ``initializers`` (name -> non-owning OrtValue, ``shared_weights.SharedWeights.initializers``)
+    replace the graph's weights of those names: sessions given the same values share that memory,
+    which must outlive them.
     """
     ort = _onnxruntime()
     options = ort.SessionOptions()
@@ -106,6 +111,8 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
         options.register_custom_ops_library(str(custom_ops))
     for name, value in (dim_overrides or {}).items():
         options.add_free_dimension_override_by_name(name, int(value))
+    for name, value in (initializers or {}).items():
+        options.add_initializer(name, value)
     if provider == "cuda":
         # same seed, same audio: pick deterministic kernels (cuDNN algorithms, reductions)
         options.use_deterministic_compute = os.environ.get("SEMVOC_NONDETERMINISTIC") is None

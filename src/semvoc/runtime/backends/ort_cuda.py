@@ -13,6 +13,10 @@ as ``gpu_graph_id`` 1 and 2. A request then:
 - hands the final latent (on the device) to vocoder_prepare and runs the vocoder loop the same
   way; only the finished waveform is copied back.
 
+The step graphs' weights are on the device once per graph, whatever the buckets: every session of
+a step graph (each bucket's, the uncaptured one) takes them from ``shared_weights`` (engines
+exported before semvoc indexed them: one copy per session, as before).
+
 The schedule tables (``dit_time``/``vocoder_time``) are computed once per step count and kept.
 If onnxruntime refuses CUDA-graph capture for a graph, that graph runs uncaptured (still
 device-resident) and ``describe()`` says so. NaN/Inf is checked on the loop's final state;
@@ -21,6 +25,7 @@ when found, the loop is re-run eagerly step by step to name the first bad step.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -36,7 +41,8 @@ from semvoc.runtime.backends.base import (
     ping_pong_wiring,
 )
 from semvoc.runtime.backends.ort_common import NUMPY_DTYPES, make_session
-from semvoc.runtime.manifest import GraphInfo, Manifest, dim_name, eval_dim
+from semvoc.runtime.backends.shared_weights import SharedWeights, load_shared_weights, sharing_enabled
+from semvoc.runtime.manifest import EngineError, GraphInfo, Manifest, dim_name, eval_dim
 from semvoc.runtime.schedules import DitSchedule
 
 
@@ -72,6 +78,12 @@ class OrtCudaBackend(Backend):
         self._table_keys: dict[str, object] = {}
         self.capture_failures: list[str] = []
         self.load_threads = 8  # sessions created at once by prepare()
+        # graph name -> its weights on the device (None: each session loads its own), created once
+        # even when prepare() creates several sessions of a graph in parallel threads
+        self._weights: dict[str, SharedWeights | None] = {}
+        self._weight_locks: dict[str, threading.Lock] = {}
+        self._weights_lock = threading.Lock()
+        self.sharing_failures: list[str] = []
 
     # ------------------------------------------------------------------------------ helpers
     def _empty(self, shape, dtype: str):
@@ -99,13 +111,35 @@ class OrtCudaBackend(Backend):
         overrides = self._overrides(graph, symbols) if symbols else None
         return graph.name, tuple(sorted((overrides or {}).items())), cuda_graph
 
+    def _shared_weights(self, graph: GraphInfo) -> SharedWeights | None:
+        """The graph's weights on the device, uploaded by the first session that needs them."""
+        if not graph.weights or not sharing_enabled():
+            return None
+        with self._weights_lock:
+            lock = self._weight_locks.setdefault(graph.name, threading.Lock())
+        with lock:
+            if graph.name not in self._weights:
+                try:
+                    self._weights[graph.name] = load_shared_weights(self.manifest.root, graph, "cuda",
+                                                                    self.device_id)
+                except EngineError:
+                    raise
+                except (AttributeError, TypeError, RuntimeError) as err:
+                    # an onnxruntime that cannot make or take the views: one copy per session, said by describe()
+                    self._weights[graph.name] = None
+                    self.sharing_failures.append(f"{graph.name}: {str(err).strip().splitlines()[0]}")
+            return self._weights[graph.name]
+
     def _create_session(self, graph: GraphInfo, key: tuple):
         _, overrides, cuda_graph = key
+        weights = self._shared_weights(graph)
         # the graphs run once per request share one memory arena; a captured step graph keeps its
         # own: its CUDA graphs replay fixed addresses that a shared arena could hand to another session
+        # (the shared weights are allocated once, outside any session, and never move)
         return make_session(self.manifest.root / graph.file, "cuda", dim_overrides=dict(overrides) or None,
                             cuda_graph=cuda_graph, device_id=self.device_id,
-                            custom_ops=self.manifest.custom_ops_library, shared_arena=not cuda_graph)
+                            custom_ops=self.manifest.custom_ops_library, shared_arena=not cuda_graph,
+                            initializers=weights.initializers if weights else None)
 
     def _session(self, graph: GraphInfo, symbols: dict | None = None, cuda_graph: bool = False):
         key = self._session_key(graph, symbols, cuda_graph)
@@ -307,6 +341,11 @@ class OrtCudaBackend(Backend):
     def describe(self) -> str:
         captured = sorted({k[0] for k, loop in self._loops.items() if loop.captured})
         text = f"{self.name} (CUDA graphs: {', '.join(captured) or 'none yet'})"
+        shared = [f"{w.graph} {w.nbytes / 2**20:.0f} MiB" for w in self._weights.values() if w]
+        if shared:
+            text += f"; weights shared by all buckets: {', '.join(shared)}"
+        if self.sharing_failures:
+            text += f"; weights not shared (one copy per session): {'; '.join(self.sharing_failures)}"
         if self.capture_failures:
             text += f"; capture refused for: {'; '.join(self.capture_failures)}"
         return text
@@ -315,4 +354,5 @@ class OrtCudaBackend(Backend):
         self._loops.clear()
         self._sessions.clear()
         self._tables.clear()
+        self._weights.clear()  # after the sessions that use them
 
