@@ -177,3 +177,49 @@ def test_cuda_backend_falls_back_to_a_copy_per_session_when_onnxruntime_cannot_s
     assert calls and all(kwargs["initializers"] is None for kwargs in calls)
     text = backend.describe()
     assert "weights not shared (one copy per session): " in text and "dit_step: " in text and "vocoder_step: " in text
+
+
+def test_weights_that_onnxruntime_rewrites_in_place_are_not_indexed(tmp_path):
+    """onnxruntime's transpose optimizer transposes a weight with one consumer in place, under its
+    name; a session given the stored weight by that name reads it in the wrong layout (here it
+    fails; a square weight would silently compute wrong values). Such weights stay out of the index."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from semvoc.export.onnx_export import save_model, weight_index, weights_used_as_stored
+
+    shape = (2, 16, 32)  # tensors of 4 KB: stored in the .data file
+    rewritten = np.arange(1024, dtype=np.float32).reshape(shape[::-1])  # pushed through by the transposes
+    kept = np.arange(1024, dtype=np.float32).reshape(shape)  # read as stored
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["t"], perm=[2, 1, 0]), helper.make_node("Add", ["t", "w"], ["a"]),
+         helper.make_node("Transpose", ["a"], ["b"], perm=[2, 1, 0]), helper.make_node("Mul", ["b", "k"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        [numpy_helper.from_array(rewritten, "w"), numpy_helper.from_array(kept, "k")])
+    path = tmp_path / "g.onnx"
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path, external=True)
+    index = weight_index(path)
+    assert [w["name"] for w in index] == ["w", "k"]
+
+    shared = {w["name"]: np.frombuffer((tmp_path / "g.onnx.data").read_bytes(), w["dtype"], np.prod(w["shape"]),
+                                       w["offset"]).reshape(w["shape"]) for w in index}
+    values = {name: ort_value(a) for name, a in shared.items()}
+    x = np.random.default_rng(0).random(shape, np.float32)
+    expected = make_session(path).run(None, {"x": x})[0]
+    with pytest.raises(Exception, match="broadcast"):  # the hazard the filter avoids
+        make_session(path, initializers={"w": values["w"][1]}).run(None, {"x": x})
+
+    safe = weights_used_as_stored(path, index, lambda p, optimized: make_session(p, optimized_model=optimized))
+    assert [w["name"] for w in safe] == ["k"]
+    session = make_session(path, initializers={w["name"]: values[w["name"]][1] for w in safe})
+    assert np.array_equal(session.run(None, {"x": x})[0], expected)
+
+
+def ort_value(array: np.ndarray) -> tuple:
+    """An owned CPU OrtValue of a copy of ``array`` and its non-owning view (keep both alive)."""
+    import onnxruntime as ort
+
+    from semvoc.runtime.backends.shared_weights import non_owning_view
+
+    owned = ort.OrtValue.ortvalue_from_numpy(np.array(array))
+    return owned, non_owning_view(owned)

@@ -1,14 +1,18 @@
 """Cold start and GPU memory of one engine on onnxruntime CUDA, in this (fresh) process.
 
-    python -m benchmarks.device.cold_start ENGINE_DIR [--batch 1] [--sequential] [--json OUT.json]
+    python -m benchmarks.device.cold_start ENGINE_DIR [--batch 1] [--then-batches 4,16] [--sequential]
+        [--json OUT.json]
 
 Reports ``Pipeline(engine)`` (manifest, file verification), the first request (its sessions
 created together by ``prepare``, then cuDNN algorithm search and CUDA-graph capture) with the
 time spent creating each onnxruntime session, a warm request, and the device memory in use
 (NVML) before loading, after ``prepare``, after each stage of the first request and after the
 warm one. ``--sequential`` creates the sessions one at a time (the memory after each one is then
-that session's own). Run it once per setting in separate processes, e.g. with
-``SEMVOC_ORT_CUDA_OPTIONS=cudnn_conv_algo_search=EXHAUSTIVE`` or ``SEMVOC_ORT_SHARED_ARENA=0``.
+that session's own). ``--then-batches`` then runs one request per further batch size (a new
+bucket each: its own sessions and CUDA graphs, the step graphs' weights shared with the first
+bucket's) with the memory after each. Run it once per setting in separate processes, e.g. with
+``SEMVOC_ORT_CUDA_OPTIONS=cudnn_conv_algo_search=EXHAUSTIVE``, ``SEMVOC_ORT_SHARED_ARENA=0`` or
+``SEMVOC_SHARED_WEIGHTS=0`` (one copy of the step graphs' weights per session, for comparison).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ def main() -> None:
     parser.add_argument("engine")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--sequential", action="store_true", help="create the sessions one at a time")
+    parser.add_argument("--then-batches", default="",
+                        help="comma-separated batch sizes: one more request at each, memory after each")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -55,7 +61,8 @@ def main() -> None:
     prompts = ["A dog barking as a man is talking while birds chirp"] * args.batch
     report = {"engine": args.engine, "batch": args.batch, "sequential": args.sequential,
               "cuda_options_env": os.environ.get("SEMVOC_ORT_CUDA_OPTIONS", ""),
-              "shared_arena_env": os.environ.get("SEMVOC_ORT_SHARED_ARENA", ""), "used_mib_before": _used_mib()}
+              "shared_arena_env": os.environ.get("SEMVOC_ORT_SHARED_ARENA", ""),
+              "shared_weights_env": os.environ.get("SEMVOC_SHARED_WEIGHTS", ""), "used_mib_before": _used_mib()}
     t0 = time.perf_counter()
     pipe = Pipeline(args.engine, "onnxruntime-cuda")
     report["pipeline_s"] = time.perf_counter() - t0
@@ -89,6 +96,13 @@ def main() -> None:
     report["warm_stages_s"] = warm.timings
     report["used_mib_after_warm"] = _used_mib()
     report["bit_identical"] = bool((first.audio == warm.audio).all())
+    report["then_batches"] = []
+    for batch in [int(b) for b in args.then_batches.split(",") if b.strip()]:
+        t = time.perf_counter()
+        pipe.generate(prompts[:1] * batch, seed=0)
+        report["then_batches"].append({"batch": batch, "first_request_s": round(time.perf_counter() - t, 3),
+                                       "used_mib_after": _used_mib()})
+    report["backend"] = backend.describe()
     print(json.dumps(report, indent=1))
     if args.json:
         with open(args.json, "w") as f:

@@ -374,9 +374,9 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
                                       "(pass --allow-parity-failure to write it anyway)")
                 _log("  WARNING: " + message)
     bar.close()
-    for entry in graphs.values():  # indexed from the final files (fp32 islands rewrite a graph)
+    for name, entry in graphs.items():  # indexed from the final files (fp32 islands rewrite a graph)
         if entry["loop"] and entry["data_file"]:
-            entry["weights"] = onnx_export.weight_index(tmp / entry["file"])
+            entry["weights"] = _shared_weight_index(name, tmp / entry["file"], provider, custom_ops)
 
     tensorrt = None
     if options.trt:
@@ -424,6 +424,26 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
             **built.manifest_entry(), "dit": dims.dit_cuda_ops},
         "files": files,
     }
+
+
+def _shared_weight_index(name: str, path: Path, provider: str, custom_ops: Path | None) -> list[dict]:
+    """The manifest's index of a step graph's weights (``onnx_export.weight_index``), less those that
+    onnxruntime's optimizations on the export's provider do not read as stored (the runtime gives
+    the indexed ones to every session of the graph: ``runtime.backends.shared_weights``)."""
+    index = onnx_export.weight_index(path)
+    def optimized_session(graph: Path, optimized: Path):
+        return make_session(graph, provider, custom_ops=custom_ops, optimized_model=optimized)
+
+    try:
+        kept = onnx_export.weights_used_as_stored(path, index, optimized_session)
+    except Exception as err:  # cannot tell which weights are safe to share: share none of them
+        _log(f"  note: {name}: its weights are not indexed for sharing between batch buckets (onnxruntime could "
+             f"not save the optimized graph: {str(err).strip().splitlines()[0] if str(err).strip() else err!r})")
+        return []
+    if len(kept) < len(index):
+        _log(f"  note: {name}: {len(index) - len(kept)} of {len(index)} weights are left to each session "
+             f"(onnxruntime-{provider} rewrites or folds them when it optimizes the graph)")
+    return kept
 
 
 def _cuda_kernels_off_reason(options: ExportOptions, provider: str, model_cfg: ModelConfig) -> str | None:
@@ -553,7 +573,7 @@ def _with_islands(spec: GraphSpec, result: tuple, tmp: Path, reference, dims: Di
     if not search.nodes:
         first["fp32_islands"] = search.report()
         return result
-    # weights past protobuf's limit go to <graph>.onnx.data, rewritten whole (onnx appends to a file)
+    # the step graphs' weights, and any graph's past protobuf's limit, go to <graph>.onnx.data
     weights = sum(np.prod(t.dims, dtype=np.int64) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
                   for t in search.model.graph.initializer)
     external = spec.loop or entry.get("data_file") is not None or weights > onnx_export.EXTERNAL_DATA_THRESHOLD

@@ -16,8 +16,10 @@ import io
 import logging
 import os
 import shutil
+import tempfile
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -136,6 +138,30 @@ def weight_index(path: Path) -> list[dict]:
         index.append({"name": tensor.name, "dtype": dtype.name, "shape": shape,
                       "offset": int(fields.get("offset", 0)), "length": length})
     return index
+
+
+def weights_used_as_stored(path: Path, index: list[dict], make_session: Callable[[Path, Path], object]) -> list[dict]:
+    """The entries of ``index`` that onnxruntime's optimized graph still reads as stored.
+
+    A session given a weight by name (``add_initializer``) uses it in place of whatever its graph
+    optimizations left under that name, unchecked: a weight they rewrite in place (the transpose
+    optimizer transposes an initializer with one consumer and keeps its name) would be read in
+    the wrong layout, and one they fold away would be uploaded for nothing. So the graph is
+    optimized once (``make_session(path, optimized_path)``: a session of the export's provider
+    that saves its optimized graph) and only weights it still references at their offset in the
+    data file, with their shape, stay in the index."""
+    with tempfile.TemporaryDirectory() as folder:
+        optimized = Path(folder) / path.name
+        make_session(path, optimized)
+        model = onnx.load(str(optimized), load_external_data=False)
+    stored = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            fields = {entry.key: entry.value for entry in tensor.external_data}
+            stored[tensor.name] = (fields.get("location"), int(fields.get("offset", 0)), int(fields.get("length", -1)),
+                                   [int(d) for d in tensor.dims])
+    data = path.name + ".data"
+    return [w for w in index if stored.get(w["name"]) == (data, w["offset"], w["length"], w["shape"])]
 
 
 def op_counts(path: Path) -> Counter:

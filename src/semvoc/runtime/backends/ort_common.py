@@ -83,7 +83,7 @@ def _register_shared_cuda_arena(ort, device_id: int) -> bool:
 def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict[str, int] | None = None,
                  cuda_graph: bool = False, device_id: int = 0, threads: int | None = None,
                  custom_ops: str | Path | None = None, shared_arena: bool = False,
-                 initializers: Mapping[str, object] | None = None):
+                 initializers: Mapping[str, object] | None = None, optimized_model: str | Path | None = None):
     """An ``InferenceSession`` for ``path`` on "cpu" or "cuda".
 
     ``dim_overrides`` fixes symbolic input dimensions (by name) so that onnxruntime folds all
@@ -94,7 +94,8 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
     could hand to another session between replays) draws device memory from one arena per device.
     ``initializers`` (name -> non-owning OrtValue, ``shared_weights.SharedWeights.initializers``)
     replace the graph's weights of those names: sessions given the same values share that memory,
-    which must outlive them.
+    which must outlive them. ``optimized_model``: where onnxruntime saves the graph as optimized
+    for this provider (the export checks which weights it keeps as stored).
     """
     ort = _onnxruntime()
     options = ort.SessionOptions()
@@ -135,6 +136,8 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
         providers = [("CUDAExecutionProvider", cuda_options)]
     else:
         providers = ["CPUExecutionProvider"]
+    if optimized_model is not None:
+        options.optimized_model_filepath = str(optimized_model)
     if os.environ.get("SEMVOC_ORT_PROFILE"):
         options.enable_profiling = True
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors

@@ -17,14 +17,17 @@ gets it. ``add_initializer`` refuses a value that owns its buffer (what ``ortval
 returns for CUDA), so sessions get a non-owning DLPack view of it; the owned value is kept for
 as long as this object lives, which must outlast the sessions.
 
-Sessions still get their own copies of what onnxruntime derives from a weight at load (a
-constant-folded cast, a layout transpose, weights that a kernel pre-packs, as the CPU's MatMul
-does); the weights themselves are shared.
+onnxruntime substitutes a given weight for whatever its graph optimizations left under that name,
+unchecked, so the exporter indexes only the weights that the graph, optimized on the export's
+provider, still reads as stored (``onnx_export.weights_used_as_stored``: the transpose optimizer
+rewrites some in place). Sessions still get their own copies of what onnxruntime derives from a
+weight at load (a constant-folded cast, weights a kernel pre-packs, as the CPU's MatMul does).
 
 Verified: on the CPU with onnxruntime 1.32 (views accepted, two sessions read the one buffer and
-give the plain session's outputs: ``tests/test_shared_weights.py``). The CUDA path (device
-upload, onnxruntime-gpu's older ``from_dlpack`` form) is written for onnxruntime-gpu 1.31 and
-later but has not been run yet: measure it with ``benchmarks/device/cold_start.py``
+give the plain session's outputs: ``tests/test_shared_weights.py``). Not yet run: the CUDA path
+(device upload, onnxruntime-gpu 1.31's low-level ``from_dlpack`` form, sessions with CUDA-graph
+capture, the export's check on onnxruntime-cuda); ``tests/test_gpu.py`` checks it against the
+CPU and ``benchmarks/device/cold_start.py --then-batches 4,16`` measures the memory
 (``SEMVOC_SHARED_WEIGHTS=0`` turns sharing off for comparison).
 """
 
