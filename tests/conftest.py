@@ -63,8 +63,10 @@ def run_without(packages: tuple[str, ...], body: str) -> subprocess.CompletedPro
 
 
 def assert_weight_index_matches(engine: Path, graph: str) -> None:
-    """The manifest's weight index of ``graph`` describes its ONNX file: every tensor stored in the
-    graph's .data file is indexed with its dtype and shape, and the bytes at its offset are its values."""
+    """The manifest's weight index of ``graph`` describes its ONNX file: its entries are tensors stored
+    in the graph's .data file (all but those onnxruntime folds or rewrites when it optimizes the
+    graph: at least 90 % of the bytes), with their dtype and shape, and the bytes at each offset
+    are the tensor's values."""
     import json
 
     import numpy as np
@@ -76,8 +78,10 @@ def assert_weight_index_matches(engine: Path, graph: str) -> None:
     model = onnx.load(str(engine / entry["file"]))  # loads the external data through onnx
     external = onnx.load(str(engine / entry["file"]), load_external_data=False).graph.initializer
     stored = {t.name for t in external if t.data_location == onnx.TensorProto.EXTERNAL}
-    assert stored and set(index) == stored
+    assert index and set(index) <= stored
     data = (engine / entry["data_file"]).read_bytes()
+    total = sum(int({e.key: e.value for e in t.external_data}["length"]) for t in external if t.name in stored)
+    assert sum(w["length"] for w in index.values()) >= 0.9 * total
     for tensor in model.graph.initializer:
         array = numpy_helper.to_array(tensor)
         if tensor.name not in index:

@@ -376,7 +376,9 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
     bar.close()
     for name, entry in graphs.items():  # indexed from the final files (fp32 islands rewrite a graph)
         if entry["loop"] and entry["data_file"]:
-            entry["weights"] = _shared_weight_index(name, tmp / entry["file"], provider, custom_ops)
+            symbols = {"batch": min(options.batch_sizes), "frames": frames[0], "dit_rows": dims.dit_rows,
+                       "vocoder_rows": dims.vocoder_rows}
+            entry["weights"] = _shared_weight_index(name, entry, tmp / entry["file"], provider, custom_ops, symbols)
 
     tensorrt = None
     if options.trt:
@@ -426,20 +428,30 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
     }
 
 
-def _shared_weight_index(name: str, path: Path, provider: str, custom_ops: Path | None) -> list[dict]:
+def _shared_weight_index(name: str, entry: dict, path: Path, provider: str, custom_ops: Path | None,
+                         symbols: dict[str, int]) -> list[dict]:
     """The manifest's index of a step graph's weights (``onnx_export.weight_index``), less those that
-    onnxruntime's optimizations on the export's provider do not read as stored (the runtime gives
-    the indexed ones to every session of the graph: ``runtime.backends.shared_weights``)."""
-    index = onnx_export.weight_index(path)
-    def optimized_session(graph: Path, optimized: Path):
-        return make_session(graph, provider, custom_ops=custom_ops, optimized_model=optimized)
+    onnxruntime's optimizations on the export's provider do not read as stored, checked as the
+    runtime creates the graph's sessions: with one bucket's dims fixed (the captured loops) and
+    without (the uncaptured diagnosis). The runtime gives the indexed weights to every session of
+    the graph (``runtime.backends.shared_weights``)."""
+    from semvoc.runtime.manifest import eval_dim
 
-    try:
-        kept = onnx_export.weights_used_as_stored(path, index, optimized_session)
-    except Exception as err:  # cannot tell which weights are safe to share: share none of them
-        _log(f"  note: {name}: its weights are not indexed for sharing between batch buckets (onnxruntime could "
-             f"not save the optimized graph: {str(err).strip().splitlines()[0] if str(err).strip() else err!r})")
-        return []
+    index = onnx_export.weight_index(path)
+    overrides = {dim: eval_dim(expression, symbols) for t in entry["inputs"]
+                 for dim, expression in zip(t["onnx_dims"], t["shape"], strict=True) if isinstance(dim, str) and dim}
+    kept = index
+    for fixed in (overrides, None):
+        def optimized_session(graph: Path, optimized: Path, fixed=fixed):
+            return make_session(graph, provider, custom_ops=custom_ops, optimized_model=optimized, dim_overrides=fixed)
+
+        try:
+            kept = onnx_export.weights_used_as_stored(path, kept, optimized_session)
+        except Exception as err:  # cannot tell which weights are safe to share: share none of them
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            _log(f"  note: {name}: its weights are not indexed for sharing between batch buckets (onnxruntime "
+                 f"could not save the optimized graph: {detail})")
+            return []
     if len(kept) < len(index):
         _log(f"  note: {name}: {len(index) - len(kept)} of {len(index)} weights are left to each session "
              f"(onnxruntime-{provider} rewrites or folds them when it optimizes the graph)")

@@ -35,10 +35,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from semvoc.runtime.manifest import EngineError, GraphInfo
+
+if TYPE_CHECKING:
+    from onnxruntime import OrtValue
 
 
 def sharing_enabled() -> bool:
@@ -46,7 +50,7 @@ def sharing_enabled() -> bool:
     return os.environ.get("SEMVOC_SHARED_WEIGHTS", "1") != "0"
 
 
-def non_owning_view(owned):
+def non_owning_view(owned: OrtValue) -> OrtValue:
     """A view of an OrtValue's buffer that does not own it (what ``add_initializer`` accepts).
 
     onnxruntime >= 1.32 has ``OrtValue.from_dlpack``; older versions (e.g. onnxruntime-gpu
@@ -68,14 +72,15 @@ def non_owning_view(owned):
 class SharedWeights:
     """A graph's indexed weights on one device: ``initializers`` goes to ``make_session``."""
 
-    def __init__(self, graph: str, owned: dict, views: dict, host: list[np.ndarray], nbytes: int):
+    def __init__(self, graph: str, owned: dict[str, OrtValue], views: dict[str, OrtValue], host: list[np.ndarray],
+                 nbytes: int):
         self.graph = graph
         self._owned = owned  # name -> OrtValue owning the memory (kept alive for the views)
         self._host = host  # CPU values wrap these arrays' memory
         self.initializers = views  # name -> non-owning OrtValue view
         self.nbytes = nbytes
 
-    def owned(self, name: str):
+    def owned(self, name: str) -> OrtValue:
         """The value that owns a weight's memory (tests overwrite it to see every session change)."""
         return self._owned[name]
 
