@@ -341,7 +341,7 @@ class OrtCudaBackend(Backend):
     def describe(self) -> str:
         captured = sorted({k[0] for k, loop in self._loops.items() if loop.captured})
         text = f"{self.name} (CUDA graphs: {', '.join(captured) or 'none yet'})"
-        shared = [f"{w.graph} {w.nbytes / 2**20:.0f} MiB" for w in self._weights.values() if w]
+        shared = [f"{w.graph} {w.nbytes / 2**20:.0f} MiB" for _, w in sorted(self._weights.items()) if w]
         if shared:
             text += f"; weights shared by all buckets: {', '.join(shared)}"
         if self.sharing_failures:
