@@ -60,3 +60,34 @@ def run_without(packages: tuple[str, ...], body: str) -> subprocess.CompletedPro
     """)
     return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(body)], capture_output=True, text=True,
                           timeout=300)
+
+
+def assert_weight_index_matches(engine: Path, graph: str, min_share: float = 0.9) -> None:
+    """The manifest's weight index of ``graph`` describes its ONNX file: its entries are tensors stored
+    in the graph's .data file (all but those onnxruntime folds or rewrites when it optimizes the
+    graph: at least ``min_share`` of the bytes), with their dtype and shape, and the bytes at each
+    offset are the tensor's values."""
+    import json
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    entry = json.loads((engine / "manifest.json").read_text())["graphs"][graph]
+    index = {w["name"]: w for w in entry["weights"]}
+    model = onnx.load(str(engine / entry["file"]))  # loads the external data through onnx
+    external = onnx.load(str(engine / entry["file"]), load_external_data=False).graph.initializer
+    stored = {t.name for t in external if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert index and set(index) <= stored
+    data = (engine / entry["data_file"]).read_bytes()
+    total = sum(int({e.key: e.value for e in t.external_data}["length"]) for t in external if t.name in stored)
+    assert sum(w["length"] for w in index.values()) >= min_share * total
+    for tensor in model.graph.initializer:
+        array = numpy_helper.to_array(tensor)
+        if tensor.name not in index:
+            assert tensor.name in stored or array.nbytes < 1024, f"{tensor.name} ({array.nbytes} B) is in the .onnx"
+            continue
+        w = index[tensor.name]
+        assert (w["dtype"], w["shape"]) == (array.dtype.name, list(array.shape)), tensor.name
+        stored_bytes = data[w["offset"]:w["offset"] + w["length"]]
+        assert np.array_equal(np.frombuffer(stored_bytes, array.dtype).reshape(array.shape), array), tensor.name

@@ -72,3 +72,24 @@ def test_cuda_resynthesis_matches_cpu(demo_engine):
     cpu = Pipeline(demo_engine, "onnxruntime-cpu").resynthesize(wav, 24000, vocoder_steps=4)
     gpu = Pipeline(demo_engine, "onnxruntime-cuda").resynthesize(wav, 24000, vocoder_steps=4)
     assert np.abs(gpu.audio - cpu.audio).max() <= 1e-3
+
+
+def test_cuda_buckets_share_one_copy_of_the_step_weights(demo_engine):
+    """Sessions of two batch buckets (and their CUDA graphs) read one device copy of the DiT's
+    weights: overwriting it changes both buckets' audio."""
+    from semvoc.runtime import Pipeline
+
+    one, two = ["a dog barks while rain falls"], ["a dog barks while rain falls", "church bells ring"]
+    request = {"seed": 2, "steps": 8, "vocoder_steps": 6}
+    cpu = Pipeline(demo_engine, "onnxruntime-cpu")
+    pipe = Pipeline(demo_engine, "onnxruntime-cuda")
+    before = [pipe.generate(p, **request).audio for p in (one, two)]
+    for prompts, audio in zip((one, two), before, strict=True):
+        assert np.abs(audio - cpu.generate(prompts, **request).audio).max() <= 1e-3
+    backend = pipe.backend
+    assert "weights shared by all buckets: dit_step" in backend.describe() and not backend.sharing_failures
+    shared = backend._weights["dit_step"]
+    for w in pipe.manifest.graph("dit_step").weights:
+        shared.owned(w.name).update_inplace(np.zeros(w.shape, w.dtype))
+    after = [pipe.generate(p, **request).audio for p in (one, two)]
+    assert all(not np.allclose(a, b) for a, b in zip(after, before, strict=True))

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from semvoc.export.islands import find_fp32_islands, with_fp32_islands
 from semvoc.runtime.backends.ort_common import make_session
+from tests.conftest import assert_weight_index_matches
 
 
 def _overflowing_graph() -> onnx.ModelProto:
@@ -111,3 +112,9 @@ def test_overflowing_block_gets_fp32_islands_and_the_rest_stays_fp16(overflowing
     from semvoc.runtime.manifest import load_manifest
 
     assert load_manifest(overflowing_engine).graphs["dit_step"]  # hashes match the rewritten files
+    # the weight index describes the rewritten file, the island's fp32 weights included (onnxruntime's
+    # CPU provider computes fp16 nodes in fp32: it folds most fp16 weights into fp32 copies, which
+    # leaves them out of the index of an fp16 engine exported on the CPU)
+    assert_weight_index_matches(overflowing_engine, "dit_step", min_share=0.0)
+    index = {w["name"]: w["dtype"] for w in manifest["graphs"]["dit_step"]["weights"]}
+    assert any(name.endswith("__fp32") and dtype == "float32" for name, dtype in index.items()), index

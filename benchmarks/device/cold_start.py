@@ -8,8 +8,11 @@ created together by ``prepare``, then cuDNN algorithm search and CUDA-graph capt
 time spent creating each onnxruntime session, a warm request, and the device memory in use
 (NVML) before loading, after ``prepare``, after each stage of the first request and after the
 warm one. ``--sequential`` creates the sessions one at a time (the memory after each one is then
-that session's own). Run it once per setting in separate processes, e.g. with
-``SEMVOC_ORT_CUDA_OPTIONS=cudnn_conv_algo_search=EXHAUSTIVE`` or ``SEMVOC_ORT_SHARED_ARENA=0``.
+that session's own). ``--then-batches`` then runs one request per further batch size (a new
+bucket each: its own sessions and CUDA graphs, the step graphs' weights shared with the first
+bucket's) with the memory after each. Run it once per setting in separate processes, e.g. with
+``SEMVOC_ORT_CUDA_OPTIONS=cudnn_conv_algo_search=EXHAUSTIVE``, ``SEMVOC_ORT_SHARED_ARENA=0`` or
+``SEMVOC_SHARED_WEIGHTS=0`` (one copy of the step graphs' weights per session, for comparison).
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ def main() -> None:
     report = {"engine": args.engine, "batch": args.batch, "sequential": args.sequential,
               "warm_up": not args.no_warm_up,
               "cuda_options_env": os.environ.get("SEMVOC_ORT_CUDA_OPTIONS", ""),
-              "shared_arena_env": os.environ.get("SEMVOC_ORT_SHARED_ARENA", ""), "used_mib_before": _used_mib()}
+              "shared_arena_env": os.environ.get("SEMVOC_ORT_SHARED_ARENA", ""),
+              "shared_weights_env": os.environ.get("SEMVOC_SHARED_WEIGHTS", ""), "used_mib_before": _used_mib()}
     t0 = time.perf_counter()
     pipe = Pipeline(args.engine, "onnxruntime-cuda")
     report["pipeline_s"] = time.perf_counter() - t0
@@ -105,6 +109,7 @@ def main() -> None:
                                "used_mib": _used_mib()})
     again = pipe.generate(prompts, seed=0)  # back to the first bucket: its CUDA graphs still replay the same
     report["bit_identical_after_other_buckets"] = bool((first.audio == again.audio).all())
+    report["backend"] = backend.describe()
     print(json.dumps(report, indent=1))
     if args.json:
         with open(args.json, "w") as f:

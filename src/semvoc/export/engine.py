@@ -374,6 +374,11 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
                                       "(pass --allow-parity-failure to write it anyway)")
                 _log("  WARNING: " + message)
     bar.close()
+    for name, entry in graphs.items():  # indexed from the final files (fp32 islands rewrite a graph)
+        if entry["loop"] and entry["data_file"]:
+            symbols = {"batch": min(options.batch_sizes), "frames": frames[0], "dit_rows": dims.dit_rows,
+                       "vocoder_rows": dims.vocoder_rows}
+            entry["weights"] = _shared_weight_index(name, entry, tmp / entry["file"], provider, custom_ops, symbols)
 
     tensorrt = None
     if options.trt:
@@ -421,6 +426,36 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
             **built.manifest_entry(), "dit": dims.dit_cuda_ops},
         "files": files,
     }
+
+
+def _shared_weight_index(name: str, entry: dict, path: Path, provider: str, custom_ops: Path | None,
+                         symbols: dict[str, int]) -> list[dict]:
+    """The manifest's index of a step graph's weights (``onnx_export.weight_index``), less those that
+    onnxruntime's optimizations on the export's provider do not read as stored, checked as the
+    runtime creates the graph's sessions: with one bucket's dims fixed (the captured loops) and
+    without (the uncaptured diagnosis). The runtime gives the indexed weights to every session of
+    the graph (``runtime.backends.shared_weights``)."""
+    from semvoc.runtime.manifest import eval_dim
+
+    index = onnx_export.weight_index(path)
+    overrides = {dim: eval_dim(expression, symbols) for t in entry["inputs"]
+                 for dim, expression in zip(t["onnx_dims"], t["shape"], strict=True) if isinstance(dim, str) and dim}
+    kept = index
+    for fixed in (overrides, None):
+        def optimized_session(graph: Path, optimized: Path, fixed=fixed):
+            return make_session(graph, provider, custom_ops=custom_ops, optimized_model=optimized, dim_overrides=fixed)
+
+        try:
+            kept = onnx_export.weights_used_as_stored(path, kept, optimized_session)
+        except Exception as err:  # cannot tell which weights are safe to share: share none of them
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            _log(f"  note: {name}: its weights are not indexed for sharing between batch buckets (onnxruntime "
+                 f"could not save the optimized graph: {detail})")
+            return []
+    if len(kept) < len(index):
+        _log(f"  note: {name}: {len(index) - len(kept)} of {len(index)} weights are left to each session "
+             f"(onnxruntime-{provider} rewrites or folds them when it optimizes the graph)")
+    return kept
 
 
 def _cuda_kernels_off_reason(options: ExportOptions, provider: str, model_cfg: ModelConfig) -> str | None:
@@ -550,17 +585,13 @@ def _with_islands(spec: GraphSpec, result: tuple, tmp: Path, reference, dims: Di
     if not search.nodes:
         first["fp32_islands"] = search.report()
         return result
-    # weights past protobuf's limit go to <graph>.onnx.data, rewritten whole (onnx appends to a file)
+    # the step graphs' weights, and any graph's past protobuf's limit, go to <graph>.onnx.data
     weights = sum(np.prod(t.dims, dtype=np.int64) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
                   for t in search.model.graph.initializer)
-    external = entry.get("data_file") is not None or weights > onnx_export.EXTERNAL_DATA_THRESHOLD
+    external = spec.loop or entry.get("data_file") is not None or weights > onnx_export.EXTERNAL_DATA_THRESHOLD
     data = path.with_name(path.name + ".data")
-    data.unlink(missing_ok=True)
-    partial = path.with_name(path.name + ".islands")
-    onnx.save_model(search.model, str(partial), save_as_external_data=external,
-                    location=data.name if external else None)
-    os.replace(partial, path)
-    entry["data_file"] = data.relative_to(tmp).as_posix() if external else None
+    onnx_export.save_model(search.model, path, external)
+    entry["data_file"] = data.relative_to(tmp).as_posix() if external and data.exists() else None
     entry["structure"] = onnx_export.check_structure(spec, path, _expected_attention(spec, reference))
     again = _parity(spec, path, entry, reference, dims, options, provider, frames=f, dtype=first["dtype"],
                     custom_ops=custom_ops)

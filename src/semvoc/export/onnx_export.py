@@ -3,7 +3,10 @@
 ``torch.onnx.export(dynamo=True, opset_version=23)`` lowers ``scaled_dot_product_attention``
 to one ONNX ``Attention`` node; the exporter's optimizer folds constants. The fused ops of
 ``semvoc.kernels`` (custom PyTorch ops) export through their registered translations. Weights go to an
-external data file next to the graph when they pass ~1.8 GB (protobuf's 2 GB limit).
+external data file next to the graph (``<graph>.onnx.data``) when they pass ~1.8 GB (protobuf's
+2 GB limit), and always for the step graphs (``GraphSpec.loop``): the manifest indexes their
+tensors in that file (``weight_index``) so that the runtime can load them once for every batch
+bucket's session without parsing ONNX (``semvoc.runtime.backends.shared_weights``).
 """
 
 from __future__ import annotations
@@ -11,8 +14,12 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import shutil
+import tempfile
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -23,6 +30,9 @@ from semvoc.kernels.onnx_ops import translation_table
 
 OPSET = 23
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# tensors of at least this many bytes go to the .data file of a graph saved with external data
+# (onnx's default); smaller ones (shapes, scalars, small biases) stay embedded in the .onnx
+EXTERNAL_TENSOR_MIN_BYTES = 1024
 
 
 class _Positional(torch.nn.Module):
@@ -59,6 +69,8 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, feeds: dict[str, torc
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path), external_data=external)
     name_symbolic_dims(path)
+    if spec.loop:  # the step graphs' weights go to <graph>.onnx.data, indexed in the manifest
+        save_model(onnx.load(str(path)), path, external=True)
     files = [path]
     data = path.with_name(path.name + ".data")
     if data.exists():
@@ -79,6 +91,77 @@ def name_symbolic_dims(path: Path) -> None:
                 changed = True
     if changed:
         onnx.save_model(model, str(path))
+
+
+def save_model(model: onnx.ModelProto, path: Path, external: bool) -> None:
+    """Write ``model`` to ``path``; with ``external``, its tensors of ``EXTERNAL_TENSOR_MIN_BYTES``
+    or more go to ``<path>.data`` (rewritten whole: onnx appends to an existing file). ``model``
+    must hold its weights in memory (``onnx.load`` loads a graph's external data)."""
+    data = path.with_name(path.name + ".data")
+    partial = path.with_name(path.name + ".partial")
+    data.unlink(missing_ok=True)
+    onnx.save_model(model, str(partial), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=data.name if external else None, size_threshold=EXTERNAL_TENSOR_MIN_BYTES)
+    if data.exists():  # onnx creates it owner-only (0600): readable as the .onnx is, for other users of the engine
+        shutil.copymode(partial, data)
+    os.replace(partial, path)
+
+
+def weight_index(path: Path) -> list[dict]:
+    """The manifest's ``weights`` of a graph saved with external data: name, dtype, shape, offset
+    and length of each tensor in its ``.data`` file, read from the initializers' ``external_data``
+    fields. Tensors of an element type numpy lacks (bfloat16) are left out: onnxruntime loads
+    those itself, in every session."""
+    from semvoc.runtime.manifest import WEIGHT_DTYPES
+
+    model = onnx.load(str(path), load_external_data=False)
+    data = path.name + ".data"
+    index = []
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        fields = {entry.key: entry.value for entry in tensor.external_data}
+        if fields.get("location") != data:
+            raise RuntimeError(f"{path.name}: initializer {tensor.name} is stored in {fields.get('location')!r}, "
+                               f"not in {data}")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        if dtype.name not in WEIGHT_DTYPES:
+            continue
+        shape = [int(d) for d in tensor.dims]
+        length = int(fields["length"])
+        size = dtype.itemsize
+        for d in shape:
+            size *= d
+        if size != length:
+            raise RuntimeError(f"{path.name}: initializer {tensor.name} ({dtype.name} {shape}) has {length} bytes "
+                               f"in {data}, expected {size}")
+        index.append({"name": tensor.name, "dtype": dtype.name, "shape": shape,
+                      "offset": int(fields.get("offset", 0)), "length": length})
+    return index
+
+
+def weights_used_as_stored(path: Path, index: list[dict], make_session: Callable[[Path, Path], object]) -> list[dict]:
+    """The entries of ``index`` that onnxruntime's optimized graph still reads as stored.
+
+    A session given a weight by name (``add_initializer``) uses it in place of whatever its graph
+    optimizations left under that name, unchecked: a weight they rewrite in place (the transpose
+    optimizer transposes an initializer with one consumer and keeps its name) would be read in
+    the wrong layout, and one they fold away would be uploaded for nothing. So the graph is
+    optimized once (``make_session(path, optimized_path)``: a session of the export's provider
+    that saves its optimized graph) and only weights it still references at their offset in the
+    data file, with their shape, stay in the index."""
+    with tempfile.TemporaryDirectory() as folder:
+        optimized = Path(folder) / path.name
+        make_session(path, optimized)
+        model = onnx.load(str(optimized), load_external_data=False)
+    stored = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            fields = {entry.key: entry.value for entry in tensor.external_data}
+            stored[tensor.name] = (fields.get("location"), int(fields.get("offset", 0)), int(fields.get("length", -1)),
+                                   [int(d) for d in tensor.dims])
+    data = path.name + ".data"
+    return [w for w in index if stored.get(w["name"]) == (data, w["offset"], w["length"], w["shape"])]
 
 
 def op_counts(path: Path) -> Counter:

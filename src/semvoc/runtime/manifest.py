@@ -1,11 +1,14 @@
 """The engine directory contract: ``manifest.json`` and how the runtime decides to trust it.
 
 An engine directory holds ``manifest.json``, ``tokenizer.json``, ``parity.json`` and one ONNX
-file per graph (plus ``.data`` for weights past 2 GB, and ``.plan`` TensorRT engines where
-built). The manifest records: the schema version; producer versions; the model (its config,
-source and whether it is an untrained preset); precision per component and the fp32 islands;
-the opset; the buckets (batch sizes, durations, text length, table sizes); the sampling
-defaults; each graph's file, inputs and outputs; the sha256 of every file; the parity summary;
+file per graph (plus ``<graph>.onnx.data``: the step graphs' weights, and any graph's past 2 GB;
+and ``.plan`` TensorRT engines where built). The manifest records: the schema version; producer
+versions; the model (its config, source and whether it is an untrained preset); precision per
+component and the fp32 islands; the opset; the buckets (batch sizes, durations, text length,
+table sizes); the sampling defaults; each graph's file, inputs and outputs, and for the step
+graphs ``weights``: an index of the tensors in their ``.data`` file (name, dtype, shape, offset,
+length), which lets the CUDA backend load them once for all batch buckets without parsing ONNX
+(engines without it still load; each session then reads its own copy); the sha256 of every file; the parity summary;
 and, for engines exported with ``--cuda-kernels``, ``custom_ops``: semvoc's CUDA op library in
 the engine (``kernels/libsemvoc_cuda.so``), its domain and ops (onnxruntime CUDA only).
 
@@ -74,6 +77,22 @@ class TensorInfo:
         return cls(d["name"], d["dtype"], list(d["shape"]), d.get("onnx_dims"))
 
 
+#: element types a weight index may name, with their sizes in bytes (numpy's names)
+WEIGHT_DTYPES = {"float32": 4, "float16": 2, "float64": 8, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+                 "uint8": 1, "bool": 1}
+
+
+@dataclass(frozen=True)
+class WeightInfo:
+    """One initializer of a graph stored in its ``.data`` file: ``length`` bytes at ``offset``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    length: int
+
+
 @dataclass(frozen=True)
 class GraphInfo:
     name: str
@@ -85,6 +104,7 @@ class GraphInfo:
     outputs: list[TensorInfo]
     duration_s: float | None
     plan_file: str | None = None
+    weights: tuple[WeightInfo, ...] = ()  # the index of data_file (step graphs of newer engines)
 
     def input(self, name: str) -> TensorInfo:
         return next(t for t in self.inputs if t.name == name)
@@ -98,7 +118,8 @@ class Manifest:
             name: GraphInfo(name=name, kind=g["kind"], component=g["component"], file=g["file"],
                             data_file=g.get("data_file"), inputs=[TensorInfo.of(t) for t in g["inputs"]],
                             outputs=[TensorInfo.of(t) for t in g["outputs"]],
-                            duration_s=g.get("duration_s"), plan_file=g.get("plan_file"))
+                            duration_s=g.get("duration_s"), plan_file=g.get("plan_file"),
+                            weights=_weight_index(root, name, g))
             for name, g in data["graphs"].items()}
 
     # --------------------------------------------------------------------- conveniences
@@ -140,6 +161,50 @@ class Manifest:
 
     def frames(self, duration_s: float) -> int:
         return round(duration_s * self.shapes["frames_per_second"])
+
+
+def _weight_index(root: Path, graph: str, entry: dict) -> tuple[WeightInfo, ...]:
+    """A graph's ``weights`` index, checked against its data file: every entry must name a known
+    dtype and a shape whose bytes are its length, and lie inside the file (a bad entry would make
+    the CUDA backend hand onnxruntime the wrong bytes as a weight)."""
+    index = entry.get("weights")
+    if not index:
+        return ()
+
+    def bad(why: str) -> EngineError:
+        return EngineError(f"the weight index of graph {graph!r} in {root / MANIFEST} is invalid ({why}); "
+                           "re-export the engine with this semvoc; do not edit engine files by hand")
+
+    data_file = entry.get("data_file")
+    if not isinstance(data_file, str) or not isinstance(index, list):
+        raise bad("a weight index needs the graph's data_file and a list of entries")
+    try:
+        size = (root / data_file).stat().st_size
+    except OSError as err:
+        raise bad(f"cannot read {data_file}: {err.strerror}") from err
+    weights, names = [], set()
+    for i, w in enumerate(index):
+        if not isinstance(w, dict) or not isinstance(w.get("name"), str):
+            raise bad(f"entry {i} is not a named tensor")
+        name, dtype, shape, offset, length = (w.get(k) for k in ("name", "dtype", "shape", "offset", "length"))
+        where = f"entry {i} ({name!r})"
+        if name in names:
+            raise bad(f"{where} appears twice")
+        if dtype not in WEIGHT_DTYPES:
+            raise bad(f"{where} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                   for d in shape):
+            raise bad(f"{where} has shape {shape!r}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (offset, length)):
+            raise bad(f"{where} has offset {offset!r}, length {length!r}")
+        if math.prod(shape) * WEIGHT_DTYPES[dtype] != length:
+            raise bad(f"{where}: shape {shape} of {dtype} is {math.prod(shape) * WEIGHT_DTYPES[dtype]} bytes, "
+                      f"its length says {length}")
+        if offset + length > size:
+            raise bad(f"{where}: bytes {offset}..{offset + length} lie past the end of {data_file} ({size} bytes)")
+        names.add(name)
+        weights.append(WeightInfo(name, dtype, tuple(shape), offset, length))
+    return tuple(weights)
 
 
 _SETTLED_NS = 5_000_000_000  # files younger than this are hashed on every load

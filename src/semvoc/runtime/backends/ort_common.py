@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +91,8 @@ def _register_shared_cuda_arena(ort, device_id: int) -> bool:
 def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict[str, int] | None = None,
                  cuda_graph: bool = False, device_id: int = 0, threads: int | None = None,
                  custom_ops: str | Path | None = None, shared_arena: bool = False,
-                 compute_stream: int | None = None):
+                 compute_stream: int | None = None, initializers: Mapping[str, object] | None = None,
+                 optimized_model: str | Path | None = None):
     """An ``InferenceSession`` for ``path`` on "cpu" or "cuda".
 
     ``dim_overrides`` fixes symbolic input dimensions (by name) so that onnxruntime folds all
@@ -103,6 +105,10 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
     may hand to another session in between).
     ``compute_stream`` (CUDA) is a ``cudaStream_t`` handle, as an integer, that the session runs
     all its work on (onnxruntime's ``user_compute_stream``) instead of a stream of its own.
+    ``initializers`` (name -> non-owning OrtValue, ``shared_weights.SharedWeights.initializers``)
+    replace the graph's weights of those names: sessions given the same values share that memory,
+    which must outlive them. ``optimized_model``: where onnxruntime saves the graph as optimized
+    for this provider (the export checks which weights it keeps as stored).
     """
     ort = _onnxruntime()
     options = ort.SessionOptions()
@@ -119,6 +125,8 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
         options.register_custom_ops_library(str(custom_ops))
     for name, value in (dim_overrides or {}).items():
         options.add_free_dimension_override_by_name(name, int(value))
+    for name, value in (initializers or {}).items():
+        options.add_initializer(name, value)
     if provider == "cuda":
         # same seed, same audio: pick deterministic kernels (cuDNN algorithms, reductions)
         options.use_deterministic_compute = os.environ.get("SEMVOC_NONDETERMINISTIC") is None
@@ -144,6 +152,8 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
         providers = [("CUDAExecutionProvider", cuda_options)]
     else:
         providers = ["CPUExecutionProvider"]
+    if optimized_model is not None:
+        options.optimized_model_filepath = str(optimized_model)
     if os.environ.get("SEMVOC_ORT_PROFILE"):
         options.enable_profiling = True
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors

@@ -56,6 +56,10 @@ pageable host -> device ``cudaMemcpy`` does not guarantee on return. Handles ret
 stage are device buffers owned by the backend, valid until that stage runs again (the
 pipeline serves one request at a time).
 
+The step graphs' weights are on the device once per graph, whatever the buckets: every session of
+a step graph (each bucket's, the uncaptured one) takes them from ``shared_weights`` (engines
+exported before semvoc indexed them: one copy per session, as before).
+
 The schedule tables (``dit_time``/``vocoder_time``) are computed once per step count and kept.
 Progress is reported when a loop is done: its launches are queued in microseconds, so a count
 per launch would report work queued, not done, and knowing when a launch is done takes a
@@ -66,6 +70,7 @@ found, the loop is re-run eagerly step by step to name the first bad step.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -84,7 +89,8 @@ from semvoc.runtime.backends.base import (
 )
 from semvoc.runtime.backends.cuda_graph import check, graph_hazards, import_cudart, launch_plan
 from semvoc.runtime.backends.ort_common import NUMPY_DTYPES, make_session, shared_arena_mode
-from semvoc.runtime.manifest import GraphInfo, Manifest, dim_name, eval_dim
+from semvoc.runtime.backends.shared_weights import SharedWeights, load_shared_weights, sharing_enabled
+from semvoc.runtime.manifest import EngineError, GraphInfo, Manifest, dim_name, eval_dim
 from semvoc.runtime.schedules import DitSchedule
 
 GRAPHS_ENV = "SEMVOC_CUDA_GRAPHS"
@@ -152,6 +158,12 @@ class OrtCudaBackend(Backend):
         self._warmed: set[tuple[str, int]] = set()
         # "semvoc", "onnxruntime" or "" (no capture); "semvoc" needs cuda-python and a stream
         self.graphs_mode = cuda_graphs_mode() if cuda_graphs else ""
+        # graph name -> its weights on the device (None: each session loads its own), created once
+        # even when prepare() creates several sessions of a graph in parallel threads
+        self._weights: dict[str, SharedWeights | None] = {}
+        self._weight_locks: dict[str, threading.Lock] = {}
+        self._weights_lock = threading.Lock()
+        self.sharing_failures: list[str] = []
         self.cudart = None
         self.stream = None
         if self.graphs_mode == "semvoc":
@@ -210,17 +222,39 @@ class OrtCudaBackend(Backend):
         overrides = self._overrides(graph, symbols) if symbols else None
         return graph.name, tuple(sorted((overrides or {}).items())), graphs
 
+    def _shared_weights(self, graph: GraphInfo) -> SharedWeights | None:
+        """The graph's weights on the device, uploaded by the first session that needs them."""
+        if not graph.weights or not sharing_enabled():
+            return None
+        with self._weights_lock:
+            lock = self._weight_locks.setdefault(graph.name, threading.Lock())
+        with lock:
+            if graph.name not in self._weights:
+                try:
+                    self._weights[graph.name] = load_shared_weights(self.manifest.root, graph, "cuda",
+                                                                    self.device_id)
+                except EngineError:
+                    raise
+                except (AttributeError, TypeError, RuntimeError) as err:
+                    # an onnxruntime that cannot make or take the views: one copy per session, said by describe()
+                    self._weights[graph.name] = None
+                    self.sharing_failures.append(f"{graph.name}: {str(err).strip().splitlines()[0]}")
+            return self._weights[graph.name]
+
     def _create_session(self, graph: GraphInfo, key: tuple):
         _, overrides, graphs = key
+        weights = self._shared_weights(graph)
         # the graphs run once per request share one memory arena; a captured step graph keeps its
         # own (unless SEMVOC_ORT_SHARED_ARENA=all): its CUDA graphs replay fixed addresses that a
         # shared arena could hand to another session between replays. onnxruntime's own graphs run
-        # on onnxruntime's stream, everything else on the backend's (if any)
+        # on onnxruntime's stream, everything else on the backend's (if any). The shared weights are
+        # allocated once, outside any session, and never move
         shared = not graphs or shared_arena_mode() == "all"
         return make_session(self.manifest.root / graph.file, "cuda", dim_overrides=dict(overrides) or None,
                             cuda_graph=graphs == "onnxruntime", device_id=self.device_id,
                             custom_ops=self.manifest.custom_ops_library, shared_arena=shared,
-                            compute_stream=None if graphs == "onnxruntime" else self._stream_handle())
+                            compute_stream=None if graphs == "onnxruntime" else self._stream_handle(),
+                            initializers=weights.initializers if weights else None)
 
     def _session(self, graph: GraphInfo, symbols: dict | None = None, graphs: str = ""):
         key = self._session_key(graph, symbols, graphs)
@@ -541,6 +575,11 @@ class OrtCudaBackend(Backend):
         if not parts:
             parts.append(f"{_MODE_NAMES[self.graphs_mode]}: none yet" if self.graphs_mode else "CUDA graphs off")
         text = f"{self.name} ({'; '.join(parts)})"
+        shared = [f"{w.graph} {w.nbytes / 2**20:.0f} MiB" for _, w in sorted(self._weights.items()) if w]
+        if shared:
+            text += f"; weights shared by all buckets: {', '.join(shared)}"
+        if self.sharing_failures:
+            text += f"; weights not shared (one copy per session): {'; '.join(self.sharing_failures)}"
         if self.capture_failures:
             text += f"; capture refused for: {'; '.join(self.capture_failures)}"
         return text
@@ -559,3 +598,5 @@ class OrtCudaBackend(Backend):
         if self.stream is not None:
             check(self.cudart, self.cudart.cudaStreamDestroy(self.stream))
             self.stream = None
+        self._weights.clear()  # after the sessions that use them
+
