@@ -285,15 +285,17 @@ def test_launch_plan_covers_every_step_count():
 def test_the_mode_variable_is_checked(monkeypatch):
     monkeypatch.setenv(ort_cuda.GRAPHS_ENV, " ONNXRuntime ")
     assert ort_cuda.cuda_graphs_mode() == "onnxruntime"
-    monkeypatch.delenv(ort_cuda.GRAPHS_ENV)
+    monkeypatch.setenv(ort_cuda.GRAPHS_ENV, "semvoc")
     assert ort_cuda.cuda_graphs_mode() == "semvoc"
+    monkeypatch.delenv(ort_cuda.GRAPHS_ENV)
+    assert ort_cuda.cuda_graphs_mode() == "onnxruntime"
     monkeypatch.setenv(ort_cuda.GRAPHS_ENV, "torch")
     with pytest.raises(BackendUnavailable, match=r"SEMVOC_CUDA_GRAPHS='torch' is not a CUDA-graph mode: .*'semvoc'"):
         ort_cuda.cuda_graphs_mode()
 
 
 def test_whole_loops_are_captured_once_and_launched_without_a_sync_per_step(demo_engine, monkeypatch):
-    world = World(monkeypatch, demo_engine, None)
+    world = World(monkeypatch, demo_engine, "semvoc")
     backend, cudart = world.backend, world.cudart
     backend.prepare(1, FRAMES)
     # every session runs on the backend's stream; none uses onnxruntime's own graphs
@@ -328,7 +330,7 @@ def test_whole_loops_are_captured_once_and_launched_without_a_sync_per_step(demo
 
 
 def test_without_cuda_python_the_loops_use_onnxruntimes_graphs(demo_engine, monkeypatch):
-    world = World(monkeypatch, demo_engine, None, cudart=False)
+    world = World(monkeypatch, demo_engine, "semvoc", cudart=False)
     backend = world.backend
     assert backend.graphs_mode == "onnxruntime" and backend.stream is None
     assert "cuda-python is not installed" in backend.capture_failures[0]
@@ -354,7 +356,7 @@ def test_onnxruntime_mode_is_todays_path_and_needs_no_cuda_python(demo_engine, m
 
 @pytest.mark.parametrize("failure", ["inside the capture", "host function", "host copy"])
 def test_a_capture_that_fails_or_is_unsafe_falls_back_to_onnxruntimes_graphs(demo_engine, monkeypatch, failure):
-    world = World(monkeypatch, demo_engine, None)
+    world = World(monkeypatch, demo_engine, "semvoc")
     if failure == "inside the capture":
         world.fail_capture.add("dit_step")
     elif failure == "host function":  # onnxruntime frees pinned staging buffers from the stream
@@ -380,7 +382,7 @@ def test_a_capture_that_fails_or_is_unsafe_falls_back_to_onnxruntimes_graphs(dem
 
 
 def test_a_refused_one_step_graph_ends_an_odd_loop_uncaptured(demo_engine, monkeypatch):
-    world = World(monkeypatch, demo_engine, None)
+    world = World(monkeypatch, demo_engine, "semvoc")
     latent = world.latent()
     assert np.array_equal(world.dit(2, latent), latent + 2)
     world.extra_nodes["dit_step"] = [("MemAlloc",)]  # only the one-step capture sees it
@@ -456,7 +458,7 @@ def test_graph_times_runs_a_whole_loop_in_each_mode(demo_engine, monkeypatch):
 def test_a_nan_in_a_whole_loop_is_traced_to_its_step(demo_engine, monkeypatch):
     from semvoc.runtime.backends.base import NonFiniteError
 
-    world = World(monkeypatch, demo_engine, None)
+    world = World(monkeypatch, demo_engine, "semvoc")
     latent = world.latent()
     assert np.array_equal(world.dit(6, latent), latent + 6)
     world.nan_at_step["dit_step"] = 3

@@ -14,13 +14,21 @@ be captured) and two IOBindings over persistent device buffers: A -> B and B -> 
 
 Two ways to run a loop from CUDA graphs, chosen by ``SEMVOC_CUDA_GRAPHS``:
 
-``semvoc`` (the default; UNVERIFIED: written for onnxruntime-gpu >= 1.23 and cuda-python, never
-run on a GPU by its authors, only against fakes in tests/test_cuda_graphs.py; tests/test_gpu.py
-compares it with ``onnxruntime`` bit for bit on a GPU). semvoc captures the two runs A and B of
-a step graph into ONE CUDA graph on a stream of its own and launches that graph ``calls // 2``
-times (plus a one-step graph of A for an odd count) with no synchronisation in between, then
-synchronises once: the GPU goes from step to step without waiting for Python. The sessions are
-created without onnxruntime's ``enable_cuda_graph`` and with the provider option
+``onnxruntime`` (the default): onnxruntime's own CUDA graphs (``enable_cuda_graph``, the two
+bindings captured as ``gpu_graph_id`` 1 and 2) and one ``run_with_iobinding`` per step;
+onnxruntime synchronises the stream after every replay, so the GPU idles while the next step is
+prepared on the host (on an H200 at batch 1: DiT 3.30 ms per step replayed against 3.09 ms of
+kernels, vocoder 1.16 against 1.09).
+
+``semvoc`` (opt-in, experimental). Measured on an H200 with onnxruntime-gpu 1.31.1 (reference
+preset, ``benchmarks/device/graph_times.py --graphs-mode onnxruntime,semvoc``): only the batch-1
+vocoder loop could be captured (1.139 ms per step against 1.163); the DiT loop at batch 1 and
+both loops at batch 16 fell back, because onnxruntime's runs, captured this way, allocate and
+free memory and copy between host and device inside the graph (which the check below refuses).
+semvoc captures the two runs A and B of a step graph into ONE CUDA graph on a stream of its own
+and launches that graph ``calls // 2`` times (plus a one-step graph of A for an odd count) with
+no synchronisation in between, then synchronises once: the GPU goes from step to step without
+waiting for Python. The sessions are created without onnxruntime's ``enable_cuda_graph`` and with the provider option
 ``user_compute_stream`` (the stream handle as a decimal string); the runs inside a capture carry
 the run option ``disable_synchronize_execution_providers=1``, since onnxruntime otherwise
 synchronises the stream at the end of every run, which is illegal while capturing. Before
@@ -33,10 +41,6 @@ host function onnxruntime enqueues to free pinned staging buffers, which a repla
 again, or a copy from such a buffer) refuses it. Each step session keeps its own memory arena:
 the graph replays the addresses of the intermediate tensors of the captured runs, which only
 runs of that session, on the same stream, ever reuse.
-
-``onnxruntime``: onnxruntime's own CUDA graphs (``enable_cuda_graph``, the two bindings captured
-as ``gpu_graph_id`` 1 and 2) and one ``run_with_iobinding`` per step; onnxruntime synchronises
-the stream after every replay, so the GPU idles while the next step is prepared on the host.
 
 Anything that stops the ``semvoc`` way (cuda-python missing, no stream, a session refused, a
 capture that fails or holds an unsafe node) falls back to ``onnxruntime`` for that loop, and if
@@ -102,12 +106,12 @@ _FALLBACK = {"semvoc": "onnxruntime", "onnxruntime": ""}
 
 
 def cuda_graphs_mode() -> str:
-    """The CUDA-graph mode asked for with ``SEMVOC_CUDA_GRAPHS`` (``semvoc`` when unset)."""
-    value = os.environ.get(GRAPHS_ENV, "").strip().lower() or "semvoc"
+    """The CUDA-graph mode asked for with ``SEMVOC_CUDA_GRAPHS`` (``onnxruntime`` when unset)."""
+    value = os.environ.get(GRAPHS_ENV, "").strip().lower() or "onnxruntime"
     if value not in GRAPH_MODES:
-        raise BackendUnavailable(f"{GRAPHS_ENV}={value!r} is not a CUDA-graph mode: set it to 'semvoc' (whole "
-                                 "loops launched at once, the default) or 'onnxruntime' (onnxruntime's graph per "
-                                 "step)")
+        raise BackendUnavailable(f"{GRAPHS_ENV}={value!r} is not a CUDA-graph mode: set it to 'onnxruntime' "
+                                 "(onnxruntime's graph per step, the default) or 'semvoc' (whole loops launched at "
+                                 "once, experimental)")
     return value
 
 
