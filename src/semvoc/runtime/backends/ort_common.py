@@ -58,21 +58,13 @@ def conv_algo_search(path: str | Path) -> str:
 
 
 _shared_arenas: set[int] = set()
-
-
-def shared_arena_mode() -> str:
-    """``SEMVOC_ORT_SHARED_ARENA``: "1" (default: the graphs run once per request share one arena,
-    each captured step graph keeps its own), "all" (the step graphs too; see ``make_session``),
-    "0" (every session its own arena)."""
-    value = os.environ.get("SEMVOC_ORT_SHARED_ARENA", "1")
-    return {"0": "off", "all": "all"}.get(value, "once")
 _shared_arenas_lock = threading.Lock()
 
 
 def _register_shared_cuda_arena(ort, device_id: int) -> bool:
     """One CUDA memory arena per device for the sessions that ask for it (``shared_arena``): their
     peaks overlap instead of adding up. Off with ``SEMVOC_ORT_SHARED_ARENA=0``."""
-    if shared_arena_mode() == "off":
+    if os.environ.get("SEMVOC_ORT_SHARED_ARENA", "1") == "0":
         return False
     with _shared_arenas_lock:
         if device_id not in _shared_arenas:
@@ -99,10 +91,9 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
     shape arithmetic at load time: with every node on the GPU, the CUDA EP can capture the
     run in a CUDA graph (``cuda_graph``). ``custom_ops`` is semvoc's CUDA op library
     (``libsemvoc_cuda.so``) for graphs exported with ``--cuda-kernels``. ``shared_arena`` (CUDA)
-    draws device memory from one arena per device. With ``cuda_graph`` this is only safe when
-    nothing that another session allocates from that arena is still read after a replay (a
-    captured graph reuses, on every replay, the addresses its capture was given, which the arena
-    may hand to another session in between).
+    draws device memory from one arena per device: never for a session whose runs are captured in
+    CUDA graphs (a graph replays the addresses its capture was given, which a shared arena hands
+    to other sessions in between; on an H200 the same seed then gave different audio).
     ``compute_stream`` (CUDA) is a ``cudaStream_t`` handle, as an integer, that the session runs
     all its work on (onnxruntime's ``user_compute_stream``) instead of a stream of its own.
     ``initializers`` (name -> non-owning OrtValue, ``shared_weights.SharedWeights.initializers``)

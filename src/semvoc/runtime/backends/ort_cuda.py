@@ -92,7 +92,7 @@ from semvoc.runtime.backends.base import (
     tensor_shape,
 )
 from semvoc.runtime.backends.cuda_graph import check, graph_hazards, import_cudart, launch_plan
-from semvoc.runtime.backends.ort_common import NUMPY_DTYPES, make_session, shared_arena_mode
+from semvoc.runtime.backends.ort_common import NUMPY_DTYPES, make_session
 from semvoc.runtime.backends.shared_weights import SharedWeights, load_shared_weights, sharing_enabled
 from semvoc.runtime.manifest import EngineError, GraphInfo, Manifest, dim_name, eval_dim
 from semvoc.runtime.schedules import DitSchedule
@@ -249,11 +249,11 @@ class OrtCudaBackend(Backend):
         _, overrides, graphs = key
         weights = self._shared_weights(graph)
         # the graphs run once per request share one memory arena; a captured step graph keeps its
-        # own (unless SEMVOC_ORT_SHARED_ARENA=all): its CUDA graphs replay fixed addresses that a
-        # shared arena could hand to another session between replays. onnxruntime's own graphs run
-        # on onnxruntime's stream, everything else on the backend's (if any). The shared weights are
-        # allocated once, outside any session, and never move
-        shared = not graphs or shared_arena_mode() == "all"
+        # own: its CUDA graphs replay fixed addresses that a shared arena hands to other sessions
+        # between replays (measured on an H200: the same seed then gave different audio).
+        # onnxruntime's own graphs run on onnxruntime's stream, everything else on the backend's (if
+        # any). The shared weights are allocated once, outside any session, and never move
+        shared = not graphs
         return make_session(self.manifest.root / graph.file, "cuda", dim_overrides=dict(overrides) or None,
                             cuda_graph=graphs == "onnxruntime", device_id=self.device_id,
                             custom_ops=self.manifest.custom_ops_library, shared_arena=shared,
