@@ -519,8 +519,9 @@ def test_sigterm_during_long_audio_leaves_no_partial_file(demo_engine, tmp_path)
     import time
 
     _noise_wav(tmp_path / "long.wav", 600, rate=16000, channels=1)
+    # 40 vocoder steps per window: the run lasts minutes, so the signal always lands mid-run
     proc = subprocess.Popen([sys.executable, "-m", "semvoc.runtime.cli", "--engine", str(demo_engine), "--audio",
-                             str(tmp_path / "long.wav"), "--out", str(tmp_path / "o.wav"), "--vocoder-steps", "2",
+                             str(tmp_path / "long.wav"), "--out", str(tmp_path / "o.wav"), "--vocoder-steps", "40",
                              "--quiet"], stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list(tmp_path.glob(".o.wav.*.tmp")) and time.time() < deadline and proc.poll() is None:
