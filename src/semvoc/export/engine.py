@@ -585,10 +585,10 @@ def _with_islands(spec: GraphSpec, result: tuple, tmp: Path, reference, dims: Di
     if not search.nodes:
         first["fp32_islands"] = search.report()
         return result
-    # the step graphs' weights, and any graph's past protobuf's limit, go to <graph>.onnx.data
+    # the step graphs' weights, and any graph's past 64 MiB, go to <graph>.onnx.data
     weights = sum(np.prod(t.dims, dtype=np.int64) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
                   for t in search.model.graph.initializer)
-    external = spec.loop or entry.get("data_file") is not None or weights > onnx_export.EXTERNAL_DATA_THRESHOLD
+    external = spec.loop or entry.get("data_file") is not None or weights > onnx_export.SEPARATE_WEIGHTS_BYTES
     data = path.with_name(path.name + ".data")
     onnx_export.save_model(search.model, path, external)
     entry["data_file"] = data.relative_to(tmp).as_posix() if external and data.exists() else None

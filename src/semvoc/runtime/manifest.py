@@ -1,7 +1,7 @@
 """The engine directory contract: ``manifest.json`` and how the runtime decides to trust it.
 
 An engine directory holds ``manifest.json``, ``tokenizer.json``, ``parity.json`` and one ONNX
-file per graph (plus ``<graph>.onnx.data``: the step graphs' weights, and any graph's past 2 GB;
+file per graph (plus ``<graph>.onnx.data``: the step graphs' weights, and any graph's past 64 MiB;
 and ``.plan`` TensorRT engines where built). The manifest records: the schema version; producer
 versions; the model (its config, source and whether it is an untrained preset); precision per
 component and the fp32 islands; the opset; the buckets (batch sizes, durations, text length,
