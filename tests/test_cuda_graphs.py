@@ -210,7 +210,7 @@ class FakeSession:
 class World:
     """The fakes of one test: cuda-python (or its absence) and onnxruntime's CUDA sessions."""
 
-    def __init__(self, monkeypatch, demo_engine, mode: str | None, *, cudart: bool = True):
+    def __init__(self, monkeypatch, demo_engine, mode: str, *, cudart: bool = True):
         self.cudart = FakeCudart() if cudart else None
         self.sessions: list[tuple[str, dict]] = []
         self.runs: list[tuple[str, str]] = []
@@ -238,10 +238,7 @@ class World:
         monkeypatch.setattr(ort_cuda, "make_session", make_session)
         monkeypatch.setattr(ort_cuda.OrtCudaBackend, "_empty", empty)
         monkeypatch.setattr(ort_cuda.OrtCudaBackend, "_upload", upload)
-        if mode is None:
-            monkeypatch.delenv(ort_cuda.GRAPHS_ENV, raising=False)
-        else:
-            monkeypatch.setenv(ort_cuda.GRAPHS_ENV, mode)
+        monkeypatch.setenv(ort_cuda.GRAPHS_ENV, mode)
         self.manifest = load_manifest(demo_engine, verify=False)
         self.backend = ort_cuda.OrtCudaBackend(self.manifest)
 

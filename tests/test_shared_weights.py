@@ -167,7 +167,8 @@ def test_cuda_backend_without_index_or_with_sharing_off_loads_per_session(engine
     assert "shared" not in backend.describe()
 
 
-@pytest.mark.skipif(cuda_available(), reason="needs an onnxruntime that cannot allocate CUDA memory")
+@pytest.mark.skipif(cuda_available(), reason="checks a CPU-only onnxruntime's fallback; on a GPU the weights "
+                    "are shared (tests/test_gpu.py)")
 def test_cuda_backend_falls_back_to_a_copy_per_session_when_onnxruntime_cannot_share(demo_engine, monkeypatch):
     """This machine's onnxruntime cannot allocate CUDA memory: the weights cannot be placed on the
     device, so each session loads its own (as before the index), and describe() says why."""

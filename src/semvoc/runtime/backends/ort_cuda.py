@@ -160,6 +160,7 @@ class OrtCudaBackend(Backend):
         self.load_threads = 8  # sessions created at once by prepare()
         self.warm_up = True  # prepare() also runs each once-per-request graph once at the bucket's shapes
         self._warmed: set[tuple[str, int]] = set()
+        self._prepared: set[tuple] = set()  # (batch, frames, text, duration) that prepare() has done
         # "semvoc", "onnxruntime" or "" (no capture); "semvoc" needs cuda-python and a stream
         self.graphs_mode = cuda_graphs_mode() if cuda_graphs else ""
         # graph name -> its weights on the device (None: each session loads its own), created once
@@ -275,6 +276,9 @@ class OrtCudaBackend(Backend):
         of these, not for their sum. Captured step graphs are only created here: their first runs
         and captures happen in the request, on this thread alone (a capture must not overlap
         other work on the GPU)."""
+        request = (batch, frames, text, duration_s)
+        if request in self._prepared:  # every later request of this kind: nothing to look up
+            return
         manifest, symbols = self.manifest, self._symbols(batch, frames)
         once = ["text_encoder", "dit_prepare", "dit_time"] if text else []
         steps = ["dit_step", "vocoder_step"] if text else ["vocoder_step"]
@@ -293,6 +297,7 @@ class OrtCudaBackend(Backend):
             if (kind, batch, frames) not in self._loops and key not in self._sessions:
                 tasks[key] = (graph, False)
         if not tasks:
+            self._prepared.add(request)
             return
 
         def load(key: tuple, graph: GraphInfo, warm: bool):
@@ -303,7 +308,7 @@ class OrtCudaBackend(Backend):
 
         with ThreadPoolExecutor(max_workers=min(self.load_threads, len(tasks))) as pool:
             futures = {key: pool.submit(load, key, *task) for key, task in tasks.items()}
-        failed = None
+        failed, refused = None, False
         for key, future in futures.items():
             try:
                 self._sessions[key] = future.result()
@@ -311,10 +316,13 @@ class OrtCudaBackend(Backend):
                     self._warmed.add((tasks[key][0].name, batch))
             except Exception as err:
                 # a step graph whose session was refused is retried in the fallback mode by _bind_loop
+                refused = refused or bool(key[2])
                 if not key[2] and failed is None:
                     failed = err
         if failed is not None:
             raise failed
+        if not refused:
+            self._prepared.add(request)
 
     def _warm_run(self, session, graph: GraphInfo, symbols: dict[str, int]) -> None:
         """One run of ``graph`` on zeros (attention masks of ones) at the bucket's shapes; the
