@@ -80,6 +80,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from semvoc.runtime.backends import optimized_graphs
 from semvoc.runtime.backends.base import (
     Backend,
     BackendUnavailable,
@@ -92,7 +93,7 @@ from semvoc.runtime.backends.base import (
     tensor_shape,
 )
 from semvoc.runtime.backends.cuda_graph import check, graph_hazards, import_cudart, launch_plan
-from semvoc.runtime.backends.ort_common import NUMPY_DTYPES, make_session
+from semvoc.runtime.backends.ort_common import NUMPY_DTYPES, GraphSource, make_session
 from semvoc.runtime.backends.shared_weights import SharedWeights, load_shared_weights, sharing_enabled
 from semvoc.runtime.manifest import EngineError, GraphInfo, Manifest, dim_name, eval_dim
 from semvoc.runtime.schedules import DitSchedule
@@ -140,6 +141,10 @@ class _Loop:
     graphs: dict[int, object] = field(default_factory=dict)
 
 
+# below this, sharing a graph's weights saves less than loading its optimized copy gains
+MIN_SHARED_BYTES = 64 << 20
+
+
 class OrtCudaBackend(Backend):
     name = "onnxruntime-cuda"
     pads_batches = True
@@ -161,6 +166,8 @@ class OrtCudaBackend(Backend):
         self.warm_up = True  # prepare() also runs each once-per-request graph once at the bucket's shapes
         self._warmed: set[tuple[str, int]] = set()
         self._prepared: set[tuple] = set()  # (batch, frames, text, duration) that prepare() has done
+        self._shrink_after_warm_up = os.environ.get("SEMVOC_WARM_UP_SHRINK", "1") != "0"
+        self.memory_notes: list[str] = []
         # "semvoc", "onnxruntime" or "" (no capture); "semvoc" needs cuda-python and a stream
         self.graphs_mode = cuda_graphs_mode() if cuda_graphs else ""
         # graph name -> its weights on the device (None: each session loads its own), created once
@@ -169,6 +176,8 @@ class OrtCudaBackend(Backend):
         self._weight_locks: dict[str, threading.Lock] = {}
         self._weights_lock = threading.Lock()
         self.sharing_failures: list[str] = []
+        # graph name -> "loaded" / "saved" / why not: the optimized-graph cache (describe())
+        self.optimized: dict[str, str] = {}
         self.cudart = None
         self.stream = None
         if self.graphs_mode == "semvoc":
@@ -228,8 +237,13 @@ class OrtCudaBackend(Backend):
         return graph.name, tuple(sorted((overrides or {}).items())), graphs
 
     def _shared_weights(self, graph: GraphInfo) -> SharedWeights | None:
-        """The graph's weights on the device, uploaded by the first session that needs them."""
+        """The graph's weights on the device, uploaded by the first session that needs them. A
+        graph with less than ``MIN_SHARED_BYTES`` of shareable weights (the reference vocoder step:
+        2 MiB, onnxruntime rewrites the rest) loads its own copy instead, from its optimized graph:
+        a session given shared weights cannot use the optimized-graph cache."""
         if not graph.weights or not sharing_enabled():
+            return None
+        if sum(w.length for w in graph.weights) < MIN_SHARED_BYTES and optimized_graphs.enabled("cuda"):
             return None
         with self._weights_lock:
             lock = self._weight_locks.setdefault(graph.name, threading.Lock())
@@ -254,12 +268,22 @@ class OrtCudaBackend(Backend):
         # between replays (measured on an H200: the same seed then gave different audio).
         # onnxruntime's own graphs run on onnxruntime's stream, everything else on the backend's (if
         # any). The shared weights are allocated once, outside any session, and never move
+        # A graph without shared weights is created from the copy onnxruntime optimized in an
+        # earlier process, if there is one (optimized_graphs.py)
         shared = not graphs
-        return make_session(self.manifest.root / graph.file, "cuda", dim_overrides=dict(overrides) or None,
-                            cuda_graph=graphs == "onnxruntime", device_id=self.device_id,
-                            custom_ops=self.manifest.custom_ops_library, shared_arena=shared,
-                            compute_stream=None if graphs == "onnxruntime" else self._stream_handle(),
-                            initializers=weights.initializers if weights else None)
+        source = (GraphSource(self.manifest.root, self.manifest.data["files"], graph.file, graph.data_file)
+                  if not weights and optimized_graphs.enabled("cuda") else None)
+        session = make_session(self.manifest.root / graph.file, "cuda", dim_overrides=dict(overrides) or None,
+                               cuda_graph=graphs == "onnxruntime", device_id=self.device_id,
+                               custom_ops=self.manifest.custom_ops_library, shared_arena=shared,
+                               compute_stream=None if graphs == "onnxruntime" else self._stream_handle(),
+                               initializers=weights.initializers if weights else None, source=source)
+        entry = getattr(session, "semvoc_optimized", None)
+        if entry is not None:
+            with self._weights_lock:
+                self.optimized[graph.name] = ("loaded" if entry.loaded_from_cache else
+                                              "saved" if entry.saved else "; ".join(entry.notes) or "not saved")
+        return session
 
     def _session(self, graph: GraphInfo, symbols: dict | None = None, graphs: str = ""):
         key = self._session_key(graph, symbols, graphs)
@@ -326,7 +350,10 @@ class OrtCudaBackend(Backend):
 
     def _warm_run(self, session, graph: GraphInfo, symbols: dict[str, int]) -> None:
         """One run of ``graph`` on zeros (attention masks of ones) at the bucket's shapes; the
-        outputs are dropped."""
+        outputs are dropped. The run then gives the shared arena's free regions back to the
+        device (``memory.enable_memory_arena_shrinkage``): the warm-up runs of a bucket run at
+        once, in parallel threads, so their peaks add up, while a request runs these graphs one
+        after another (``SEMVOC_WARM_UP_SHRINK=0`` keeps the regions)."""
         binding = session.io_binding()
         for t in graph.inputs:
             shape = tensor_shape(t, symbols)
@@ -334,7 +361,17 @@ class OrtCudaBackend(Backend):
             binding.bind_ortvalue_input(t.name, self._upload(fill(shape, NUMPY_DTYPES[t.dtype]), t.dtype))
         for t in graph.outputs:
             binding.bind_output(t.name, "cuda", self.device_id)
-        session.run_with_iobinding(binding)
+        if not self._shrink_after_warm_up:
+            session.run_with_iobinding(binding)
+            return
+        options = self.ort.RunOptions()
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", f"gpu:{self.device_id}")
+        try:
+            session.run_with_iobinding(binding, options)
+        except Exception as err:  # an onnxruntime whose shared arena cannot shrink: keep the regions
+            self._shrink_after_warm_up = False
+            self.memory_notes.append(f"arena not shrunk after warm-up ({_first_line(err)})")
+            session.run_with_iobinding(binding)
 
     def _run_once(self, kind: str, inputs: dict, outputs: dict | None = None, duration_s=None) -> list:
         """Run an uncaptured graph: numpy inputs are uploaded, OrtValues bound as they are;
@@ -592,6 +629,11 @@ class OrtCudaBackend(Backend):
             text += f"; weights shared by all buckets: {', '.join(shared)}"
         if self.sharing_failures:
             text += f"; weights not shared (one copy per session): {'; '.join(self.sharing_failures)}"
+        if self.memory_notes:
+            text += f"; {'; '.join(self.memory_notes)}"
+        if self.optimized:
+            states = sorted(self.optimized.items())
+            text += "; optimized graphs " + ", ".join(f"{name} {state}" for name, state in states)
         if self.capture_failures:
             text += f"; capture refused for: {'; '.join(self.capture_failures)}"
         return text
