@@ -81,7 +81,9 @@ std::vector<Variant<T>> Variants() {
       {"run_v1_f8_late", "block fitted to C, 1 ch/thread, cond after barrier", LaunchMixRuns<T, kTaps, 1, 8, false>},
       {"run_v1_f8", "+ cond prefetched before the barrier", LaunchMixRuns<T, kTaps, 1, 8, true>},
       {"run_v4_f8 *", "+ 4 ch/thread, vector loads (shipped)", LaunchMixRuns<T, kTaps, 4, 8, true>},
+      {"run_v4_f8_3b", "registers capped for 3 blocks/SM (occupancy)", LaunchMixRuns<T, kTaps, 4, 8, true, 3>},
       {"run_v8_f8", "8 ch/thread (16-byte fp16 accesses)", LaunchMixRuns<T, kTaps, 8, 8, true>},
+      {"run_v8_f4", "8 ch/thread, 4 frames (fewer registers)", LaunchMixRuns<T, kTaps, 8, 4, true>},
       {"run_v4_f16", "16 frames/thread: halo reads 1.375x, not 1.75x", LaunchMixRuns<T, kTaps, 4, 16, true>},
       {"run_v4_f4", "4 frames/thread: fewer registers, halo 2.5x", LaunchMixRuns<T, kTaps, 4, 4, true>},
   };

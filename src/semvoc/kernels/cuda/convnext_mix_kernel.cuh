@@ -7,6 +7,8 @@
 // for a broadcast row); scale is one [C] row per batch row at scale + b * scale_stride.
 #pragma once
 
+#include <type_traits>
+
 #include "ort_op.h"
 
 namespace semvoc {
@@ -134,23 +136,32 @@ inline void LaunchMixFirst(const MixArgs<T>& a, int batch, cudaStream_t stream) 
 //    so no warp straddles two runs (C = 384, 512, 768 with V = 4: 96, 128, 192 threads, no idle lane);
 //  - one barrier: each warp's per-frame partial sums go to shared memory, and every thread adds
 //    its own run's partials (broadcast reads) instead of waiting on a second barrier.
-// PREFETCH = false reads cond after the barrier as the first kernel did (benchmark ablation only).
+// PREFETCH = false reads cond after the barrier as the first kernel did, MIN_BLOCKS > 1 caps the
+// registers so that many blocks fit on a multiprocessor (benchmark ablations).
 
 constexpr int kMixRunThreads = 256;  // threads per block aimed at (whole runs: a block has at least one)
 
 template <int V>
 __host__ __device__ constexpr int MixRunMaxThreads() { return V == 1 ? 1024 : (V == 2 ? 512 : 256); }  // one run of C <= 1024
 
+// V elements at p when ok, else zeros. Loaded as 32-bit words (a 2-byte scalar for one fp16), so
+// the zeros cost one register move per word, not a byte permute per fp16 element.
 template <typename T, int V>
-__device__ __forceinline__ Vec<T, V> ZeroVec() {
+__device__ __forceinline__ Vec<T, V> LoadOrZero(const T* p, bool ok) {
+  constexpr int kBytes = sizeof(T) * V;
+  using Word = typename std::conditional<kBytes == 2, unsigned short, unsigned>::type;
+  struct alignas(kBytes) Raw {
+    Word w[kBytes / sizeof(Word)];
+  };
+  Raw raw{};
+  if (ok) raw = *reinterpret_cast<const Raw*>(p);
   Vec<T, V> r;
-#pragma unroll
-  for (int v = 0; v < V; ++v) r.v[v] = FromFloat<T>(0.f);
+  memcpy(&r, &raw, kBytes);
   return r;
 }
 
-template <typename T, int K, int V, int F, bool PREFETCH>
-__global__ void __launch_bounds__(MixRunMaxThreads<V>())
+template <typename T, int K, int V, int F, bool PREFETCH, int MIN_BLOCKS>
+__global__ void __launch_bounds__(MixRunMaxThreads<V>(), MIN_BLOCKS)
 ConvNeXtMixRunKernel(const MixArgs<T> a, const int run_threads) {
   using VT = Vec<T, V>;
   __shared__ float partial[MixRunMaxThreads<V>() / 32][F];  // [warp][frame]
@@ -158,26 +169,33 @@ ConvNeXtMixRunKernel(const MixArgs<T> a, const int run_threads) {
   const bool active = c0 < a.channels;
   const int b = blockIdx.y;
   const int t0 = (blockIdx.x * (blockDim.x / run_threads) + run) * F;
-  const int64_t row = a.channels;
-  const T* __restrict__ xb = a.x + static_cast<int64_t>(b) * a.length * row + c0;
+  // Row offsets in 32 bits (the op checks L * C < 2^31); a frame before the start wraps to a
+  // large unsigned value, so one unsigned compare tests both ends.
+  const unsigned length = a.length, row = a.channels;
+  const T* __restrict__ xb = a.x + static_cast<int64_t>(b) * a.length * a.channels + c0;
   const T* __restrict__ cb = a.cond + b * a.cond_stride + c0;
   const T* __restrict__ sb = a.scale + b * a.scale_stride + c0;
+  const unsigned s0 = static_cast<unsigned>(t0 - K / 2);
 
   VT window[F + K - 1];
 #pragma unroll
   for (int i = 0; i < F + K - 1; ++i) {
-    const int s = t0 - K / 2 + i;
-    window[i] = (active && s >= 0 && s < a.length) ? *reinterpret_cast<const VT*>(xb + s * row) : ZeroVec<T, V>();
+    const unsigned s = s0 + i;
+    window[i] = LoadOrZero<T, V>(xb + s * row, active && s < length);
   }
   VT cond[F], time_scale;
   if (PREFETCH) {
 #pragma unroll
     for (int f = 0; f < F; ++f) {
-      const int t = t0 + f;
-      cond[f] = (active && t < a.length) ? *reinterpret_cast<const VT*>(cb + t * row) : ZeroVec<T, V>();
+      const unsigned t = t0 + f;
+      cond[f] = LoadOrZero<T, V>(cb + t * row, active && t < length);
     }
-    time_scale = active ? *reinterpret_cast<const VT*>(sb) : ZeroVec<T, V>();
+    time_scale = LoadOrZero<T, V>(sb, active);
   }
+  // the V channels' K taps are V * K adjacent weights: K vector loads
+  VT taps[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) taps[k] = LoadOrZero<T, V>(a.weight + c0 * K + k * V, active);
 
   float y[F][V], sumsq[F];
 #pragma unroll
@@ -188,7 +206,7 @@ ConvNeXtMixRunKernel(const MixArgs<T> a, const int run_threads) {
       const int c = c0 + v;
       float w[K];
 #pragma unroll
-      for (int k = 0; k < K; ++k) w[k] = ToFloat(a.weight[c * K + k]);
+      for (int k = 0; k < K; ++k) w[k] = ToFloat(taps[(v * K + k) / V].v[(v * K + k) % V]);
       const float conv_bias = ToFloat(a.bias[c]), centre = ToFloat(a.norm_bias[c]);
 #pragma unroll
       for (int f = 0; f < F; ++f) {
@@ -223,16 +241,16 @@ ConvNeXtMixRunKernel(const MixArgs<T> a, const int run_threads) {
   if (!PREFETCH) {
 #pragma unroll
     for (int f = 0; f < F; ++f) {
-      const int t = t0 + f;
-      cond[f] = t < a.length ? *reinterpret_cast<const VT*>(cb + t * row) : ZeroVec<T, V>();
+      const unsigned t = t0 + f;
+      cond[f] = LoadOrZero<T, V>(cb + t * row, t < length);
     }
-    time_scale = *reinterpret_cast<const VT*>(sb);
+    time_scale = LoadOrZero<T, V>(sb, true);
   }
-  T* __restrict__ ob = a.out + static_cast<int64_t>(b) * a.length * row + c0;
+  T* __restrict__ ob = a.out + static_cast<int64_t>(b) * a.length * a.channels + c0;
 #pragma unroll
   for (int f = 0; f < F; ++f) {
-    const int t = t0 + f;
-    if (t < a.length) {
+    const unsigned t = t0 + f;
+    if (t < length) {
       const float inv_norm = rsqrtf(total[f] / a.channels) * gain;
       VT o;
 #pragma unroll
@@ -244,25 +262,26 @@ ConvNeXtMixRunKernel(const MixArgs<T> a, const int run_threads) {
   }
 }
 
-// Whether the run kernel may use V-wide accesses: C a multiple of V, every [.., C] buffer aligned.
+// Whether the run kernel may use V-wide accesses: C a multiple of V, every buffer but the scalars aligned.
 template <typename T, int V>
 inline bool MixVectorizable(const MixArgs<T>& a) {
   if (a.channels % V != 0) return false;
   for (const void* p : {static_cast<const void*>(a.x), static_cast<const void*>(a.cond),
-                        static_cast<const void*>(a.scale), static_cast<const void*>(a.out)}) {
+                        static_cast<const void*>(a.scale), static_cast<const void*>(a.out),
+                        static_cast<const void*>(a.weight)}) {
     if (reinterpret_cast<uintptr_t>(p) % (V * sizeof(T)) != 0) return false;
   }
   return true;
 }
 
 // Needs C <= 1024 and MixVectorizable<T, V> (the op checks both).
-template <typename T, int K, int V, int F, bool PREFETCH = true>
+template <typename T, int K, int V, int F, bool PREFETCH = true, int MIN_BLOCKS = 1>
 inline void LaunchMixRuns(const MixArgs<T>& a, int batch, cudaStream_t stream) {
   const int run_threads = ((a.channels + V - 1) / V + 31) / 32 * 32;
   const int runs = std::max(1, kMixRunThreads / run_threads);
   const int frames = runs * F;
   const dim3 grid(static_cast<unsigned>((a.length + frames - 1) / frames), static_cast<unsigned>(batch));
-  ConvNeXtMixRunKernel<T, K, V, F, PREFETCH><<<grid, runs * run_threads, 0, stream>>>(a, run_threads);
+  ConvNeXtMixRunKernel<T, K, V, F, PREFETCH, MIN_BLOCKS><<<grid, runs * run_threads, 0, stream>>>(a, run_threads);
 }
 
 // What the op launches: 4 channels per thread (8-byte fp16, 16-byte fp32 accesses) and runs of 8
