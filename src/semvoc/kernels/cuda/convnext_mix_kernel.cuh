@@ -130,8 +130,9 @@ inline void LaunchMixFirst(const MixArgs<T>& a, int batch, cudaStream_t stream) 
 // consecutive frames. The first kernel held one channel's loads in flight at a time (64 registers
 // leave no room for more), read cond_bias only after the block barrier (a second exposed memory
 // round trip), and left half its 256 threads idle at C = 384 and 512. Here:
-//  - every global load of the thread (F + K - 1 input frames, F cond frames, the time scale) is
-//    issued before the first use, in V-wide accesses, so the barrier waits on one round trip only;
+//  - every global load of the thread (F + K - 1 input frames, F cond frames, the time scale, the
+//    weights) is issued before the first use, in V-wide accesses, so the barrier waits on one
+//    round trip only;
 //  - a run is ceil(C / V) threads rounded up to whole warps, and a block holds 256 / run of them,
 //    so no warp straddles two runs (C = 384, 512, 768 with V = 4: 96, 128, 192 threads, no idle lane);
 //  - one barrier: each warp's per-frame partial sums go to shared memory, and every thread adds
@@ -196,6 +197,8 @@ ConvNeXtMixRunKernel(const MixArgs<T> a, const int run_threads) {
   VT taps[K];
 #pragma unroll
   for (int k = 0; k < K; ++k) taps[k] = LoadOrZero<T, V>(a.weight + c0 * K + k * V, active);
+  const VT conv_bias = LoadOrZero<T, V>(a.bias + c0, active), centre = LoadOrZero<T, V>(a.norm_bias + c0, active);
+  const float gain = expf(ToFloat(a.log_scale[0]));
 
   float y[F][V], sumsq[F];
 #pragma unroll
@@ -203,18 +206,17 @@ ConvNeXtMixRunKernel(const MixArgs<T> a, const int run_threads) {
 #pragma unroll
   for (int v = 0; v < V; ++v) {
     if (active) {  // an inactive lane adds nothing to the sums of squares
-      const int c = c0 + v;
       float w[K];
 #pragma unroll
       for (int k = 0; k < K; ++k) w[k] = ToFloat(taps[(v * K + k) / V].v[(v * K + k) % V]);
-      const float conv_bias = ToFloat(a.bias[c]), centre = ToFloat(a.norm_bias[c]);
+      const float bias_v = ToFloat(conv_bias.v[v]), centre_v = ToFloat(centre.v[v]);
 #pragma unroll
       for (int f = 0; f < F; ++f) {
-        float acc = conv_bias;
+        float acc = bias_v;
 #pragma unroll
         for (int k = 0; k < K; ++k) acc += w[k] * ToFloat(window[f + k].v[v]);
         y[f][v] = acc;
-        const float d = acc - centre;
+        const float d = acc - centre_v;
         sumsq[f] += d * d;
       }
     }
@@ -236,7 +238,6 @@ ConvNeXtMixRunKernel(const MixArgs<T> a, const int run_threads) {
 #pragma unroll
     for (int f = 0; f < F; ++f) total[f] += partial[first + w][f];
   }
-  const float gain = expf(ToFloat(a.log_scale[0]));
 
   if (!PREFETCH) {
 #pragma unroll
@@ -268,7 +269,8 @@ inline bool MixVectorizable(const MixArgs<T>& a) {
   if (a.channels % V != 0) return false;
   for (const void* p : {static_cast<const void*>(a.x), static_cast<const void*>(a.cond),
                         static_cast<const void*>(a.scale), static_cast<const void*>(a.out),
-                        static_cast<const void*>(a.weight)}) {
+                        static_cast<const void*>(a.weight), static_cast<const void*>(a.bias),
+                        static_cast<const void*>(a.norm_bias)}) {
     if (reinterpret_cast<uintptr_t>(p) % (V * sizeof(T)) != 0) return false;
   }
   return true;
@@ -285,11 +287,13 @@ inline void LaunchMixRuns(const MixArgs<T>& a, int batch, cudaStream_t stream) {
 }
 
 // What the op launches: 4 channels per thread (8-byte fp16, 16-byte fp32 accesses) and runs of 8
-// frames where the layout allows, else one channel per thread.
+// frames where the layout allows, else one channel per thread. In fp16, registers are capped at
+// 128 so that two blocks of 256 threads fit on a multiprocessor (C = 512: two runs of 128 threads);
+// fp32 would spill under that cap.
 template <typename T, int K>
 inline void LaunchMixShipped(const MixArgs<T>& a, int batch, cudaStream_t stream) {
   if (MixVectorizable<T, 4>(a)) {
-    LaunchMixRuns<T, K, 4, 8>(a, batch, stream);
+    LaunchMixRuns<T, K, 4, 8, true, sizeof(T) == 2 ? 2 : 1>(a, batch, stream);
   } else {
     LaunchMixRuns<T, K, 1, 8>(a, batch, stream);
   }
