@@ -365,9 +365,10 @@ CASES["ConvNeXtMix:table"] = lambda g, b, c, L: [*CASES["ConvNeXtMix"](g, b, c, 
                                                  torch.randn(3, b, L, c, generator=g),
                                                  1 + 0.1 * torch.randn(1, 3, c, generator=g)]
 ATTRIBUTES = {"HeadNorm": {"epsilon": 1e-5}, "HeadNormRope": {"epsilon": 1e-6}, "GatedSkipNorm": {"epsilon": 1e-5},
-              "ConvNeXtMix:table": {"layer": 2}}
+              "ConvNeXtMix:table": {"layer": 2}, "ConvNeXtMix:rows": {"layer": 1}}
 REFERENCES = {"ConvNeXtMix": lambda a: convnext_mix_reference(a[0], a[1], a[2], a[3], a[4][0], a[5], a[6]),
               "ConvNeXtMix:table": lambda a: convnext_mix_reference(a[0], a[1], a[2], a[3], a[4][0], a[5], a[6], 2),
+              "ConvNeXtMix:rows": lambda a: convnext_mix_reference(a[0], a[1], a[2], a[3], a[4][0], a[5], a[6], 1),
               "BiasNorm": lambda a: bias_norm_reference(a[0], a[1], a[2], a[3][0]),
               "BiasPRelu": lambda a: bias_prelu_reference(*a), "BiasResidual": lambda a: bias_residual_reference(*a),
               "HeadNorm": lambda a: head_norm_reference(*a, 1e-5).reshape(a[0].shape),
@@ -385,6 +386,23 @@ def test_cuda_op_matches_its_reference(op, dtype, cuda_library, tmp_path):
     # 1024-channel limit of ConvNeXtMix)
     for batch, channels, length in ((3, 77, 1001), (1, 1000, 37)):
         _check_op(op, dtype, CASES[op](gen, batch, channels, length), cuda_library, tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_convnext_mix_at_the_vocoder_widths(dtype, cuda_library, tmp_path):
+    """The reference vocoder's branch widths (runs of 96, 128 and 192 threads of 4 channels, two
+    runs per block at 384 and 512), lengths that end inside a block's frames or before its second
+    run, one cond_bias row for the whole batch beside per-row time scales, kernel sizes 3 and 9."""
+    gen = torch.Generator().manual_seed(11)
+    for batch, channels, length, taps, cond_rows in ((2, 384, 203, 7, 1), (3, 512, 45, 7, 3), (2, 768, 11, 7, 1),
+                                                     (1, 64, 19, 3, 1), (2, 96, 23, 9, 2)):
+        args = [torch.randn(batch, length, channels, generator=gen),
+                torch.randn(channels, 1, taps, generator=gen) / taps ** 0.5, torch.randn(channels, generator=gen),
+                torch.randn(channels, generator=gen), torch.tensor([0.3]),
+                torch.randn(4, cond_rows, length, channels, generator=gen),
+                1 + 0.1 * torch.randn(batch, 4, channels, generator=gen)]
+        _check_op("ConvNeXtMix:rows", dtype, args, cuda_library, tmp_path)
 
 
 def _check_op(op, dtype, args, cuda_library, tmp_path):

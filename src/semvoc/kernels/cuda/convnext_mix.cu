@@ -9,111 +9,31 @@
 // vocoder step at batch 16). Output [B, L, C]. Arithmetic and statistics in fp32.
 // Reference: semvoc/kernels/convnext_mix.py (convnext_mix_reference).
 //
-// One block of 256 threads per (8 frames, batch row). A thread owns up to 4 channels (C <= 1024):
-// it reads each channel's 8 + K - 1 input frames once (coalesced: channels are contiguous),
-// keeps the 8 conv outputs in registers, and the block reduces the per-frame sums of squares
-// (warp shuffles, then shared memory) before the scaled outputs are written. In onnxruntime's
-// stock ops this was ~12 kernels per block (cuDNN depthwise conv and its bias, the fp32 BiasNorm
-// chain, the condition add and the time scale).
-#include "ort_op.h"
+// Kernels: convnext_mix_kernel.cuh (shared with benchmarks/device/kernel_bench/convnext_mix_bench.cu,
+// which times them against the first kernel). In onnxruntime's stock ops this was ~12 kernels per
+// block (cuDNN depthwise conv and its bias, the fp32 BiasNorm chain, the condition add and the
+// time scale).
+#include "convnext_mix_kernel.cuh"
 
 namespace semvoc {
 
-constexpr int kMixFrames = 8;
-constexpr int kMixThreads = 256;
-constexpr int kMixChannelsPerThread = 4;
-constexpr int kMixMaxChannels = kMixThreads * kMixChannelsPerThread;
-
-template <typename T, int K>
-__global__ void __launch_bounds__(kMixThreads)
-ConvNeXtMixKernel(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ bias,
-                  const T* __restrict__ norm_bias, const T* __restrict__ log_scale, const T* __restrict__ cond,
-                  const T* __restrict__ scale, T* __restrict__ out, int channels, int length,
-                  int64_t cond_stride, int64_t scale_stride) {
-  __shared__ float partial[kMixThreads / 32][kMixFrames];
-  __shared__ float inv_norm[kMixFrames];
-  const int b = blockIdx.y;
-  const int t0 = blockIdx.x * kMixFrames;
-  const int64_t row = static_cast<int64_t>(channels);
-  const T* xb = x + static_cast<int64_t>(b) * length * row;
-
-  float y[kMixChannelsPerThread][kMixFrames];
-  float sumsq[kMixFrames];
-#pragma unroll
-  for (int f = 0; f < kMixFrames; ++f) sumsq[f] = 0.f;
-
-#pragma unroll
-  for (int j = 0; j < kMixChannelsPerThread; ++j) {
-    const int c = threadIdx.x + j * kMixThreads;
-    if (c < channels) {
-      float window[kMixFrames + K - 1];
-#pragma unroll
-      for (int i = 0; i < kMixFrames + K - 1; ++i) {
-        const int s = t0 - K / 2 + i;
-        window[i] = (s >= 0 && s < length) ? ToFloat(xb[s * row + c]) : 0.f;
-      }
-      float w[K];
-#pragma unroll
-      for (int k = 0; k < K; ++k) w[k] = ToFloat(weight[c * K + k]);
-      const float conv_bias = ToFloat(bias[c]), centre = ToFloat(norm_bias[c]);
-#pragma unroll
-      for (int f = 0; f < kMixFrames; ++f) {
-        float acc = conv_bias;
-#pragma unroll
-        for (int k = 0; k < K; ++k) acc += w[k] * window[f + k];
-        y[j][f] = acc;
-        const float d = acc - centre;
-        sumsq[f] += d * d;
-      }
-    }
-  }
-
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-#pragma unroll
-  for (int f = 0; f < kMixFrames; ++f) {
-    const float v = WarpSum(sumsq[f]);
-    if (lane == 0) partial[warp][f] = v;
-  }
-  __syncthreads();
-  if (threadIdx.x < kMixFrames) {
-    float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < kMixThreads / 32; ++w) total += partial[w][threadIdx.x];
-    inv_norm[threadIdx.x] = rsqrtf(total / channels) * expf(ToFloat(log_scale[0]));
-  }
-  __syncthreads();
-
-  const T* cb = cond + b * cond_stride;
-  const T* sb = scale + b * scale_stride;
-  T* ob = out + static_cast<int64_t>(b) * length * row;
-#pragma unroll
-  for (int j = 0; j < kMixChannelsPerThread; ++j) {
-    const int c = threadIdx.x + j * kMixThreads;
-    if (c < channels) {
-      const float time_scale = ToFloat(sb[c]);
-#pragma unroll
-      for (int f = 0; f < kMixFrames; ++f) {
-        const int t = t0 + f;
-        if (t < length) {
-          const int64_t i = t * row + c;
-          ob[i] = FromFloat<T>((y[j][f] * inv_norm[f] + ToFloat(cb[i])) * time_scale);
-        }
-      }
-    }
-  }
-}
+// true launches the first kernel (one block of 256 threads per 8 frames) instead of the run kernel
+constexpr bool kMixUseFirstKernel = false;
 
 template <typename T, int K>
 static void Launch(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& norm_bias,
                    const Tensor& log_scale, const Tensor& cond, const Tensor& scale, Tensor& out,
                    int64_t cond_stride, int64_t scale_stride, cudaStream_t stream) {
-  const int64_t batch = x.dim(0), length = x.dim(1), channels = x.dim(2);
-  const dim3 grid(static_cast<unsigned>((length + kMixFrames - 1) / kMixFrames), static_cast<unsigned>(batch));
-  ConvNeXtMixKernel<T, K><<<grid, kMixThreads, 0, stream>>>(
-      static_cast<const T*>(x.data), static_cast<const T*>(weight.data), static_cast<const T*>(bias.data),
-      static_cast<const T*>(norm_bias.data), static_cast<const T*>(log_scale.data), static_cast<const T*>(cond.data),
-      static_cast<const T*>(scale.data), static_cast<T*>(out.data), static_cast<int>(channels),
-      static_cast<int>(length), cond_stride, scale_stride);
+  const MixArgs<T> args{static_cast<const T*>(x.data), static_cast<const T*>(weight.data),
+                        static_cast<const T*>(bias.data), static_cast<const T*>(norm_bias.data),
+                        static_cast<const T*>(log_scale.data), static_cast<const T*>(cond.data),
+                        static_cast<const T*>(scale.data), static_cast<T*>(out.data),
+                        static_cast<int>(x.dim(2)), static_cast<int>(x.dim(1)), cond_stride, scale_stride};
+  if (kMixUseFirstKernel) {
+    LaunchMixFirst<T, K>(args, static_cast<int>(x.dim(0)), stream);
+  } else {
+    LaunchMixShipped<T, K>(args, static_cast<int>(x.dim(0)), stream);
+  }
 }
 
 void ConvNeXtMixCompute(OrtKernelContext* ctx, const KernelState& state) {
