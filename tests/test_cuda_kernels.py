@@ -418,12 +418,12 @@ def _head_case(batch: int, length: int, heads: int, hd: int, rope: bool, per_hea
 
 
 # The DiT's shapes and the kernel's edges (HeadNormVecKernel: a thread owns two 16-byte vectors of
-# one head, 1 or 2 rows per thread, blocks of 256 threads over a row's heads and over rows):
+# one head; blocks of 256 threads span a row's heads (x) and several rows (y)):
 HEAD_CASES = {
     # self-attention q|k of the reference DiT at batch 1 with CFG: 32 heads of 64, per-head affine
     "rope-dit-R2": (2, 250, 32, 64, True, True),
-    # enough rows for 2 rows per thread, and an odd row count (the last thread has one live row)
-    "rope-2rows-odd": (3, 1417, 32, 64, True, True),
+    # an odd row count: the last block's second row of threads (fp16) has no row to do
+    "rope-odd-rows": (3, 83, 32, 64, True, True),
     # 6 heads of 128 (48 or 96 threads per row: idle lanes in the last warp), one affine for all heads
     "rope-hd128-shared": (1, 37, 6, 128, True, False),
     # the cross-attention q-norm: 16 heads of 64 sharing one affine

@@ -59,7 +59,9 @@ template <> __half FromHost<__half>(float v) { return __float2half_rn(v); }
 double Ulp16(double v) {
   v = std::fabs(v);
   if (v < 6.103515625e-05) return 5.9604644775390625e-08;
-  return std::ldexp(1.0, static_cast<int>(std::floor(std::log2(v))) - 10);
+  int exponent;
+  std::frexp(v, &exponent);  // v = m 2^exponent, m in [0.5, 1)
+  return std::ldexp(1.0, exponent - 11);
 }
 
 template <typename T>

@@ -243,13 +243,6 @@ inline HeadNormGeometry HeadNormVecGeometry(int64_t rows, int units, int rows_pe
           dim3(x, y)};
 }
 
-// The library's choice of rows per thread: 2 doubles the bytes in flight per thread, but only
-// where that still leaves a full wave of threads (132 SMs x 2048 threads on an H100/H200); a
-// small launch (batch 1) keeps 1 row per thread and twice the threads.
-inline int HeadNormRowsPerThread(int64_t rows, int units) {
-  return rows * units / 2 >= 132 * 2048 ? 2 : 1;
-}
-
 // Launches HeadNormVecKernel for head size hd (64 or 128) over `rows` token rows of `heads` heads.
 template <typename T, bool kRope, bool kPair, int kRows, bool kOnePass>
 void LaunchHeadNormVec(int hd, const T* x, const T* gamma, const T* beta, const T* cos, const T* sin, T* out,
@@ -267,16 +260,16 @@ void LaunchHeadNormVec(int hd, const T* x, const T* gamma, const T* beta, const 
 constexpr bool kHeadNormVectorized = true;
 
 // What the library launches (head_norm.cu): the vectorised kernel with two 16-byte vectors per
-// thread (chunks j and j + hd/2 of one head), two-pass statistics, 1 or 2 rows per thread;
+// thread (chunks j and j + hd/2 of one head), two-pass statistics, one row per thread (at fp16,
+// hd 64: 40 registers, 1536 threads and 48 KB of loads in flight per SM; 2 rows per thread keep
+// as many bytes in flight at 76 registers and half the occupancy: `vec2-pair-r2` in the bench);
 // HeadNormWarpKernel where a buffer is not 16-byte aligned.
 template <typename T, bool kRope>
 void LaunchHeadNorm(int hd, const T* x, const T* gamma, const T* beta, const T* cos, const T* sin, T* out, T* out_k,
                     int64_t rows, int heads, int length, int affine_stride, float eps, cudaStream_t stream) {
   if (kHeadNormVectorized && Vectorizable<T>(hd, {x, gamma, beta, cos, sin, out, out_k})) {
-    const int units = heads * hd / (2 * WideVector<T>());
-    auto launch = HeadNormRowsPerThread(rows, units) == 2 ? LaunchHeadNormVec<T, kRope, true, 2, false>
-                                                          : LaunchHeadNormVec<T, kRope, true, 1, false>;
-    launch(hd, x, gamma, beta, cos, sin, out, out_k, rows, heads, length, affine_stride, eps, stream);
+    LaunchHeadNormVec<T, kRope, true, 1, false>(hd, x, gamma, beta, cos, sin, out, out_k, rows, heads, length,
+                                                affine_stride, eps, stream);
     return;
   }
   const int64_t warps = rows * heads;
