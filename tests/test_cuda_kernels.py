@@ -420,6 +420,46 @@ def _check_op(op, dtype, args, cuda_library, tmp_path):
             assert error <= bound * np.abs(want).max(), (op, index, dtype, cuda_graph, error)
 
 
+def _head_case(batch: int, length: int, heads: int, hd: int, rope: bool, per_head: bool, seed: int = 11):
+    """x [batch, length, heads*hd] with per-head offsets (the mean matters), gamma/beta [heads, hd] or
+    [hd], and for rope cos/sin tables longer than length."""
+    from semvoc.kernels.rotary import rope_tables
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, length, heads, hd, generator=g) * 2 + torch.randn(batch, length, heads, 1, generator=g)
+    affine = (heads, hd) if per_head else (hd,)
+    args = [x.reshape(batch, length, heads * hd), 1 + 0.5 * torch.randn(*affine, generator=g),
+            0.2 * torch.randn(*affine, generator=g)]
+    if rope:
+        args += rope_tables(1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd)), length + 5, torch.float32)[:2]
+    return args
+
+
+# The DiT's shapes and the kernel's edges (HeadNormVecKernel: a thread owns two 16-byte vectors of
+# one head; blocks of 256 threads span a row's heads (x) and several rows (y)):
+HEAD_CASES = {
+    # self-attention q|k of the reference DiT at batch 1 with CFG: 32 heads of 64, per-head affine
+    "rope-dit-R2": (2, 250, 32, 64, True, True),
+    # an odd row count: the last block's second row of threads (fp16) has no row to do
+    "rope-odd-rows": (3, 83, 32, 64, True, True),
+    # 6 heads of 128 (48 or 96 threads per row: idle lanes in the last warp), one affine for all heads
+    "rope-hd128-shared": (1, 37, 6, 128, True, False),
+    # the cross-attention q-norm: 16 heads of 64 sharing one affine
+    "norm-cross-R2": (2, 250, 16, 64, False, False),
+    # 5 heads of 64 with per-head affine (20 or 40 threads per row), batch rows 3
+    "norm-5heads": (3, 101, 5, 64, False, True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("case", sorted(HEAD_CASES))
+def test_head_norm_ops_at_the_dits_shapes(case, dtype, cuda_library, tmp_path):
+    batch, length, heads, hd, rope, per_head = HEAD_CASES[case]
+    op = "HeadNormRope" if rope else "HeadNorm"
+    _check_op(op, dtype, _head_case(batch, length, heads, hd, rope, per_head), cuda_library, tmp_path)
+
+
 @pytest.mark.gpu
 def test_cuda_kernel_engine_matches_the_plain_engine(demo_engine, tmp_path):
     """A default --device cuda export uses semvoc's CUDA ops (--cuda-kernels auto) and sounds the same."""

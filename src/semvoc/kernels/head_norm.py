@@ -3,13 +3,18 @@
 The fused DiT's qk-norm: q|k ``[B, L, 2H*hd]`` from one GEMM, LayerNorm over each head's ``hd``
 values with a per-head affine, then the half-split rotation of ``rotary.py``. In onnxruntime's
 stock ops that is a LayerNormalization (~12 us at the release shapes on an H100), an affine Mul
-and Add, and a RotaryEmbedding per block; ``semvoc.cuda::HeadNormRope`` (``cuda/head_norm.cu``)
-is one warp per head, and writes q and k as two outputs (no Split after it). ``HeadNorm`` is
-the same without the rotation and the split (the cross-attention q-norm). Statistics and
-arithmetic in fp32, one rounding at the end.
+and Add, and a RotaryEmbedding per block; ``semvoc.cuda::HeadNormRope`` (``cuda/head_norm.cu``, kernels
+in ``cuda/head_norm_kernel.cuh``) gives each thread two 16-byte vectors of one head, the
+elements j and j + hd/2 that the rotation pairs, and writes q and k as two outputs (no Split
+after it). ``HeadNorm`` is the same without the rotation and the split (the cross-attention
+q-norm). Statistics and arithmetic in fp32, one rounding at the end.
 
-Exported with ``semvoc-export --cuda-kernels``; tested on an H100 against the references below
-(``tests/test_cuda_kernels.py``; ``benchmarks/results/h100-2026-11-25d.md``).
+Exported with ``semvoc-export --cuda-kernels``. The first kernel (one warp per head, still the
+fallback for buffers that are not 16-byte aligned) was tested on an H100 against the references
+below (``tests/test_cuda_kernels.py``; ``benchmarks/results/h100-2026-11-25d.md``); the
+vectorised one is compiled for every default architecture but has not yet run on a GPU: its GPU
+tests and ``benchmarks/device/kernel_bench/run.sh head_norm`` (times and errors against the first
+kernel) are still to be run.
 """
 
 from __future__ import annotations

@@ -1,72 +1,14 @@
 // HeadNorm / HeadNormRope: LayerNorm over each head of packed heads [B, L, n*hd], a per-head
-// (or shared) affine, and for HeadNormRope the half-split rotation at positions 0..L-1:
-//   y = (x - mean) * rsqrt(var + eps) * gamma[h] + beta[h]
-//   out[j] = y[j] cos[l, j] - y[j + hd/2] sin[l, j];  out[j + hd/2] = y[j + hd/2] cos[l, j] + y[j] sin[l, j]
+// (or shared) affine, and for HeadNormRope the half-split rotation at positions 0..L-1.
 // Inputs: x [B, L, n*hd], gamma and beta [n, hd] or [hd], (cos, sin [>= L, hd/2]). Attribute epsilon.
 // HeadNorm writes one output [B, L, n*hd]; HeadNormRope takes q|k (n = 2H heads from one GEMM)
 // and writes q and k as two outputs [B, L, H*hd] each, so no Split follows it.
-// One warp per (row, head); lane i owns elements i + 32 m, so the rotation's pairs (j, j + hd/2)
-// stay in one lane. hd = 64 or 128. Statistics and arithmetic in fp32.
+// hd = 64 or 128. Statistics and arithmetic in fp32. The kernels are in head_norm_kernel.cuh
+// (shared with benchmarks/device/kernel_bench/head_norm_bench.cu).
 // Reference: semvoc/kernels/head_norm.py.
-#include "ort_op.h"
+#include "head_norm_kernel.cuh"
 
 namespace semvoc {
-
-template <typename T, int kPerLane, bool kRope>
-__global__ void HeadNormKernel(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
-                               const T* __restrict__ cos, const T* __restrict__ sin, T* __restrict__ out,
-                               T* __restrict__ out_k, int64_t warps, int heads, int length, int affine_stride,
-                               float eps) {
-  constexpr int kWidth = 32 * kPerLane;
-  constexpr int kHalf = kWidth / 2;
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (warp >= warps) return;
-  const int head = static_cast<int>(warp % heads);
-  const T* xr = x + warp * kWidth;
-  float v[kPerLane];
-  float sum = 0.f;
-#pragma unroll
-  for (int m = 0; m < kPerLane; ++m) {
-    v[m] = ToFloat(xr[lane + 32 * m]);
-    sum += v[m];
-  }
-  sum = WarpSum(sum);
-  const float mean = sum / kWidth;
-  float squares = 0.f;
-#pragma unroll
-  for (int m = 0; m < kPerLane; ++m) {
-    const float d = v[m] - mean;
-    squares += d * d;
-  }
-  squares = WarpSum(squares);
-  const float rstd = rsqrtf(squares / kWidth + eps);
-  const T* g = gamma + head * affine_stride;
-  const T* b = beta + head * affine_stride;
-#pragma unroll
-  for (int m = 0; m < kPerLane; ++m) {
-    const int e = lane + 32 * m;
-    v[m] = (v[m] - mean) * rstd * ToFloat(g[e]) + ToFloat(b[e]);
-  }
-  if (kRope) {
-    const int position = static_cast<int>((warp / heads) % length);
-#pragma unroll
-    for (int m = 0; m < kPerLane / 2; ++m) {
-      const int j = lane + 32 * m;
-      const float c = ToFloat(cos[position * kHalf + j]), s = ToFloat(sin[position * kHalf + j]);
-      const float first = v[m], second = v[m + kPerLane / 2];
-      v[m] = first * c - second * s;
-      v[m + kPerLane / 2] = second * c + first * s;
-    }
-  }
-  // HeadNormRope: heads [0, n/2) go to out (q), the rest to out_k, each [B, L, n/2 * hd]
-  const int64_t row = warp / heads;
-  const int half = heads / 2;
-  T* o = !kRope ? out + warp * kWidth
-       : head < half ? out + (row * half + head) * kWidth : out_k + (row * half + head - half) * kWidth;
-#pragma unroll
-  for (int m = 0; m < kPerLane; ++m) o[lane + 32 * m] = FromFloat<T>(v[m]);
-}
 
 template <bool kRope>
 static void HeadNormRun(OrtKernelContext* ctx, const KernelState& state, const char* name) {
@@ -94,22 +36,18 @@ static void HeadNormRun(OrtKernelContext* ctx, const KernelState& state, const c
   }
   Tensor out = Output(ctx, 0, out_shape);
   Tensor out_k = kRope ? Output(ctx, 1, out_shape) : Tensor{};
-  const int64_t warps = x.numel() / width;
-  if (warps == 0) return;
-  const int threads = 256;
-  const unsigned blocks = static_cast<unsigned>((warps * 32 + threads - 1) / threads);
+  if (x.numel() == 0) return;
+  const int64_t rows = x.dim(0) * length;
+  Require(rows < (int64_t{1} << 31), std::string(name) + ": at most 2^31 - 1 rows (B * L)");
   const int affine_stride = gamma.numel() == width ? 0 : static_cast<int>(width);
   cudaStream_t stream = Stream(ctx);
   SEMVOC_DISPATCH_FLOAT(x.type, name,
-    auto launch = [&](auto kernel) {
-      kernel<<<blocks, threads, 0, stream>>>(
-          static_cast<const T*>(x.data), static_cast<const T*>(gamma.data), static_cast<const T*>(beta.data),
-          kRope ? static_cast<const T*>(cos.data) : nullptr, kRope ? static_cast<const T*>(sin.data) : nullptr,
-          static_cast<T*>(out.data), static_cast<T*>(out_k.data), warps, static_cast<int>(heads),
-          static_cast<int>(length), affine_stride, state.epsilon);
-    };
-    if (width == 64) launch(HeadNormKernel<T, 2, kRope>);
-    else launch(HeadNormKernel<T, 4, kRope>));
+    LaunchHeadNorm<T, kRope>(static_cast<int>(width), static_cast<const T*>(x.data),
+                             static_cast<const T*>(gamma.data), static_cast<const T*>(beta.data),
+                             kRope ? static_cast<const T*>(cos.data) : nullptr,
+                             kRope ? static_cast<const T*>(sin.data) : nullptr, static_cast<T*>(out.data),
+                             static_cast<T*>(out_k.data), rows, static_cast<int>(heads), static_cast<int>(length),
+                             affine_stride, state.epsilon, stream));
   CheckCuda(cudaGetLastError(), name);
 }
 

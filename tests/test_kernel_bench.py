@@ -1,0 +1,34 @@
+"""The CUDA kernel micro-benchmarks (benchmarks/device/kernel_bench) compile here, with the library's
+kernel sources on the include path, so a kernel change that breaks a bench fails before a GPU run."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from semvoc.kernels import cuda_build
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "device" / "kernel_bench"
+BENCHES = sorted(BENCH_DIR.glob("*_bench.cu"))
+
+
+def test_run_sh_names_the_benches_for_an_unknown_op():
+    result = subprocess.run(["bash", str(BENCH_DIR / "run.sh"), "no_such_op"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "no_such_op_bench.cu" in result.stderr
+    assert all(b.name.removesuffix("_bench.cu") in result.stderr for b in BENCHES)
+
+
+@pytest.mark.parametrize("bench", BENCHES, ids=[b.stem for b in BENCHES])
+def test_bench_compiles(bench, tmp_path):
+    try:
+        nvcc = cuda_build.find_nvcc()
+    except cuda_build.KernelBuildError as err:
+        pytest.skip(str(err))
+    # PTX only (no ptxas pass): the host code and the kernels' templates are checked, in seconds
+    result = subprocess.run([nvcc, "-std=c++17", "-c", "-arch=compute_80", "-I", str(cuda_build.CUDA_SOURCES_DIR),
+                             str(bench), "-o", str(tmp_path / "bench.o")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning" not in result.stderr.lower(), result.stderr[-3000:]
