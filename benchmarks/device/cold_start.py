@@ -13,7 +13,7 @@ bucket each: its own sessions and CUDA graphs, the step graphs' weights shared w
 bucket's) with the memory after each. Run it once per setting in separate processes, e.g. with
 ``SEMVOC_ORT_CUDA_OPTIONS=cudnn_conv_algo_search=EXHAUSTIVE``, ``SEMVOC_ORT_SHARED_ARENA=0`` or
 ``SEMVOC_SHARED_WEIGHTS=0`` (one copy of the step graphs' weights per session, for comparison),
-``SEMVOC_OPTIMIZED_GRAPHS=0`` (sessions from the engine's graphs, not from the optimized copies
+``SEMVOC_ORT_CUDA_THREADS=0`` (onnxruntime's default CPU thread pools), ``SEMVOC_OPTIMIZED_GRAPHS=0`` (sessions from the engine's graphs, not from the optimized copies
 an earlier process saved) or ``SEMVOC_WARM_UP_SHRINK=0``. ``audio_sha256`` of the first clip
 must be the same across settings and processes.
 """
@@ -72,7 +72,8 @@ def main() -> None:
               "shared_arena_env": os.environ.get("SEMVOC_ORT_SHARED_ARENA", ""),
               "shared_weights_env": os.environ.get("SEMVOC_SHARED_WEIGHTS", ""),
               "optimized_graphs_env": os.environ.get("SEMVOC_OPTIMIZED_GRAPHS", ""),
-              "warm_up_shrink_env": os.environ.get("SEMVOC_WARM_UP_SHRINK", ""), "used_mib_before": _used_mib()}
+              "warm_up_shrink_env": os.environ.get("SEMVOC_WARM_UP_SHRINK", ""),
+              "cuda_threads_env": os.environ.get("SEMVOC_ORT_CUDA_THREADS", ""), "used_mib_before": _used_mib()}
     t0 = time.perf_counter()
     pipe = Pipeline(args.engine, "onnxruntime-cuda")
     report["pipeline_s"] = time.perf_counter() - t0

@@ -124,6 +124,10 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
     levels = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
               "disabled": "ORT_DISABLE_ALL"}
     deterministic = os.environ.get("SEMVOC_NONDETERMINISTIC") is None
+    # a CUDA session's CPU thread pool only runs shape arithmetic: one thread instead of one per
+    # core, so sessions created together and the serving threads do not compete with idle
+    # spinning pools (SEMVOC_ORT_CUDA_THREADS=0: onnxruntime's default)
+    cuda_threads = int(os.environ.get("SEMVOC_ORT_CUDA_THREADS", "1") or 0)
     if provider == "cuda":
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()
@@ -154,6 +158,8 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
         options.log_severity_level = _log_severity
         if threads:
             options.intra_op_num_threads = threads
+        elif provider == "cuda" and cuda_threads:
+            options.intra_op_num_threads = cuda_threads
         if custom_ops is not None:
             options.register_custom_ops_library(str(custom_ops))
         for name, value in (dim_overrides or {}).items():
