@@ -13,7 +13,8 @@ bucket each: its own sessions and CUDA graphs, the step graphs' weights shared w
 bucket's) with the memory after each. Run it once per setting in separate processes, e.g. with
 ``SEMVOC_ORT_CUDA_OPTIONS=cudnn_conv_algo_search=EXHAUSTIVE``, ``SEMVOC_ORT_SHARED_ARENA=0`` or
 ``SEMVOC_SHARED_WEIGHTS=0`` (one copy of the step graphs' weights per session, for comparison),
-``SEMVOC_ORT_CUDA_THREADS=0`` (onnxruntime's default CPU thread pools), ``SEMVOC_OPTIMIZED_GRAPHS=0`` (sessions from the engine's graphs, not from the optimized copies
+``SEMVOC_ORT_CUDA_THREADS=0`` (onnxruntime's default CPU thread pools),
+``SEMVOC_OPTIMIZED_GRAPHS=0`` (sessions from the engine's graphs, not from the optimized copies
 an earlier process saved) or ``SEMVOC_WARM_UP_SHRINK=0``. ``audio_sha256`` of the first clip
 must be the same across settings and processes.
 """
