@@ -11,12 +11,10 @@ warm one. ``--sequential`` creates the sessions one at a time (the memory after 
 that session's own). ``--then-batches`` then runs one request per further batch size (a new
 bucket each: its own sessions and CUDA graphs, the step graphs' weights shared with the first
 bucket's) with the memory after each. Run it once per setting in separate processes, e.g. with
-``SEMVOC_ORT_CUDA_OPTIONS=cudnn_conv_algo_search=EXHAUSTIVE``, ``SEMVOC_ORT_SHARED_ARENA=0`` or
-``SEMVOC_SHARED_WEIGHTS=0`` (one copy of the step graphs' weights per session, for comparison),
-``SEMVOC_ORT_CUDA_THREADS=0`` (onnxruntime's default CPU thread pools),
-``SEMVOC_OPTIMIZED_GRAPHS=0`` (sessions from the engine's graphs, not from the optimized copies
-an earlier process saved) or ``SEMVOC_WARM_UP_SHRINK=0``. ``audio_sha256`` of the first clip
-must be the same across settings and processes.
+``SEMVOC_ORT_CUDA_OPTIONS=cudnn_conv_algo_search=EXHAUSTIVE``, ``SEMVOC_ORT_SHARED_ARENA=0``,
+``SEMVOC_SHARED_WEIGHTS=0`` (one copy of the step graphs' weights per session, for comparison)
+or ``SEMVOC_WARM_UP_SHRINK=0`` (the shared arena keeps the warm-up runs' regions).
+``audio_sha256`` of the first clip must be the same across settings and processes.
 """
 
 from __future__ import annotations
@@ -72,9 +70,7 @@ def main() -> None:
               "cuda_options_env": os.environ.get("SEMVOC_ORT_CUDA_OPTIONS", ""),
               "shared_arena_env": os.environ.get("SEMVOC_ORT_SHARED_ARENA", ""),
               "shared_weights_env": os.environ.get("SEMVOC_SHARED_WEIGHTS", ""),
-              "optimized_graphs_env": os.environ.get("SEMVOC_OPTIMIZED_GRAPHS", ""),
-              "warm_up_shrink_env": os.environ.get("SEMVOC_WARM_UP_SHRINK", ""),
-              "cuda_threads_env": os.environ.get("SEMVOC_ORT_CUDA_THREADS", ""), "used_mib_before": _used_mib()}
+              "warm_up_shrink_env": os.environ.get("SEMVOC_WARM_UP_SHRINK", ""), "used_mib_before": _used_mib()}
     t0 = time.perf_counter()
     pipe = Pipeline(args.engine, "onnxruntime-cuda")
     report["pipeline_s"] = time.perf_counter() - t0
@@ -109,7 +105,7 @@ def main() -> None:
     report["warm_stages_s"] = warm.timings
     report["used_mib_after_warm"] = _used_mib()
     report["bit_identical"] = bool((first.audio == warm.audio).all())
-    # equal across processes and settings (e.g. graphs from the optimized-graph cache or not)
+    # equal across processes and settings
     report["audio_sha256"] = hashlib.sha256(first.audio.tobytes()).hexdigest()
     report["then"] = []
     for batch in filter(None, args.then.split(",")):

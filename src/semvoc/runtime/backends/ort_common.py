@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -81,22 +80,11 @@ def _register_shared_cuda_arena(ort, device_id: int) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class GraphSource:
-    """Where a session's graph comes from in an engine: what the optimized-graph cache keys on
-    (``optimized_graphs.py``). ``files`` is the manifest's sha256 list."""
-
-    root: Path
-    files: Mapping[str, str]
-    graph_file: str
-    data_file: str | None = None
-
-
 def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict[str, int] | None = None,
                  cuda_graph: bool = False, device_id: int = 0, threads: int | None = None,
                  custom_ops: str | Path | None = None, shared_arena: bool = False,
                  compute_stream: int | None = None, initializers: Mapping[str, object] | None = None,
-                 optimized_model: str | Path | None = None, source: GraphSource | None = None):
+                 optimized_model: str | Path | None = None):
     """An ``InferenceSession`` for ``path`` on "cpu" or "cuda".
 
     ``dim_overrides`` fixes symbolic input dimensions (by name) so that onnxruntime folds all
@@ -111,24 +99,28 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
     ``initializers`` (name -> non-owning OrtValue, ``shared_weights.SharedWeights.initializers``)
     replace the graph's weights of those names: sessions given the same values share that memory,
     which must outlive them. ``optimized_model``: where onnxruntime saves the graph as optimized
-    for this provider (the export checks which weights it keeps as stored). ``source`` (the
-    graph's place in an engine) turns on the optimized-graph cache (``optimized_graphs.py``) for a
-    session without ``initializers``: the session is created from the copy onnxruntime optimized
-    in an earlier process, or saves that copy. ``session.semvoc_optimized`` is then the cache
-    entry (None without one).
+    for this provider (the export checks which weights it keeps as stored).
     """
     ort = _onnxruntime()
+    options = ort.SessionOptions()
     # "all" (the default); "extended", "basic" or "disabled" only for experiments
     # (benchmarks/device/session_load.py times session creation at each level)
     level = os.environ.get("SEMVOC_ORT_OPTIMIZATION", "all")
     levels = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
               "disabled": "ORT_DISABLE_ALL"}
-    deterministic = os.environ.get("SEMVOC_NONDETERMINISTIC") is None
-    # a CUDA session's CPU thread pool only runs shape arithmetic: one thread instead of one per
-    # core, so sessions created together and the serving threads do not compete with idle
-    # spinning pools (SEMVOC_ORT_CUDA_THREADS=0: onnxruntime's default)
-    cuda_threads = int(os.environ.get("SEMVOC_ORT_CUDA_THREADS", "1") or 0)
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, levels[level])
+    options.log_severity_level = _log_severity
+    if threads:
+        options.intra_op_num_threads = threads
+    if custom_ops is not None:
+        options.register_custom_ops_library(str(custom_ops))
+    for name, value in (dim_overrides or {}).items():
+        options.add_free_dimension_override_by_name(name, int(value))
+    for name, value in (initializers or {}).items():
+        options.add_initializer(name, value)
     if provider == "cuda":
+        # same seed, same audio: pick deterministic kernels (cuDNN algorithms, reductions)
+        options.use_deterministic_compute = os.environ.get("SEMVOC_NONDETERMINISTIC") is None
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()
         # NHWC kernels and [N, C, 1, T] padding of 1-D convs: the vocoder step -30 % on an H100
@@ -142,86 +134,19 @@ def make_session(path: str | Path, provider: str = "cpu", *, dim_overrides: dict
             cuda_options["user_compute_stream"] = str(int(compute_stream))
         if cuda_graph:
             cuda_options["enable_cuda_graph"] = "1"
+        if shared_arena and _register_shared_cuda_arena(ort, device_id):
+            options.add_session_config_entry("session.use_env_allocators", "1")
         # extra CUDA EP options for experiments, e.g. "prefer_nhwc=1,cudnn_conv1d_pad_to_nc1d=1"
         for item in filter(None, os.environ.get("SEMVOC_ORT_CUDA_OPTIONS", "").split(",")):
             key, _, value = item.partition("=")
             cuda_options[key.strip()] = value.strip()
         providers = [("CUDAExecutionProvider", cuda_options)]
-        shared_arena = shared_arena and _register_shared_cuda_arena(ort, device_id)
     else:
-        cuda_options = {}
         providers = ["CPUExecutionProvider"]
-
-    def options(optimization: str, save_to: Path | None = None):
-        options = ort.SessionOptions()
-        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, levels[optimization])
-        options.log_severity_level = _log_severity
-        if threads:
-            options.intra_op_num_threads = threads
-        elif provider == "cuda" and cuda_threads:
-            options.intra_op_num_threads = cuda_threads
-        if custom_ops is not None:
-            options.register_custom_ops_library(str(custom_ops))
-        for name, value in (dim_overrides or {}).items():
-            options.add_free_dimension_override_by_name(name, int(value))
-        for name, value in (initializers or {}).items():
-            options.add_initializer(name, value)
-        if provider == "cuda":
-            # same seed, same audio: pick deterministic kernels (cuDNN algorithms, reductions)
-            options.use_deterministic_compute = deterministic
-            if shared_arena:
-                options.add_session_config_entry("session.use_env_allocators", "1")
-        target = optimized_model if optimized_model is not None else save_to
-        if target is not None:
-            options.optimized_model_filepath = str(target)
-            if save_to is not None:  # weights beside it, as the engine keeps them (faster to load)
-                options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                                 f"{Path(save_to).name}.data")
-        if os.environ.get("SEMVOC_ORT_PROFILE"):
-            options.enable_profiling = True
-        return options
-
-    entry = None
-    if source is not None and optimized_model is None and not initializers and level == "all":
-        from semvoc.runtime.backends.optimized_graphs import cpu_signature, cuda_device_signature, optimized_graph
-
-        device = cuda_device_signature(device_id) if provider == "cuda" else cpu_signature()
-        stable = {k: v for k, v in cuda_options.items() if k != "user_compute_stream"}  # a per-process handle
-        entry = optimized_graph(source.root, source.files, source.graph_file, source.data_file,
-                                Path(custom_ops) if custom_ops is not None else None, provider, stable,
-                                dim_overrides, device,
-                                {"deterministic": deterministic, "user_stream": compute_stream is not None,
-                                 "shared_arena": shared_arena})
-    if entry is not None and entry.ready():
-        try:
-            session = _create(ort, entry.model, options("disabled"), providers, provider)
-            entry.loaded_from_cache = True
-            session.semvoc_optimized = entry
-            return session
-        except Exception as err:  # e.g. a saved node onnxruntime cannot load back: never again
-            entry.refuse(_first_line(err))
-    staging = entry.staging() if entry is not None and not entry.refused() else None
-    try:
-        session = _create(ort, path, options(level, staging / "graph.onnx" if staging else None), providers,
-                          provider)
-    except BaseException:
-        if staging is not None:
-            import shutil
-
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if staging is not None:
-        entry.commit(staging)
-    session.semvoc_optimized = entry
-    return session
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
-
-
-def _create(ort, path: str | Path, options, providers: list, provider: str):
+    if optimized_model is not None:
+        options.optimized_model_filepath = str(optimized_model)
+    if os.environ.get("SEMVOC_ORT_PROFILE"):
+        options.enable_profiling = True
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
     try:
@@ -229,8 +154,9 @@ def _create(ort, path: str | Path, options, providers: list, provider: str):
     except (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.NoSuchFile) as err:
         from semvoc.runtime.manifest import EngineError
 
-        raise EngineError(f"onnxruntime cannot load {path}: {_first_line(err)}. The file is damaged or not an ONNX "
-                          "graph of this semvoc: re-export the engine (semvoc-run checks every file's sha256 first "
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EngineError(f"onnxruntime cannot load {path}: {detail}. The file is damaged or not an ONNX graph "
+                          "of this semvoc: re-export the engine (semvoc-run checks every file's sha256 first "
                           "unless --no-verify is given)") from err
     if provider == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
         from semvoc.runtime.backends.base import BackendUnavailable

@@ -6,9 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from semvoc.runtime.backends import optimized_graphs
 from semvoc.runtime.backends.base import Backend, NonFiniteError, Progress, padded_table
-from semvoc.runtime.backends.ort_common import NUMPY_DTYPES, GraphSource, make_session
+from semvoc.runtime.backends.ort_common import NUMPY_DTYPES, make_session
 from semvoc.runtime.manifest import GraphInfo, Manifest
 from semvoc.runtime.schedules import DitSchedule
 
@@ -25,10 +24,8 @@ class OrtCpuBackend(Backend):
 
     def _session(self, graph: GraphInfo):
         if graph.name not in self._sessions:
-            source = (GraphSource(self.manifest.root, self.manifest.data["files"], graph.file, graph.data_file)
-                      if optimized_graphs.enabled("cpu") else None)
             self._sessions[graph.name] = make_session(self.manifest.root / graph.file, "cpu",
-                                                      threads=self.threads, source=source)
+                                                      threads=self.threads)
         return self._sessions[graph.name]
 
     def prepare(self, batch: int, frames: int, *, text: bool = True, duration_s: float | None = None) -> None:
