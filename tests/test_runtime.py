@@ -566,7 +566,7 @@ def test_gpu_sessions_of_a_bucket_are_created_together(demo_engine, monkeypatch)
     from semvoc.runtime.backends import ort_cuda
     from semvoc.runtime.manifest import load_manifest
 
-    calls, runs, threads = [], [], set()
+    calls, runs, shrinks, threads = [], [], [], set()
 
     class FakeBinding:
         def __init__(self, name):
@@ -585,8 +585,10 @@ def test_gpu_sessions_of_a_bucket_are_created_together(demo_engine, monkeypatch)
         def io_binding(self):
             return FakeBinding(self.name)
 
-        def run_with_iobinding(self, binding):
+        def run_with_iobinding(self, binding, run_options=None):
             runs.append((self.name, {k: (v.shape, v.dtype, float(v.flat[0])) for k, v in binding.inputs.items()}))
+            shrinks.append(run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage")
+                           if run_options is not None else None)
 
     def fake_session(path, provider, **kwargs):
         threads.add(threading.get_ident())
@@ -613,6 +615,8 @@ def test_gpu_sessions_of_a_bucket_are_created_together(demo_engine, monkeypatch)
     assert len(backend._sessions) == 6 and len(threads) > 1  # the refused capture is not kept
     warmed = dict(runs)
     assert set(warmed) == once  # step graphs are not run here: their capture happens in the request
+    # the warm-up runs overlap, so each gives the shared arena's free regions back when it ends
+    assert shrinks == ["gpu:0"] * len(runs)
     tokens = manifest.buckets["text_tokens"]
     assert warmed["text_encoder.onnx"]["input_ids"] == ((1, tokens), np.int64, 0.0)
     assert warmed["text_encoder.onnx"]["attention_mask"] == ((1, tokens), np.int64, 1.0)
