@@ -193,3 +193,15 @@ def test_prompts_job_runs_without_ray_and_torch(demo_engine, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "--ray needs Ray: pip install 'semvoc[serve]'" in proc.stderr
     assert (tmp_path / "o" / "r.wav").is_file() and not (tmp_path / "r").exists()
+
+
+def test_orphan_temps_of_the_planned_clips_are_removed_and_nothing_else(tmp_path):
+    clips = [jobs.Clip(i, f"p{i}", None, tmp_path / f"clip{i}.wav") for i in (1, 2)]
+    orphans = [tmp_path / ".clip1.wav.ab12cd.tmp", tmp_path / ".clip1.wav.json.ef34gh.tmp",
+               tmp_path / ".clip2.wav.x9.tmp"]
+    kept = [tmp_path / ".clip10.wav.zz.tmp",  # another clip whose name starts the same
+            tmp_path / "clip1.wav", tmp_path / ".clip1.wav.partial", tmp_path / ".hidden"]
+    for path in orphans + kept:
+        path.write_bytes(b"x")
+    assert jobs.remove_orphan_temps(clips) == len(orphans)
+    assert not any(p.exists() for p in orphans) and all(p.exists() for p in kept)

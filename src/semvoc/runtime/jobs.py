@@ -18,6 +18,7 @@ process and ``semvoc-run --ray`` runs over a Ray cluster, with the same rules in
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -241,3 +242,16 @@ def run_local(pipe, plan: Plan, request: Request, engine: str, size: int,
 def incomplete(clips: Iterable[Clip], request: Request, engine: str) -> list[Clip]:
     """The clips whose wav is missing or not described by a matching record."""
     return [c for c in clips if not c.path.is_file() or read_record(c.path) != c.record(request, engine)]
+
+
+def remove_orphan_temps(clips: Iterable[Clip]) -> int:
+    """Delete the temporary files a killed writer left beside these clips' wavs and records (the
+    ``.NAME.*.tmp`` of ``write_atomic``-style writes, which a SIGKILL cannot clean up). Call it only
+    when no writer of these clips is running, e.g. after a job wrote and verified them all."""
+    removed = 0
+    for clip in clips:
+        for target in (clip.path, record_path(clip.path)):
+            for tmp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+                tmp.unlink(missing_ok=True)
+                removed += 1
+    return removed

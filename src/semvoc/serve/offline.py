@@ -177,6 +177,8 @@ def run_job(args, items: list[tuple[str, str | None]]) -> int:
         print(f"semvoc-run: error: {len(missing)} clip(s) missing after the Ray job, e.g. {missing[0].path}; "
               "run the same command again to finish them", file=sys.stderr)
         return 1
+    # a worker killed mid-write (its task retried elsewhere) leaves its temporary file behind
+    jobs.remove_orphan_temps(plan.todo)
     seconds = sum(r["seconds"] for r in rows)
     nodes = len({r["node"] for r in rows})
     workers = len({(r["node"], r["pid"]) for r in rows})
