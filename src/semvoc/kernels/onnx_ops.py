@@ -11,6 +11,7 @@ before the exporter builds a node of it. semvoc's own CUDA ops (``semvoc.cuda`` 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import onnx
@@ -20,6 +21,16 @@ MS_DOMAIN = "com.microsoft"
 CUDA_DOMAIN = "semvoc.cuda"
 _FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 _TRANSLATIONS: dict = {}
+WITHOUT_ENV = "SEMVOC_EXPORT_WITHOUT"
+
+
+def fusion_enabled(name: str) -> bool:
+    """Whether the export may use the fusion ``name`` (a semvoc.cuda op's name, e.g. "BiasNorm").
+
+    ``SEMVOC_EXPORT_WITHOUT=Name[,Name]`` leaves those fusions out of an export (the graph then
+    keeps the unfused form), so that an A/B on a GPU compares two exports that differ in one op
+    (``benchmarks/device/export_slice.py``)."""
+    return name not in {n.strip() for n in os.environ.get(WITHOUT_ENV, "").split(",")}
 
 
 def contrib_op(name: str, inputs: list[str], outputs: list[str], attributes: dict[str, OpSchema.AttrType],
