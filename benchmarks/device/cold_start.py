@@ -5,7 +5,9 @@
 
 Reports ``Pipeline(engine)`` (manifest, file verification), the first request (its sessions
 created together by ``prepare``, then cuDNN algorithm search and CUDA-graph capture) with the
-time spent creating each onnxruntime session, a warm request, and the device memory in use
+time spent creating each onnxruntime session (and ``first_request_timeline``: which thread created
+which session, uploaded which shared weights and ran which warm-up run, when, from the request's
+start), a warm request, and the device memory in use
 (NVML) before loading, after ``prepare``, after each stage of the first request and after the
 warm one. ``--sequential`` creates the sessions one at a time (the memory after each one is then
 that session's own). ``--then-batches`` then runs one request per further batch size (a new
@@ -23,6 +25,7 @@ import argparse
 import hashlib
 import json
 import os
+import threading
 import time
 
 
@@ -92,9 +95,25 @@ def main() -> None:
 
     for name in ("prepare", "encode_text", "dit_loop", "vocoder_loop"):
         setattr(backend, name, traced(name, getattr(backend, name)))
+    timeline: list[dict] = []
+
+    def on_timeline(what, method, name_of):  # which thread did what when, from the first request's start
+        def call(*a, **k):
+            start = time.perf_counter()
+            try:
+                return method(*a, **k)
+            finally:
+                timeline.append({"what": what, "graph": name_of(*a), "thread": threading.current_thread().name,
+                                 "start_s": round(start - t1, 3), "s": round(time.perf_counter() - start, 3)})
+        return call
+
+    backend._create_session = on_timeline("session", backend._create_session, lambda graph, key: graph.name)
+    backend._warm_run = on_timeline("warm-up run", backend._warm_run, lambda session, graph, symbols: graph.name)
+    backend._shared_weights = on_timeline("shared weights", backend._shared_weights, lambda graph: graph.name)
     t1 = time.perf_counter()
     first = pipe.generate(prompts, seed=0)
     report["first_request_stages_s_mib"] = stages
+    report["first_request_timeline"] = sorted(timeline, key=lambda e: e["start_s"])
     report["first_request_s"] = time.perf_counter() - t1
     report["cold_start_s"] = time.perf_counter() - t0
     report["sessions_in_first_request"] = sessions[len(report["sessions_at_load"]):]
