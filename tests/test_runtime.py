@@ -638,3 +638,51 @@ def test_gpu_sessions_of_a_bucket_are_created_together(demo_engine, monkeypatch)
     monkeypatch.setattr(ort_cuda, "make_session", broken)
     with pytest.raises(RuntimeError, match=r"cannot load semantic_encoder_1s\.onnx"):
         backend.prepare(1, 25, text=False, duration_s=1.0)
+
+
+def test_prepare_can_run_the_step_graphs_once_uncaptured(demo_engine, monkeypatch):
+    """SEMVOC_STEP_WARM_RUN=1: prepare() also runs each step graph's capture session once, in its
+    loading thread, with gpu_graph_id -1 (onnxruntime neither counts nor captures that run) and
+    without arena shrinkage (the captured runs reuse the session's regions)."""
+    from semvoc.runtime.backends import ort_cuda
+    from semvoc.runtime.manifest import load_manifest
+
+    runs = {}
+
+    class FakeBinding:
+        def bind_ortvalue_input(self, name, value):
+            pass
+
+        def bind_output(self, name, device, device_id):
+            pass
+
+    class FakeSession:
+        def __init__(self, name):
+            self.name = name
+
+        def io_binding(self):
+            return FakeBinding()
+
+        def run_with_iobinding(self, binding, run_options=None):
+            entries = {}
+            for key in ("gpu_graph_id", "memory.enable_memory_arena_shrinkage"):
+                try:
+                    entries[key] = run_options.get_run_config_entry(key)
+                except Exception:  # onnxruntime raises for an entry never set
+                    entries[key] = None
+            runs[self.name] = entries
+
+    monkeypatch.setattr(ort_cuda, "make_session", lambda path, provider, **kw: FakeSession(Path(path).name))
+    monkeypatch.setenv(ort_cuda.GRAPHS_ENV, "onnxruntime")
+    monkeypatch.setenv("SEMVOC_STEP_WARM_RUN", "1")
+    backend = ort_cuda.OrtCudaBackend(load_manifest(demo_engine, verify=False))
+    monkeypatch.setattr(backend, "_upload", lambda array, dtype: array)
+    backend.prepare(1, 25)
+    assert runs["dit_step.onnx"] == {"gpu_graph_id": "-1", "memory.enable_memory_arena_shrinkage": None}
+    assert runs["vocoder_step.onnx"] == runs["dit_step.onnx"]
+    monkeypatch.delenv("SEMVOC_STEP_WARM_RUN")
+    runs.clear()
+    backend = ort_cuda.OrtCudaBackend(load_manifest(demo_engine, verify=False))
+    monkeypatch.setattr(backend, "_upload", lambda array, dtype: array)
+    backend.prepare(1, 25)
+    assert "dit_step.onnx" not in runs and "vocoder_step.onnx" not in runs

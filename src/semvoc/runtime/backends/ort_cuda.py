@@ -162,6 +162,8 @@ class OrtCudaBackend(Backend):
         self._warmed: set[tuple[str, int]] = set()
         self._prepared: set[tuple] = set()  # (batch, frames, text, duration) that prepare() has done
         self._shrink_after_warm_up = os.environ.get("SEMVOC_WARM_UP_SHRINK", "1") != "0"
+        # prepare() also runs each step graph once, uncaptured, in its loading thread
+        self._step_warm_runs = os.environ.get("SEMVOC_STEP_WARM_RUN", "0") == "1"
         self.memory_notes: list[str] = []
         # "semvoc", "onnxruntime" or "" (no capture); "semvoc" needs cuda-python and a stream
         self.graphs_mode = cuda_graphs_mode() if cuda_graphs else ""
@@ -297,7 +299,7 @@ class OrtCudaBackend(Backend):
             graph = manifest.graph(kind)
             key = self._session_key(graph, symbols, self.graphs_mode)
             if (kind, batch, frames) not in self._loops and key not in self._sessions:
-                tasks[key] = (graph, False)
+                tasks[key] = (graph, self._step_warm_runs and self.graphs_mode == "onnxruntime")
         if not tasks:
             self._prepared.add(request)
             return
@@ -327,6 +329,9 @@ class OrtCudaBackend(Backend):
             self._prepared.add(request)
 
     def _warm_run(self, session, graph: GraphInfo, symbols: dict[str, int]) -> None:
+        if graph.kind in ("dit_step", "vocoder_step"):
+            self._warm_step_run(session, graph, symbols)
+            return
         """One run of ``graph`` on zeros (attention masks of ones) at the bucket's shapes; the
         outputs are dropped. The run then gives the arena's free regions back to the device
         (``memory.enable_memory_arena_shrinkage``): the warm-up runs of a bucket run at once, in
@@ -353,6 +358,23 @@ class OrtCudaBackend(Backend):
             self._shrink_after_warm_up = False
             self.memory_notes.append(f"arena not shrunk after warm-up ({_first_line(err)})")
             session.run_with_iobinding(binding)
+
+    def _warm_step_run(self, session, graph: GraphInfo, symbols: dict[str, int]) -> None:
+        """One uncaptured run (``gpu_graph_id`` -1) of a step graph's capture session at the bucket's
+        shapes, on zeros, in prepare()'s thread: the session's own arena grows to its peak, and the
+        kernels' modules load, before the request's thread runs the runs that onnxruntime counts
+        before it captures (those must run on the thread that replays, see ``_bind_loop``). The
+        arena keeps its regions: the captured runs reuse them."""
+        binding = session.io_binding()
+        for t in graph.inputs:
+            fill = np.ones if t.name.endswith("mask") else np.zeros
+            binding.bind_ortvalue_input(t.name, self._upload(fill(tensor_shape(t, symbols), NUMPY_DTYPES[t.dtype]),
+                                                             t.dtype))
+        for t in graph.outputs:
+            binding.bind_output(t.name, "cuda", self.device_id)
+        options = self.ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", "-1")
+        session.run_with_iobinding(binding, options)
 
     def _run_once(self, kind: str, inputs: dict, outputs: dict | None = None, duration_s=None) -> list:
         """Run an uncaptured graph: numpy inputs are uploaded, OrtValues bound as they are;
