@@ -368,3 +368,29 @@ def test_export_killed_hard_leaves_a_partial_that_the_next_export_removes(tmp_pa
     assert export_main([*DEMO_EXPORT_ARGS, "--components", "text", "--out", str(out)]) == 0
     assert (out / "manifest.json").exists() and _nothing_left(tmp_path)
     assert not list(tmp_path.glob(".engine.export-*.lock"))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_vocoder_prepare_runs_the_conditioning_at_the_latent_rate(channels_last):
+    """The export's vocoder_prepare computes cond_mlp and every block's cond_proj on the latent
+    frames and repeats the result; it must equal the model's own upsample-then-project path."""
+    import torch
+
+    from semvoc.export import wrappers as W
+    from semvoc.models.config import preset
+    from semvoc.models.model import build_model
+
+    vocoder = build_model(preset("demo"), seed=0).vocoder.eval()
+    gen = torch.Generator().manual_seed(0)
+    frames = 7
+    latents = torch.randn(2, vocoder.cfg.latent_dim, frames, generator=gen)
+    with torch.no_grad():
+        tables = W.VocoderPrepare(vocoder, channels_last=channels_last)(latents)
+        cond = vocoder.encode_cond(latents)
+        samples = frames * vocoder.cfg.hop_length
+        for est, table in zip(vocoder.estimators, tables, strict=True):
+            expected = torch.stack(est.cond_biases(cond, samples))  # [n, B, C, L]
+            if channels_last:
+                expected = expected.transpose(2, 3)
+            assert table.shape == expected.shape
+            torch.testing.assert_close(table, expected, rtol=1e-5, atol=1e-5)

@@ -13,6 +13,7 @@ Euler updates accumulate over 100-200 steps. Tables and networks run in the engi
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from semvoc.export.fused_dit import FusedDiT, fused_cross_kv, fused_time_table
@@ -192,16 +193,22 @@ class VocoderPrepare(nn.Module):
         self.channels_last = channels_last
 
     def forward(self, latents):
-        cond = self.vocoder.encode_cond(latents.to(_dtype(self.vocoder)))
+        cond = self.vocoder.encode_cond(latents.to(_dtype(self.vocoder)))  # [B, Cc, F]
+        batch, _, frames = cond.shape
+        # cond_mlp and cond_proj act on each frame alone (1x1 convolutions, PReLU), so they commute
+        # with the upsampling: run them on the F latent frames (plus the zero frame the last STFT
+        # frame gets), every block's cond_proj as ONE GEMM, then repeat each frame r times. The
+        # upsampled form ran 3 convolutions per block on r times the frames (r = 4-16).
+        cond = torch.cat([cond, torch.zeros_like(cond[..., :1])], dim=-1)  # [B, Cc, F + 1]
         outputs = []
         for est in self.vocoder.estimators:
-            up = torch.repeat_interleave(cond, est.upsample_factor, dim=-1)
-            up = torch.cat([up, torch.zeros_like(up[..., :1])], dim=-1)
-            cm = est.decoder.cond_mlp(up)
-            biases = [block.cond_proj(cm) for block in est.decoder.blocks]
-            if self.channels_last:
-                biases = [b.transpose(1, 2) for b in biases]
-            outputs.append(torch.stack(biases))
+            blocks = est.decoder.blocks
+            cm = est.decoder.cond_mlp(cond).transpose(1, 2)  # [B, F + 1, Cc]
+            weight = torch.cat([block.cond_proj.weight[..., 0] for block in blocks])  # [n C, Cc]
+            bias = torch.cat([block.cond_proj.bias for block in blocks])
+            y = F.linear(cm, weight, bias).reshape(batch, frames + 1, len(blocks), -1)  # [B, F + 1, n, C]
+            y = torch.cat([torch.repeat_interleave(y[:, :frames], est.upsample_factor, dim=1), y[:, frames:]], dim=1)
+            outputs.append(y.permute(2, 0, 1, 3) if self.channels_last else y.permute(2, 0, 3, 1))
         return tuple(outputs)
 
 
