@@ -55,6 +55,14 @@ def test_attention_is_fused_in_the_attention_graphs(demo_engine):
     assert not {"STFT", "DFT"} & set(vocoder)
 
 
+def test_text_to_audio_graphs_before_the_vocoder_step_hold_no_convolution(demo_engine):
+    """A convolution makes onnxruntime call cuDNN, whose first run in a process costs about a
+    second on the GPU: the DiT step and vocoder_prepare hold GEMMs instead (conv_as_gemm)."""
+    for name in ("text_encoder", "dit_prepare", "dit_time", "dit_step", "vocoder_prepare", "vocoder_time"):
+        counts = op_counts(demo_engine / f"{name}.onnx")
+        assert counts["Conv"] == 0 and counts["ConvTranspose"] == 0, name
+
+
 def test_symbolic_dims_are_named_for_onnxruntime_overrides(demo_engine):
     manifest = load_manifest(demo_engine)
     step = manifest.graphs["vocoder_step"]

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semvoc.export.conv_as_gemm import conv1d_channels_last
 from semvoc.kernels.attention import attention_packed, key_mask_bias
 from semvoc.kernels.bias_geglu import bias_geglu
 from semvoc.kernels.bias_gelu import bias_gelu
@@ -241,7 +242,7 @@ class FusedDiT(nn.Module):
         ``(k_0, v_0, ..., k_n-1, v_n-1)`` ``[B, S, D]`` each (``fused_cross_kv``), context_mask
         ``[B, S]`` bool -> ``[B, C, T]``."""
         dit = self.dit
-        h = dit.x_pe(dit.patch_embed.proj(x).transpose(1, 2))  # [B, N, D]
+        h = dit.x_pe(conv1d_channels_last(x.transpose(1, 2), dit.patch_embed.proj))  # [B, N, D], no cuDNN
         batch, length, _ = h.shape
         rope = None
         if any(b.rope for b in self.blocks):
@@ -262,6 +263,7 @@ class FusedDiT(nn.Module):
         final = dit.final_block
         weight, beta = (r.reshape(-1) for r in step_rows[ROWS_PER_BLOCK * n:].chunk(FINAL_ROWS))
         h, _ = gated_norm(h, *pending, weight, beta, final.norm.eps, self.cuda_ops)  # modulation folded in
-        h = final.linear(h)  # [B, N, p*C]
-        h = h.reshape(batch, length, final.patch_size, final.out_chans).permute(0, 3, 1, 2)
-        return final.final_layer(h.reshape(batch, final.out_chans, length * final.patch_size))
+        h = final.linear(h).reshape(batch, length * final.patch_size, final.out_chans)  # [B, N p, C]
+        if isinstance(final.final_layer, nn.Conv1d):
+            h = conv1d_channels_last(h, final.final_layer)
+        return h.transpose(1, 2)

@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semvoc.export.conv_as_gemm import conv1d_channels_last, depthwise_conv1d_channels_last, prelu_channels_last
 from semvoc.export.fused_dit import FusedDiT, fused_cross_kv, fused_time_table
+from semvoc.kernels.norms import bias_norm
 from semvoc.models.model import SemanticVocoderModel
 from semvoc.models.udit import TimeConditioning, UDiT
-from semvoc.models.vocoder import Vocoder
+from semvoc.models.vocoder import CondEncoder, Vocoder
 
 
 def _dtype(module: nn.Module) -> torch.dtype:
@@ -193,23 +195,39 @@ class VocoderPrepare(nn.Module):
         self.channels_last = channels_last
 
     def forward(self, latents):
-        cond = self.vocoder.encode_cond(latents.to(_dtype(self.vocoder)))  # [B, Cc, F]
-        batch, _, frames = cond.shape
+        latents = latents.to(_dtype(self.vocoder)).transpose(1, 2)  # [B, F, Cl]
+        vocoder = self.vocoder
+        # channels-last GEMMs, no convolution: see semvoc.export.conv_as_gemm
+        cond = _cond_encoder(vocoder.cond_encoder, latents) if vocoder.cfg.use_cond_encoder else latents
+        batch, frames, _ = cond.shape
         # cond_mlp and cond_proj act on each frame alone (1x1 convolutions, PReLU), so they commute
         # with the upsampling: run them on the F latent frames (plus the zero frame the last STFT
         # frame gets), every block's cond_proj as ONE GEMM, then repeat each frame r times. The
         # upsampled form ran 3 convolutions per block on r times the frames (r = 4-16).
-        cond = torch.cat([cond, torch.zeros_like(cond[..., :1])], dim=-1)  # [B, Cc, F + 1]
+        cond = torch.cat([cond, torch.zeros_like(cond[:, :1])], dim=1)  # [B, F + 1, Cc]
         outputs = []
-        for est in self.vocoder.estimators:
-            blocks = est.decoder.blocks
-            cm = est.decoder.cond_mlp(cond).transpose(1, 2)  # [B, F + 1, Cc]
+        for est in vocoder.estimators:
+            blocks, mlp = est.decoder.blocks, est.decoder.cond_mlp
+            cm = conv1d_channels_last(prelu_channels_last(conv1d_channels_last(cond, mlp[0]), mlp[1]), mlp[2])
             weight = torch.cat([block.cond_proj.weight[..., 0] for block in blocks])  # [n C, Cc]
             bias = torch.cat([block.cond_proj.bias for block in blocks])
             y = F.linear(cm, weight, bias).reshape(batch, frames + 1, len(blocks), -1)  # [B, F + 1, n, C]
             y = torch.cat([torch.repeat_interleave(y[:, :frames], est.upsample_factor, dim=1), y[:, frames:]], dim=1)
             outputs.append(y.permute(2, 0, 1, 3) if self.channels_last else y.permute(2, 0, 3, 1))
         return tuple(outputs)
+
+
+def _cond_encoder(encoder: CondEncoder, x: torch.Tensor) -> torch.Tensor:
+    """``CondEncoder`` on channels-last x ``[B, F, C_latent]`` -> ``[B, F, C]``, as GEMMs."""
+    x = bias_norm(conv1d_channels_last(x, encoder.in_proj), encoder.in_norm.bias, encoder.in_norm.log_scale,
+                  channels_last=True)
+    for block in encoder.blocks:
+        y = bias_norm(depthwise_conv1d_channels_last(x, block.dwconv), block.norm.bias, block.norm.log_scale,
+                      channels_last=True)
+        y = conv1d_channels_last(prelu_channels_last(conv1d_channels_last(y, block.pwconv1), block.act),
+                                 block.pwconv2)
+        x = y + (x * block.residual_scale.scale[:, 0] if hasattr(block, "residual_scale") else x)
+    return x
 
 
 class VocoderTime(nn.Module):
