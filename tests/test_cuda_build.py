@@ -137,6 +137,14 @@ def test_arch_lists_and_sources():
     assert {"library.cu", "convnext_mix.cu", "head_norm.cu"} <= names
 
 
+def test_ops_list_names_every_registered_op():
+    """The manifest's op list (cuda_build.OPS) is what library.cu registers."""
+    import re
+
+    registered = re.findall(r'MakeOp\("(\w+)"', (cuda_build.CUDA_SOURCES_DIR / "library.cu").read_text())
+    assert sorted(registered) == sorted(cuda_build.OPS)
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> cuda_build.BuiltLibrary:
     """The library as CI builds it: the pip wheels' nvcc (or a toolkit's), semvoc's own API header."""

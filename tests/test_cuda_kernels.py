@@ -23,7 +23,8 @@ from semvoc.kernels.bias_residual import bias_residual_reference
 from semvoc.kernels.convnext_mix import convnext_mix_reference
 from semvoc.kernels.gated_skip_norm import gated_skip_norm_reference
 from semvoc.kernels.head_norm import head_norm_reference, head_norm_rope_reference
-from semvoc.kernels.onnx_ops import CUDA_DOMAIN, translation_table
+from semvoc.kernels.onnx_ops import CUDA_DOMAIN, WITHOUT_ENV, translation_table
+from semvoc.kernels.skip_norm import bias_add_norm_reference, gated_concat_norm_reference, layer_norm_reference
 from semvoc.models.vocoder import ConvNeXtBlock
 
 
@@ -144,7 +145,8 @@ def test_vocoder_step_with_cuda_ops_exports_folded_branches(tmp_path):
     assert mix_layers == sorted(i for n in vocoder.cfg.num_layers for i in range(n))
 
 
-def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path):
+def _export_dit_step(tmp_path):
+    """The demo DiT's step with cuda_ops=True, exported: (dit, its nodes)."""
     from semvoc.export import wrappers as W
     from semvoc.models.config import preset
     from semvoc.models.model import build_model
@@ -159,9 +161,24 @@ def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path):
     path = tmp_path / "dit_step.onnx"
     torch.onnx.export(W.FusedDitStep(dit, cuda_ops=True).eval(), args, dynamo=True, opset_version=23,
                       custom_translation_table=translation_table()).save(str(path))
-    nodes = onnx.load(str(path)).graph.node
+    return dit, onnx.load(str(path)).graph.node
+
+
+def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path, monkeypatch):
+    monkeypatch.delenv(WITHOUT_ENV, raising=False)
+    dit, nodes = _export_dit_step(tmp_path)
     ops = [n.op_type for n in nodes]
     blocks = dit.blocks
+    # the U-Net skip path: GatedConcatNorm, skip_linear's GEMM, BiasAddNorm (bias + norm1); the
+    # first block's norm1 is semvoc's LayerNorm: no Concat into a norm, no stock LayerNormalization
+    skips = sum(1 for b in blocks if b.has_skip)
+    assert skips > 0
+    assert ops.count("GatedConcatNorm") == ops.count("BiasAddNorm") == skips and ops.count("LayerNorm") == 1
+    assert "LayerNormalization" not in ops
+    produced = {n.output[0]: n.op_type for n in nodes}
+    assert {produced.get(n.input[0]) for n in nodes if n.op_type == "BiasAddNorm"} == {"MatMul"}
+    assert {n.op_type for n in nodes if n.input and produced.get(n.input[0]) == "Concat"}.isdisjoint(
+        {"LayerNormalization", "MatMul"})
     assert ops.count("HeadNormRope") == len(blocks) and ops.count("HeadNorm") == len(blocks)  # self q|k, cross q
     assert ops.count("BiasGeglu") == len(blocks) and "BiasGelu" not in ops
     # gated residual + norm: each block's attention output, each MLP output the next norm reads
@@ -176,6 +193,76 @@ def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path):
 
     assert readers("HeadNormRope", 0) == readers("HeadNormRope", 1) == {"Attention"}  # no Split between
     assert readers("GatedSkipNorm", 0) == {"MatMul"}  # the adaLN modulation is in the norm's affine
+
+
+@pytest.mark.parametrize("without", ["GatedConcatNorm", "BiasAddNorm,LayerNorm"])
+def test_dit_step_export_without_the_skip_path_ops(without, tmp_path, monkeypatch):
+    """SEMVOC_EXPORT_WITHOUT gives back the stock form of the switched-off ops only (for A/B runs)."""
+    monkeypatch.setenv(WITHOUT_ENV, without)
+    dit, nodes = _export_dit_step(tmp_path)
+    ops = [n.op_type for n in nodes]
+    skips = sum(1 for b in dit.blocks if b.has_skip)
+    produced = {o: n.op_type for n in nodes for o in n.output}
+    concat_norms = sum(1 for n in nodes if n.op_type == "LayerNormalization" and produced.get(n.input[0]) == "Concat")
+    if without == "GatedConcatNorm":
+        assert "GatedConcatNorm" not in ops and concat_norms == skips
+        assert ops.count("BiasAddNorm") == skips and ops.count("LayerNorm") == 1
+        assert ops.count("LayerNormalization") == skips
+    else:
+        assert ops.count("GatedConcatNorm") == skips and concat_norms == 0
+        assert "BiasAddNorm" not in ops and "LayerNorm" not in ops
+        assert ops.count("LayerNormalization") == skips + 1  # norm1 after each skip_linear, the first block's
+    assert ops.count("GatedSkipNorm") == len(dit.blocks) + sum(
+        1 for i, b in enumerate(dit.blocks) if i > 0 and not b.has_skip) + 1
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 13), (1, 5, 64), (2, 33)])
+def test_skip_path_references_are_the_unfused_math(shape):
+    """fp32, odd widths: GatedConcatNorm is the gated residual, the concatenation and skip_norm;
+    BiasAddNorm is skip_linear's bias and norm1; LayerNorm is nn.LayerNorm's function."""
+    gen = torch.Generator().manual_seed(6)
+    dim = shape[-1]
+    # a residual stream far from zero mean (where one-pass statistics would lose digits)
+    x = 30 + 4 * torch.randn(shape, generator=gen)
+    out, skip = torch.randn(shape, generator=gen), 2 * torch.randn(shape, generator=gen) - 1
+    gate, gbias = 1 + 0.1 * torch.randn(dim, generator=gen), torch.randn(dim, generator=gen)
+    skip_norm = torch.nn.LayerNorm(2 * dim)
+    linear = torch.nn.Linear(2 * dim, dim)
+    with torch.no_grad():
+        skip_norm.weight.uniform_(0.5, 1.5)
+        skip_norm.bias.normal_()
+        joined = skip_norm(torch.cat([x + out * gate + gbias, skip], dim=-1))
+        fused = gated_concat_norm_reference(x, out, gate, gbias, skip, skip_norm.weight, skip_norm.bias,
+                                            skip_norm.eps)
+        torch.testing.assert_close(fused, joined, rtol=1e-5, atol=1e-5)
+        gamma, beta = 1 + torch.randn(dim, generator=gen), torch.randn(dim, generator=gen)
+        h, total = bias_add_norm_reference(torch.nn.functional.linear(joined, linear.weight), linear.bias, gamma,
+                                           beta, 1e-5)
+        stream = linear(joined)
+        torch.testing.assert_close(total, stream, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(h, torch.nn.functional.layer_norm(stream, (dim,), gamma, beta, 1e-5),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer_norm_reference(x, gamma, beta, 1e-6),
+                                   torch.nn.functional.layer_norm(x, (dim,), gamma, beta, 1e-6), rtol=1e-5, atol=1e-5)
+
+
+def test_skip_path_references_round_like_the_graph_in_fp16():
+    """fp16: the gated sum is rounded once to fp16 (the value the stock graph held), the statistics
+    and the affine stay in fp32, and the output is rounded once."""
+    gen = torch.Generator().manual_seed(8)
+    x, out, skip = (torch.randn(4, 96, generator=gen) * 3 for _ in range(3))
+    gate, gbias, gamma, beta = (torch.randn(96, generator=gen) for _ in range(4))
+    gamma2, beta2 = torch.randn(192, generator=gen), torch.randn(192, generator=gen)
+    half = [t.half() for t in (x, out, gate, gbias, skip, gamma2, beta2)]
+    got = gated_concat_norm_reference(*half, 1e-5)
+    assert got.dtype == torch.float16
+    total = (half[0].float() + half[1].float() * half[2].float() + half[3].float()).half().float()
+    want = torch.nn.functional.layer_norm(torch.cat([total, half[4].float()], -1), (192,), half[5].float(),
+                                          half[6].float(), 1e-5).half()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    h, total = bias_add_norm_reference(x.half(), gbias.half(), gamma.half(), beta.half(), 1e-5)
+    assert h.dtype == total.dtype == torch.float16
+    torch.testing.assert_close(total, (x.half().float() + gbias.half().float()).half(), rtol=0, atol=0)
 
 
 def test_semvoc_dit_op_references():
@@ -360,11 +447,20 @@ CASES["GatedSkipNorm"] = lambda g, b, c, L: [torch.randn(b, L, c, generator=g), 
 CASES["BiasGeglu"] = lambda g, b, c, L: [torch.randn(b, L, 2 * c, generator=g), torch.randn(2 * c, generator=g)]
 CASES["BiasNorm"] = lambda g, b, c, L: [torch.randn(b, L, c, generator=g), torch.randn(c, generator=g),
                                         torch.randn(c, generator=g), torch.tensor([0.3])]
+CASES["GatedConcatNorm"] = lambda g, b, c, L: [torch.randn(b, L, c, generator=g), torch.randn(b, L, c, generator=g),
+                                               torch.randn(c, generator=g), torch.randn(c, generator=g),
+                                               torch.randn(b, L, c, generator=g), torch.randn(2 * c, generator=g),
+                                               torch.randn(2 * c, generator=g)]
+CASES["BiasAddNorm"] = lambda g, b, c, L: [torch.randn(b, L, c, generator=g),
+                                           *(torch.randn(c, generator=g) for _ in range(3))]
+CASES["LayerNorm"] = lambda g, b, c, L: [torch.randn(b, L, c, generator=g), torch.randn(c, generator=g),
+                                         torch.randn(c, generator=g)]
 # ConvNeXtMix reading entry 2 of whole tables: cond_bias [N, B, L, C], time_scale [1, N, C]
 CASES["ConvNeXtMix:table"] = lambda g, b, c, L: [*CASES["ConvNeXtMix"](g, b, c, L)[:5],
                                                  torch.randn(3, b, L, c, generator=g),
                                                  1 + 0.1 * torch.randn(1, 3, c, generator=g)]
 ATTRIBUTES = {"HeadNorm": {"epsilon": 1e-5}, "HeadNormRope": {"epsilon": 1e-6}, "GatedSkipNorm": {"epsilon": 1e-5},
+              "GatedConcatNorm": {"epsilon": 1e-5}, "BiasAddNorm": {"epsilon": 1e-5}, "LayerNorm": {"epsilon": 1e-6},
               "ConvNeXtMix:table": {"layer": 2}, "ConvNeXtMix:rows": {"layer": 1}}
 REFERENCES = {"ConvNeXtMix": lambda a: convnext_mix_reference(a[0], a[1], a[2], a[3], a[4][0], a[5], a[6]),
               "ConvNeXtMix:table": lambda a: convnext_mix_reference(a[0], a[1], a[2], a[3], a[4][0], a[5], a[6], 2),
@@ -374,7 +470,10 @@ REFERENCES = {"ConvNeXtMix": lambda a: convnext_mix_reference(a[0], a[1], a[2], 
               "HeadNorm": lambda a: head_norm_reference(*a, 1e-5).reshape(a[0].shape),
               "HeadNormRope": lambda a: head_norm_rope_reference(*a, 1e-6).chunk(2, dim=-1),  # q, k
               "GatedSkipNorm": lambda a: gated_skip_norm_reference(*a, 1e-5),  # h, sum
-              "BiasGeglu": lambda a: bias_geglu_reference(*a)}
+              "BiasGeglu": lambda a: bias_geglu_reference(*a),
+              "GatedConcatNorm": lambda a: gated_concat_norm_reference(*a, 1e-5),
+              "BiasAddNorm": lambda a: bias_add_norm_reference(*a, 1e-5),  # h, sum
+              "LayerNorm": lambda a: layer_norm_reference(*a, 1e-6)}
 
 
 @pytest.mark.gpu
@@ -458,6 +557,53 @@ def test_head_norm_ops_at_the_dits_shapes(case, dtype, cuda_library, tmp_path):
     batch, length, heads, hd, rope, per_head = HEAD_CASES[case]
     op = "HeadNormRope" if rope else "HeadNorm"
     _check_op(op, dtype, _head_case(batch, length, heads, hd, rope, per_head), cuda_library, tmp_path)
+
+
+def _skip_path_case(op: str, rows: int, length: int, dim: int, seed: int = 13) -> list[torch.Tensor]:
+    """The DiT's skip path as it meets it: a residual stream of large mean and spread (x, and the
+    GEMM output y), a gated MLP output near zero, a skip of its own scale, the modulated affine."""
+    g = torch.Generator().manual_seed(seed)
+
+    def stream():
+        return 8 * torch.randn(rows, length, 1, generator=g) + 20 * torch.randn(rows, length, dim, generator=g)
+
+    if op == "GatedConcatNorm":
+        return [stream(), 0.5 * torch.randn(rows, length, dim, generator=g), 1 + 0.1 * torch.randn(dim, generator=g),
+                0.1 * torch.randn(dim, generator=g), stream(), 1 + 0.3 * torch.randn(2 * dim, generator=g),
+                0.1 * torch.randn(2 * dim, generator=g)]
+    affine = [1 + 0.3 * torch.randn(dim, generator=g), 0.1 * torch.randn(dim, generator=g)]
+    if op == "BiasAddNorm":
+        return [stream(), 0.5 * torch.randn(dim, generator=g), *affine]
+    return [stream(), *affine]
+
+
+# The reference DiT's rows (R = 2 at batch 1: 500 rows of D = 1024; fp32 rows fill the widest
+# register tile, 8 vectors per lane), a row count that leaves the last block of 4 warps partly idle,
+# the small preset's D = 384 (fp16: 48 vectors, half the lanes idle in the second tile), and
+# D = 1020 (fp16: no multiple of 8 values, the scalar path; fp32: 255 vectors, one lane idle).
+SKIP_CASES = {"dit-R2": (2, 250, 1024), "odd-rows": (3, 83, 1024), "small-384": (1, 45, 384),
+              "width-1020": (1, 9, 1020)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("case", sorted(SKIP_CASES))
+@pytest.mark.parametrize("op", ["GatedConcatNorm", "BiasAddNorm", "LayerNorm"])
+def test_skip_path_ops_at_the_dits_shapes(op, case, dtype, cuda_library, tmp_path):
+    _check_op(op, dtype, _skip_path_case(op, *SKIP_CASES[case]), cuda_library, tmp_path)
+
+
+@pytest.mark.gpu
+def test_skip_path_op_refuses_rows_too_wide(cuda_library, tmp_path):
+    """A row wider than the registers hold (1025 fp32 values per half: not a multiple of the
+    vector) is refused with a message naming the limit, not computed wrong."""
+    from semvoc.runtime.backends.ort_common import make_session
+
+    args = [a.numpy() for a in CASES["LayerNorm"](torch.Generator().manual_seed(1), 1, 1025, 3)]
+    _one_node_model("LayerNorm", args, tmp_path / "op.onnx", ATTRIBUTES["LayerNorm"])
+    session = make_session(tmp_path / "op.onnx", "cuda", custom_ops=cuda_library)
+    with pytest.raises(Exception, match="LayerNorm: rows of 1025 elements"):
+        session.run(None, {f"in{i}": a for i, a in enumerate(args)})
 
 
 @pytest.mark.gpu

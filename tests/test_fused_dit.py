@@ -18,6 +18,7 @@ VARIANTS = {
     "gelu, no qk-norm, no rope, qkv bias": dict(act_layer="gelu", qk_norm=None, rope_mode="none", qkv_bias=True),
     "ada time fusion, no skips": dict(time_fusion="ada", skip=False),
     "ada_single, tanh gelu, depth 6": dict(time_fusion="ada_single", act_layer="gelu-approximate", depth=6),
+    "skips without skip_norm": dict(skip_norm=False),  # the skip path keeps its Concat, no GatedConcatNorm
 }
 
 

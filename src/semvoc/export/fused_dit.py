@@ -23,7 +23,10 @@ rounding-relevant order of the official block, and rewrites the rest:
 With ``cuda_ops`` (``semvoc-export --cuda-kernels``) semvoc's CUDA ops take over what
 onnxruntime's stock ops need several kernels for: ``HeadNormRope`` (the self-attention qk-norms,
 RoPE and the q/k split), ``HeadNorm`` (the cross-attention q-norm), ``GatedSkipNorm`` (gate,
-residual and the next norm) and ``BiasGeglu`` (GEGLU after one GEMM of both halves).
+residual and the next norm), ``BiasGeglu`` (GEGLU after one GEMM of both halves), and on the
+U-Net skip path ``GatedConcatNorm`` (pending MLP output, concatenation and skip_norm) and
+``BiasAddNorm`` (skip_linear's bias and norm1), and ``LayerNorm`` for the first block's norm1
+(``kernels/skip_norm.py``; ``SEMVOC_EXPORT_WITHOUT=<op>`` leaves one out of an export).
 
 Covered: the adaLN time fusions, cross-attention, LayerNorm, qk_norm None/layernorm, RoPE
 none/shared, GEGLU/GELU feed-forwards. Other configurations export through the generic form
@@ -44,8 +47,10 @@ from semvoc.kernels.bias_geglu import bias_geglu
 from semvoc.kernels.bias_gelu import bias_gelu
 from semvoc.kernels.gated_skip_norm import gated_skip_norm
 from semvoc.kernels.head_norm import head_norm, head_norm_rope
+from semvoc.kernels.onnx_ops import fusion_enabled
 from semvoc.kernels.rotary import rope_tables, rotary
 from semvoc.kernels.skip_layernorm import skip_layer_norm
+from semvoc.kernels.skip_norm import bias_add_norm, gated_concat_norm, layer_norm
 from semvoc.models.udit import GEGLU, DiTBlock, GELUProj, UDiT
 
 ROWS_PER_BLOCK = 8
@@ -144,6 +149,10 @@ class FusedBlock(nn.Module):
             self.w_gate = nn.Parameter(w_gate, requires_grad=False)
             self.b_gate = nn.Parameter(b_gate, requires_grad=False)
         self.exact_gelu = not self.gated and ff.approximate == "none"
+        # the skip path's and the first norm's semvoc ops, each switchable off for A/B exports
+        self.fuse_concat_norm = cuda_ops and fusion_enabled("GatedConcatNorm")
+        self.fuse_bias_norm = cuda_ops and fusion_enabled("BiasAddNorm")
+        self.fuse_layer_norm = cuda_ops and fusion_enabled("LayerNorm")
 
     # ------------------------------------------------------------------ pieces
 
@@ -190,6 +199,26 @@ class FusedBlock(nn.Module):
             hidden = net[0](h)
         return F.linear(hidden, net[2].weight)
 
+    def _skip_input(self, x: torch.Tensor, pending: tuple | None, skip: torch.Tensor, norm1_w: torch.Tensor,
+                    norm1_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A U-Net skip block's input: finish x with the pending MLP output, ``skip_linear(skip_norm(
+        cat([x, skip])))``, then norm1 -> (h, x). With ``cuda_ops``: GatedConcatNorm, the GEMM,
+        BiasAddNorm."""
+        blk = self.blk
+        skip_norm = blk.skip_norm if isinstance(blk.skip_norm, nn.LayerNorm) else None
+        if self.fuse_concat_norm and pending is not None and skip_norm is not None:
+            joined = gated_concat_norm(x, *pending, skip, skip_norm.weight, skip_norm.bias, skip_norm.eps)
+        else:
+            if pending is not None:
+                out, gate, gbias = pending
+                x = x + out * gate + gbias
+            joined = blk.skip_norm(torch.cat([x, skip], dim=-1))
+        if self.fuse_bias_norm:
+            y = F.linear(joined, blk.skip_linear.weight)
+            return bias_add_norm(y, _zeros_like_bias(blk.skip_linear), norm1_w, norm1_b, blk.norm1.eps)
+        x = blk.skip_linear(joined)
+        return F.layer_norm(x, x.shape[-1:], norm1_w, norm1_b, blk.norm1.eps), x
+
     # ------------------------------------------------------------------ block
 
     def forward(self, x: torch.Tensor, pending: tuple | None, rows: list[torch.Tensor], kv: tuple,
@@ -201,14 +230,12 @@ class FusedBlock(nn.Module):
         norm1_w, norm1_b, gate_msa, gbias_msa, norm3_w, norm3_b, gate_mlp, gbias_mlp = rows
         completed = None
         if skip is not None:
-            if pending is not None:
-                out, gate, gbias = pending
-                x = x + out * gate + gbias
-            x = blk.skip_linear(blk.skip_norm(torch.cat([x, skip], dim=-1)))
-            h = F.layer_norm(x, x.shape[-1:], norm1_w, norm1_b, blk.norm1.eps)
+            h, x = self._skip_input(x, pending, skip, norm1_w, norm1_b)
         elif pending is not None:
             h, x = gated_norm(x, *pending, norm1_w, norm1_b, blk.norm1.eps, self.cuda_ops)
             completed = x
+        elif self.fuse_layer_norm:
+            h = layer_norm(x, norm1_w, norm1_b, blk.norm1.eps)
         else:
             h = F.layer_norm(x, x.shape[-1:], norm1_w, norm1_b, blk.norm1.eps)
         attn_out = self._self_attention(h, rope)  # h is already modulated (folded into norm1's affine)

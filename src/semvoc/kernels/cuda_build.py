@@ -35,7 +35,8 @@ from pathlib import Path
 CUDA_SOURCES_DIR = Path(__file__).with_name("cuda")
 LIBRARY_NAME = "libsemvoc_cuda.so"
 DOMAIN = "semvoc.cuda"
-OPS = ("ConvNeXtMix", "BiasPRelu", "BiasResidual", "HeadNorm", "HeadNormRope", "GatedSkipNorm", "BiasGeglu", "BiasNorm")
+OPS = ("ConvNeXtMix", "BiasPRelu", "BiasResidual", "HeadNorm", "HeadNormRope", "GatedSkipNorm", "BiasGeglu", "BiasNorm",
+       "GatedConcatNorm", "BiasAddNorm", "LayerNorm")
 ORT_INCLUDE_ENV = "SEMVOC_ORT_INCLUDE"
 DEFAULT_CUDA_ROOT = "/usr/local/cuda"
 ORT_API_VERSION = 13  # what cuda/ort_op.h asks onnxruntime for (kOrtApiVersion)
@@ -66,7 +67,7 @@ def unsupported_reason(channels: tuple[int, ...], kernel_sizes: tuple[int, ...])
     return None
 
 
-# what the DiT ops are built for (cuda/head_norm.cu, cuda/gated_skip_norm.cu)
+# what the DiT ops are built for (cuda/head_norm.cu, cuda/gated_skip_norm.cu, cuda/skip_norm.cu)
 HEAD_SIZES = (64, 128)
 MAX_DIT_WIDTH = 1024
 

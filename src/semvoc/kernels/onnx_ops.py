@@ -76,6 +76,7 @@ def translation_table() -> dict:
         head_norm,
         rotary,
         skip_layernorm,
+        skip_norm,
     )
 
     return dict(_TRANSLATIONS)

@@ -12,6 +12,9 @@ void HeadNormRopeCompute(OrtKernelContext* ctx, const KernelState&);
 void GatedSkipNormCompute(OrtKernelContext* ctx, const KernelState&);
 void BiasGegluCompute(OrtKernelContext* ctx, const KernelState&);
 void BiasNormCompute(OrtKernelContext* ctx, const KernelState&);
+void GatedConcatNormCompute(OrtKernelContext* ctx, const KernelState&);
+void BiasAddNormCompute(OrtKernelContext* ctx, const KernelState&);
+void LayerNormCompute(OrtKernelContext* ctx, const KernelState&);
 
 // A node's kernel: its op and the attributes it was created with.
 struct Kernel {
@@ -86,6 +89,9 @@ static std::vector<OpDef>& Ops() {
       all.push_back(MakeOp("GatedSkipNorm", type, 6, 2, GatedSkipNormCompute, /*epsilon=*/true));
       all.push_back(MakeOp("BiasGeglu", type, 2, 1, BiasGegluCompute));
       all.push_back(MakeOp("BiasNorm", type, 4, 1, BiasNormCompute));
+      all.push_back(MakeOp("GatedConcatNorm", type, 7, 1, GatedConcatNormCompute, /*epsilon=*/true));
+      all.push_back(MakeOp("BiasAddNorm", type, 4, 2, BiasAddNormCompute, /*epsilon=*/true));
+      all.push_back(MakeOp("LayerNorm", type, 3, 1, LayerNormCompute, /*epsilon=*/true));
     }
     return all;
   }();
