@@ -212,8 +212,13 @@ class VocoderPrepare(nn.Module):
             weight = torch.cat([block.cond_proj.weight[..., 0] for block in blocks])  # [n C, Cc]
             bias = torch.cat([block.cond_proj.bias for block in blocks])
             y = F.linear(cm, weight, bias).reshape(batch, frames + 1, len(blocks), -1)  # [B, F + 1, n, C]
-            y = torch.cat([torch.repeat_interleave(y[:, :frames], est.upsample_factor, dim=1), y[:, frames:]], dim=1)
-            outputs.append(y.permute(2, 0, 1, 3) if self.channels_last else y.permute(2, 0, 3, 1))
+            # frame p of the branch reads latent frame p // r (the last, p = F r, the zero frame):
+            # ONE gather writes the table, no upsampled intermediate
+            source = torch.arange(frames * est.upsample_factor + 1, device=y.device) // est.upsample_factor
+            if self.channels_last:
+                outputs.append(y.permute(2, 0, 1, 3).index_select(2, source))  # [n, B, L, C]
+            else:
+                outputs.append(y.permute(2, 0, 3, 1).index_select(3, source))  # [n, B, C, L]
         return tuple(outputs)
 
 
