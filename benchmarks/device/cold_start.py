@@ -95,31 +95,40 @@ def main() -> None:
 
     for name in ("prepare", "encode_text", "dit_loop", "vocoder_loop"):
         setattr(backend, name, traced(name, getattr(backend, name)))
-    timeline: list[dict] = []
+    timelines: dict[str, list] = {"first": [], "warm": []}
+    now = {"request": "first", "start": 0.0}
 
-    def on_timeline(what, method, name_of):  # which thread did what when, from the first request's start
+    def on_timeline(what, method, name_of):  # which thread did what when, from the request's start
         def call(*a, **k):
             start = time.perf_counter()
             try:
                 return method(*a, **k)
             finally:
-                timeline.append({"what": what, "graph": name_of(*a), "thread": threading.current_thread().name,
-                                 "start_s": round(start - t1, 3), "s": round(time.perf_counter() - start, 3)})
+                timelines[now["request"]].append({
+                    "what": what, "graph": name_of(*a), "thread": threading.current_thread().name,
+                    "start_s": round(start - now["start"], 3), "s": round(time.perf_counter() - start, 3)})
         return call
 
     backend._create_session = on_timeline("session", backend._create_session, lambda graph, key: graph.name)
     backend._warm_run = on_timeline("warm-up run", backend._warm_run, lambda session, graph, symbols: graph.name)
     backend._shared_weights = on_timeline("shared weights", backend._shared_weights, lambda graph: graph.name)
-    t1 = time.perf_counter()
+    if hasattr(backend, "_run_once"):  # the CUDA backend: each uncaptured graph run and each loop
+        backend._run_once = on_timeline("run", backend._run_once, lambda kind, *a: kind)
+        backend._run_loop = on_timeline("loop", backend._run_loop, lambda loop, kind, *a: kind)
+    t1 = now["start"] = time.perf_counter()
     first = pipe.generate(prompts, seed=0)
     report["first_request_stages_s_mib"] = stages
-    report["first_request_timeline"] = sorted(timeline, key=lambda e: e["start_s"])
+    report["first_request_timeline"] = sorted(timelines["first"], key=lambda e: e["start_s"])
     report["first_request_s"] = time.perf_counter() - t1
     report["cold_start_s"] = time.perf_counter() - t0
     report["sessions_in_first_request"] = sessions[len(report["sessions_at_load"]):]
     report["session_creation_s"] = round(sum(s[1] for s in sessions), 3)
     report["used_mib_after_first"] = _used_mib()
+    now.update(request="warm", start=time.perf_counter())
     warm = pipe.generate(prompts, seed=0)
+    report["warm_request_timeline"] = timelines["warm"]
+    now["request"] = "later"
+    timelines["later"] = []
     report["warm_request_s"] = warm.timings["total"]
     report["warm_stages_s"] = warm.timings
     report["used_mib_after_warm"] = _used_mib()
