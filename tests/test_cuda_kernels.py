@@ -21,6 +21,7 @@ from semvoc.kernels.bias_norm import bias_norm_reference
 from semvoc.kernels.bias_prelu import bias_prelu_reference
 from semvoc.kernels.bias_residual import bias_residual_reference
 from semvoc.kernels.convnext_mix import convnext_mix_reference
+from semvoc.kernels.cross_attention import cross_attention_reference
 from semvoc.kernels.gated_skip_norm import gated_skip_norm_reference
 from semvoc.kernels.head_norm import head_norm_reference, head_norm_rope_reference
 from semvoc.kernels.onnx_ops import CUDA_DOMAIN, translation_table
@@ -144,7 +145,8 @@ def test_vocoder_step_with_cuda_ops_exports_folded_branches(tmp_path):
     assert mix_layers == sorted(i for n in vocoder.cfg.num_layers for i in range(n))
 
 
-def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path):
+def _export_demo_dit_step(path: Path):
+    """The demo DiT's step graph with --cuda-kernels -> (its nodes, its graph inputs, the DiT's blocks)."""
     from semvoc.export import wrappers as W
     from semvoc.models.config import preset
     from semvoc.models.model import build_model
@@ -156,13 +158,30 @@ def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path):
     args = (torch.randn(1, dit.cfg.in_chans, 10, generator=gen), torch.tensor([1]),
             W.FusedDitTime(dit)(torch.tensor([900.0, 400.0])), torch.tensor([1.0, 0.5, 0.0]),
             *W.FusedDitPrepare(dit)(context), torch.ones(1, 6, dtype=torch.bool), torch.tensor([3.5]))
-    path = tmp_path / "dit_step.onnx"
     torch.onnx.export(W.FusedDitStep(dit, cuda_ops=True).eval(), args, dynamo=True, opset_version=23,
                       custom_translation_table=translation_table()).save(str(path))
-    nodes = onnx.load(str(path)).graph.node
+    graph = onnx.load(str(path)).graph
+    return graph.node, graph.input, dit.blocks
+
+
+def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path, monkeypatch):
+    from semvoc.kernels.onnx_ops import WITHOUT_ENV
+
+    monkeypatch.delenv(WITHOUT_ENV, raising=False)
+    nodes, inputs, blocks = _export_demo_dit_step(tmp_path / "dit_step.onnx")
     ops = [n.op_type for n in nodes]
-    blocks = dit.blocks
     assert ops.count("HeadNormRope") == len(blocks) and ops.count("HeadNorm") == len(blocks)  # self q|k, cross q
+    # cross-attention: one CrossAttention per block on the bool text mask (no additive bias built),
+    # onnxruntime's Attention for the self-attention only
+    assert ops.count("CrossAttention") == len(blocks) and ops.count("Attention") == len(blocks)
+    assert "Where" not in ops and "Not" not in ops
+    cross = [n for n in nodes if n.op_type == "CrossAttention"]
+    assert {a.name: a.i for a in cross[0].attribute} == {"num_heads": blocks[0].attn.num_heads}
+    masks = {n.input[3] for n in cross}
+    assert len(masks) == 1  # every block reads one mask: the [uncond; cond] concatenation of the input
+    (concat,) = [n for n in nodes if masks & set(n.output)]
+    (mask_input,) = [i for i in inputs if i.type.tensor_type.elem_type == onnx.TensorProto.BOOL]
+    assert concat.op_type == "Concat" and list(concat.input) == [mask_input.name] * 2
     assert ops.count("BiasGeglu") == len(blocks) and "BiasGelu" not in ops
     # gated residual + norm: each block's attention output, each MLP output the next norm reads
     # directly (not a U-Net skip block's, which first concatenates), and the final layer's
@@ -176,6 +195,85 @@ def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path):
 
     assert readers("HeadNormRope", 0) == readers("HeadNormRope", 1) == {"Attention"}  # no Split between
     assert readers("GatedSkipNorm", 0) == {"MatMul"}  # the adaLN modulation is in the norm's affine
+    assert readers("CrossAttention", 0) == {"MatMul"}  # straight into the out-projection
+
+
+def test_dit_step_without_the_cross_attention_op_keeps_the_stock_attention(tmp_path, monkeypatch):
+    """SEMVOC_EXPORT_WITHOUT=CrossAttention: the previous graph (Attention on an additive mask bias)."""
+    from semvoc.kernels.onnx_ops import WITHOUT_ENV
+
+    monkeypatch.setenv(WITHOUT_ENV, "CrossAttention")
+    nodes, _, blocks = _export_demo_dit_step(tmp_path / "dit_step.onnx")
+    ops = [n.op_type for n in nodes]
+    assert "CrossAttention" not in ops and ops.count("Attention") == 2 * len(blocks)
+    assert ops.count("HeadNorm") == len(blocks) and ops.count("HeadNormRope") == len(blocks)  # the others stay
+    attentions = [n for n in nodes if n.op_type == "Attention"]
+    assert sum(len(n.input) == 4 for n in attentions) == len(blocks)  # the cross ones carry the mask bias
+
+
+def _cross_case(rows: int, mask_rows: int, length: int, keys: int, heads: int, hd: int, valid, seed: int = 5):
+    """q [rows, length, heads*hd], k, v [rows, keys, heads*hd] and a bool mask [mask_rows, keys]; ``valid``
+    per mask row: a count (the text's tokens, a prefix), or a list of the true keys."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(rows, n, heads * hd, generator=g) for n in (length, keys, keys))
+    mask = torch.zeros(mask_rows, keys, dtype=torch.bool)
+    for r, which in enumerate(valid):
+        if isinstance(which, int):
+            mask[r, :which] = True
+        else:
+            mask[r, which] = True
+    return [q, k, v, mask]
+
+
+def test_cross_attention_reference_is_the_unfused_attention():
+    """fp32 against the two forms the DiT uses today: onnxruntime's Attention on the additive bias
+    (``attention_packed`` + ``key_mask_bias``) and the model's own SDPA with the bool mask; odd
+    sizes, mask rows read as r % R' (the CFG batch), one true key, non-prefix masks."""
+    from semvoc.kernels.attention import attention, attention_packed_reference, key_mask_bias
+
+    heads, hd = 3, 24
+    q, k, v, mask = _cross_case(6, 3, 37, 13, heads, hd, [1, [0, 4, 5, 12], 13])
+    out = cross_attention_reference(q, k, v, mask, heads)
+    rows_mask = torch.cat([mask, mask])  # what the wrappers build: [uncond; cond]
+    bias = key_mask_bias(rows_mask, 37, torch.float32)
+    torch.testing.assert_close(out, attention_packed_reference(q, k, v, bias, heads), rtol=1e-6, atol=1e-6)
+
+    def split(x):
+        return x.reshape(6, x.shape[1], heads, hd).transpose(1, 2)
+
+    torch.testing.assert_close(out, attention(split(q), split(k), split(v), rows_mask), rtol=1e-6, atol=1e-6)
+    # a single true key: that key's v, exactly
+    torch.testing.assert_close(out[0], v[0, :1].expand(37, -1))
+    # a [2 batch, S] mask (the concatenation itself) gives the same
+    torch.testing.assert_close(cross_attention_reference(q, k, v, rows_mask, heads), out)
+    # fp16 inputs: the fp32 result, rounded once
+    half = cross_attention_reference(*(t.half() for t in (q, k, v)), mask, heads)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half, cross_attention_reference(*(t.half().float() for t in (q, k, v)), mask,
+                                                               heads).half(), rtol=0, atol=0)
+
+
+def test_cross_attention_reference_edges():
+    q, k, v, mask = _cross_case(2, 2, 5, 7, 2, 8, [0, 7])
+    out = cross_attention_reference(q, k, v, mask, 2)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))  # no true key: zeros (as SDPA's bool mask gives)
+    assert torch.isfinite(out).all() and out[1].abs().max() > 0
+    with pytest.raises(ValueError, match=r"R' dividing the 2 rows"):
+        cross_attention_reference(q, k, v, torch.ones(3, 7, dtype=torch.bool), 2)
+
+
+def test_fused_dit_uses_the_cross_attention_op_unless_switched_off(monkeypatch):
+    from semvoc.export.fused_dit import FusedDiT
+    from semvoc.kernels.onnx_ops import WITHOUT_ENV
+    from semvoc.models.config import preset
+    from semvoc.models.model import build_model
+
+    dit = build_model(preset("demo"), seed=0).dit.eval()
+    monkeypatch.delenv(WITHOUT_ENV, raising=False)
+    assert FusedDiT(dit, cuda_ops=True).cross_attention_op and not FusedDiT(dit).cross_attention_op
+    monkeypatch.setenv(WITHOUT_ENV, "CrossAttention")
+    fused = FusedDiT(dit, cuda_ops=True)
+    assert not fused.cross_attention_op and not any(b.cross_attention_op for b in fused.blocks)
 
 
 def test_semvoc_dit_op_references():

@@ -12,6 +12,7 @@ void HeadNormRopeCompute(OrtKernelContext* ctx, const KernelState&);
 void GatedSkipNormCompute(OrtKernelContext* ctx, const KernelState&);
 void BiasGegluCompute(OrtKernelContext* ctx, const KernelState&);
 void BiasNormCompute(OrtKernelContext* ctx, const KernelState&);
+void CrossAttentionCompute(OrtKernelContext* ctx, const KernelState&);
 
 // A node's kernel: its op and the attributes it was created with.
 struct Kernel {
@@ -32,11 +33,17 @@ static void* CreateKernel(const OrtCustomOp* custom_op, const OrtApi* api, const
       kernel->state.layer = 0;
     }
   }
+  if (op->num_heads) Check(api->KernelInfoGetAttribute_int64(info, "num_heads", &kernel->state.num_heads),
+                           "attribute num_heads");
   return kernel;
 }
 static const char* GetName(const OrtCustomOp* op) { return static_cast<const OpDef*>(op)->name; }
 static const char* GetProvider(const OrtCustomOp*) { return "CUDAExecutionProvider"; }
 static ONNXTensorElementDataType GetType(const OrtCustomOp* op, size_t) { return static_cast<const OpDef*>(op)->type; }
+static ONNXTensorElementDataType GetInputType(const OrtCustomOp* custom_op, size_t index) {
+  const OpDef* op = static_cast<const OpDef*>(custom_op);
+  return static_cast<int>(index) == op->bool_input ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : op->type;
+}
 static size_t GetInputCount(const OrtCustomOp* op) { return static_cast<const OpDef*>(op)->inputs; }
 static size_t GetOutputCount(const OrtCustomOp* op) { return static_cast<const OpDef*>(op)->outputs; }
 static void Compute(void* kernel, OrtKernelContext* ctx) {
@@ -48,14 +55,14 @@ static OrtCustomOpInputOutputCharacteristic Required(const OrtCustomOp*, size_t)
 static OrtMemType DeviceMemory(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
 
 OpDef MakeOp(const char* name, ONNXTensorElementDataType type, size_t inputs, size_t outputs, ComputeFn compute,
-             bool epsilon, bool layer) {
+             bool epsilon, bool layer, bool num_heads, int bool_input) {
   OpDef op;
   std::memset(static_cast<OrtCustomOp*>(&op), 0, sizeof(OrtCustomOp));  // newer headers: later fields unset
   op.version = kOrtApiVersion;  // onnxruntime reads only the fields of this version
   op.CreateKernel = CreateKernel;
   op.GetName = GetName;
   op.GetExecutionProviderType = GetProvider;
-  op.GetInputType = GetType;
+  op.GetInputType = GetInputType;
   op.GetInputTypeCount = GetInputCount;
   op.GetOutputType = GetType;
   op.GetOutputTypeCount = GetOutputCount;
@@ -70,6 +77,8 @@ OpDef MakeOp(const char* name, ONNXTensorElementDataType type, size_t inputs, si
   op.outputs = outputs;
   op.epsilon = epsilon;
   op.layer = layer;
+  op.num_heads = num_heads;
+  op.bool_input = bool_input;
   op.compute = compute;
   return op;
 }
@@ -86,6 +95,8 @@ static std::vector<OpDef>& Ops() {
       all.push_back(MakeOp("GatedSkipNorm", type, 6, 2, GatedSkipNormCompute, /*epsilon=*/true));
       all.push_back(MakeOp("BiasGeglu", type, 2, 1, BiasGegluCompute));
       all.push_back(MakeOp("BiasNorm", type, 4, 1, BiasNormCompute));
+      all.push_back(MakeOp("CrossAttention", type, 4, 1, CrossAttentionCompute, /*epsilon=*/false, /*layer=*/false,
+                           /*num_heads=*/true, /*bool_input=*/3));
     }
     return all;
   }();
