@@ -397,12 +397,15 @@ def _one_node_model(op: str, inputs: list[np.ndarray], path: Path, attributes: d
                     outputs: int = 1) -> None:
     from onnx import TensorProto, helper
 
-    elem = TensorProto.FLOAT16 if inputs[0].dtype == np.float16 else TensorProto.FLOAT
+    def elem_type(a: np.ndarray) -> int:
+        return {np.float16: TensorProto.FLOAT16, np.bool_: TensorProto.BOOL}.get(a.dtype.type, TensorProto.FLOAT)
+
+    elem = elem_type(inputs[0])
     names = [f"in{i}" for i in range(len(inputs))]
     out_names = [f"out{i}" for i in range(outputs)]
     graph = helper.make_graph(
         [helper.make_node(op, names, out_names, domain=CUDA_DOMAIN, **(attributes or {}))], op,
-        [helper.make_tensor_value_info(n, elem, list(a.shape)) for n, a in zip(names, inputs, strict=True)],
+        [helper.make_tensor_value_info(n, elem_type(a), list(a.shape)) for n, a in zip(names, inputs, strict=True)],
         [helper.make_tensor_value_info(n, elem, None) for n in out_names])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(CUDA_DOMAIN, 1)])
     model.ir_version = 10  # what onnxruntime >= 1.20 reads (newer onnx writes newer IR versions)
@@ -556,6 +559,85 @@ def test_head_norm_ops_at_the_dits_shapes(case, dtype, cuda_library, tmp_path):
     batch, length, heads, hd, rope, per_head = HEAD_CASES[case]
     op = "HeadNormRope" if rope else "HeadNorm"
     _check_op(op, dtype, _head_case(batch, length, heads, hd, rope, per_head), cuda_library, tmp_path)
+
+
+# CrossAttention (rows, mask rows, L, S, heads, hd, true keys per mask row: a count = a prefix, or a
+# list). The tensor-core kernel (fp16, hd 64, S <= 128): a block per 64 queries of one (row, head),
+# key tiles of 16 up to the last true key; the general kernel for the rest (and every fp32 case).
+CROSS_CASES = {
+    # the reference DiT at batch 1 with CFG: R = 2 rows reading one [1, S] mask, 8 true keys of 128
+    "dit-R2-8keys": (2, 1, 250, 128, 16, 64, [8]),
+    # batch 2 with CFG: a full text and one that ends inside a key tile
+    "dit-R4-128-and-31": (4, 2, 250, 128, 16, 64, [128, 31]),
+    # one true key (that key's v), and scattered keys up to the last slot (masked keys inside tiles)
+    "one-key-and-gaps": (2, 2, 37, 128, 2, 64, [1, [3, 17, 64, 127]]),
+    # a row without a true key (zeros), a row of exactly one key tile; 70 queries: a partial warp tile
+    "no-key-and-one-tile": (2, 2, 70, 128, 2, 64, [0, 16]),
+    # S not a multiple of 16 (the last tile's rows past S are zeros in shared memory); L = 65
+    "S77-L65": (2, 1, 65, 77, 4, 64, [77]),
+    # the general kernel: head size 128, and S > 128
+    "hd128-general": (2, 1, 33, 40, 2, 128, [[0, 39]]),
+    "S200-general": (2, 1, 20, 200, 2, 64, [150]),
+}
+
+
+def _cross_expected(inputs: list[np.ndarray], heads: int) -> np.ndarray:
+    """The reference on the inputs as the kernel sees them (rounded to the test's dtype)."""
+    q, k, v = (torch.from_numpy(a.astype(np.float32)) for a in inputs[:3])
+    return cross_attention_reference(q, k, v, torch.from_numpy(inputs[3]), heads).numpy()
+
+
+def _cross_close(out: np.ndarray, want: np.ndarray, v: np.ndarray, dtype, what) -> None:
+    # fp16: P is rounded to fp16 (2^-11 relative) before PV and the output once more; fp32: the
+    # general kernel's arithmetic
+    scale = 2.0**-10 if dtype == np.float16 else 1e-5
+    error = np.abs(out.astype(np.float32) - want)
+    bound = scale * (np.abs(v.astype(np.float32)).max() + np.abs(want))
+    assert np.isfinite(out).all() and (error <= bound).all(), (what, dtype, float(error.max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("case", sorted(CROSS_CASES))
+def test_cross_attention_at_the_dits_shapes(case, dtype, cuda_library, tmp_path):
+    rows, mask_rows, length, keys, heads, hd, valid = CROSS_CASES[case]
+    args = _cross_case(rows, mask_rows, length, keys, heads, hd, valid)
+    inputs = [a.numpy().astype(dtype) for a in args[:3]] + [args[3].numpy()]
+    want = _cross_expected(inputs, heads)
+    _one_node_model("CrossAttention", inputs, tmp_path / "op.onnx", {"num_heads": heads})
+    for cuda_graph in (False, True):
+        (out,) = _run_cuda(tmp_path / "op.onnx", cuda_library, inputs, [want.shape], cuda_graph)
+        _cross_close(out, want, inputs[2], dtype, (case, cuda_graph))
+
+
+@pytest.mark.gpu
+def test_cross_attention_graph_replay_follows_the_mask(cuda_library, tmp_path):
+    """One CUDA graph captured with a short text, replayed after the mask (another prompt's) and q
+    change in place: the kernel reads the mask at every replay, so the output follows it."""
+    import onnxruntime as ort
+
+    from semvoc.runtime.backends.ort_common import make_session
+
+    args = _cross_case(2, 1, 250, 128, 16, 64, [5])
+    inputs = [a.numpy().astype(np.float16) for a in args[:3]] + [args[3].numpy()]
+    _one_node_model("CrossAttention", inputs, tmp_path / "op.onnx", {"num_heads": 16})
+    session = make_session(tmp_path / "op.onnx", "cuda", custom_ops=cuda_library, cuda_graph=True)
+    binding = session.io_binding()
+    values = [ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for a in inputs]
+    out = ort.OrtValue.ortvalue_from_numpy(np.zeros(inputs[0].shape, np.float16), "cuda", 0)
+    for i, value in enumerate(values):
+        binding.bind_ortvalue_input(f"in{i}", value)
+    binding.bind_ortvalue_output("out0", out)
+    for _ in range(3):  # warm-up, capture, replay
+        session.run_with_iobinding(binding)
+    _cross_close(out.numpy(), _cross_expected(inputs, 16), inputs[2], np.float16, "captured")
+    for valid in ([100], [[2, 50, 127]], [0]):
+        new = _cross_case(2, 1, 250, 128, 16, 64, valid, seed=len(str(valid)))
+        inputs = [new[0].numpy().astype(np.float16), inputs[1], inputs[2], new[3].numpy()]
+        values[0].update_inplace(inputs[0])
+        values[3].update_inplace(inputs[3])
+        session.run_with_iobinding(binding)
+        _cross_close(out.numpy(), _cross_expected(inputs, 16), inputs[2], np.float16, ("replayed", valid))
 
 
 @pytest.mark.gpu
