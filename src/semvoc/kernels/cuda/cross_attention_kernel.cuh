@@ -18,8 +18,9 @@ namespace semvoc {
 //  - the mask row is read first (one byte per thread, a ballot per warp): the key tiles of 16
 //    past the row's last true key are neither loaded nor computed. Read on the device at every
 //    call, so a captured CUDA graph serves any prompt.
-//  - Q (per warp), K and V of the head go to shared memory with cp.async in three groups; the
-//    logits start when Q and K have landed, while V is still in flight.
+//  - Q (per warp) and the first key tile of K and V are requested before the mask (every text
+//    has a token); the other tiles after it. The logits start when Q and K have landed, while
+//    the rest of V is still in flight.
 //  - all of a query's (up to 128) logits stay in registers (the C fragments of QK^T), so the
 //    softmax is one pass: max, exp2, sum, no online rescaling. P is rounded to fp16 once, in
 //    the register layout of PV's A operand (the C fragment of m16n8 is the A fragment of m16k16).
@@ -93,7 +94,19 @@ __global__ void __launch_bounds__(kWarps * 32) CrossAttentionMmaKernel(
   const __half* kv_base_k = k + static_cast<int64_t>(row) * keys * width + head * kXattnHd;
   const __half* kv_base_v = v + static_cast<int64_t>(row) * keys * width + head * kXattnHd;
 
-  // Q: the warp's 16 rows x 128 bytes, 16 bytes per lane and step (rows past L read zeros)
+  // rows [first, last) of K or V to shared memory: cp.async below S, zeros from S on (a padded
+  // tile's rows then give 0 * 0 in PV, never 0 * NaN)
+  auto stage_rows = [&](__half(*dst)[kXattnStride], const __half* src, int first, int last) {
+    for (int chunk = first * 8 + tid; chunk < last * 8; chunk += kWarps * 32) {
+      const int r = chunk / 8, c = (chunk % 8) * 8;
+      if (r < keys) CpAsync16(&dst[r][c], src + static_cast<int64_t>(r) * width + c, 16);
+      else *reinterpret_cast<uint4*>(&dst[r][c]) = make_uint4(0, 0, 0, 0);
+    }
+  };
+
+  // Q: the warp's 16 rows x 128 bytes, 16 bytes per lane and step (rows past L read zeros), and
+  // the first key tile of K and V before the mask is known (a text has at least one token), so
+  // that a short text's K/V copies do not wait for the mask's round trip
   __half(*qs)[kXattnStride] = sm.q + warp * 16;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -102,7 +115,10 @@ __global__ void __launch_bounds__(kWarps * 32) CrossAttentionMmaKernel(
     const __half* src = q + (static_cast<int64_t>(row) * length + min(query, length - 1)) * width + head * kXattnHd + c;
     CpAsync16(&qs[r][c], src, query < length ? 16 : 0);
   }
-  CpAsyncCommit();
+  stage_rows(sm.k, kv_base_k, 0, 16);
+  CpAsyncCommit();  // group 1: Q, K tile 0
+  stage_rows(sm.v, kv_base_v, 0, 16);
+  CpAsyncCommit();  // group 2: V tile 0
 
   // the mask row: one bit per key, and the last true key
   const bool* mrow = key_mask + static_cast<int64_t>(row % mask_rows) * keys;
@@ -116,23 +132,14 @@ __global__ void __launch_bounds__(kWarps * 32) CrossAttentionMmaKernel(
 #pragma unroll
   for (int w = 0; w < kXattnMaxKeys / 32; ++w)
     if (sm.mask_bits[w]) last = 32 * w + 31 - __clz(static_cast<int>(sm.mask_bits[w]));
-  const int tiles = (last + 16) / 16;           // key tiles holding a true key (0 when none)
-  const int loaded = min(tiles * 16, keys);     // key rows read from memory; [loaded, 16 tiles) are zeros
+  const int tiles = (last + 16) / 16;  // key tiles holding a true key (0 when none)
 
-  // K, then V: rows [0, loaded) by cp.async, rows [keys, 16 tiles) zero (never NaN * 0 in PV)
-  for (int chunk = tid; chunk < tiles * 16 * 8; chunk += kWarps * 32) {
-    const int r = chunk / 8, c = (chunk % 8) * 8;
-    if (r < loaded) CpAsync16(&sm.k[r][c], kv_base_k + static_cast<int64_t>(r) * width + c, 16);
-    else *reinterpret_cast<uint4*>(&sm.k[r][c]) = make_uint4(0, 0, 0, 0);
-  }
-  CpAsyncCommit();
-  for (int chunk = tid; chunk < tiles * 16 * 8; chunk += kWarps * 32) {
-    const int r = chunk / 8, c = (chunk % 8) * 8;
-    if (r < loaded) CpAsync16(&sm.v[r][c], kv_base_v + static_cast<int64_t>(r) * width + c, 16);
-    else *reinterpret_cast<uint4*>(&sm.v[r][c]) = make_uint4(0, 0, 0, 0);
-  }
-  CpAsyncCommit();
-  CpAsyncWait<1>();  // this thread's Q and K copies
+  // the other tiles up to the last true key
+  stage_rows(sm.k, kv_base_k, 16, tiles * 16);
+  CpAsyncCommit();  // group 3: K tiles 1..
+  stage_rows(sm.v, kv_base_v, 16, tiles * 16);
+  CpAsyncCommit();  // group 4: V tiles 1..
+  CpAsyncWait<1>();  // this thread's groups 1-3: Q and K (and V tile 0)
   __syncthreads();   // everyone's
 
   const int g = lane / 4, t = lane % 4;  // fragment coordinates: row g (and g + 8), columns 2t, 2t + 1
