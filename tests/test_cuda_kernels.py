@@ -182,6 +182,14 @@ def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path, monkeypatch):
     (concat,) = [n for n in nodes if masks & set(n.output)]
     (mask_input,) = [i for i in inputs if i.type.tensor_type.elem_type == onnx.TensorProto.BOOL]
     assert concat.op_type == "Concat" and list(concat.input) == [mask_input.name] * 2
+    # the export's structure check (full ONNX check, fused attention count) accepts the graph
+    from semvoc.export.graphs import GraphSpec
+    from semvoc.export.onnx_export import check_structure
+
+    spec = GraphSpec("dit_step", "dit", lambda m: m, (), (), attention_checked=True)
+    assert check_structure(spec, tmp_path / "dit_step.onnx", 2 * len(blocks))["attention"] == 2 * len(blocks)
+    with pytest.raises(RuntimeError, match="fused attention ops, expected"):
+        check_structure(spec, tmp_path / "dit_step.onnx", 3 * len(blocks))
     assert ops.count("BiasGeglu") == len(blocks) and "BiasGelu" not in ops
     # gated residual + norm: each block's attention output, each MLP output the next norm reads
     # directly (not a U-Net skip block's, which first concatenates), and the final layer's
