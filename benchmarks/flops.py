@@ -402,10 +402,13 @@ SHAPE_PRESERVING_CUDA_OPS = {"ConvNeXtMix": (0,), "BiasPRelu": (0,), "BiasResidu
 # semvoc's CUDA ops whose outputs are the halves of input 0's last axis (HeadNormRope: q|k -> q, k;
 # BiasGeglu: [value, gate] -> one output of the value's shape)
 HALVING_CUDA_OPS = {"HeadNormRope", "BiasGeglu"}
+# semvoc's CrossAttention is counted as the ONNX Attention it replaces (q, k, v; the mask changes no
+# FLOPs of the dense function, whatever padded keys the kernel skips)
+ATTENTION_CUDA_OPS = {"CrossAttention"}
 
 
 def replace_contrib_ops(model) -> None:
-    """Each contrib node or semvoc CUDA node -> Identity (or Split) nodes that give its outputs'
+    """Each contrib node or semvoc CUDA node -> Identity (Split, Attention) nodes that give its outputs'
     shapes (in place)."""
     from onnx import helper
 
@@ -414,6 +417,11 @@ def replace_contrib_ops(model) -> None:
         if node.domain == "semvoc.cuda" and node.op_type in HALVING_CUDA_OPS:
             halves = list(node.output) + [f"{node.output[0]}__unused_half"] * (2 - len(node.output))
             nodes.append(helper.make_node("Split", [node.input[0]], halves, axis=-1, num_outputs=2))
+            continue
+        if node.domain == "semvoc.cuda" and node.op_type in ATTENTION_CUDA_OPS:
+            heads = _attr(node, "num_heads", 0)
+            nodes.append(helper.make_node("Attention", list(node.input[:3]), [node.output[0]], name=node.name,
+                                          q_num_heads=heads, kv_num_heads=heads))
             continue
         table = {"com.microsoft": SHAPE_PRESERVING_CONTRIB_OPS, "semvoc.cuda": SHAPE_PRESERVING_CUDA_OPS}
         outputs = table.get(node.domain, {}).get(node.op_type)

@@ -21,6 +21,7 @@ from semvoc.kernels.bias_norm import bias_norm_reference
 from semvoc.kernels.bias_prelu import bias_prelu_reference
 from semvoc.kernels.bias_residual import bias_residual_reference
 from semvoc.kernels.convnext_mix import convnext_mix_reference
+from semvoc.kernels.cross_attention import cross_attention_reference
 from semvoc.kernels.gated_skip_norm import gated_skip_norm_reference
 from semvoc.kernels.head_norm import head_norm_reference, head_norm_rope_reference
 from semvoc.kernels.onnx_ops import CUDA_DOMAIN, WITHOUT_ENV, translation_table
@@ -145,8 +146,8 @@ def test_vocoder_step_with_cuda_ops_exports_folded_branches(tmp_path):
     assert mix_layers == sorted(i for n in vocoder.cfg.num_layers for i in range(n))
 
 
-def _export_dit_step(tmp_path):
-    """The demo DiT's step with cuda_ops=True, exported: (dit, its nodes)."""
+def _export_demo_dit_step(path: Path):
+    """The demo DiT's step graph with --cuda-kernels -> (its nodes, its graph inputs, the DiT's blocks)."""
     from semvoc.export import wrappers as W
     from semvoc.models.config import preset
     from semvoc.models.model import build_model
@@ -158,17 +159,18 @@ def _export_dit_step(tmp_path):
     args = (torch.randn(1, dit.cfg.in_chans, 10, generator=gen), torch.tensor([1]),
             W.FusedDitTime(dit)(torch.tensor([900.0, 400.0])), torch.tensor([1.0, 0.5, 0.0]),
             *W.FusedDitPrepare(dit)(context), torch.ones(1, 6, dtype=torch.bool), torch.tensor([3.5]))
-    path = tmp_path / "dit_step.onnx"
     torch.onnx.export(W.FusedDitStep(dit, cuda_ops=True).eval(), args, dynamo=True, opset_version=23,
                       custom_translation_table=translation_table()).save(str(path))
-    return dit, onnx.load(str(path)).graph.node
+    graph = onnx.load(str(path)).graph
+    return graph.node, graph.input, dit.blocks
 
 
 def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path, monkeypatch):
+    from semvoc.kernels.onnx_ops import WITHOUT_ENV
+
     monkeypatch.delenv(WITHOUT_ENV, raising=False)
-    dit, nodes = _export_dit_step(tmp_path)
+    nodes, inputs, blocks = _export_demo_dit_step(tmp_path / "dit_step.onnx")
     ops = [n.op_type for n in nodes]
-    blocks = dit.blocks
     # the U-Net skip path: GatedConcatNorm, skip_linear's GEMM, BiasAddNorm (bias + norm1); the
     # first block's norm1 is semvoc's LayerNorm: no Concat into a norm, no stock LayerNormalization
     skips = sum(1 for b in blocks if b.has_skip)
@@ -177,9 +179,29 @@ def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path, monkeypatch):
     assert "LayerNormalization" not in ops
     produced = {n.output[0]: n.op_type for n in nodes}
     assert {produced.get(n.input[0]) for n in nodes if n.op_type == "BiasAddNorm"} == {"MatMul"}
-    assert {n.op_type for n in nodes if n.input and produced.get(n.input[0]) == "Concat"}.isdisjoint(
-        {"LayerNormalization", "MatMul"})
+    concat_readers = [n.op_type for n in nodes if n.input and produced.get(n.input[0]) == "Concat"]
+    assert "LayerNormalization" not in concat_readers
+    assert concat_readers.count("MatMul") == 1  # only the final 3-tap convolution's taps (conv_as_gemm)
     assert ops.count("HeadNormRope") == len(blocks) and ops.count("HeadNorm") == len(blocks)  # self q|k, cross q
+    # cross-attention: one CrossAttention per block on the bool text mask (no additive bias built),
+    # onnxruntime's Attention for the self-attention only
+    assert ops.count("CrossAttention") == len(blocks) and ops.count("Attention") == len(blocks)
+    assert "Where" not in ops and "Not" not in ops
+    cross = [n for n in nodes if n.op_type == "CrossAttention"]
+    assert {a.name: a.i for a in cross[0].attribute} == {"num_heads": blocks[0].attn.num_heads}
+    masks = {n.input[3] for n in cross}
+    assert len(masks) == 1  # every block reads one mask: the [uncond; cond] concatenation of the input
+    (concat,) = [n for n in nodes if masks & set(n.output)]
+    (mask_input,) = [i for i in inputs if i.type.tensor_type.elem_type == onnx.TensorProto.BOOL]
+    assert concat.op_type == "Concat" and list(concat.input) == [mask_input.name] * 2
+    # the export's structure check (full ONNX check, fused attention count) accepts the graph
+    from semvoc.export.graphs import GraphSpec
+    from semvoc.export.onnx_export import check_structure
+
+    spec = GraphSpec("dit_step", "dit", lambda m: m, (), (), attention_checked=True)
+    assert check_structure(spec, tmp_path / "dit_step.onnx", 2 * len(blocks))["attention"] == 2 * len(blocks)
+    with pytest.raises(RuntimeError, match="fused attention ops, expected"):
+        check_structure(spec, tmp_path / "dit_step.onnx", 3 * len(blocks))
     assert ops.count("BiasGeglu") == len(blocks) and "BiasGelu" not in ops
     # gated residual + norm: each block's attention output, each MLP output the next norm reads
     # directly (not a U-Net skip block's, which first concatenates), and the final layer's
@@ -193,15 +215,94 @@ def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path, monkeypatch):
 
     assert readers("HeadNormRope", 0) == readers("HeadNormRope", 1) == {"Attention"}  # no Split between
     assert readers("GatedSkipNorm", 0) == {"MatMul"}  # the adaLN modulation is in the norm's affine
+    assert readers("CrossAttention", 0) == {"MatMul"}  # straight into the out-projection
+
+
+def test_dit_step_without_the_cross_attention_op_keeps_the_stock_attention(tmp_path, monkeypatch):
+    """SEMVOC_EXPORT_WITHOUT=CrossAttention: the previous graph (Attention on an additive mask bias)."""
+    from semvoc.kernels.onnx_ops import WITHOUT_ENV
+
+    monkeypatch.setenv(WITHOUT_ENV, "CrossAttention")
+    nodes, _, blocks = _export_demo_dit_step(tmp_path / "dit_step.onnx")
+    ops = [n.op_type for n in nodes]
+    assert "CrossAttention" not in ops and ops.count("Attention") == 2 * len(blocks)
+    assert ops.count("HeadNorm") == len(blocks) and ops.count("HeadNormRope") == len(blocks)  # the others stay
+    attentions = [n for n in nodes if n.op_type == "Attention"]
+    assert sum(len(n.input) == 4 for n in attentions) == len(blocks)  # the cross ones carry the mask bias
+
+
+def _cross_case(rows: int, mask_rows: int, length: int, keys: int, heads: int, hd: int, valid, seed: int = 5):
+    """q [rows, length, heads*hd], k, v [rows, keys, heads*hd] and a bool mask [mask_rows, keys]; ``valid``
+    per mask row: a count (the text's tokens, a prefix), or a list of the true keys."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(rows, n, heads * hd, generator=g) for n in (length, keys, keys))
+    mask = torch.zeros(mask_rows, keys, dtype=torch.bool)
+    for r, which in enumerate(valid):
+        if isinstance(which, int):
+            mask[r, :which] = True
+        else:
+            mask[r, which] = True
+    return [q, k, v, mask]
+
+
+def test_cross_attention_reference_is_the_unfused_attention():
+    """fp32 against the two forms the DiT uses today: onnxruntime's Attention on the additive bias
+    (``attention_packed`` + ``key_mask_bias``) and the model's own SDPA with the bool mask; odd
+    sizes, mask rows read as r % R' (the CFG batch), one true key, non-prefix masks."""
+    from semvoc.kernels.attention import attention, attention_packed_reference, key_mask_bias
+
+    heads, hd = 3, 24
+    q, k, v, mask = _cross_case(6, 3, 37, 13, heads, hd, [1, [0, 4, 5, 12], 13])
+    out = cross_attention_reference(q, k, v, mask, heads)
+    rows_mask = torch.cat([mask, mask])  # what the wrappers build: [uncond; cond]
+    bias = key_mask_bias(rows_mask, 37, torch.float32)
+    torch.testing.assert_close(out, attention_packed_reference(q, k, v, bias, heads), rtol=1e-6, atol=1e-6)
+
+    def split(x):
+        return x.reshape(6, x.shape[1], heads, hd).transpose(1, 2)
+
+    torch.testing.assert_close(out, attention(split(q), split(k), split(v), rows_mask), rtol=1e-6, atol=1e-6)
+    # a single true key: that key's v, exactly
+    torch.testing.assert_close(out[0], v[0, :1].expand(37, -1))
+    # a [2 batch, S] mask (the concatenation itself) gives the same
+    torch.testing.assert_close(cross_attention_reference(q, k, v, rows_mask, heads), out)
+    # fp16 inputs: the fp32 result, rounded once
+    half = cross_attention_reference(*(t.half() for t in (q, k, v)), mask, heads)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half, cross_attention_reference(*(t.half().float() for t in (q, k, v)), mask,
+                                                               heads).half(), rtol=0, atol=0)
+
+
+def test_cross_attention_reference_edges():
+    q, k, v, mask = _cross_case(2, 2, 5, 7, 2, 8, [0, 7])
+    out = cross_attention_reference(q, k, v, mask, 2)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))  # no true key: zeros (as SDPA's bool mask gives)
+    assert torch.isfinite(out).all() and out[1].abs().max() > 0
+    with pytest.raises(ValueError, match=r"R' dividing the 2 rows"):
+        cross_attention_reference(q, k, v, torch.ones(3, 7, dtype=torch.bool), 2)
+
+
+def test_fused_dit_uses_the_cross_attention_op_unless_switched_off(monkeypatch):
+    from semvoc.export.fused_dit import FusedDiT
+    from semvoc.kernels.onnx_ops import WITHOUT_ENV
+    from semvoc.models.config import preset
+    from semvoc.models.model import build_model
+
+    dit = build_model(preset("demo"), seed=0).dit.eval()
+    monkeypatch.delenv(WITHOUT_ENV, raising=False)
+    assert FusedDiT(dit, cuda_ops=True).cross_attention_op and not FusedDiT(dit).cross_attention_op
+    monkeypatch.setenv(WITHOUT_ENV, "CrossAttention")
+    fused = FusedDiT(dit, cuda_ops=True)
+    assert not fused.cross_attention_op and not any(b.cross_attention_op for b in fused.blocks)
 
 
 @pytest.mark.parametrize("without", ["GatedConcatNorm", "BiasAddNorm,LayerNorm"])
 def test_dit_step_export_without_the_skip_path_ops(without, tmp_path, monkeypatch):
     """SEMVOC_EXPORT_WITHOUT gives back the stock form of the switched-off ops only (for A/B runs)."""
     monkeypatch.setenv(WITHOUT_ENV, without)
-    dit, nodes = _export_dit_step(tmp_path)
+    nodes, _, blocks = _export_demo_dit_step(tmp_path / "dit_step.onnx")
     ops = [n.op_type for n in nodes]
-    skips = sum(1 for b in dit.blocks if b.has_skip)
+    skips = sum(1 for b in blocks if b.has_skip)
     produced = {o: n.op_type for n in nodes for o in n.output}
     concat_norms = sum(1 for n in nodes if n.op_type == "LayerNormalization" and produced.get(n.input[0]) == "Concat")
     if without == "GatedConcatNorm":
@@ -212,8 +313,8 @@ def test_dit_step_export_without_the_skip_path_ops(without, tmp_path, monkeypatc
         assert ops.count("GatedConcatNorm") == skips and concat_norms == 0
         assert "BiasAddNorm" not in ops and "LayerNorm" not in ops
         assert ops.count("LayerNormalization") == skips + 1  # norm1 after each skip_linear, the first block's
-    assert ops.count("GatedSkipNorm") == len(dit.blocks) + sum(
-        1 for i, b in enumerate(dit.blocks) if i > 0 and not b.has_skip) + 1
+    assert ops.count("GatedSkipNorm") == len(blocks) + sum(
+        1 for i, b in enumerate(blocks) if i > 0 and not b.has_skip) + 1
 
 
 @pytest.mark.parametrize("shape", [(3, 7, 13), (1, 5, 64), (2, 33)])
@@ -386,12 +487,15 @@ def _one_node_model(op: str, inputs: list[np.ndarray], path: Path, attributes: d
                     outputs: int = 1) -> None:
     from onnx import TensorProto, helper
 
-    elem = TensorProto.FLOAT16 if inputs[0].dtype == np.float16 else TensorProto.FLOAT
+    def elem_type(a: np.ndarray) -> int:
+        return {np.float16: TensorProto.FLOAT16, np.bool_: TensorProto.BOOL}.get(a.dtype.type, TensorProto.FLOAT)
+
+    elem = elem_type(inputs[0])
     names = [f"in{i}" for i in range(len(inputs))]
     out_names = [f"out{i}" for i in range(outputs)]
     graph = helper.make_graph(
         [helper.make_node(op, names, out_names, domain=CUDA_DOMAIN, **(attributes or {}))], op,
-        [helper.make_tensor_value_info(n, elem, list(a.shape)) for n, a in zip(names, inputs, strict=True)],
+        [helper.make_tensor_value_info(n, elem_type(a), list(a.shape)) for n, a in zip(names, inputs, strict=True)],
         [helper.make_tensor_value_info(n, elem, None) for n in out_names])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(CUDA_DOMAIN, 1)])
     model.ir_version = 10  # what onnxruntime >= 1.20 reads (newer onnx writes newer IR versions)
@@ -583,6 +687,39 @@ def _skip_path_case(op: str, rows: int, length: int, dim: int, seed: int = 13) -
 # D = 1020 (fp16: no multiple of 8 values, the scalar path; fp32: 255 vectors, one lane idle).
 SKIP_CASES = {"dit-R2": (2, 250, 1024), "odd-rows": (3, 83, 1024), "small-384": (1, 45, 384),
               "width-1020": (1, 9, 1020)}
+# CrossAttention (rows, mask rows, L, S, heads, hd, true keys per mask row: a count = a prefix, or a
+# list). The tensor-core kernel (fp16, hd 64, S <= 128): a block per 64 queries of one (row, head),
+# key tiles of 16 up to the last true key; the general kernel for the rest (and every fp32 case).
+CROSS_CASES = {
+    # the reference DiT at batch 1 with CFG: R = 2 rows reading one [1, S] mask, 8 true keys of 128
+    "dit-R2-8keys": (2, 1, 250, 128, 16, 64, [8]),
+    # batch 2 with CFG: a full text and one that ends inside a key tile
+    "dit-R4-128-and-31": (4, 2, 250, 128, 16, 64, [128, 31]),
+    # one true key (that key's v), and scattered keys up to the last slot (masked keys inside tiles)
+    "one-key-and-gaps": (2, 2, 37, 128, 2, 64, [1, [3, 17, 64, 127]]),
+    # a row without a true key (zeros), a row of exactly one key tile; 70 queries: a partial warp tile
+    "no-key-and-one-tile": (2, 2, 70, 128, 2, 64, [0, 16]),
+    # S not a multiple of 16 (the last tile's rows past S are zeros in shared memory); L = 65
+    "S77-L65": (2, 1, 65, 77, 4, 64, [77]),
+    # the general kernel: head size 128, and S > 128
+    "hd128-general": (2, 1, 33, 40, 2, 128, [[0, 39]]),
+    "S200-general": (2, 1, 20, 200, 2, 64, [150]),
+}
+
+
+def _cross_expected(inputs: list[np.ndarray], heads: int) -> np.ndarray:
+    """The reference on the inputs as the kernel sees them (rounded to the test's dtype)."""
+    q, k, v = (torch.from_numpy(a.astype(np.float32)) for a in inputs[:3])
+    return cross_attention_reference(q, k, v, torch.from_numpy(inputs[3]), heads).numpy()
+
+
+def _cross_close(out: np.ndarray, want: np.ndarray, v: np.ndarray, dtype, what) -> None:
+    # fp16: P is rounded to fp16 (2^-11 relative) before PV and the output once more; fp32: the
+    # general kernel's arithmetic
+    scale = 2.0**-10 if dtype == np.float16 else 1e-5
+    error = np.abs(out.astype(np.float32) - want)
+    bound = scale * (np.abs(v.astype(np.float32)).max() + np.abs(want))
+    assert np.isfinite(out).all() and (error <= bound).all(), (what, dtype, float(error.max()))
 
 
 @pytest.mark.gpu
@@ -604,6 +741,50 @@ def test_skip_path_op_refuses_rows_too_wide(cuda_library, tmp_path):
     session = make_session(tmp_path / "op.onnx", "cuda", custom_ops=cuda_library)
     with pytest.raises(Exception, match="LayerNorm: rows of 1025 elements"):
         session.run(None, {f"in{i}": a for i, a in enumerate(args)})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("case", sorted(CROSS_CASES))
+def test_cross_attention_at_the_dits_shapes(case, dtype, cuda_library, tmp_path):
+    rows, mask_rows, length, keys, heads, hd, valid = CROSS_CASES[case]
+    args = _cross_case(rows, mask_rows, length, keys, heads, hd, valid)
+    inputs = [a.numpy().astype(dtype) for a in args[:3]] + [args[3].numpy()]
+    want = _cross_expected(inputs, heads)
+    _one_node_model("CrossAttention", inputs, tmp_path / "op.onnx", {"num_heads": heads})
+    for cuda_graph in (False, True):
+        (out,) = _run_cuda(tmp_path / "op.onnx", cuda_library, inputs, [want.shape], cuda_graph)
+        _cross_close(out, want, inputs[2], dtype, (case, cuda_graph))
+
+
+@pytest.mark.gpu
+def test_cross_attention_graph_replay_follows_the_mask(cuda_library, tmp_path):
+    """One CUDA graph captured with a short text, replayed after the mask (another prompt's) and q
+    change in place: the kernel reads the mask at every replay, so the output follows it."""
+    import onnxruntime as ort
+
+    from semvoc.runtime.backends.ort_common import make_session
+
+    args = _cross_case(2, 1, 250, 128, 16, 64, [5])
+    inputs = [a.numpy().astype(np.float16) for a in args[:3]] + [args[3].numpy()]
+    _one_node_model("CrossAttention", inputs, tmp_path / "op.onnx", {"num_heads": 16})
+    session = make_session(tmp_path / "op.onnx", "cuda", custom_ops=cuda_library, cuda_graph=True)
+    binding = session.io_binding()
+    values = [ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for a in inputs]
+    out = ort.OrtValue.ortvalue_from_numpy(np.zeros(inputs[0].shape, np.float16), "cuda", 0)
+    for i, value in enumerate(values):
+        binding.bind_ortvalue_input(f"in{i}", value)
+    binding.bind_ortvalue_output("out0", out)
+    for _ in range(3):  # warm-up, capture, replay
+        session.run_with_iobinding(binding)
+    _cross_close(out.numpy(), _cross_expected(inputs, 16), inputs[2], np.float16, "captured")
+    for seed, valid in enumerate(([100], [[2, 50, 127]], [0]), start=10):
+        new = _cross_case(2, 1, 250, 128, 16, 64, valid, seed=seed)
+        inputs = [new[0].numpy().astype(np.float16), inputs[1], inputs[2], new[3].numpy()]
+        values[0].update_inplace(inputs[0])
+        values[3].update_inplace(inputs[3])
+        session.run_with_iobinding(binding)
+        _cross_close(out.numpy(), _cross_expected(inputs, 16), inputs[2], np.float16, ("replayed", valid))
 
 
 @pytest.mark.gpu

@@ -9,6 +9,7 @@ import torch
 
 from semvoc.export import wrappers as W
 from semvoc.export.fused_dit import FusedDiT, supports_fused
+from semvoc.kernels.onnx_ops import WITHOUT_ENV
 from semvoc.models.config import preset
 from semvoc.models.model import build_model
 from semvoc.models.udit import UDiT
@@ -31,8 +32,10 @@ def _dit(overrides: dict) -> UDiT:
 @pytest.mark.parametrize("cuda_ops", [False, True], ids=["onnxruntime-ops", "semvoc-cuda-ops"])
 @pytest.mark.parametrize("name", list(VARIANTS))
 @torch.no_grad()
-def test_fused_step_equals_the_generic_step(name, cuda_ops):
-    """``cuda_ops``: the qk-norms as semvoc's HeadNorm(Rope) ops (their PyTorch references here)."""
+def test_fused_step_equals_the_generic_step(name, cuda_ops, monkeypatch):
+    """``cuda_ops``: the qk-norms, the gated norms, GEGLU and the cross-attention as semvoc's CUDA
+    ops (their PyTorch references here)."""
+    monkeypatch.delenv(WITHOUT_ENV, raising=False)
     dit = _dit(VARIANTS[name])
     assert supports_fused(dit)
     if dit.cfg.time_fusion == "ada_single":  # zero-initialised table: give it values
@@ -42,6 +45,7 @@ def test_fused_step_equals_the_generic_step(name, cuda_ops):
     context = torch.randn(2, 12, dit.cfg.context_dim, generator=gen)
     mask = torch.ones(2, 12, dtype=torch.bool)
     mask[1, 5:] = False
+    mask[1, 2] = False  # a padded key before the last token
     timesteps = torch.tensor([999.0, 500.0, 3.0])
     sigmas = torch.tensor([1.0, 0.5, 0.1, 0.0])
     latent = torch.randn(2, dit.cfg.in_chans, 25, generator=gen)
@@ -49,10 +53,12 @@ def test_fused_step_equals_the_generic_step(name, cuda_ops):
     generic = (W.DitPrepare(dit)(context), W.DitTime(dit)(timesteps))
     fused = (W.FusedDitPrepare(dit)(context), W.FusedDitTime(dit)(timesteps))
     assert fused[1].shape[1] == 8 * len(dit.blocks) + 2
+    fused_step = W.FusedDitStep(dit, cuda_ops)
+    assert fused_step.fused.cross_attention_op == cuda_ops
     for step in range(3):
         s = torch.tensor([step])
         a, _ = W.DitStep(dit)(latent, s, generic[1], sigmas, generic[0], mask, guidance)
-        b, _ = W.FusedDitStep(dit, cuda_ops)(latent, s, fused[1], sigmas, *fused[0], mask, guidance)
+        b, _ = fused_step(latent, s, fused[1], sigmas, *fused[0], mask, guidance)
         torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)
     assert not torch.allclose(a, latent)
 

@@ -23,9 +23,11 @@ rounding-relevant order of the official block, and rewrites the rest:
 With ``cuda_ops`` (``semvoc-export --cuda-kernels``) semvoc's CUDA ops take over what
 onnxruntime's stock ops need several kernels for: ``HeadNormRope`` (the self-attention qk-norms,
 RoPE and the q/k split), ``HeadNorm`` (the cross-attention q-norm), ``GatedSkipNorm`` (gate,
-residual and the next norm), ``BiasGeglu`` (GEGLU after one GEMM of both halves), and on the
-U-Net skip path ``GatedConcatNorm`` (pending MLP output, concatenation and skip_norm) and
-``BiasAddNorm`` (skip_linear's bias and norm1), and ``LayerNorm`` for the first block's norm1
+residual and the next norm), ``BiasGeglu`` (GEGLU after one GEMM of both halves),
+``CrossAttention`` (the masked cross-attention, reading the bool text mask itself: no mask bias,
+and the padded keys past the text's last token are skipped), and on the U-Net skip path
+``GatedConcatNorm`` (pending MLP output, concatenation and skip_norm), ``BiasAddNorm``
+(skip_linear's bias and norm1) and ``LayerNorm`` for the first block's norm1
 (``kernels/skip_norm.py``; ``SEMVOC_EXPORT_WITHOUT=<op>`` leaves one out of an export).
 
 Covered: the adaLN time fusions, cross-attention, LayerNorm, qk_norm None/layernorm, RoPE
@@ -45,6 +47,7 @@ from semvoc.export.conv_as_gemm import conv1d_channels_last
 from semvoc.kernels.attention import attention_packed, key_mask_bias
 from semvoc.kernels.bias_geglu import bias_geglu
 from semvoc.kernels.bias_gelu import bias_gelu
+from semvoc.kernels.cross_attention import cross_attention
 from semvoc.kernels.gated_skip_norm import gated_skip_norm
 from semvoc.kernels.head_norm import head_norm, head_norm_rope
 from semvoc.kernels.onnx_ops import fusion_enabled
@@ -119,13 +122,16 @@ def gated_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, bias: torch
 
 
 class FusedBlock(nn.Module):
-    """One ``DiTBlock`` (shares its parameters; only the q|k weights are concatenated)."""
+    """One ``DiTBlock`` (shares its parameters; only the q|k weights are concatenated).
+    ``cross_attention_op``: the cross-attention is semvoc's ``CrossAttention`` op, and ``forward``'s
+    mask is the bool key mask ``[B, S]`` (else the additive ``key_mask_bias``)."""
 
-    def __init__(self, blk: DiTBlock, num_heads: int, cuda_ops: bool = False):
+    def __init__(self, blk: DiTBlock, num_heads: int, cuda_ops: bool = False, cross_attention_op: bool = False):
         super().__init__()
         self.blk = blk
         self.heads = num_heads
         self.cuda_ops = cuda_ops
+        self.cross_attention_op = cross_attention_op
         attn = blk.attn
         self.w_qk = nn.Parameter(torch.cat([attn.to_q.weight, attn.to_k.weight]).detach().clone(),
                                  requires_grad=False)
@@ -185,6 +191,8 @@ class FusedBlock(nn.Module):
             q = head_norm(q, cross.norm_q.weight, cross.norm_q.bias, cross.norm_q.eps)
         elif self.qk_norm:
             q = cross.norm_q(q.reshape(batch, length, self.heads, -1)).reshape(batch, length, dim)
+        if self.cross_attention_op and mask is not None:
+            return F.linear(cross_attention(q, k, v, mask, self.heads), cross.proj.weight)
         return F.linear(attention_packed(q, k, v, mask, self.heads), cross.proj.weight)
 
     def _feed_forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -261,7 +269,10 @@ class FusedDiT(nn.Module):
         self.dit = dit
         self.heads = dit.cfg.num_heads
         self.cuda_ops = cuda_ops
-        self.blocks = nn.ModuleList([FusedBlock(b, self.heads, cuda_ops) for b in dit.blocks])
+        # read when the module is built (the export builds it): SEMVOC_EXPORT_WITHOUT=CrossAttention
+        self.cross_attention_op = cuda_ops and fusion_enabled("CrossAttention")
+        self.blocks = nn.ModuleList([FusedBlock(b, self.heads, cuda_ops, self.cross_attention_op)
+                                     for b in dit.blocks])
 
     def forward(self, x: torch.Tensor, step_rows: torch.Tensor, cross_kv: Sequence[torch.Tensor],
                 context_mask: torch.Tensor | None) -> torch.Tensor:
@@ -276,7 +287,10 @@ class FusedDiT(nn.Module):
             cos, sin = rope_tables(dit.blocks[0].attn.rotary.inv_freq, length, h.dtype)
             positions = torch.arange(length, device=h.device)[None].expand(batch, length)
             rope = (cos, sin, positions)
-        mask = None if context_mask is None else key_mask_bias(context_mask, length, h.dtype)
+        if context_mask is None or self.cross_attention_op:
+            mask = context_mask  # CrossAttention reads the bool mask itself
+        else:
+            mask = key_mask_bias(context_mask, length, h.dtype)
         n = len(self.blocks)
         # chunk (one Split kernel per level), not unbind/indexing (one Slice kernel per piece)
         block_rows = step_rows[: ROWS_PER_BLOCK * n].reshape(n, ROWS_PER_BLOCK, -1).chunk(n)

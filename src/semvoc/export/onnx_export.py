@@ -176,17 +176,21 @@ def op_counts(path: Path) -> Counter:
     return counts
 
 
+# fused attention nodes: ONNX's Attention and semvoc.cuda's CrossAttention (--cuda-kernels)
+FUSED_ATTENTION_OPS = ("Attention", "CrossAttention")
+
+
 def check_structure(spec: GraphSpec, path: Path, expected_attention: int | None) -> dict:
-    """The graph is valid ONNX; attention graphs hold fused ``Attention`` ops and no Softmax."""
+    """The graph is valid ONNX; attention graphs hold fused attention ops (``Attention``, or
+    semvoc's ``CrossAttention``) and no Softmax."""
     onnx.checker.check_model(str(path), full_check=True)
     counts = op_counts(path)
-    report = {"ops": sum(counts.values()), "attention": counts.get("Attention", 0),
-              "softmax": counts.get("Softmax", 0)}
+    fused = sum(counts.get(op, 0) for op in FUSED_ATTENTION_OPS)
+    report = {"ops": sum(counts.values()), "attention": fused, "softmax": counts.get("Softmax", 0)}
     if spec.attention_checked:
         if counts.get("Softmax", 0):
             raise RuntimeError(f"{spec.name}: {counts['Softmax']} Softmax node(s) left on an attention "
                                "path; attention must export as one fused Attention op (opset 23)")
-        if expected_attention is not None and counts.get("Attention", 0) != expected_attention:
-            raise RuntimeError(f"{spec.name}: {counts.get('Attention', 0)} Attention ops, expected "
-                               f"{expected_attention}")
+        if expected_attention is not None and fused != expected_attention:
+            raise RuntimeError(f"{spec.name}: {fused} fused attention ops, expected {expected_attention}")
     return report

@@ -36,7 +36,8 @@ def fusion_enabled(name: str) -> bool:
 def contrib_op(name: str, inputs: list[str], outputs: list[str], attributes: dict[str, OpSchema.AttrType],
                domain: str = MS_DOMAIN):
     """An onnxscript ``Op`` of onnxruntime's contrib domain (or ``domain``); ``name?`` marks an
-    optional parameter; every tensor is of type T (float types), except ``mean``/``inv_std_var`` (U)."""
+    optional parameter; every tensor is of type T (float types), except ``mean``/``inv_std_var`` (U,
+    float) and ``key_mask`` (B, bool)."""
     from onnxscript.values import Op, Opset
 
     if not onnx.defs.has(name, domain):
@@ -47,12 +48,13 @@ def contrib_op(name: str, inputs: list[str], outputs: list[str], attributes: dic
             out = []
             for n in names:
                 base = n.rstrip("?")
-                kind = "U" if base in ("mean", "inv_std_var") else "T"
+                kind = "U" if base in ("mean", "inv_std_var") else "B" if base == "key_mask" else "T"
                 out.append(param(base, kind, param_option=optional) if n.endswith("?") else param(base, kind))
             return out
 
         schema = OpSchema(name, domain, 1, inputs=params(inputs), outputs=params(outputs),
-                          type_constraints=[("T", _FLOAT_TYPES, ""), ("U", ["tensor(float)"], "")],
+                          type_constraints=[("T", _FLOAT_TYPES, ""), ("U", ["tensor(float)"], ""),
+                                            ("B", ["tensor(bool)"], "")],
                           attributes=[OpSchema.Attribute(a, kind, "") for a, kind in attributes.items()])
         onnx.defs.register_schema(schema)
     return Op(Opset(domain, 1), name)
@@ -72,6 +74,7 @@ def translation_table() -> dict:
         bias_prelu,
         bias_residual,
         convnext_mix,
+        cross_attention,
         gated_skip_norm,
         head_norm,
         rotary,

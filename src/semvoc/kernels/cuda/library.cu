@@ -15,6 +15,7 @@ void BiasNormCompute(OrtKernelContext* ctx, const KernelState&);
 void GatedConcatNormCompute(OrtKernelContext* ctx, const KernelState&);
 void BiasAddNormCompute(OrtKernelContext* ctx, const KernelState&);
 void LayerNormCompute(OrtKernelContext* ctx, const KernelState&);
+void CrossAttentionCompute(OrtKernelContext* ctx, const KernelState&);
 
 // A node's kernel: its op and the attributes it was created with.
 struct Kernel {
@@ -35,11 +36,17 @@ static void* CreateKernel(const OrtCustomOp* custom_op, const OrtApi* api, const
       kernel->state.layer = 0;
     }
   }
+  if (op->num_heads) Check(api->KernelInfoGetAttribute_int64(info, "num_heads", &kernel->state.num_heads),
+                           "attribute num_heads");
   return kernel;
 }
 static const char* GetName(const OrtCustomOp* op) { return static_cast<const OpDef*>(op)->name; }
 static const char* GetProvider(const OrtCustomOp*) { return "CUDAExecutionProvider"; }
 static ONNXTensorElementDataType GetType(const OrtCustomOp* op, size_t) { return static_cast<const OpDef*>(op)->type; }
+static ONNXTensorElementDataType GetInputType(const OrtCustomOp* custom_op, size_t index) {
+  const OpDef* op = static_cast<const OpDef*>(custom_op);
+  return static_cast<int>(index) == op->bool_input ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : op->type;
+}
 static size_t GetInputCount(const OrtCustomOp* op) { return static_cast<const OpDef*>(op)->inputs; }
 static size_t GetOutputCount(const OrtCustomOp* op) { return static_cast<const OpDef*>(op)->outputs; }
 static void Compute(void* kernel, OrtKernelContext* ctx) {
@@ -51,14 +58,14 @@ static OrtCustomOpInputOutputCharacteristic Required(const OrtCustomOp*, size_t)
 static OrtMemType DeviceMemory(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
 
 OpDef MakeOp(const char* name, ONNXTensorElementDataType type, size_t inputs, size_t outputs, ComputeFn compute,
-             bool epsilon, bool layer) {
+             bool epsilon, bool layer, bool num_heads, int bool_input) {
   OpDef op;
   std::memset(static_cast<OrtCustomOp*>(&op), 0, sizeof(OrtCustomOp));  // newer headers: later fields unset
   op.version = kOrtApiVersion;  // onnxruntime reads only the fields of this version
   op.CreateKernel = CreateKernel;
   op.GetName = GetName;
   op.GetExecutionProviderType = GetProvider;
-  op.GetInputType = GetType;
+  op.GetInputType = GetInputType;
   op.GetInputTypeCount = GetInputCount;
   op.GetOutputType = GetType;
   op.GetOutputTypeCount = GetOutputCount;
@@ -73,6 +80,8 @@ OpDef MakeOp(const char* name, ONNXTensorElementDataType type, size_t inputs, si
   op.outputs = outputs;
   op.epsilon = epsilon;
   op.layer = layer;
+  op.num_heads = num_heads;
+  op.bool_input = bool_input;
   op.compute = compute;
   return op;
 }
@@ -92,6 +101,8 @@ static std::vector<OpDef>& Ops() {
       all.push_back(MakeOp("GatedConcatNorm", type, 7, 1, GatedConcatNormCompute, /*epsilon=*/true));
       all.push_back(MakeOp("BiasAddNorm", type, 4, 2, BiasAddNormCompute, /*epsilon=*/true));
       all.push_back(MakeOp("LayerNorm", type, 3, 1, LayerNormCompute, /*epsilon=*/true));
+      all.push_back(MakeOp("CrossAttention", type, 4, 1, CrossAttentionCompute, /*epsilon=*/false, /*layer=*/false,
+                           /*num_heads=*/true, /*bool_input=*/3));
     }
     return all;
   }();

@@ -139,22 +139,26 @@ inline unsigned GridFor(int64_t items, int threads) {
 struct KernelState {
   float epsilon = 0.f;  // ops declared with `epsilon`
   int64_t layer = 0;    // ops declared with `layer` (0 when the node has none)
+  int64_t num_heads = 0;  // ops declared with `num_heads` (required)
 };
 
 using ComputeFn = void (*)(OrtKernelContext*, const KernelState&);
 
-// One ONNX op of the semvoc.cuda domain: `inputs` inputs and `outputs` outputs, all of `type`.
+// One ONNX op of the semvoc.cuda domain: `inputs` inputs and `outputs` outputs, all of `type`
+// except input `bool_input` (a bool mask), when there is one.
 struct OpDef : OrtCustomOp {
   const char* name;
   ONNXTensorElementDataType type;
   size_t inputs, outputs;
-  bool epsilon;  // the node carries a float attribute `epsilon`
-  bool layer;    // the node may carry an int attribute `layer`
+  bool epsilon;    // the node carries a float attribute `epsilon`
+  bool layer;      // the node may carry an int attribute `layer`
+  bool num_heads;  // the node carries an int attribute `num_heads`
+  int bool_input;  // index of a bool input, or -1
   ComputeFn compute;
 };
 
 OpDef MakeOp(const char* name, ONNXTensorElementDataType type, size_t inputs, size_t outputs, ComputeFn compute,
-             bool epsilon = false, bool layer = false);
+             bool epsilon = false, bool layer = false, bool num_heads = false, int bool_input = -1);
 
 // Dispatch on the element type of input 0 (float32 or float16 engines).
 #define SEMVOC_DISPATCH_FLOAT(TYPE, OP_NAME, ...)                                 \

@@ -1,0 +1,70 @@
+"""The DiT's masked cross-attention on packed heads as ONE op (semvoc's CUDA kernel).
+
+q ``[R, L, H*hd]`` (the normed query of the latent frames), k and v ``[R, S, H*hd]`` (the text's,
+prepared once per request), a bool key mask ``[R', S]`` (True = attend) with R a multiple of R':
+row r reads mask row ``r % R'``, so the CFG batch ``[uncond; cond]`` can pass its ``[batch, S]``
+text mask as it is, or the ``[2 batch, S]`` concatenation. Softmax over the true keys with scale
+``hd ** -0.5``; a row with no true key gets zeros (what onnxruntime's and PyTorch's fused attention
+give such a row, instead of NaN).
+
+In onnxruntime's stock ops this is an ``Attention`` node fed by an additive mask bias
+``[R, 1, L, S]`` (``attention.key_mask_bias``): on a GPU a memory-efficient CUTLASS kernel over all
+S keys plus a kernel that zeroes fully masked rows. ``semvoc.cuda::CrossAttention``
+(``cuda/cross_attention.cu``, kernels in ``cuda/cross_attention_kernel.cuh``) reads the bool mask
+itself and, for fp16 with hd 64 and S <= 128, runs one tensor-core kernel that skips the key tiles
+past the row's last true key (texts are short, the padding is masked). Exported with
+``semvoc-export --cuda-kernels``; ``SEMVOC_EXPORT_WITHOUT=CrossAttention`` keeps the stock form.
+"""
+
+from __future__ import annotations
+
+import torch
+from onnx.defs import OpSchema
+
+from semvoc.kernels.onnx_ops import CUDA_DOMAIN, contrib_op, register_translation
+
+
+def expand_mask_rows(key_mask: torch.Tensor, rows: int) -> torch.Tensor:
+    """``[R', S]`` -> ``[rows, S]`` bool, row r = mask row ``r % R'``."""
+    if key_mask.dim() != 2 or key_mask.shape[0] == 0 or rows % key_mask.shape[0]:
+        raise ValueError(f"cross_attention: key_mask {tuple(key_mask.shape)} must be [R', S] with R' dividing "
+                         f"the {rows} rows of q")
+    return key_mask.bool().repeat(rows // key_mask.shape[0], 1)
+
+
+def cross_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
+                              num_heads: int) -> torch.Tensor:
+    """The op's function in fp32 (rounded to q's dtype at the end); shapes as in the module docstring."""
+    rows, length, width = q.shape
+    hd = width // num_heads
+    mask = expand_mask_rows(key_mask, rows)
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.float().reshape(rows, x.shape[1], num_heads, hd).transpose(1, 2)
+
+    logits = (heads(q) @ heads(k).transpose(-2, -1)) * hd**-0.5
+    logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+    weights = torch.softmax(logits, dim=-1)
+    weights = torch.where(mask.any(-1)[:, None, None, None], weights, 0.0)  # no true key: zeros, not NaN
+    return (weights @ heads(v)).transpose(1, 2).reshape(rows, length, width).to(q.dtype)
+
+
+@torch.library.custom_op("semvoc::cross_attention", mutates_args=())
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
+                    num_heads: int) -> torch.Tensor:
+    """q ``[R, L, H*hd]``, k/v ``[R, S, H*hd]``, key_mask ``[R', S]`` bool -> ``[R, L, H*hd]``."""
+    return cross_attention_reference(q, k, v, key_mask, num_heads)
+
+
+@cross_attention.register_fake
+def _(q, k, v, key_mask, num_heads):
+    return torch.empty_like(q)
+
+
+def _onnx_cross_attention(q, k, v, key_mask, num_heads: int):
+    op = contrib_op("CrossAttention", ["q", "k", "v", "key_mask"], ["y"], {"num_heads": OpSchema.AttrType.INT},
+                    domain=CUDA_DOMAIN)
+    return op(q, k, v, key_mask, num_heads=num_heads)
+
+
+register_translation(torch.ops.semvoc.cross_attention.default, _onnx_cross_attention)
