@@ -98,7 +98,8 @@ def test_references_are_what_the_kernels_document():
                                (normed + cond) * ts[:, None, :], rtol=1e-5, atol=1e-5)
 
 
-def test_export_emits_one_cuda_op_each_and_plain_gemms(tmp_path):
+def test_export_emits_one_cuda_op_each_and_plain_gemms(tmp_path, monkeypatch):
+    monkeypatch.delenv("SEMVOC_EXPORT_WITHOUT", raising=False)
     block = _block()
     x, cond, scale = (t.transpose(1, 2) if t.dim() == 3 else t for t in _inputs(block))
 
@@ -111,17 +112,18 @@ def test_export_emits_one_cuda_op_each_and_plain_gemms(tmp_path):
                       custom_translation_table=translation_table()).save(str(path))
     graph = onnx.load(str(path)).graph
     ours = sorted(n.op_type for n in graph.node if n.domain == CUDA_DOMAIN)
-    assert ours == ["BiasPRelu", "BiasResidual", "ConvNeXtMix"]
-    assert [n.op_type for n in graph.node if n.domain != CUDA_DOMAIN] == ["MatMul", "MatMul"]
+    assert ours == ["BiasPRelu", "ConvNeXtMix", "LtGemm"]  # the down-projection, its bias and residual: LtGemm
+    assert [n.op_type for n in graph.node if n.domain != CUDA_DOMAIN] == ["MatMul"]
 
 
-def test_vocoder_step_with_cuda_ops_exports_folded_branches(tmp_path):
+def test_vocoder_step_with_cuda_ops_exports_folded_branches(tmp_path, monkeypatch):
     """Each branch: one GEMM from the frames, BiasNorm, the blocks reading the whole tables (no
     Split), one GEMM to frame pieces, overlap-add; no STFT basis, envelope or branch stack left."""
     from semvoc.export import wrappers as W
     from semvoc.models.config import preset
     from semvoc.models.model import build_model
 
+    monkeypatch.delenv("SEMVOC_EXPORT_WITHOUT", raising=False)
     vocoder = build_model(preset("demo"), seed=0).vocoder.eval()
     vocoder.use_export_kernels(cuda_ops=True)
     assert vocoder.folded
@@ -139,7 +141,10 @@ def test_vocoder_step_with_cuda_ops_exports_folded_branches(tmp_path):
     branches, layers = len(vocoder.estimators), sum(vocoder.cfg.num_layers)
     assert ops.count("BiasNorm") == branches and ops.count("ConvNeXtMix") == layers
     assert {"Split", "ReduceMean", "Pow", "Expand"}.isdisjoint(ops)
-    assert ops.count("MatMul") == 2 * branches + 2 * layers
+    # per branch a GEMM from the frames and one to the pieces (LtGemm, its bias inside); per block
+    # the up-projection and the down-projection with bias and residual (LtGemm)
+    assert ops.count("MatMul") == branches + layers and ops.count("LtGemm") == branches + layers
+    assert "BiasResidual" not in ops
     mix_layers = sorted(a.i for n in nodes if n.op_type == "ConvNeXtMix" for a in n.attribute if a.name == "layer")
     assert mix_layers == sorted(i for n in vocoder.cfg.num_layers for i in range(n))
 

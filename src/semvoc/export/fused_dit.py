@@ -23,7 +23,9 @@ rounding-relevant order of the official block, and rewrites the rest:
 With ``cuda_ops`` (``semvoc-export --cuda-kernels``) semvoc's CUDA ops take over what
 onnxruntime's stock ops need several kernels for: ``HeadNormRope`` (the self-attention qk-norms,
 RoPE and the q/k split), ``HeadNorm`` (the cross-attention q-norm), ``GatedSkipNorm`` (gate,
-residual and the next norm) and ``BiasGeglu`` (GEGLU after one GEMM of both halves).
+residual and the next norm), ``BiasGeglu`` (GEGLU after one GEMM of both halves) and ``LtGemm``
+(a GEMM with its bias in cuBLASLt's epilogue: the U-Net skip projections, the final layer's
+linear, and the q|k, v and cross-attention q projections of models that give them a bias).
 
 Covered: the adaLN time fusions, cross-attention, LayerNorm, qk_norm None/layernorm, RoPE
 none/shared, GEGLU/GELU feed-forwards. Other configurations export through the generic form
@@ -43,6 +45,7 @@ from semvoc.kernels.bias_geglu import bias_geglu
 from semvoc.kernels.bias_gelu import bias_gelu
 from semvoc.kernels.gated_skip_norm import gated_skip_norm
 from semvoc.kernels.head_norm import head_norm, head_norm_rope
+from semvoc.kernels.ltgemm import linear as lt_linear
 from semvoc.kernels.rotary import rope_tables, rotary
 from semvoc.kernels.skip_layernorm import skip_layer_norm
 from semvoc.models.udit import GEGLU, DiTBlock, GELUProj, UDiT
@@ -103,6 +106,14 @@ def fused_cross_kv(dit: UDiT, context_tokens: torch.Tensor) -> tuple[torch.Tenso
     return tuple(out)
 
 
+def biased_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cuda_ops: bool) -> torch.Tensor:
+    """``F.linear``; with ``cuda_ops`` and a bias, one semvoc ``LtGemm`` (bias in the GEMM's epilogue)
+    instead of a MatMul and an Add."""
+    if cuda_ops and bias is not None:
+        return lt_linear(h, weight, bias)
+    return F.linear(h, weight, bias)
+
+
 def gated_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor,
                beta: torch.Tensor, eps: float, cuda_ops: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``sum = x + y * gate + bias``, ``LN(sum) * weight + beta`` -> (normed, sum): one semvoc
@@ -149,8 +160,8 @@ class FusedBlock(nn.Module):
     def _self_attention(self, h: torch.Tensor, rope: tuple | None) -> torch.Tensor:
         attn = self.blk.attn
         batch, length, dim = h.shape
-        qk = F.linear(h, self.w_qk, self.b_qk)  # [B, L, 2D]
-        v = attn.to_v(h)
+        qk = biased_linear(h, self.w_qk, self.b_qk, self.cuda_ops)  # [B, L, 2D]
+        v = biased_linear(h, attn.to_v.weight, attn.to_v.bias, self.cuda_ops)
         if self.qk_norm and self.cuda_ops and self.rope:  # one semvoc.cuda op: norms, RoPE, q/k split
             q, k = head_norm_rope(qk, self.qk_gamma, self.qk_beta, rope[0], rope[1], attn.norm_q.eps)
         else:
@@ -170,7 +181,7 @@ class FusedBlock(nn.Module):
                          mask: torch.Tensor | None) -> torch.Tensor:
         cross = self.blk.cross_attn
         batch, length, dim = h.shape
-        q = cross.to_q(h)
+        q = biased_linear(h, cross.to_q.weight, cross.to_q.bias, self.cuda_ops)
         if self.qk_norm and self.cuda_ops:
             q = head_norm(q, cross.norm_q.weight, cross.norm_q.bias, cross.norm_q.eps)
         elif self.qk_norm:
@@ -203,7 +214,8 @@ class FusedBlock(nn.Module):
             if pending is not None:
                 out, gate, gbias = pending
                 x = x + out * gate + gbias
-            x = blk.skip_linear(blk.skip_norm(torch.cat([x, skip], dim=-1)))
+            skip_in = blk.skip_norm(torch.cat([x, skip], dim=-1))
+            x = biased_linear(skip_in, blk.skip_linear.weight, blk.skip_linear.bias, self.cuda_ops)
             h = F.layer_norm(x, x.shape[-1:], norm1_w, norm1_b, blk.norm1.eps)
         elif pending is not None:
             h, x = gated_norm(x, *pending, norm1_w, norm1_b, blk.norm1.eps, self.cuda_ops)
@@ -262,6 +274,6 @@ class FusedDiT(nn.Module):
         final = dit.final_block
         weight, beta = (r.reshape(-1) for r in step_rows[ROWS_PER_BLOCK * n:].chunk(FINAL_ROWS))
         h, _ = gated_norm(h, *pending, weight, beta, final.norm.eps, self.cuda_ops)  # modulation folded in
-        h = final.linear(h)  # [B, N, p*C]
+        h = biased_linear(h, final.linear.weight, final.linear.bias, self.cuda_ops)  # [B, N, p*C]
         h = h.reshape(batch, length, final.patch_size, final.out_chans).permute(0, 3, 1, 2)
         return final.final_layer(h.reshape(batch, final.out_chans, length * final.patch_size))

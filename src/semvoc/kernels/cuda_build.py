@@ -35,7 +35,8 @@ from pathlib import Path
 CUDA_SOURCES_DIR = Path(__file__).with_name("cuda")
 LIBRARY_NAME = "libsemvoc_cuda.so"
 DOMAIN = "semvoc.cuda"
-OPS = ("ConvNeXtMix", "BiasPRelu", "BiasResidual", "HeadNorm", "HeadNormRope", "GatedSkipNorm", "BiasGeglu", "BiasNorm")
+OPS = ("ConvNeXtMix", "BiasPRelu", "BiasResidual", "HeadNorm", "HeadNormRope", "GatedSkipNorm", "BiasGeglu", "BiasNorm",
+       "LtGemm")
 ORT_INCLUDE_ENV = "SEMVOC_ORT_INCLUDE"
 DEFAULT_CUDA_ROOT = "/usr/local/cuda"
 ORT_API_VERSION = 13  # what cuda/ort_op.h asks onnxruntime for (kOrtApiVersion)

@@ -80,6 +80,14 @@ inline Tensor Input(OrtKernelContext* ctx, size_t index) {
   return Describe(const_cast<OrtValue*>(value));
 }
 
+// An optional input: an empty Tensor (data null) when the node leaves it out (onnxruntime gives a
+// null value for an omitted or trailing-absent input).
+inline Tensor OptionalInput(OrtKernelContext* ctx, size_t index) {
+  const OrtValue* value = nullptr;
+  Check(Api()->KernelContext_GetInput(ctx, index, &value), "KernelContext_GetInput");
+  return value == nullptr ? Tensor{} : Describe(const_cast<OrtValue*>(value));
+}
+
 inline Tensor Output(OrtKernelContext* ctx, size_t index, const std::vector<int64_t>& shape) {
   OrtValue* value = nullptr;
   Check(Api()->KernelContext_GetOutput(ctx, index, shape.data(), shape.size(), &value), "KernelContext_GetOutput");
@@ -137,8 +145,9 @@ inline unsigned GridFor(int64_t items, int threads) {
 
 // What a node's kernel keeps from its attributes (read once, when onnxruntime creates it).
 struct KernelState {
-  float epsilon = 0.f;  // ops declared with `epsilon`
-  int64_t layer = 0;    // ops declared with `layer` (0 when the node has none)
+  float epsilon = 0.f;    // ops declared with `epsilon`
+  int64_t layer = 0;      // ops declared with `layer` (0 when the node has none)
+  void* data = nullptr;   // ops with per-node state (OpDef::create): e.g. LtGemm's cached plans
 };
 
 using ComputeFn = void (*)(OrtKernelContext*, const KernelState&);
@@ -151,6 +160,10 @@ struct OpDef : OrtCustomOp {
   bool epsilon;  // the node carries a float attribute `epsilon`
   bool layer;    // the node may carry an int attribute `layer`
   ComputeFn compute;
+  size_t required = 0;             // inputs from this index on are optional (0: all required)
+  uint32_t float32_inputs = 0;     // bit i: input i is float32 whatever `type` is
+  void* (*create)() = nullptr;     // per-node state in KernelState::data, made when the node is
+  void (*destroy)(void*) = nullptr;  // created and released with it
 };
 
 OpDef MakeOp(const char* name, ONNXTensorElementDataType type, size_t inputs, size_t outputs, ComputeFn compute,
