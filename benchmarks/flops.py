@@ -402,15 +402,20 @@ SHAPE_PRESERVING_CUDA_OPS = {"ConvNeXtMix": (0,), "BiasPRelu": (0,), "BiasResidu
 # semvoc's CUDA ops whose outputs are the halves of input 0's last axis (HeadNormRope: q|k -> q, k;
 # BiasGeglu: [value, gate] -> one output of the value's shape)
 HALVING_CUDA_OPS = {"HeadNormRope", "BiasGeglu"}
+# semvoc's CUDA ops that are a MatMul of inputs 0 and 1 (LtGemm: + bias and residual in the epilogue)
+GEMM_CUDA_OPS = {"LtGemm"}
 
 
 def replace_contrib_ops(model) -> None:
-    """Each contrib node or semvoc CUDA node -> Identity (or Split) nodes that give its outputs'
-    shapes (in place)."""
+    """Each contrib node or semvoc CUDA node -> Identity (or Split, or MatMul) nodes that give its
+    outputs' shapes (in place)."""
     from onnx import helper
 
     nodes = []
     for node in model.graph.node:
+        if node.domain == "semvoc.cuda" and node.op_type in GEMM_CUDA_OPS:  # its GEMM; the epilogue is not counted
+            nodes.append(helper.make_node("MatMul", list(node.input[:2]), [node.output[0]]))
+            continue
         if node.domain == "semvoc.cuda" and node.op_type in HALVING_CUDA_OPS:
             halves = list(node.output) + [f"{node.output[0]}__unused_half"] * (2 - len(node.output))
             nodes.append(helper.make_node("Split", [node.input[0]], halves, axis=-1, num_outputs=2))

@@ -272,9 +272,9 @@ class LtPlan {
   LtFusion fusion() const { return fusion_; }
   const lt::HeuristicResult& heuristic() const { return heuristic_; }
 
-  // Enqueue one call on `stream`. The caller serialises calls to one plan (the bias pointer is
-  // set on the shared descriptor).
-  void Run(const LtGemmArgs& args, cudaStream_t stream) {
+  // Enqueue one call on `stream`; returns cublasLtMatmul's status. The caller serialises calls to
+  // one plan (the bias pointer is set on the shared descriptor).
+  lt::Status Run(const LtGemmArgs& args, cudaStream_t stream) {
     const LtLibrary& api = LtApi();
     if (fusion_ != LtFusion::kNone && has_bias_) {
       CheckLt(api.MatmulDescSetAttribute(desc_, lt::kDescBiasPointer, &args.bias, sizeof(args.bias)),
@@ -288,10 +288,10 @@ class LtPlan {
       alpha = ones_;
       beta = args.scale;
     }
-    CheckLt(api.Matmul(handle_, desc_, alpha, args.w, a_, args.a, b_, beta, residual_in_c ? args.residual : args.out,
-                       c_, args.out, c_, &heuristic_.algo, workspace_->data, kLtWorkspaceBytes, stream),
-            "cublasLtMatmul");
-    if (fusion_ == LtFusion::kAll) return;
+    const lt::Status status = api.Matmul(handle_, desc_, alpha, args.w, a_, args.a, b_, beta,
+                                         residual_in_c ? args.residual : args.out, c_, args.out, c_, &heuristic_.algo,
+                                         workspace_->data, kLtWorkspaceBytes, stream);
+    if (status != lt::kStatusSuccess || fusion_ == LtFusion::kAll) return status;
     const T* bias = fusion_ == LtFusion::kNone ? static_cast<const T*>(args.bias) : nullptr;
     const T* residual = static_cast<const T*>(args.residual);
     T* out = static_cast<T*>(args.out);
@@ -305,6 +305,7 @@ class LtPlan {
                                                                   static_cast<int>(n_));
     }
     CheckCuda(cudaGetLastError(), "LtGemm epilogue kernel");
+    return status;
   }
 
  private:
@@ -379,11 +380,24 @@ class LtGemmInstance {
               "LtGemm: first call for M=" + std::to_string(args.m) + " N=" + std::to_string(args.n) + " K=" +
                   std::to_string(args.k) + " inside CUDA-graph capture, where it cannot allocate its workspace: "
                   "run the graph once without capture first (semvoc's runtime warms every graph up)");
-      auto plan = std::make_unique<LtPlan<T>>(args, device, stream, alignment, args.bias != nullptr,
-                                              args.residual != nullptr, args.scale != nullptr, first_);
-      found = plans_.emplace(key, std::move(plan)).first;
+      // The first call of a plan runs here, uncaptured: where cuBLASLt refuses the heuristic's
+      // algorithm at run time (e.g. a pointer mode it offered but does not take), the next
+      // epilogue level is planned instead, so that the op still computes what it documents.
+      LtFusion first = first_;
+      for (;;) {
+        auto plan = std::make_unique<LtPlan<T>>(args, device, stream, alignment, args.bias != nullptr,
+                                                args.residual != nullptr, args.scale != nullptr, first);
+        const lt::Status status = plan->Run(args, stream);
+        if (status == lt::kStatusSuccess) {
+          return *plans_.emplace(key, std::move(plan)).first->second;
+        }
+        if (plan->fusion() == LtFusion::kNone || (args.bias == nullptr && args.residual == nullptr)) {
+          CheckLt(status, "cublasLtMatmul");
+        }
+        first = static_cast<LtFusion>(static_cast<int>(plan->fusion()) + 1);
+      }
     }
-    found->second->Run(args, stream);
+    CheckLt(found->second->Run(args, stream), "cublasLtMatmul");
     return *found->second;
   }
 
