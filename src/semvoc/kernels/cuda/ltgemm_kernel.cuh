@@ -367,7 +367,9 @@ class LtGemmInstance {
 
   // Enqueue out = a w (+ bias) (+ residual (* scale)) on `stream`; the first call of a shape plans it.
   LtPlan<T>& Run(const LtGemmArgs& args, cudaStream_t stream) {
-    const unsigned alignment = Alignment({args.a, args.w, args.residual, args.out});
+    // the heuristic's choice assumes this alignment (of the bias and beta vector too): a call with
+    // less aligned buffers gets a plan of its own
+    const unsigned alignment = Alignment({args.a, args.w, args.bias, args.residual, args.scale, args.out});
     int device = 0;
     CheckCuda(cudaGetDevice(&device), "LtGemm: cudaGetDevice");
     const Key key{args.m, args.n, args.k, device, stream, alignment};
