@@ -11,6 +11,9 @@ residual as C with beta 1, or with per-channel alpha/beta vectors when it is sca
 cuBLASLt offers no algorithm for that, the rest runs in one small kernel after the GEMM. fp32
 accumulation, one rounding. Exported with ``semvoc-export --cuda-kernels``;
 ``SEMVOC_EXPORT_WITHOUT=LtGemm`` exports the previous MatMul + bias form instead.
+
+Unverified on a GPU so far: ``tests/test_cuda_kernels.py::test_lt_gemm_matches_its_reference`` and
+``benchmarks/device/kernel_bench/run.sh ltgemm`` are written for an H200 and have not run yet.
 """
 
 from __future__ import annotations

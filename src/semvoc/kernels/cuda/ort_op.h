@@ -1,7 +1,8 @@
 // semvoc's onnxruntime custom ops for the CUDA execution provider: the small C++ layer between
 // onnxruntime's C API (version 13: ort_api.h declares the part we use; a build with --ort-include
-// takes the official onnxruntime_c_api.h instead) and the kernels. Each op is stateless: the kernel object is the op definition itself, and
-// every launch goes on the stream onnxruntime gives the node (so CUDA-graph capture sees it).
+// takes the official onnxruntime_c_api.h instead) and the kernels. A node's kernel object is the op definition,
+// its attributes and, for ops that cache per node (LtGemm's cuBLASLt plans), a state object; every
+// launch goes on the stream onnxruntime gives the node (so CUDA-graph capture sees it).
 #pragma once
 
 #include <cuda_fp16.h>
