@@ -57,11 +57,11 @@ def test_linear_is_f_linear_plus_the_residual_either_way(switch, monkeypatch):
     torch.testing.assert_close(lt_linear(h, w, None, x), F.linear(h, w) + x)
 
 
-def _block_graph(tmp_path, residual_scale=1.0):
+def _block_graph(tmp_path, residual_scale=1.0, dtype=torch.float32):
     from tests.test_cuda_kernels import _block, _inputs
 
-    block = _block(residual_scale=residual_scale)
-    x, cond, scale = (t.transpose(1, 2) if t.dim() == 3 else t for t in _inputs(block))
+    block = _block(residual_scale=residual_scale).to(dtype)
+    x, cond, scale = ((t.transpose(1, 2) if t.dim() == 3 else t).to(dtype) for t in _inputs(block))
 
     class Step(torch.nn.Module):
         def forward(self, x, cond, scale):
@@ -89,6 +89,17 @@ def test_vocoder_block_exports_its_down_projection_as_one_lt_gemm(residual_scale
         assert len([i for i in node.input if i]) == 4
     else:
         assert init[node.input[4]].data_type == onnx.TensorProto.FLOAT and list(init[node.input[4]].dims) == [channels]
+
+
+def test_fp16_block_keeps_the_residual_scale_a_float32_initializer(tmp_path, monkeypatch):
+    """In an fp16 graph the scale's cast to float32 is folded at export: no Cast kernel per block."""
+    monkeypatch.delenv(WITHOUT_ENV, raising=False)
+    graph, _ = _block_graph(tmp_path, dtype=torch.float16)
+    assert "Cast" not in [n.op_type for n in graph.node]
+    node = next(n for n in graph.node if n.op_type == "LtGemm")
+    init = {i.name: i.data_type for i in graph.initializer}
+    assert init[node.input[1]] == init[node.input[2]] == onnx.TensorProto.FLOAT16
+    assert init[node.input[4]] == onnx.TensorProto.FLOAT
 
 
 def test_vocoder_block_without_lt_gemm_keeps_bias_residual(tmp_path, monkeypatch):
