@@ -323,9 +323,12 @@ VALUE(kPrefMinAlignmentCBytes, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES)
 VALUE(kPrefMinAlignmentDBytes, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES)
 static_assert(sizeof(lt::MatmulAlgo) == sizeof(cublasLtMatmulAlgo_t), "algo");
 static_assert(sizeof(lt::HeuristicResult) == sizeof(cublasLtMatmulHeuristicResult_t), "heuristic result");
-static_assert(offsetof(lt::HeuristicResult, workspaceSize) == offsetof(cublasLtMatmulHeuristicResult_t, workspaceSize), "ws");
-static_assert(offsetof(lt::HeuristicResult, state) == offsetof(cublasLtMatmulHeuristicResult_t, state), "state");
-static_assert(offsetof(lt::HeuristicResult, wavesCount) == offsetof(cublasLtMatmulHeuristicResult_t, wavesCount), "w");
+#define FIELD(NAME) \
+  static_assert(offsetof(lt::HeuristicResult, NAME) == offsetof(cublasLtMatmulHeuristicResult_t, NAME), #NAME);
+FIELD(algo)
+FIELD(workspaceSize)
+FIELD(state)
+FIELD(wavesCount)
 static_assert(sizeof(lt::Status) == sizeof(cublasStatus_t) && sizeof(lt::DataType) == sizeof(cudaDataType_t), "enums");
 '''
 
