@@ -406,14 +406,20 @@ HALVING_CUDA_OPS = {"HeadNormRope", "BiasGeglu"}
 # FLOPs of the dense function, whatever padded keys the kernel skips)
 ATTENTION_CUDA_OPS = {"CrossAttention"}
 
+# semvoc's CUDA ops that are a MatMul of inputs 0 and 1 (LtGemm: + bias and residual in the epilogue)
+GEMM_CUDA_OPS = {"LtGemm"}
+
 
 def replace_contrib_ops(model) -> None:
-    """Each contrib node or semvoc CUDA node -> Identity (Split, Attention) nodes that give its outputs'
-    shapes (in place)."""
+    """Each contrib node or semvoc CUDA node -> Identity (or Split, or MatMul) nodes that give its
+    outputs' shapes (in place)."""
     from onnx import helper
 
     nodes = []
     for node in model.graph.node:
+        if node.domain == "semvoc.cuda" and node.op_type in GEMM_CUDA_OPS:  # its GEMM; the epilogue is not counted
+            nodes.append(helper.make_node("MatMul", list(node.input[:2]), [node.output[0]]))
+            continue
         if node.domain == "semvoc.cuda" and node.op_type in HALVING_CUDA_OPS:
             halves = list(node.output) + [f"{node.output[0]}__unused_half"] * (2 - len(node.output))
             nodes.append(helper.make_node("Split", [node.input[0]], halves, axis=-1, num_outputs=2))

@@ -231,3 +231,138 @@ def test_library_compiles_against_the_official_header(official_include, tmp_path
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         for name, result in pool.map(compile_one, cuda_build.sources()):
             assert result.returncode == 0, f"{name}:\n{result.stderr[-3000:]}"
+
+
+def test_library_declares_lt_gemm_with_optional_inputs_and_a_float32_scale(built, tmp_path):
+    """onnxruntime (the CPU wheel: it checks the schema, then finds no CPU kernel) accepts LtGemm
+    with its optional inputs left out or named "", and a float32 residual_scale in an fp16 graph;
+    an fp16 residual_scale is a type error."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    def session_error(inputs: list[str], scale_type: int) -> str:
+        shapes = {"a": [2, 5, 8], "w": [8, 16], "bias": [16], "res": [2, 5, 16], "scale": [16]}
+        graph = helper.make_graph(
+            [helper.make_node("LtGemm", inputs, ["out"], domain=cuda_build.DOMAIN)], "g",
+            [helper.make_tensor_value_info(n, scale_type if n == "scale" else TensorProto.FLOAT16, shapes[n])
+             for n in inputs if n],
+            [helper.make_tensor_value_info("out", TensorProto.FLOAT16, None)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23),
+                                                        helper.make_opsetid(cuda_build.DOMAIN, 1)])
+        model.ir_version = 10
+        options = ort.SessionOptions()
+        options.register_custom_ops_library(str(built.path))
+        with pytest.raises(Exception) as error:
+            ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return str(error.value)
+
+    for inputs in (["a", "w"], ["a", "w", "bias"], ["a", "w", "", "res"], ["a", "w", "bias", "res", "scale"]):
+        assert "Failed to find kernel" in session_error(inputs, TensorProto.FLOAT), inputs
+    assert "Failed to find kernel" not in session_error(["a", "w", "bias", "res", "scale"], TensorProto.FLOAT16)
+
+
+def _cublaslt_include() -> Path | None:
+    """A folder with the official cublasLt.h: $CUBLAS_INCLUDE, else the nvidia-cublas wheel's."""
+    import site
+
+    folders = [os.environ.get("CUBLAS_INCLUDE")]
+    for base in [*site.getsitepackages(), site.getusersitepackages()]:
+        folders += [f"{base}/nvidia/cu13/include", f"{base}/nvidia/cublas/include"]
+    return next((Path(f) for f in folders if f and (Path(f) / "cublasLt.h").is_file()), None)
+
+
+LT_CHECKS = r'''
+#include <cublasLt.h>
+#include <cstddef>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include "cublaslt_api.h"
+namespace lt = semvoc::lt;
+template <typename F> struct Sig;
+template <typename R, typename... A> struct Sig<R (*)(A...)> {
+  static constexpr std::size_t n = sizeof...(A);
+  using Args = std::tuple<A...>;
+  using Ret = R;
+};
+// same arity, and every argument and the result of the same size and pointer-ness
+template <typename O, typename T, std::size_t... I>
+constexpr bool SameAbi(std::index_sequence<I...>) {
+  using OA = typename Sig<O>::Args;
+  using TA = typename Sig<T>::Args;
+  return ((sizeof(std::tuple_element_t<I, OA>) == sizeof(std::tuple_element_t<I, TA>) &&
+           std::is_pointer_v<std::tuple_element_t<I, OA>> == std::is_pointer_v<std::tuple_element_t<I, TA>>) && ...) &&
+         sizeof(typename Sig<O>::Ret) == sizeof(typename Sig<T>::Ret);
+}
+#define SAME(OURS, THEIRS) \
+  static_assert(Sig<lt::OURS>::n == Sig<decltype(&THEIRS)>::n && \
+                SameAbi<lt::OURS, decltype(&THEIRS)>(std::make_index_sequence<Sig<lt::OURS>::n>{}), #THEIRS);
+SAME(CreateFn, cublasLtCreate)
+SAME(GetStatusStringFn, cublasLtGetStatusString)
+SAME(GetVersionFn, cublasLtGetVersion)
+SAME(MatmulDescCreateFn, cublasLtMatmulDescCreate)
+SAME(MatmulDescDestroyFn, cublasLtMatmulDescDestroy)
+SAME(MatmulDescSetAttributeFn, cublasLtMatmulDescSetAttribute)
+SAME(MatrixLayoutCreateFn, cublasLtMatrixLayoutCreate)
+SAME(MatrixLayoutDestroyFn, cublasLtMatrixLayoutDestroy)
+SAME(PreferenceCreateFn, cublasLtMatmulPreferenceCreate)
+SAME(PreferenceDestroyFn, cublasLtMatmulPreferenceDestroy)
+SAME(PreferenceSetAttributeFn, cublasLtMatmulPreferenceSetAttribute)
+SAME(AlgoGetHeuristicFn, cublasLtMatmulAlgoGetHeuristic)
+SAME(MatmulFn, cublasLtMatmul)
+#define VALUE(OURS, THEIRS) static_assert(int(lt::OURS) == int(THEIRS), #THEIRS);
+VALUE(kStatusSuccess, CUBLAS_STATUS_SUCCESS)
+VALUE(kStatusNotSupported, CUBLAS_STATUS_NOT_SUPPORTED)
+VALUE(kCompute32F, CUBLAS_COMPUTE_32F)
+VALUE(kR32F, CUDA_R_32F)
+VALUE(kR16F, CUDA_R_16F)
+VALUE(kEpilogueDefault, CUBLASLT_EPILOGUE_DEFAULT)
+VALUE(kEpilogueBias, CUBLASLT_EPILOGUE_BIAS)
+VALUE(kPointerHost, CUBLASLT_POINTER_MODE_HOST)
+VALUE(kPointerDeviceVector, CUBLASLT_POINTER_MODE_DEVICE_VECTOR)
+VALUE(kDescPointerMode, CUBLASLT_MATMUL_DESC_POINTER_MODE)
+VALUE(kDescEpilogue, CUBLASLT_MATMUL_DESC_EPILOGUE)
+VALUE(kDescBiasPointer, CUBLASLT_MATMUL_DESC_BIAS_POINTER)
+VALUE(kDescBiasDataType, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE)
+VALUE(kPrefMaxWorkspaceBytes, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES)
+VALUE(kPrefMinAlignmentABytes, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES)
+VALUE(kPrefMinAlignmentBBytes, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES)
+VALUE(kPrefMinAlignmentCBytes, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES)
+VALUE(kPrefMinAlignmentDBytes, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES)
+static_assert(sizeof(lt::MatmulAlgo) == sizeof(cublasLtMatmulAlgo_t), "algo");
+static_assert(sizeof(lt::HeuristicResult) == sizeof(cublasLtMatmulHeuristicResult_t), "heuristic result");
+#define FIELD(NAME) \
+  static_assert(offsetof(lt::HeuristicResult, NAME) == offsetof(cublasLtMatmulHeuristicResult_t, NAME), #NAME);
+FIELD(algo)
+FIELD(workspaceSize)
+FIELD(state)
+FIELD(wavesCount)
+static_assert(sizeof(lt::Status) == sizeof(cublasStatus_t) && sizeof(lt::DataType) == sizeof(cudaDataType_t), "enums");
+'''
+
+
+@pytest.mark.parametrize("mutation", [None, ("kEpilogueBias = 4", "kEpilogueBias = 5")], ids=["ours", "a-wrong-value"])
+def test_our_declaration_of_cublaslt_matches_the_official_header(mutation, tmp_path):
+    """cuda/cublaslt_api.h (what LtGemm resolves with dlsym) against cublasLt.h, where one is on the
+    machine: values, struct layouts, and each entry point's arity and argument sizes. A changed
+    value fails the check."""
+    include = _cublaslt_include()
+    if include is None:
+        pytest.skip("no official cublasLt.h here (set CUBLAS_INCLUDE or pip install nvidia-cublas)")
+    try:
+        nvcc = cuda_build.find_nvcc()
+    except cuda_build.KernelBuildError as err:
+        pytest.skip(str(err))
+    ours = (cuda_build.CUDA_SOURCES_DIR / "cublaslt_api.h").read_text()
+    if mutation:
+        assert mutation[0] in ours
+        ours = ours.replace(*mutation)
+    (tmp_path / "cublaslt_api.h").write_text(ours)
+    (tmp_path / "check.cu").write_text(LT_CHECKS)
+    result = subprocess.run([nvcc, "-std=c++17", "-x", "cu", "-c", "-I", str(tmp_path), "-I", str(include),
+                             str(tmp_path / "check.cu"), "-o", str(tmp_path / "check.o")], capture_output=True,
+                            text=True)
+    if mutation is None:
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        assert result.returncode != 0 and "CUBLASLT_EPILOGUE_BIAS" in result.stderr

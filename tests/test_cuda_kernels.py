@@ -100,7 +100,8 @@ def test_references_are_what_the_kernels_document():
                                (normed + cond) * ts[:, None, :], rtol=1e-5, atol=1e-5)
 
 
-def test_export_emits_one_cuda_op_each_and_plain_gemms(tmp_path):
+def test_export_emits_one_cuda_op_each_and_plain_gemms(tmp_path, monkeypatch):
+    monkeypatch.delenv("SEMVOC_EXPORT_WITHOUT", raising=False)
     block = _block()
     x, cond, scale = (t.transpose(1, 2) if t.dim() == 3 else t for t in _inputs(block))
 
@@ -113,17 +114,18 @@ def test_export_emits_one_cuda_op_each_and_plain_gemms(tmp_path):
                       custom_translation_table=translation_table()).save(str(path))
     graph = onnx.load(str(path)).graph
     ours = sorted(n.op_type for n in graph.node if n.domain == CUDA_DOMAIN)
-    assert ours == ["BiasPRelu", "BiasResidual", "ConvNeXtMix"]
-    assert [n.op_type for n in graph.node if n.domain != CUDA_DOMAIN] == ["MatMul", "MatMul"]
+    assert ours == ["BiasPRelu", "ConvNeXtMix", "LtGemm"]  # the down-projection, its bias and residual: LtGemm
+    assert [n.op_type for n in graph.node if n.domain != CUDA_DOMAIN] == ["MatMul"]
 
 
-def test_vocoder_step_with_cuda_ops_exports_folded_branches(tmp_path):
+def test_vocoder_step_with_cuda_ops_exports_folded_branches(tmp_path, monkeypatch):
     """Each branch: one GEMM from the frames, BiasNorm, the blocks reading the whole tables (no
     Split), one GEMM to frame pieces, overlap-add; no STFT basis, envelope or branch stack left."""
     from semvoc.export import wrappers as W
     from semvoc.models.config import preset
     from semvoc.models.model import build_model
 
+    monkeypatch.delenv("SEMVOC_EXPORT_WITHOUT", raising=False)
     vocoder = build_model(preset("demo"), seed=0).vocoder.eval()
     vocoder.use_export_kernels(cuda_ops=True)
     assert vocoder.folded
@@ -141,7 +143,10 @@ def test_vocoder_step_with_cuda_ops_exports_folded_branches(tmp_path):
     branches, layers = len(vocoder.estimators), sum(vocoder.cfg.num_layers)
     assert ops.count("BiasNorm") == branches and ops.count("ConvNeXtMix") == layers
     assert {"Split", "ReduceMean", "Pow", "Expand"}.isdisjoint(ops)
-    assert ops.count("MatMul") == 2 * branches + 2 * layers
+    # per branch a GEMM from the frames and one to the pieces (LtGemm, its bias inside); per block
+    # the up-projection and the down-projection with bias and residual (LtGemm)
+    assert ops.count("MatMul") == branches + layers and ops.count("LtGemm") == branches + layers
+    assert "BiasResidual" not in ops
     mix_layers = sorted(a.i for n in nodes if n.op_type == "ConvNeXtMix" for a in n.attribute if a.name == "layer")
     assert mix_layers == sorted(i for n in vocoder.cfg.num_layers for i in range(n))
 
@@ -181,7 +186,7 @@ def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path, monkeypatch):
     assert {produced.get(n.input[0]) for n in nodes if n.op_type == "BiasAddNorm"} == {"MatMul"}
     concat_readers = [n.op_type for n in nodes if n.input and produced.get(n.input[0]) == "Concat"]
     assert "LayerNormalization" not in concat_readers
-    assert concat_readers.count("MatMul") == 1  # only the final 3-tap convolution's taps (conv_as_gemm)
+    assert concat_readers.count("MatMul") + concat_readers.count("LtGemm") == 1  # the final 3-tap conv (conv_as_gemm)
     assert ops.count("HeadNormRope") == len(blocks) and ops.count("HeadNorm") == len(blocks)  # self q|k, cross q
     # cross-attention: one CrossAttention per block on the bool text mask (no additive bias built),
     # onnxruntime's Attention for the self-attention only
@@ -214,7 +219,9 @@ def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path, monkeypatch):
         return {n.op_type for n in nodes if produced & set(n.input)}
 
     assert readers("HeadNormRope", 0) == readers("HeadNormRope", 1) == {"Attention"}  # no Split between
-    assert readers("GatedSkipNorm", 0) == {"MatMul"}  # the adaLN modulation is in the norm's affine
+    # the adaLN modulation is in the norm's affine: GEMMs read it directly (the final layer's
+    # linear, with its bias, is an LtGemm)
+    assert readers("GatedSkipNorm", 0) == {"MatMul", "LtGemm"}
     assert readers("CrossAttention", 0) == {"MatMul"}  # straight into the out-projection
 
 
@@ -785,6 +792,74 @@ def test_cross_attention_graph_replay_follows_the_mask(cuda_library, tmp_path):
         values[3].update_inplace(inputs[3])
         session.run_with_iobinding(binding)
         _cross_close(out.numpy(), _cross_expected(inputs, 16), inputs[2], np.float16, ("replayed", valid))
+
+
+# LtGemm: a [..., K] @ w [K, N] with the optional inputs named by `inputs` (b: bias, r: residual,
+# s: residual_scale, float32). The step graphs' shapes and the op's edges:
+LT_CASES = {
+    # the vocoder's down-projection (branch 2 of the reference vocoder at batch 1): bias, scaled residual
+    "vocoder-down": ((1, 4001, 1152), 384, "brs"),
+    # the DiT's U-Net skip projection at batch 1 with CFG: bias only
+    "dit-skip": ((2, 250, 2048), 1024, "b"),
+    # a residual without scale (cuBLASLt's C with beta 1) and no bias (an empty input name)
+    "residual-only": ((2, 37, 64), 48, "r"),
+    # rows of 21 and 37 values: no 16-byte vectors, cuBLASLt's unaligned kernels, the tail's scalar path
+    "odd-sizes": ((3, 29, 37), 21, "brs"),
+    # M = 1, no epilogue
+    "one-row-plain": ((1, 1, 64), 40, ""),
+}
+
+
+def _lt_gemm_model(inputs: list[np.ndarray], present: str, path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    elem = TensorProto.FLOAT16 if inputs[0].dtype == np.float16 else TensorProto.FLOAT
+    names, node_inputs, index = [], ["in0", "in1"], 2
+    for flag in "brs":  # bias?, residual?, residual_scale?: "" where left out
+        node_inputs.append(f"in{index}" if flag in present else "")
+        index += flag in present
+    while node_inputs[-1] == "":
+        node_inputs.pop()
+    names = [n for n in node_inputs if n]
+    types = [TensorProto.FLOAT if (n == names[-1] and "s" in present) else elem for n in names]
+    graph = helper.make_graph(
+        [helper.make_node("LtGemm", node_inputs, ["out0"], domain=CUDA_DOMAIN)], "LtGemm",
+        [helper.make_tensor_value_info(n, t, list(a.shape)) for n, t, a in zip(names, types, inputs, strict=True)],
+        [helper.make_tensor_value_info("out0", elem, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(CUDA_DOMAIN, 1)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fusion", ["1", "2", "3"], ids=["all-in-gemm", "bias-in-gemm", "tail-kernel"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("case", sorted(LT_CASES))
+def test_lt_gemm_matches_its_reference(case, dtype, fusion, cuda_library, tmp_path, monkeypatch):
+    """Each epilogue level ($SEMVOC_LTGEMM_FUSION starts the list there; 1 falls back by itself
+    where cuBLASLt has no algorithm), plain and replayed from a CUDA graph."""
+    from semvoc.kernels.ltgemm import lt_gemm_reference
+
+    monkeypatch.setenv("SEMVOC_LTGEMM_FUSION", fusion)
+    shape, n, present = LT_CASES[case]
+    g = torch.Generator().manual_seed(13)
+    k = shape[-1]
+    a, w = torch.randn(*shape, generator=g), torch.randn(k, n, generator=g) / k ** 0.5
+    extra = {"b": torch.randn(n, generator=g), "r": torch.randn(*shape[:-1], n, generator=g),
+             "s": torch.rand(n, generator=g) + 0.5}
+    inputs = [a.numpy().astype(dtype), w.numpy().astype(dtype)]
+    inputs += [extra[f].numpy().astype(np.float32 if f == "s" else dtype) for f in "brs" if f in present]
+    rounded = [torch.from_numpy(x.astype(np.float32)) for x in inputs]
+    args = dict(zip([f for f in "brs" if f in present], rounded[2:], strict=True))
+    want = lt_gemm_reference(rounded[0], rounded[1], args.get("b"), args.get("r"), args.get("s")).numpy()
+    path = tmp_path / "lt_gemm.onnx"
+    _lt_gemm_model(inputs, present, path)
+    for cuda_graph in (False, True):
+        (out,) = _run_cuda(path, cuda_library, inputs, [want.shape], cuda_graph)
+        assert out.shape == want.shape and out.dtype == dtype
+        bound = 1e-5 if dtype == np.float32 else 4e-3
+        error = np.abs(out.astype(np.float32) - want).max()
+        assert error <= bound * np.abs(want).max(), (case, dtype, fusion, cuda_graph, error)
 
 
 @pytest.mark.gpu

@@ -11,14 +11,18 @@ import pytest
 from semvoc.kernels import cuda_build
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "device" / "kernel_bench"
-BENCHES = sorted(BENCH_DIR.glob("*_bench.cu"))
+ALL_BENCHES = sorted(BENCH_DIR.glob("*_bench.cu"))
+# Benches built against cuBLAS (ltgemm: its baseline is cublasGemmEx) need cuBLAS headers, which
+# CI does not have: they are left out of the compile check. The op library they include builds
+# without them (tests/test_cuda_build.py).
+BENCHES = [b for b in ALL_BENCHES if "SEMVOC-BENCH-NEEDS: cublas" not in b.read_text()]
 
 
 def test_run_sh_names_the_benches_for_an_unknown_op():
     result = subprocess.run(["bash", str(BENCH_DIR / "run.sh"), "no_such_op"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "no_such_op_bench.cu" in result.stderr
-    assert all(b.name.removesuffix("_bench.cu") in result.stderr for b in BENCHES)
+    assert all(b.name.removesuffix("_bench.cu") in result.stderr for b in ALL_BENCHES)
 
 
 @pytest.mark.parametrize("bench", BENCHES, ids=[b.stem for b in BENCHES])

@@ -9,29 +9,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 nvcc=${NVCC:-nvcc}
 command -v "$nvcc" > /dev/null || { echo "$0: nvcc not found: put a CUDA toolkit's bin/ on PATH or set NVCC" >&2; exit 2; }
-candidates=$(python3 - <<'PY' 2>/dev/null || true
-import site, sys
-for base in [*site.getsitepackages(), site.getusersitepackages(), *sys.path]:
-    for sub in ("nvidia/cu13", "nvidia/cublas", "nvidia/cu12"):
-        print(f"{base}/{sub}")
-PY
-)
-toolkit=$(cd "$(dirname "$(command -v "$nvcc")")/.." && pwd)
-candidates="$candidates $toolkit $toolkit/targets/x86_64-linux"
-include=${CUBLAS_INCLUDE:-}
-lib=${CUBLAS_LIB:-}
-for dir in $candidates; do
-  [ -z "$include" ] && [ -f "$dir/include/cublasLt.h" ] && include=$dir/include
-  if [ -z "$lib" ]; then
-    for l in "$dir/lib" "$dir/lib64"; do
-      ls "$l"/libcublasLt.so* > /dev/null 2>&1 && { lib=$l; break; }
-    done
-  fi
-done
-[ -n "$include" ] || { echo "$0: no cublasLt.h found: pip install nvidia-cublas, or set CUBLAS_INCLUDE" >&2; exit 2; }
-[ -n "$lib" ] || { echo "$0: no libcublasLt.so found: pip install nvidia-cublas, or set CUBLAS_LIB" >&2; exit 2; }
-lt=$(cd "$lib" && ls libcublasLt.so* | sort | tail -1)
-blas=$(cd "$lib" && ls libcublas.so* | sort | tail -1)
+. "$here/../find_cublas.sh"
 arch=${CUDA_ARCH:-90}
 arch=${arch#sm_}
 build=$(mktemp -d)

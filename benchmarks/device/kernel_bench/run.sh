@@ -3,7 +3,9 @@
 #   benchmarks/device/kernel_bench/run.sh <op> [arguments for the benchmark]
 # compiles <op>_bench.cu with `nvcc -O3 -std=c++17 -arch=sm_${CUDA_ARCH:-90}` (the op library's
 # sources, src/semvoc/kernels/cuda, on the include path) into a temporary folder and runs it.
-# Needs a GPU and nvcc (PATH, or $NVCC); no onnxruntime.
+# Needs a GPU and nvcc (PATH, or $NVCC); no onnxruntime. A bench marked "SEMVOC-BENCH-NEEDS: cublas"
+# (ltgemm) is also built against cuBLAS, found as benchmarks/device/find_cublas.sh says
+# ($CUBLAS_INCLUDE / $CUBLAS_LIB, or the nvidia-cublas wheel).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 op=${1:-}
@@ -19,6 +21,12 @@ arch=${CUDA_ARCH:-90}
 arch=${arch#sm_}
 build=$(mktemp -d)
 trap 'rm -rf "$build"' EXIT
+extra=()
+if grep -q "SEMVOC-BENCH-NEEDS: cublas" "$here/${op}_bench.cu"; then
+  . "$here/../find_cublas.sh"
+  echo "cuBLAS headers: $include; libraries: $lib ($lt, $blas)"
+  extra=(-I "$include" -L "$lib" -l:"$lt" -l:"$blas" -Xlinker -rpath="$lib")
+fi
 "$nvcc" -O3 -std=c++17 -arch="sm_$arch" -I "$here/../../../src/semvoc/kernels/cuda" \
-    -o "$build/${op}_bench" "$here/${op}_bench.cu"
+    -o "$build/${op}_bench" "$here/${op}_bench.cu" "${extra[@]}"
 "$build/${op}_bench" "$@"

@@ -11,21 +11,24 @@ they run on cuBLAS, like everything else, with the same function.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def conv1d_channels_last(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+def conv1d_channels_last(x: torch.Tensor, conv: nn.Conv1d, linear: Callable = F.linear) -> torch.Tensor:
     """``conv(x.transpose(1, 2)).transpose(1, 2)`` for x ``[B, T, C_in]``, as one GEMM over the
-    kernel's taps: ``[B, T', K C_in] @ [K C_in, C_out]``. Covers ``groups=1``, dilation 1, zero
-    padding, with stride 1 or stride = kernel size (a patch embedding)."""
+    kernel's taps: ``[B, T', K C_in] @ [K C_in, C_out]`` (``linear(taps, weight, bias)``, e.g. a
+    GEMM with the bias in its epilogue). Covers ``groups=1``, dilation 1, zero padding, with
+    stride 1 or stride = kernel size (a patch embedding)."""
     (k,), (stride,), (pad,) = conv.kernel_size, conv.stride, conv.padding
     if conv.groups != 1 or conv.dilation != (1,) or conv.padding_mode != "zeros" or stride not in (1, k):
         raise ValueError(f"conv1d_channels_last covers groups=1 convolutions with stride 1 or {k}: got {conv}")
     weight = conv.weight.permute(0, 2, 1).reshape(conv.out_channels, k * conv.in_channels)  # [C_out, K C_in]
     if k == 1:
-        return F.linear(x[:, ::stride] if stride > 1 else x, weight, conv.bias)
+        return linear(x[:, ::stride] if stride > 1 else x, weight, conv.bias)
     if pad:
         x = F.pad(x, (0, 0, pad, pad))  # [B, T + 2 pad, C_in]
     frames = (x.shape[1] - k) // stride + 1
@@ -33,7 +36,7 @@ def conv1d_channels_last(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
         taps = x[:, : frames * k].reshape(x.shape[0], frames, k * x.shape[2])
     else:
         taps = torch.cat([x[:, j : j + frames] for j in range(k)], dim=-1)  # [B, T', K C_in]
-    return F.linear(taps, weight, conv.bias)
+    return linear(taps, weight, conv.bias)
 
 
 def depthwise_conv1d_channels_last(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:

@@ -27,8 +27,10 @@ residual and the next norm), ``BiasGeglu`` (GEGLU after one GEMM of both halves)
 ``CrossAttention`` (the masked cross-attention, reading the bool text mask itself: no mask bias,
 and the padded keys past the text's last token are skipped), and on the U-Net skip path
 ``GatedConcatNorm`` (pending MLP output, concatenation and skip_norm), ``BiasAddNorm``
-(skip_linear's bias and norm1) and ``LayerNorm`` for the first block's norm1
-(``kernels/skip_norm.py``; ``SEMVOC_EXPORT_WITHOUT=<op>`` leaves one out of an export).
+(skip_linear's bias and norm1) and ``LayerNorm`` for the first block's norm1, and ``LtGemm``
+(a GEMM with its bias in cuBLASLt's epilogue: the final layer's linear, the U-Net skip projections
+when BiasAddNorm is off, and the q|k, v and cross-attention q projections of models that give them
+a bias). ``SEMVOC_EXPORT_WITHOUT=<op>`` leaves one out of an export.
 
 Covered: the adaLN time fusions, cross-attention, LayerNorm, qk_norm None/layernorm, RoPE
 none/shared, GEGLU/GELU feed-forwards. Other configurations export through the generic form
@@ -50,6 +52,7 @@ from semvoc.kernels.bias_gelu import bias_gelu
 from semvoc.kernels.cross_attention import cross_attention
 from semvoc.kernels.gated_skip_norm import gated_skip_norm
 from semvoc.kernels.head_norm import head_norm, head_norm_rope
+from semvoc.kernels.ltgemm import linear as lt_linear
 from semvoc.kernels.onnx_ops import fusion_enabled
 from semvoc.kernels.rotary import rope_tables, rotary
 from semvoc.kernels.skip_layernorm import skip_layer_norm
@@ -112,6 +115,14 @@ def fused_cross_kv(dit: UDiT, context_tokens: torch.Tensor) -> tuple[torch.Tenso
     return tuple(out)
 
 
+def biased_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cuda_ops: bool) -> torch.Tensor:
+    """``F.linear``; with ``cuda_ops`` and a bias, one semvoc ``LtGemm`` (bias in the GEMM's epilogue)
+    instead of a MatMul and an Add."""
+    if cuda_ops and bias is not None:
+        return lt_linear(h, weight, bias)
+    return F.linear(h, weight, bias)
+
+
 def gated_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor,
                beta: torch.Tensor, eps: float, cuda_ops: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``sum = x + y * gate + bias``, ``LN(sum) * weight + beta`` -> (normed, sum): one semvoc
@@ -165,8 +176,8 @@ class FusedBlock(nn.Module):
     def _self_attention(self, h: torch.Tensor, rope: tuple | None) -> torch.Tensor:
         attn = self.blk.attn
         batch, length, dim = h.shape
-        qk = F.linear(h, self.w_qk, self.b_qk)  # [B, L, 2D]
-        v = attn.to_v(h)
+        qk = biased_linear(h, self.w_qk, self.b_qk, self.cuda_ops)  # [B, L, 2D]
+        v = biased_linear(h, attn.to_v.weight, attn.to_v.bias, self.cuda_ops)
         if self.qk_norm and self.cuda_ops and self.rope:  # one semvoc.cuda op: norms, RoPE, q/k split
             q, k = head_norm_rope(qk, self.qk_gamma, self.qk_beta, rope[0], rope[1], attn.norm_q.eps)
         else:
@@ -186,7 +197,7 @@ class FusedBlock(nn.Module):
                          mask: torch.Tensor | None) -> torch.Tensor:
         cross = self.blk.cross_attn
         batch, length, dim = h.shape
-        q = cross.to_q(h)
+        q = biased_linear(h, cross.to_q.weight, cross.to_q.bias, self.cuda_ops)
         if self.qk_norm and self.cuda_ops:
             q = head_norm(q, cross.norm_q.weight, cross.norm_q.bias, cross.norm_q.eps)
         elif self.qk_norm:
@@ -224,7 +235,7 @@ class FusedBlock(nn.Module):
         if self.fuse_bias_norm:
             y = F.linear(joined, blk.skip_linear.weight)
             return bias_add_norm(y, _zeros_like_bias(blk.skip_linear), norm1_w, norm1_b, blk.norm1.eps)
-        x = blk.skip_linear(joined)
+        x = biased_linear(joined, blk.skip_linear.weight, blk.skip_linear.bias, self.cuda_ops)
         return F.layer_norm(x, x.shape[-1:], norm1_w, norm1_b, blk.norm1.eps), x
 
     # ------------------------------------------------------------------ block
@@ -274,13 +285,16 @@ class FusedDiT(nn.Module):
         self.blocks = nn.ModuleList([FusedBlock(b, self.heads, cuda_ops, self.cross_attention_op)
                                      for b in dit.blocks])
 
+    def _linear(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return biased_linear(h, weight, bias, self.cuda_ops)
+
     def forward(self, x: torch.Tensor, step_rows: torch.Tensor, cross_kv: Sequence[torch.Tensor],
                 context_mask: torch.Tensor | None) -> torch.Tensor:
         """x ``[B, C, T]``, step_rows ``[8 n + 2, D]`` (one row of ``time_table``), cross_kv
         ``(k_0, v_0, ..., k_n-1, v_n-1)`` ``[B, S, D]`` each (``fused_cross_kv``), context_mask
         ``[B, S]`` bool -> ``[B, C, T]``."""
         dit = self.dit
-        h = dit.x_pe(conv1d_channels_last(x.transpose(1, 2), dit.patch_embed.proj))  # [B, N, D], no cuDNN
+        h = dit.x_pe(conv1d_channels_last(x.transpose(1, 2), dit.patch_embed.proj, self._linear))  # [B, N, D]
         batch, length, _ = h.shape
         rope = None
         if any(b.rope for b in self.blocks):
@@ -304,7 +318,8 @@ class FusedDiT(nn.Module):
         final = dit.final_block
         weight, beta = (r.reshape(-1) for r in step_rows[ROWS_PER_BLOCK * n:].chunk(FINAL_ROWS))
         h, _ = gated_norm(h, *pending, weight, beta, final.norm.eps, self.cuda_ops)  # modulation folded in
-        h = final.linear(h).reshape(batch, length * final.patch_size, final.out_chans)  # [B, N p, C]
+        h = biased_linear(h, final.linear.weight, final.linear.bias, self.cuda_ops)  # [B, N, p*C]
+        h = h.reshape(batch, length * final.patch_size, final.out_chans)  # [B, N p, C]
         if isinstance(final.final_layer, nn.Conv1d):
-            h = conv1d_channels_last(h, final.final_layer)
+            h = conv1d_channels_last(h, final.final_layer, self._linear)
         return h.transpose(1, 2)

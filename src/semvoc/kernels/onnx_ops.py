@@ -22,6 +22,7 @@ CUDA_DOMAIN = "semvoc.cuda"
 _FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 _TRANSLATIONS: dict = {}
 WITHOUT_ENV = "SEMVOC_EXPORT_WITHOUT"
+_FLOAT32_PARAMS = {"mean", "inv_std_var", "residual_scale"}  # float32 in every engine (type U)
 
 
 def fusion_enabled(name: str) -> bool:
@@ -36,8 +37,8 @@ def fusion_enabled(name: str) -> bool:
 def contrib_op(name: str, inputs: list[str], outputs: list[str], attributes: dict[str, OpSchema.AttrType],
                domain: str = MS_DOMAIN):
     """An onnxscript ``Op`` of onnxruntime's contrib domain (or ``domain``); ``name?`` marks an
-    optional parameter; every tensor is of type T (float types), except ``mean``/``inv_std_var`` (U,
-    float) and ``key_mask`` (B, bool)."""
+    optional parameter; every tensor is of type T (float types), except ``mean``/``inv_std_var`` and
+    ``residual_scale`` (U, float32) and ``key_mask`` (B, bool)."""
     from onnxscript.values import Op, Opset
 
     if not onnx.defs.has(name, domain):
@@ -48,7 +49,7 @@ def contrib_op(name: str, inputs: list[str], outputs: list[str], attributes: dic
             out = []
             for n in names:
                 base = n.rstrip("?")
-                kind = "U" if base in ("mean", "inv_std_var") else "B" if base == "key_mask" else "T"
+                kind = "U" if base in _FLOAT32_PARAMS else "B" if base == "key_mask" else "T"
                 out.append(param(base, kind, param_option=optional) if n.endswith("?") else param(base, kind))
             return out
 
@@ -77,6 +78,7 @@ def translation_table() -> dict:
         cross_attention,
         gated_skip_norm,
         head_norm,
+        ltgemm,
         rotary,
         skip_layernorm,
         skip_norm,

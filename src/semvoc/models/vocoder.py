@@ -27,7 +27,10 @@ from semvoc.kernels.bias_norm import bias_norm_op
 from semvoc.kernels.bias_prelu import bias_prelu
 from semvoc.kernels.bias_residual import bias_residual
 from semvoc.kernels.convnext_mix import convnext_mix
+from semvoc.kernels.ltgemm import NAME as LT_GEMM
+from semvoc.kernels.ltgemm import linear as lt_linear
 from semvoc.kernels.norms import BiasNorm, bias_norm
+from semvoc.kernels.onnx_ops import fusion_enabled
 from semvoc.kernels.stft import (
     ConvISTFT,
     ConvSTFT,
@@ -127,12 +130,18 @@ class ConvNeXtBlock(nn.Module):
     def forward_channels_last(self, x: torch.Tensor, cond_bias: torch.Tensor, time_scale: torch.Tensor,
                               layer: int = 0) -> torch.Tensor:
         """``forward_prepared`` on ``[B, L, C]`` as semvoc's CUDA ops: ConvNeXtMix, a GEMM,
-        BiasPRelu, a GEMM, BiasResidual. cond_bias ``[B, L, C]``, time_scale ``[B|1, C]``, or the
-        decoder's tables ``[N, B, L, C]`` and ``[1, N, C]`` of which this block reads entry ``layer``."""
+        BiasPRelu, then the down-projection with its bias and the scaled residual as one LtGemm
+        (cuBLASLt's epilogue; with ``SEMVOC_EXPORT_WITHOUT=LtGemm`` a GEMM and BiasResidual).
+        cond_bias ``[B, L, C]``, time_scale ``[B|1, C]``, or the decoder's tables ``[N, B, L, C]``
+        and ``[1, N, C]`` of which this block reads entry ``layer``."""
         dw = self.dwconv
         y = convnext_mix(x, dw.weight, dw.bias, self.norm.bias, self.norm.log_scale, cond_bias, time_scale, layer)
         h = bias_prelu(F.linear(y, self.pwconv1.weight[:, :, 0]), self.pwconv1.bias, self.act.weight)
-        scale = self.residual_scale.scale.reshape(-1) if hasattr(self, "residual_scale") else torch.ones_like(dw.bias)
+        scaled = hasattr(self, "residual_scale")
+        if fusion_enabled(LT_GEMM):  # no scale: the residual is cuBLASLt's C with beta = 1
+            return lt_linear(h, self.pwconv2.weight[:, :, 0], self.pwconv2.bias, x,
+                             self.residual_scale.scale.reshape(-1) if scaled else None)
+        scale = self.residual_scale.scale.reshape(-1) if scaled else torch.ones_like(dw.bias)
         return bias_residual(F.linear(h, self.pwconv2.weight[:, :, 0]), self.pwconv2.bias, x, scale)
 
     def forward(self, x, cond=None, time_embed=None):
@@ -297,7 +306,7 @@ class AudioConvNeXt(nn.Module):
         h = bias_norm_op(h, self.fold_in_bias, dec.in_norm.bias, dec.in_norm.log_scale)
         for layer, block in enumerate(dec.blocks):
             h = block.forward_channels_last(h, cond_table, time_row, layer)
-        pieces = F.linear(h, self.fold_out_weight, self.fold_out_bias)  # [B, F, n_fft]
+        pieces = lt_linear(h, self.fold_out_weight, self.fold_out_bias)  # [B, F, n_fft]
         return overlap_add_halves(pieces.float())
 
 

@@ -16,6 +16,9 @@ void GatedConcatNormCompute(OrtKernelContext* ctx, const KernelState&);
 void BiasAddNormCompute(OrtKernelContext* ctx, const KernelState&);
 void LayerNormCompute(OrtKernelContext* ctx, const KernelState&);
 void CrossAttentionCompute(OrtKernelContext* ctx, const KernelState&);
+void LtGemmCompute(OrtKernelContext* ctx, const KernelState&);
+void* LtGemmCreate();
+void LtGemmDestroy(void* state);
 
 // A node's kernel: its op and the attributes it was created with.
 struct Kernel {
@@ -29,6 +32,7 @@ const OrtApi* Api() { return g_api; }
 static void* CreateKernel(const OrtCustomOp* custom_op, const OrtApi* api, const OrtKernelInfo* info) {
   const OpDef* op = static_cast<const OpDef*>(custom_op);
   Kernel* kernel = new Kernel{op, {}};
+  if (op->create != nullptr) kernel->state.data = op->create();
   if (op->epsilon) Check(api->KernelInfoGetAttribute_float(info, "epsilon", &kernel->state.epsilon), "attribute epsilon");
   if (op->layer) {  // optional: a node without it reads layer 0
     if (OrtStatus* status = api->KernelInfoGetAttribute_int64(info, "layer", &kernel->state.layer)) {
@@ -42,10 +46,13 @@ static void* CreateKernel(const OrtCustomOp* custom_op, const OrtApi* api, const
 }
 static const char* GetName(const OrtCustomOp* op) { return static_cast<const OpDef*>(op)->name; }
 static const char* GetProvider(const OrtCustomOp*) { return "CUDAExecutionProvider"; }
-static ONNXTensorElementDataType GetType(const OrtCustomOp* op, size_t) { return static_cast<const OpDef*>(op)->type; }
 static ONNXTensorElementDataType GetInputType(const OrtCustomOp* custom_op, size_t index) {
   const OpDef* op = static_cast<const OpDef*>(custom_op);
-  return static_cast<int>(index) == op->bool_input ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : op->type;
+  if (static_cast<int>(index) == op->bool_input) return ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL;
+  return index < 32 && (op->float32_inputs >> index) & 1u ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : op->type;
+}
+static ONNXTensorElementDataType GetOutputType(const OrtCustomOp* op, size_t) {
+  return static_cast<const OpDef*>(op)->type;
 }
 static size_t GetInputCount(const OrtCustomOp* op) { return static_cast<const OpDef*>(op)->inputs; }
 static size_t GetOutputCount(const OrtCustomOp* op) { return static_cast<const OpDef*>(op)->outputs; }
@@ -53,7 +60,15 @@ static void Compute(void* kernel, OrtKernelContext* ctx) {
   const Kernel* k = static_cast<const Kernel*>(kernel);
   k->op->compute(ctx, k->state);
 }
-static void Destroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
+static void Destroy(void* kernel) {
+  Kernel* k = static_cast<Kernel*>(kernel);
+  if (k->op->destroy != nullptr) k->op->destroy(k->state.data);
+  delete k;
+}
+static OrtCustomOpInputOutputCharacteristic InputCharacteristic(const OrtCustomOp* custom_op, size_t index) {
+  const OpDef* op = static_cast<const OpDef*>(custom_op);
+  return op->required != 0 && index >= op->required ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
 static OrtCustomOpInputOutputCharacteristic Required(const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; }
 static OrtMemType DeviceMemory(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
 
@@ -67,11 +82,11 @@ OpDef MakeOp(const char* name, ONNXTensorElementDataType type, size_t inputs, si
   op.GetExecutionProviderType = GetProvider;
   op.GetInputType = GetInputType;
   op.GetInputTypeCount = GetInputCount;
-  op.GetOutputType = GetType;
+  op.GetOutputType = GetOutputType;
   op.GetOutputTypeCount = GetOutputCount;
   op.KernelCompute = Compute;
   op.KernelDestroy = Destroy;
-  op.GetInputCharacteristic = Required;
+  op.GetInputCharacteristic = InputCharacteristic;
   op.GetOutputCharacteristic = Required;
   op.GetInputMemoryType = DeviceMemory;
   op.name = name;
@@ -103,6 +118,12 @@ static std::vector<OpDef>& Ops() {
       all.push_back(MakeOp("LayerNorm", type, 3, 1, LayerNormCompute, /*epsilon=*/true));
       all.push_back(MakeOp("CrossAttention", type, 4, 1, CrossAttentionCompute, /*epsilon=*/false, /*layer=*/false,
                            /*num_heads=*/true, /*bool_input=*/3));
+      OpDef lt_gemm = MakeOp("LtGemm", type, 5, 1, LtGemmCompute);  // a, w, bias?, residual?, residual_scale?
+      lt_gemm.required = 2;
+      lt_gemm.float32_inputs = 1u << 4;  // residual_scale: cuBLASLt's beta vector is fp32
+      lt_gemm.create = LtGemmCreate;
+      lt_gemm.destroy = LtGemmDestroy;
+      all.push_back(lt_gemm);
     }
     return all;
   }();

@@ -1,7 +1,8 @@
 // semvoc's onnxruntime custom ops for the CUDA execution provider: the small C++ layer between
 // onnxruntime's C API (version 13: ort_api.h declares the part we use; a build with --ort-include
-// takes the official onnxruntime_c_api.h instead) and the kernels. Each op is stateless: the kernel object is the op definition itself, and
-// every launch goes on the stream onnxruntime gives the node (so CUDA-graph capture sees it).
+// takes the official onnxruntime_c_api.h instead) and the kernels. A node's kernel object is the op definition,
+// its attributes and, for ops that cache per node (LtGemm's cuBLASLt plans), a state object; every
+// launch goes on the stream onnxruntime gives the node (so CUDA-graph capture sees it).
 #pragma once
 
 #include <cuda_fp16.h>
@@ -80,6 +81,14 @@ inline Tensor Input(OrtKernelContext* ctx, size_t index) {
   return Describe(const_cast<OrtValue*>(value));
 }
 
+// An optional input: an empty Tensor (data null) when the node leaves it out (onnxruntime gives a
+// null value for an omitted or trailing-absent input).
+inline Tensor OptionalInput(OrtKernelContext* ctx, size_t index) {
+  const OrtValue* value = nullptr;
+  Check(Api()->KernelContext_GetInput(ctx, index, &value), "KernelContext_GetInput");
+  return value == nullptr ? Tensor{} : Describe(const_cast<OrtValue*>(value));
+}
+
 inline Tensor Output(OrtKernelContext* ctx, size_t index, const std::vector<int64_t>& shape) {
   OrtValue* value = nullptr;
   Check(Api()->KernelContext_GetOutput(ctx, index, shape.data(), shape.size(), &value), "KernelContext_GetOutput");
@@ -137,9 +146,10 @@ inline unsigned GridFor(int64_t items, int threads) {
 
 // What a node's kernel keeps from its attributes (read once, when onnxruntime creates it).
 struct KernelState {
-  float epsilon = 0.f;  // ops declared with `epsilon`
-  int64_t layer = 0;    // ops declared with `layer` (0 when the node has none)
+  float epsilon = 0.f;    // ops declared with `epsilon`
+  int64_t layer = 0;      // ops declared with `layer` (0 when the node has none)
   int64_t num_heads = 0;  // ops declared with `num_heads` (required)
+  void* data = nullptr;   // ops with per-node state (OpDef::create): e.g. LtGemm's cached plans
 };
 
 using ComputeFn = void (*)(OrtKernelContext*, const KernelState&);
@@ -155,6 +165,10 @@ struct OpDef : OrtCustomOp {
   bool num_heads;  // the node carries an int attribute `num_heads`
   int bool_input;  // index of a bool input, or -1
   ComputeFn compute;
+  size_t required = 0;             // inputs from this index on are optional (0: all required)
+  uint32_t float32_inputs = 0;     // bit i: input i is float32 whatever `type` is
+  void* (*create)() = nullptr;     // per-node state in KernelState::data, made when the node is
+  void (*destroy)(void*) = nullptr;  // created and released with it
 };
 
 OpDef MakeOp(const char* name, ONNXTensorElementDataType type, size_t inputs, size_t outputs, ComputeFn compute,

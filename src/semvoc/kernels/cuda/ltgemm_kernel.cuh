@@ -1,0 +1,413 @@
+// LtGemm's code path, shared by the library (ltgemm.cu) and the micro-benchmark
+// (benchmarks/device/kernel_bench/ltgemm_bench.cu), so that what the bench times is what ships.
+//
+//   out[m, n] = sum_k a[m, k] w[k, n]  (+ bias[n])  (+ residual[m, n] (* scale[n]))
+//
+// a [M, K], w [K, N] (the layout of a MatMul's B: how the graphs hold F.linear's transposed
+// weight), out and residual [M, N], row-major; bias [N] of the same type; scale [N] float32.
+// fp16 or fp32 data, fp32 accumulation (CUBLAS_COMPUTE_32F), one cublasLtMatmul per call:
+// row-major out = a w is column-major out^T = w^T a^T, so A = w (N x K, ld N), B = a (K x M, ld K),
+// C = D = out (N x M, ld N), no transposes (as benchmarks/device/gemm measured).
+//
+// The epilogue does what cuBLASLt offers for it, tried in this order when a shape is first seen:
+//   1. everything in the GEMM: bias as CUBLASLT_EPILOGUE_BIAS, the residual as C; with scale, alpha
+//      and beta as per-row device vectors (CUBLASLT_POINTER_MODE_DEVICE_VECTOR: alpha = ones,
+//      beta = scale; rows of the column-major D are the N channels), else beta = 1 from the host;
+//   2. bias in the GEMM, the residual (* scale) added by LtTailKernel after it;
+//   3. a plain GEMM, bias and residual in LtTailKernel.
+// ($SEMVOC_LTGEMM_FUSION=2 or 3 starts the list there: for tests and A/B measurements.)
+// The first that cuBLASLt's heuristic has an algorithm for is kept (its first choice), with the
+// handle, descriptors and workspace, per op instance and (M, N, K, stream, alignment). That happens
+// on the first call for a shape, which in semvoc's runtime is an uncaptured warm-up run; a first
+// call inside CUDA-graph capture is refused (it would allocate). Later calls only set the bias
+// pointer on the descriptor and enqueue cublasLtMatmul (+ the tail kernel) on the given stream:
+// no allocation, no synchronisation, no host copy, so they can be captured and replayed.
+//
+// cuBLASLt is not linked: its entry points are resolved with dlopen("libcublasLt.so.13"), which
+// onnxruntime-gpu's CUDA provider has already loaded into the process (cublaslt_api.h declares them).
+//
+// Workspace: one buffer of kLtWorkspaceBytes per (device, stream), shared by every LtGemm node that
+// runs on that stream (nodes of one stream never run at the same time, so they can share it) and
+// freed with the last node that holds it. A per-node buffer would cost ~150 x 32 MiB in a DiT step.
+#pragma once
+
+#include <dlfcn.h>
+
+#include <cstdlib>
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <utility>
+
+#include "cublaslt_api.h"
+#include "ort_op.h"
+
+namespace semvoc {
+
+constexpr const char* kCublasLtLibrary = "libcublasLt.so.13";
+// What onnxruntime's CUDA EP (and benchmarks/device/gemm) give cuBLASLt: the heuristic may pick
+// split-K or stream-K kernels that need some of it.
+constexpr size_t kLtWorkspaceBytes = size_t{32} << 20;
+constexpr int kLtMaxVectorRows = 1 << 16;  // the alpha vector of ones: N up to this uses mode 1 with a scale
+
+struct LtLibrary {
+  lt::CreateFn Create;
+  lt::GetStatusStringFn GetStatusString;
+  lt::GetVersionFn GetVersion;
+  lt::MatmulDescCreateFn MatmulDescCreate;
+  lt::MatmulDescDestroyFn MatmulDescDestroy;
+  lt::MatmulDescSetAttributeFn MatmulDescSetAttribute;
+  lt::MatrixLayoutCreateFn MatrixLayoutCreate;
+  lt::MatrixLayoutDestroyFn MatrixLayoutDestroy;
+  lt::PreferenceCreateFn PreferenceCreate;
+  lt::PreferenceDestroyFn PreferenceDestroy;
+  lt::PreferenceSetAttributeFn PreferenceSetAttribute;
+  lt::AlgoGetHeuristicFn AlgoGetHeuristic;
+  lt::MatmulFn Matmul;
+};
+
+// The library's entry points, resolved once per process (a failed attempt is retried on the next call).
+inline const LtLibrary& LtApi() {
+  static const LtLibrary library = [] {
+    void* handle = dlopen(kCublasLtLibrary, RTLD_NOW | RTLD_NOLOAD);  // already loaded by onnxruntime's CUDA EP
+    if (handle == nullptr) handle = dlopen(kCublasLtLibrary, RTLD_NOW | RTLD_LOCAL);
+    if (handle == nullptr) {
+      const char* why = dlerror();
+      throw std::runtime_error(std::string("semvoc.cuda LtGemm: cannot load ") + kCublasLtLibrary + " (" +
+                               (why ? why : "not found") + "): install cuBLAS 13 (pip install nvidia-cublas, "
+                               "which onnxruntime-gpu's CUDA 13 build uses) or re-export with "
+                               "SEMVOC_EXPORT_WITHOUT=LtGemm");
+    }
+    auto symbol = [handle](const char* name) {
+      void* p = dlsym(handle, name);
+      if (p == nullptr) {
+        throw std::runtime_error(std::string("semvoc.cuda LtGemm: ") + kCublasLtLibrary + " has no " + name);
+      }
+      return p;
+    };
+    LtLibrary l;
+    l.Create = reinterpret_cast<lt::CreateFn>(symbol("cublasLtCreate"));
+    l.GetStatusString = reinterpret_cast<lt::GetStatusStringFn>(symbol("cublasLtGetStatusString"));
+    l.GetVersion = reinterpret_cast<lt::GetVersionFn>(symbol("cublasLtGetVersion"));
+    l.MatmulDescCreate = reinterpret_cast<lt::MatmulDescCreateFn>(symbol("cublasLtMatmulDescCreate"));
+    l.MatmulDescDestroy = reinterpret_cast<lt::MatmulDescDestroyFn>(symbol("cublasLtMatmulDescDestroy"));
+    l.MatmulDescSetAttribute = reinterpret_cast<lt::MatmulDescSetAttributeFn>(symbol("cublasLtMatmulDescSetAttribute"));
+    l.MatrixLayoutCreate = reinterpret_cast<lt::MatrixLayoutCreateFn>(symbol("cublasLtMatrixLayoutCreate"));
+    l.MatrixLayoutDestroy = reinterpret_cast<lt::MatrixLayoutDestroyFn>(symbol("cublasLtMatrixLayoutDestroy"));
+    l.PreferenceCreate = reinterpret_cast<lt::PreferenceCreateFn>(symbol("cublasLtMatmulPreferenceCreate"));
+    l.PreferenceDestroy = reinterpret_cast<lt::PreferenceDestroyFn>(symbol("cublasLtMatmulPreferenceDestroy"));
+    l.PreferenceSetAttribute =
+        reinterpret_cast<lt::PreferenceSetAttributeFn>(symbol("cublasLtMatmulPreferenceSetAttribute"));
+    l.AlgoGetHeuristic = reinterpret_cast<lt::AlgoGetHeuristicFn>(symbol("cublasLtMatmulAlgoGetHeuristic"));
+    l.Matmul = reinterpret_cast<lt::MatmulFn>(symbol("cublasLtMatmul"));
+    return l;
+  }();
+  return library;
+}
+
+inline void CheckLt(lt::Status status, const char* what) {
+  if (status == lt::kStatusSuccess) return;
+  throw std::runtime_error(std::string("semvoc.cuda LtGemm: ") + what + ": " + LtApi().GetStatusString(status) +
+                           " (status " + std::to_string(static_cast<int>(status)) + ")");
+}
+
+// A device's cuBLASLt handle and a vector of ones (the alpha vector of mode 1), made once, kept
+// for the process.
+struct LtDevice {
+  lt::Handle handle = nullptr;
+  float* ones = nullptr;
+};
+
+// A workspace of kLtWorkspaceBytes on one device, for one stream's nodes.
+struct LtWorkspace {
+  void* data = nullptr;
+  ~LtWorkspace() {
+    if (data != nullptr) cudaFree(data);  // at session teardown; errors at process exit are moot
+  }
+};
+
+__global__ void LtFillKernel(float* p, int n, float value) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) p[i] = value;
+}
+
+class LtShared {
+ public:
+  static LtShared& Get() {
+    static LtShared* shared = new LtShared;  // never destroyed: nodes may outlive static destruction
+    return *shared;
+  }
+
+  const LtDevice& Device(int device) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    LtDevice& d = devices_[device];
+    if (d.handle == nullptr) {
+      CheckLt(LtApi().Create(&d.handle), "cublasLtCreate");
+      CheckCuda(cudaMalloc(&d.ones, kLtMaxVectorRows * sizeof(float)), "LtGemm: allocating its ones vector");
+      LtFillKernel<<<64, 256>>>(d.ones, kLtMaxVectorRows, 1.f);  // legacy stream: ordered before any later use
+      CheckCuda(cudaGetLastError(), "LtGemm: filling its ones vector");
+      CheckCuda(cudaDeviceSynchronize(), "LtGemm: filling its ones vector");
+    }
+    return d;
+  }
+
+  std::shared_ptr<LtWorkspace> Workspace(int device, cudaStream_t stream) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::weak_ptr<LtWorkspace>& slot = workspaces_[{device, stream}];
+    std::shared_ptr<LtWorkspace> workspace = slot.lock();
+    if (!workspace) {
+      workspace = std::make_shared<LtWorkspace>();
+      CheckCuda(cudaMalloc(&workspace->data, kLtWorkspaceBytes), "LtGemm: allocating its cuBLASLt workspace");
+      slot = workspace;
+    }
+    return workspace;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::map<int, LtDevice> devices_;
+  std::map<std::pair<int, cudaStream_t>, std::weak_ptr<LtWorkspace>> workspaces_;
+};
+
+// One call's tensors. residual_scale is float32 whatever T is (cuBLASLt's beta vector is in the
+// fp32 scale type).
+struct LtGemmArgs {
+  const void* a = nullptr;
+  const void* w = nullptr;
+  const void* bias = nullptr;      // [N] or null
+  const void* residual = nullptr;  // [M, N] or null
+  const float* scale = nullptr;    // [N] or null (only with a residual)
+  void* out = nullptr;
+  int64_t m = 0, n = 0, k = 0;
+};
+
+// How a plan computes the epilogue (level 1, 2 or 3 of the list above).
+enum class LtFusion { kAll = 1, kBias = 2, kNone = 3 };
+
+// The first level to try: $SEMVOC_LTGEMM_FUSION (1, 2 or 3), else 1.
+inline LtFusion LtFirstFusion() {
+  const char* value = std::getenv("SEMVOC_LTGEMM_FUSION");
+  const int level = value != nullptr ? std::atoi(value) : 1;
+  return level == 2 ? LtFusion::kBias : level == 3 ? LtFusion::kNone : LtFusion::kAll;
+}
+
+inline const char* LtFusionName(LtFusion f) {
+  return f == LtFusion::kAll ? "all in the GEMM" : f == LtFusion::kBias ? "bias in the GEMM, residual after"
+                                                                         : "GEMM, then bias and residual";
+}
+
+// out += bias[c] + residual * scale[c] (each term optional), V elements per thread.
+template <typename T, int V>
+__global__ void LtTailKernel(T* __restrict__ out, const T* __restrict__ bias, const T* __restrict__ residual,
+                             const float* __restrict__ scale, int64_t vectors, int channels) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < vectors; i += int64_t(gridDim.x) * blockDim.x) {
+    Vec<T, V> y = reinterpret_cast<const Vec<T, V>*>(out)[i];
+    Vec<T, V> r;
+    if (residual != nullptr) r = reinterpret_cast<const Vec<T, V>*>(residual)[i];
+    const int c0 = static_cast<int>((i * V) % channels);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      float v = ToFloat(y.v[j]);
+      if (bias != nullptr) v += ToFloat(bias[c0 + j]);
+      if (residual != nullptr) v += ToFloat(r.v[j]) * (scale != nullptr ? scale[c0 + j] : 1.f);
+      y.v[j] = FromFloat<T>(v);
+    }
+    reinterpret_cast<Vec<T, V>*>(out)[i] = y;
+  }
+}
+
+template <typename T>
+constexpr lt::DataType LtType() {
+  return sizeof(T) == 4 ? lt::kR32F : lt::kR16F;
+}
+
+inline unsigned Alignment(std::initializer_list<const void*> pointers) {
+  uintptr_t bits = 256;
+  for (const void* p : pointers) {
+    if (p != nullptr) bits |= reinterpret_cast<uintptr_t>(p);
+  }
+  return static_cast<unsigned>(bits & (~bits + 1));  // the lowest set bit, at most 256
+}
+
+// Everything one (M, N, K) needs at run time.
+template <typename T>
+class LtPlan {
+ public:
+  LtPlan(const LtGemmArgs& args, int device, cudaStream_t stream, unsigned alignment, bool has_bias,
+         bool has_residual, bool has_scale, LtFusion first)
+      : m_(args.m), n_(args.n), k_(args.k), has_bias_(has_bias), has_residual_(has_residual), has_scale_(has_scale) {
+    const LtDevice& d = LtShared::Get().Device(device);
+    handle_ = d.handle;
+    ones_ = d.ones;
+    workspace_ = LtShared::Get().Workspace(device, stream);
+    const LtLibrary& api = LtApi();
+    const lt::DataType type = LtType<T>();
+    CheckLt(api.MatrixLayoutCreate(&a_, type, n_, k_, n_), "cublasLtMatrixLayoutCreate (weight)");
+    CheckLt(api.MatrixLayoutCreate(&b_, type, k_, m_, k_), "cublasLtMatrixLayoutCreate (input)");
+    CheckLt(api.MatrixLayoutCreate(&c_, type, n_, m_, n_), "cublasLtMatrixLayoutCreate (output)");
+    for (LtFusion f : {LtFusion::kAll, LtFusion::kBias, LtFusion::kNone}) {
+      if (f < first && (has_bias_ || has_residual_)) continue;  // a plain GEMM has only level 1
+      if (f == LtFusion::kAll && has_scale_ && n_ > kLtMaxVectorRows) continue;
+      if (f == LtFusion::kBias && !has_residual_) continue;  // the same as kAll
+      if (f == LtFusion::kNone && !has_bias_ && !has_residual_) continue;
+      if (TryFusion(f, args, alignment)) return;
+    }
+    throw std::runtime_error("semvoc.cuda LtGemm: cuBLASLt has no algorithm for M=" + std::to_string(m_) +
+                             " N=" + std::to_string(n_) + " K=" + std::to_string(k_) +
+                             ": re-export with SEMVOC_EXPORT_WITHOUT=LtGemm");
+  }
+
+  ~LtPlan() {
+    const LtLibrary& api = LtApi();
+    if (desc_ != nullptr) api.MatmulDescDestroy(desc_);
+    for (lt::MatrixLayout l : {a_, b_, c_}) {
+      if (l != nullptr) api.MatrixLayoutDestroy(l);
+    }
+  }
+  LtPlan(const LtPlan&) = delete;
+  LtPlan& operator=(const LtPlan&) = delete;
+
+  LtFusion fusion() const { return fusion_; }
+  const lt::HeuristicResult& heuristic() const { return heuristic_; }
+
+  // Enqueue one call on `stream`; returns cublasLtMatmul's status. The caller serialises calls to
+  // one plan (the bias pointer is set on the shared descriptor).
+  lt::Status Run(const LtGemmArgs& args, cudaStream_t stream) {
+    const LtLibrary& api = LtApi();
+    if (fusion_ != LtFusion::kNone && has_bias_) {
+      CheckLt(api.MatmulDescSetAttribute(desc_, lt::kDescBiasPointer, &args.bias, sizeof(args.bias)),
+              "setting the bias pointer");
+    }
+    const bool residual_in_c = fusion_ == LtFusion::kAll && has_residual_;
+    const float one = 1.f, zero = 0.f;
+    const void* alpha = &one;
+    const void* beta = residual_in_c ? &one : &zero;
+    if (residual_in_c && has_scale_) {
+      alpha = ones_;
+      beta = args.scale;
+    }
+    const lt::Status status = api.Matmul(handle_, desc_, alpha, args.w, a_, args.a, b_, beta,
+                                         residual_in_c ? args.residual : args.out, c_, args.out, c_, &heuristic_.algo,
+                                         workspace_->data, kLtWorkspaceBytes, stream);
+    if (status != lt::kStatusSuccess || fusion_ == LtFusion::kAll) return status;
+    const T* bias = fusion_ == LtFusion::kNone ? static_cast<const T*>(args.bias) : nullptr;
+    const T* residual = static_cast<const T*>(args.residual);
+    T* out = static_cast<T*>(args.out);
+    const int64_t total = m_ * n_;
+    if (Vectorizable<T>(n_, {out, residual})) {
+      constexpr int V = WideVector<T>();
+      LtTailKernel<T, V><<<GridFor(total / V, 256), 256, 0, stream>>>(out, bias, residual, args.scale, total / V,
+                                                                       static_cast<int>(n_));
+    } else {
+      LtTailKernel<T, 1><<<GridFor(total, 256), 256, 0, stream>>>(out, bias, residual, args.scale, total,
+                                                                  static_cast<int>(n_));
+    }
+    CheckCuda(cudaGetLastError(), "LtGemm epilogue kernel");
+    return status;
+  }
+
+ private:
+  bool TryFusion(LtFusion f, const LtGemmArgs& args, unsigned alignment) {
+    const LtLibrary& api = LtApi();
+    if (desc_ != nullptr) api.MatmulDescDestroy(desc_);
+    desc_ = nullptr;
+    CheckLt(api.MatmulDescCreate(&desc_, lt::kCompute32F, lt::kR32F), "cublasLtMatmulDescCreate");
+    const bool bias_in_gemm = has_bias_ && f != LtFusion::kNone;
+    const uint32_t epilogue = bias_in_gemm ? lt::kEpilogueBias : lt::kEpilogueDefault;
+    CheckLt(api.MatmulDescSetAttribute(desc_, lt::kDescEpilogue, &epilogue, sizeof(epilogue)), "epilogue");
+    if (bias_in_gemm) {
+      const int32_t bias_type = LtType<T>();
+      CheckLt(api.MatmulDescSetAttribute(desc_, lt::kDescBiasDataType, &bias_type, sizeof(bias_type)), "bias type");
+      CheckLt(api.MatmulDescSetAttribute(desc_, lt::kDescBiasPointer, &args.bias, sizeof(args.bias)), "bias pointer");
+    }
+    if (f == LtFusion::kAll && has_residual_ && has_scale_) {
+      const int32_t mode = lt::kPointerDeviceVector;
+      CheckLt(api.MatmulDescSetAttribute(desc_, lt::kDescPointerMode, &mode, sizeof(mode)), "pointer mode");
+    }
+    lt::Preference preference = nullptr;
+    CheckLt(api.PreferenceCreate(&preference), "cublasLtMatmulPreferenceCreate");
+    const uint64_t workspace = kLtWorkspaceBytes;
+    int found = 0;
+    lt::Status status = api.PreferenceSetAttribute(preference, lt::kPrefMaxWorkspaceBytes, &workspace,
+                                                   sizeof(workspace));
+    for (lt::PreferenceAttribute attribute : {lt::kPrefMinAlignmentABytes, lt::kPrefMinAlignmentBBytes,
+                                              lt::kPrefMinAlignmentCBytes, lt::kPrefMinAlignmentDBytes}) {
+      if (status == lt::kStatusSuccess) {
+        status = api.PreferenceSetAttribute(preference, attribute, &alignment, sizeof(alignment));
+      }
+    }
+    if (status == lt::kStatusSuccess) {
+      status = api.AlgoGetHeuristic(handle_, desc_, a_, b_, c_, c_, preference, 1, &heuristic_, &found);
+    }
+    api.PreferenceDestroy(preference);
+    if (status == lt::kStatusNotSupported || (status == lt::kStatusSuccess && found == 0)) return false;
+    CheckLt(status, "cublasLtMatmulAlgoGetHeuristic");
+    fusion_ = f;
+    return true;
+  }
+
+  int64_t m_, n_, k_;
+  bool has_bias_, has_residual_, has_scale_;
+  lt::Handle handle_ = nullptr;
+  const float* ones_ = nullptr;
+  std::shared_ptr<LtWorkspace> workspace_;
+  lt::MatmulDesc desc_ = nullptr;
+  lt::MatrixLayout a_ = nullptr, b_ = nullptr, c_ = nullptr;
+  lt::HeuristicResult heuristic_{};
+  LtFusion fusion_ = LtFusion::kNone;
+};
+
+// One LtGemm node's plans, by (M, N, K, stream, alignment of its buffers).
+template <typename T>
+class LtGemmInstance {
+ public:
+  explicit LtGemmInstance(LtFusion first = LtFirstFusion()) : first_(first) {}
+
+  // Enqueue out = a w (+ bias) (+ residual (* scale)) on `stream`; the first call of a shape plans it.
+  LtPlan<T>& Run(const LtGemmArgs& args, cudaStream_t stream) {
+    // the heuristic's choice assumes this alignment (of the bias and beta vector too): a call with
+    // less aligned buffers gets a plan of its own
+    const unsigned alignment = Alignment({args.a, args.w, args.bias, args.residual, args.scale, args.out});
+    int device = 0;
+    CheckCuda(cudaGetDevice(&device), "LtGemm: cudaGetDevice");
+    const Key key{args.m, args.n, args.k, device, stream, alignment};
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto found = plans_.find(key);
+    if (found == plans_.end()) {
+      cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+      CheckCuda(cudaStreamIsCapturing(stream, &capture), "LtGemm: cudaStreamIsCapturing");
+      Require(capture == cudaStreamCaptureStatusNone,
+              "LtGemm: first call for M=" + std::to_string(args.m) + " N=" + std::to_string(args.n) + " K=" +
+                  std::to_string(args.k) + " inside CUDA-graph capture, where it cannot allocate its workspace: "
+                  "run the graph once without capture first (semvoc's runtime warms every graph up)");
+      // The first call of a plan runs here, uncaptured: where cuBLASLt refuses the heuristic's
+      // algorithm at run time (e.g. a pointer mode it offered but does not take), the next
+      // epilogue level is planned instead, so that the op still computes what it documents.
+      LtFusion first = first_;
+      for (;;) {
+        auto plan = std::make_unique<LtPlan<T>>(args, device, stream, alignment, args.bias != nullptr,
+                                                args.residual != nullptr, args.scale != nullptr, first);
+        const lt::Status status = plan->Run(args, stream);
+        if (status == lt::kStatusSuccess) {
+          return *plans_.emplace(key, std::move(plan)).first->second;
+        }
+        if (plan->fusion() == LtFusion::kNone || (args.bias == nullptr && args.residual == nullptr)) {
+          CheckLt(status, "cublasLtMatmul");
+        }
+        first = static_cast<LtFusion>(static_cast<int>(plan->fusion()) + 1);
+      }
+    }
+    CheckLt(found->second->Run(args, stream), "cublasLtMatmul");
+    return *found->second;
+  }
+
+ private:
+  using Key = std::tuple<int64_t, int64_t, int64_t, int, cudaStream_t, unsigned>;
+  LtFusion first_;
+  std::mutex mutex_;
+  std::map<Key, std::unique_ptr<LtPlan<T>>> plans_;
+};
+
+}  // namespace semvoc

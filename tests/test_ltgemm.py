@@ -1,0 +1,161 @@
+"""semvoc.cuda::LtGemm (a GEMM with its bias and residual in cuBLASLt's epilogue): the reference
+against the unfused math, the export forms that use it, and the switch that leaves it out. The
+kernel itself runs in tests/test_cuda_kernels.py (GPU)."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+
+from semvoc.kernels.ltgemm import NAME, lt_gemm_reference
+from semvoc.kernels.ltgemm import linear as lt_linear
+from semvoc.kernels.onnx_ops import CUDA_DOMAIN, WITHOUT_ENV, translation_table
+
+
+@pytest.mark.parametrize("shape", [(3, 37, 19, 11), (1, 1, 5, 1), (2, 250, 64, 24)])
+def test_reference_is_the_unfused_math(shape):
+    batch, length, k, n = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    a = torch.randn(batch, length, k, generator=gen, dtype=torch.float64)
+    w = torch.randn(n, k, generator=gen, dtype=torch.float64)  # nn.Linear's layout
+    bias, scale = torch.randn(n, generator=gen, dtype=torch.float64), torch.rand(n, generator=gen, dtype=torch.float64)
+    residual = torch.randn(batch, length, n, generator=gen, dtype=torch.float64)
+    a32, w32 = a.float(), w.float()
+    linear = F.linear(a, w)  # float64: the exact answer to fp32's rounding
+    cases = {
+        "plain": (lt_gemm_reference(a32, w32.t()), linear),
+        "bias": (lt_gemm_reference(a32, w32.t(), bias.float()), linear + bias),
+        "residual": (lt_gemm_reference(a32, w32.t(), None, residual.float()), linear + residual),
+        "bias+residual*scale": (lt_gemm_reference(a32, w32.t(), bias.float(), residual.float(), scale.float()),
+                                linear + bias + residual * scale),
+    }
+    for name, (got, want) in cases.items():
+        assert got.dtype == torch.float32 and got.shape == (batch, length, n), name
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=name)
+
+
+def test_fp16_reference_rounds_once():
+    gen = torch.Generator().manual_seed(2)
+    a, w = torch.randn(4, 33, generator=gen).half(), torch.randn(33, 9, generator=gen).half()
+    bias, residual = torch.randn(9, generator=gen).half(), torch.randn(4, 9, generator=gen).half()
+    got = lt_gemm_reference(a, w, bias, residual, torch.full((9,), 0.5))
+    want = (a.double() @ w.double() + bias.double() + residual.double() * 0.5).half()
+    assert got.dtype == torch.float16
+    assert (got.double() - want.double()).abs().max() <= 2 * torch.finfo(torch.float16).eps * want.abs().max()
+
+
+@pytest.mark.parametrize("switch", ["", NAME])
+def test_linear_is_f_linear_plus_the_residual_either_way(switch, monkeypatch):
+    monkeypatch.setenv(WITHOUT_ENV, switch)
+    gen = torch.Generator().manual_seed(3)
+    h, w, b = torch.randn(2, 7, 12, generator=gen), torch.randn(5, 12, generator=gen), torch.randn(5, generator=gen)
+    x, s = torch.randn(2, 7, 5, generator=gen), torch.rand(5, generator=gen)
+    torch.testing.assert_close(lt_linear(h, w, b), F.linear(h, w, b))
+    torch.testing.assert_close(lt_linear(h, w, b, x, s), F.linear(h, w, b) + x * s)
+    torch.testing.assert_close(lt_linear(h, w, None, x), F.linear(h, w) + x)
+
+
+def _block_graph(tmp_path, residual_scale=1.0, dtype=torch.float32):
+    from tests.test_cuda_kernels import _block, _inputs
+
+    block = _block(residual_scale=residual_scale).to(dtype)
+    x, cond, scale = ((t.transpose(1, 2) if t.dim() == 3 else t).to(dtype) for t in _inputs(block))
+
+    class Step(torch.nn.Module):
+        def forward(self, x, cond, scale):
+            return block.forward_channels_last(x, cond, scale)
+
+    path = tmp_path / "block.onnx"
+    torch.onnx.export(Step().eval(), (x, cond, scale), dynamo=True, opset_version=23,
+                      custom_translation_table=translation_table()).save(str(path))
+    return onnx.load(str(path)).graph, block
+
+
+@pytest.mark.parametrize("residual_scale", [1.0, None])
+def test_vocoder_block_exports_its_down_projection_as_one_lt_gemm(residual_scale, tmp_path, monkeypatch):
+    monkeypatch.delenv(WITHOUT_ENV, raising=False)
+    graph, block = _block_graph(tmp_path, residual_scale)
+    ops = sorted(n.op_type for n in graph.node)
+    assert ops == ["BiasPRelu", "ConvNeXtMix", "LtGemm", "MatMul"]
+    node = next(n for n in graph.node if n.op_type == "LtGemm")
+    assert node.domain == CUDA_DOMAIN
+    init = {i.name: i for i in graph.initializer}
+    channels, hidden = block.pwconv2.weight.shape[:2]
+    assert list(init[node.input[1]].dims) == [hidden, channels]  # w [K, N]: the MatMul layout
+    assert node.input[3] == "x"  # the block's input is the residual
+    if residual_scale is None:  # no scale: nothing after the residual (cuBLASLt's C, beta = 1)
+        assert len([i for i in node.input if i]) == 4
+    else:
+        assert init[node.input[4]].data_type == onnx.TensorProto.FLOAT and list(init[node.input[4]].dims) == [channels]
+
+
+def test_fp16_block_keeps_the_residual_scale_a_float32_initializer(tmp_path, monkeypatch):
+    """In an fp16 graph the scale's cast to float32 is folded at export: no Cast kernel per block."""
+    monkeypatch.delenv(WITHOUT_ENV, raising=False)
+    graph, _ = _block_graph(tmp_path, dtype=torch.float16)
+    assert "Cast" not in [n.op_type for n in graph.node]
+    node = next(n for n in graph.node if n.op_type == "LtGemm")
+    init = {i.name: i.data_type for i in graph.initializer}
+    assert init[node.input[1]] == init[node.input[2]] == onnx.TensorProto.FLOAT16
+    assert init[node.input[4]] == onnx.TensorProto.FLOAT
+
+
+def test_vocoder_block_without_lt_gemm_keeps_bias_residual(tmp_path, monkeypatch):
+    monkeypatch.setenv(WITHOUT_ENV, NAME)
+    graph, _ = _block_graph(tmp_path)
+    assert sorted(n.op_type for n in graph.node) == ["BiasPRelu", "BiasResidual", "ConvNeXtMix", "MatMul", "MatMul"]
+
+
+@pytest.mark.parametrize("switch", ["", NAME])
+@pytest.mark.parametrize("residual_scale", [1.0, None])
+def test_channels_last_block_is_the_block_with_and_without_lt_gemm(switch, residual_scale, monkeypatch):
+    from tests.test_cuda_kernels import _block, _inputs
+
+    monkeypatch.setenv(WITHOUT_ENV, switch)
+    block = _block(residual_scale=residual_scale)
+    x, cond, scale = _inputs(block)
+    with torch.no_grad():
+        expected = block.forward_prepared(x, cond, scale)
+        fused = block.forward_channels_last(x.transpose(1, 2), cond.transpose(1, 2), scale).transpose(1, 2)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+
+
+def _dit_step_ops(tmp_path) -> tuple[list, object]:
+    from semvoc.export import wrappers as W
+    from semvoc.models.config import preset
+    from semvoc.models.model import build_model
+
+    dit = build_model(preset("demo"), seed=0).dit.eval()
+    gen = torch.Generator().manual_seed(0)
+    context = torch.randn(1, 6, dit.cfg.context_dim, generator=gen)
+    args = (torch.randn(1, dit.cfg.in_chans, 10, generator=gen), torch.tensor([1]),
+            W.FusedDitTime(dit)(torch.tensor([900.0, 400.0])), torch.tensor([1.0, 0.5, 0.0]),
+            *W.FusedDitPrepare(dit)(context), torch.ones(1, 6, dtype=torch.bool), torch.tensor([3.5]))
+    path = tmp_path / "dit_step.onnx"
+    torch.onnx.export(W.FusedDitStep(dit, cuda_ops=True).eval(), args, dynamo=True, opset_version=23,
+                      custom_translation_table=translation_table()).save(str(path))
+    return list(onnx.load(str(path)).graph.node), dit
+
+
+def _matmul_then_add(nodes) -> int:
+    producer = {o: n.op_type for n in nodes for o in n.output}
+    return sum(1 for n in nodes if n.op_type == "Add" and any(producer.get(i) == "MatMul" for i in n.input))
+
+
+def test_dit_step_gemm_bias_pairs_become_lt_gemm_and_the_switch_restores_them(tmp_path, monkeypatch):
+    """The fused DiT's GEMMs followed by a bias Add are LtGemm nodes: the patch embedding, the final
+    linear and the final convolution (conv_as_gemm), and the U-Net skip projections when BiasAddNorm
+    (which takes their bias into the next norm) is off; the demo has no q/k/v biases.
+    SEMVOC_EXPORT_WITHOUT=LtGemm gives them back as MatMul + Add."""
+    monkeypatch.delenv(WITHOUT_ENV, raising=False)
+    nodes, dit = _dit_step_ops(tmp_path)
+    skips = sum(1 for b in dit.blocks if b.has_skip)
+    assert [n.op_type for n in nodes].count("LtGemm") == 3 and _matmul_then_add(nodes) == 0
+    monkeypatch.setenv(WITHOUT_ENV, "BiasAddNorm")
+    nodes, _ = _dit_step_ops(tmp_path)
+    assert [n.op_type for n in nodes].count("LtGemm") == skips + 3 and _matmul_then_add(nodes) == 0
+    monkeypatch.setenv(WITHOUT_ENV, f"{NAME},BiasAddNorm")
+    nodes, _ = _dit_step_ops(tmp_path)
+    assert "LtGemm" not in [n.op_type for n in nodes] and _matmul_then_add(nodes) == skips + 3
