@@ -398,7 +398,10 @@ SHAPE_PRESERVING_CONTRIB_OPS = {"SkipLayerNormalization": (0, 3), "BiasGelu": (0
 # semvoc's own CUDA ops (--cuda-kernels): outputs with the shape of input 0; of their work only
 # ConvNeXtMix's depthwise conv (2*B*L*C*K, what the plain graph's depthwise Conv counts) is counted
 SHAPE_PRESERVING_CUDA_OPS = {"ConvNeXtMix": (0,), "BiasPRelu": (0,), "BiasResidual": (0,), "HeadNorm": (0,),
-                             "GatedSkipNorm": (0, 1), "BiasNorm": (0,)}
+                             "GatedSkipNorm": (0, 1), "BiasNorm": (0,), "BiasAddNorm": (0, 1), "LayerNorm": (0,)}
+# semvoc's CUDA ops whose output is inputs i and j joined on the last axis (GatedConcatNorm: the
+# finished residual stream and the skip, normed)
+CONCATENATING_CUDA_OPS = {"GatedConcatNorm": (0, 4)}
 # semvoc's CUDA ops whose outputs are the halves of input 0's last axis (HeadNormRope: q|k -> q, k;
 # BiasGeglu: [value, gate] -> one output of the value's shape)
 HALVING_CUDA_OPS = {"HeadNormRope", "BiasGeglu"}
@@ -428,6 +431,10 @@ def replace_contrib_ops(model) -> None:
             heads = _attr(node, "num_heads", 0)
             nodes.append(helper.make_node("Attention", list(node.input[:3]), [node.output[0]], name=node.name,
                                           q_num_heads=heads, kv_num_heads=heads))
+            continue
+        if node.domain == "semvoc.cuda" and node.op_type in CONCATENATING_CUDA_OPS:
+            joined = [node.input[i] for i in CONCATENATING_CUDA_OPS[node.op_type]]
+            nodes.append(helper.make_node("Concat", joined, [node.output[0]], axis=-1))
             continue
         table = {"com.microsoft": SHAPE_PRESERVING_CONTRIB_OPS, "semvoc.cuda": SHAPE_PRESERVING_CUDA_OPS}
         outputs = table.get(node.domain, {}).get(node.op_type)
