@@ -25,18 +25,11 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.cuh"
 #include "ltgemm_kernel.cuh"
 
 using namespace semvoc;
 
-#define CK(call)                                                                                  \
-  do {                                                                                            \
-    cudaError_t err_ = (call);                                                                    \
-    if (err_ != cudaSuccess) {                                                                    \
-      std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorString(err_), __FILE__, __LINE__, #call); \
-      std::exit(1);                                                                               \
-    }                                                                                             \
-  } while (0)
 #define CB(call)                                                                                  \
   do {                                                                                            \
     cublasStatus_t st_ = (call);                                                                  \
@@ -246,8 +239,6 @@ void RunShape(const Shape& s, cublasHandle_t blas, cudaStream_t stream) {
 }  // namespace
 
 int main() {
-  cudaDeviceProp prop{};
-  CK(cudaGetDeviceProperties(&prop, 0));
   cudaStream_t stream;
   CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   cublasHandle_t blas;
@@ -257,8 +248,9 @@ int main() {
   CK(cudaMalloc(&blas_workspace, kLtWorkspaceBytes));
   CB(cublasSetWorkspace(blas, blas_workspace, kLtWorkspaceBytes));
   try {
-    std::printf("device: %s (sm_%d%d, %d SMs), cuBLASLt %zu (dlopen %s)\n", prop.name, prop.major, prop.minor,
-                prop.multiProcessorCount, LtApi().GetVersion(), kCublasLtLibrary);
+    const std::string lt =
+        ", cuBLASLt " + std::to_string(LtApi().GetVersion()) + " (dlopen " + kCublasLtLibrary + ")";
+    semvoc_bench::PrintDevice(lt.c_str());
   } catch (const std::exception& e) {
     std::printf("FAIL %s\n", e.what());
     return 1;
