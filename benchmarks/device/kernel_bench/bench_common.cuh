@@ -1,9 +1,10 @@
 // What the standalone micro-benchmarks of this folder (<op>_bench.cu) share: the CUDA error check,
-// the device line they print first, and the CUDA-graph timing loop. Included as "bench_common.cuh":
-// a quoted include is looked up beside the including file first, so run.sh and
-// tests/test_kernel_bench.py find it without an extra -I.
+// the device line they print first, host fp16/fp32 conversions and the CUDA-graph timing loop.
+// Included as "bench_common.cuh": a quoted include is looked up beside the including file first,
+// so run.sh and tests/test_kernel_bench.py find it without an extra -I.
 #pragma once
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -12,14 +13,14 @@
 #include <vector>
 
 // Exits with the CUDA error, the failing call and its file and line.
-#define CK(call)                                                                                            \
-  do {                                                                                                      \
-    cudaError_t err_ = (call);                                                                              \
-    if (err_ != cudaSuccess) {                                                                              \
+#define CK(call)                                                                                               \
+  do {                                                                                                         \
+    cudaError_t err_ = (call);                                                                                 \
+    if (err_ != cudaSuccess) {                                                                                 \
       std::fprintf(stderr, "FAIL: CUDA error %s at %s:%d: %s\n", cudaGetErrorString(err_), __FILE__, __LINE__, \
-                   #call);                                                                                  \
-      std::exit(1);                                                                                         \
-    }                                                                                                       \
+                   #call);                                                                                     \
+      std::exit(1);                                                                                            \
+    }                                                                                                          \
   } while (0)
 
 namespace semvoc_bench {
@@ -36,8 +37,16 @@ inline void PrintDevice(const char* suffix = "") {
               prop.minor, prop.multiProcessorCount, prop.l2CacheSize >> 20, driver, runtime, suffix);
 }
 
+// Host-side conversions for a bench templated on its element type T (float or __half).
+template <typename T> float ToHost(T v);
+template <> inline float ToHost<float>(float v) { return v; }
+template <> inline float ToHost<__half>(__half v) { return __half2float(v); }
+template <typename T> T FromHost(float v);
+template <> inline float FromHost<float>(float v) { return v; }
+template <> inline __half FromHost<__half>(float v) { return __float2half_rn(v); }
+
 // Median microseconds per call of `launch(call, stream)`, call = 0 .. calls - 1: the calls are
-// captured back to back into one CUDA graph (so launch overhead does not count), the graph is
+// captured back to back into one CUDA graph (host launch overhead does not count), the graph is
 // replayed `warmup` times, then `replays` replays are timed with CUDA events; the median replay
 // time is divided by `calls`. `launch` picks its buffers from `call` (e.g. rotating sets so that
 // the inputs come from HBM, or always the same set for L2-hot).

@@ -40,12 +40,8 @@ struct Buffers {  // one set of per-call tensors
   T *x, *out, *out_k;
 };
 
-template <typename T> float ToHost(T v);
-template <> float ToHost<float>(float v) { return v; }
-template <> float ToHost<__half>(__half v) { return __half2float(v); }
-template <typename T> T FromHost(float v);
-template <> float FromHost<float>(float v) { return v; }
-template <> __half FromHost<__half>(float v) { return __float2half_rn(v); }
+using semvoc_bench::FromHost;
+using semvoc_bench::ToHost;
 
 // One fp16 unit in the last place of |v| (2^-24 below the normal range).
 double Ulp16(double v) {

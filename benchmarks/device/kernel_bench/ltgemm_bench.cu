@@ -52,12 +52,8 @@ struct Shape {
   bool fp32;
 };
 
-template <typename T> float ToHost(T v);
-template <> float ToHost<float>(float v) { return v; }
-template <> float ToHost<__half>(__half v) { return __half2float(v); }
-template <typename T> T FromHost(float v);
-template <> float FromHost<float>(float v) { return v; }
-template <> __half FromHost<__half>(float v) { return __float2half_rn(v); }
+using semvoc_bench::FromHost;
+using semvoc_bench::ToHost;
 
 // The baseline's second kernel, as the engine ran it: out = y + bias (+ residual * scale), 16-byte
 // vectors (the pattern of cuda/bias_residual.cu and of onnxruntime's broadcast Add).

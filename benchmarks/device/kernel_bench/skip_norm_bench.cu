@@ -94,12 +94,8 @@ unsigned Grid(int64_t n) { return static_cast<unsigned>((n + 255) / 256); }
 
 // ------------------------------------------------------------------ host side
 
-template <typename T> float ToHost(T v);
-template <> float ToHost<float>(float v) { return v; }
-template <> float ToHost<__half>(__half v) { return __half2float(v); }
-template <typename T> T FromHost(float v);
-template <> float FromHost<float>(float v) { return v; }
-template <> __half FromHost<__half>(float v) { return __float2half_rn(v); }
+using semvoc_bench::FromHost;
+using semvoc_bench::ToHost;
 
 // One unit in the last place of T at |v| (the smallest subnormal step below the normal range).
 template <typename T>
