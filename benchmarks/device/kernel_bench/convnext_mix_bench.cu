@@ -16,18 +16,10 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.cuh"
 #include "convnext_mix_kernel.cuh"
 
 using namespace semvoc;
-
-#define CHECK(call)                                                                              \
-  do {                                                                                           \
-    cudaError_t err_ = (call);                                                                   \
-    if (err_ != cudaSuccess) {                                                                   \
-      std::fprintf(stderr, "FAIL: %s: %s (line %d)\n", #call, cudaGetErrorString(err_), __LINE__); \
-      std::exit(1);                                                                              \
-    }                                                                                            \
-  } while (0)
 
 constexpr int kTaps = 7, kTable = 8, kCheckLayer = 3;
 constexpr double kBandwidth = 4.0e12;  // bytes per second for the bound column
@@ -118,11 +110,11 @@ double HostCheck(const std::vector<float>& x, const std::vector<float>& w, const
 
 std::vector<float> Download(const __half* d, int64_t n) {
   float* tmp;
-  CHECK(cudaMalloc(&tmp, n * sizeof(float)));
+  CK(cudaMalloc(&tmp, n * sizeof(float)));
   ToFloatKernel<<<1024, 256>>>(d, tmp, n);
   std::vector<float> h(n);
-  CHECK(cudaMemcpy(h.data(), tmp, n * sizeof(float), cudaMemcpyDeviceToHost));
-  CHECK(cudaFree(tmp));
+  CK(cudaMemcpy(h.data(), tmp, n * sizeof(float), cudaMemcpyDeviceToHost));
+  CK(cudaFree(tmp));
   return h;
 }
 
@@ -131,16 +123,16 @@ int failures = 0;
 void RunShape(int batch, int length, int channels, cudaStream_t stream) {
   const int64_t n = int64_t(batch) * length * channels;
   Buffers<__half> d;
-  CHECK(cudaMalloc(&d.x, n * 2));
-  CHECK(cudaMalloc(&d.cond, kTable * n * 2));
-  CHECK(cudaMalloc(&d.scale, int64_t(batch) * kTable * channels * 2));
-  CHECK(cudaMalloc(&d.weight, channels * kTaps * 2));
-  CHECK(cudaMalloc(&d.bias, channels * 2));
-  CHECK(cudaMalloc(&d.norm_bias, channels * 2));
-  CHECK(cudaMalloc(&d.log_scale, 2));
+  CK(cudaMalloc(&d.x, n * 2));
+  CK(cudaMalloc(&d.cond, kTable * n * 2));
+  CK(cudaMalloc(&d.scale, int64_t(batch) * kTable * channels * 2));
+  CK(cudaMalloc(&d.weight, channels * kTaps * 2));
+  CK(cudaMalloc(&d.bias, channels * 2));
+  CK(cudaMalloc(&d.norm_bias, channels * 2));
+  CK(cudaMalloc(&d.log_scale, 2));
   __half *ref, *out;
-  CHECK(cudaMalloc(&ref, n * 2));
-  CHECK(cudaMalloc(&out, n * 2));
+  CK(cudaMalloc(&ref, n * 2));
+  CK(cudaMalloc(&out, n * 2));
   Fill<<<1024, 256>>>(d.x, n, 1, 0.f, 1.f);
   Fill<<<1024, 256>>>(d.cond, kTable * n, 2, 0.f, 1.f);
   Fill<<<1024, 256>>>(d.scale, int64_t(batch) * kTable * channels, 3, 1.f, 0.1f);
@@ -148,11 +140,11 @@ void RunShape(int batch, int length, int channels, cudaStream_t stream) {
   Fill<<<64, 256>>>(d.bias, channels, 5, 0.f, 0.1f);
   Fill<<<64, 256>>>(d.norm_bias, channels, 6, 0.f, 0.5f);
   Fill<<<1, 1>>>(d.log_scale, 1, 7, 0.3f, 0.f);
-  CHECK(cudaGetLastError());
+  CK(cudaGetLastError());
 
   // the first kernel against a host reference on sampled frames (edges included)
   LaunchMixFirst<__half, kTaps>(ArgsFor(d, batch, length, channels, kCheckLayer, ref), batch, stream);
-  CHECK(cudaStreamSynchronize(stream));
+  CK(cudaStreamSynchronize(stream));
   const std::vector<float> hx = Download(d.x, n), hw = Download(d.weight, channels * kTaps),
                            hb = Download(d.bias, channels), hnb = Download(d.norm_bias, channels),
                            hls = Download(d.log_scale, 1), hcond = Download(d.cond + kCheckLayer * n, n),
@@ -179,13 +171,13 @@ void RunShape(int batch, int length, int channels, cudaStream_t stream) {
   const double bytes = 3.0 * n * 2 + double(batch) * channels * 2 + channels * (kTaps + 2) * 2;
   const double bound_us = bytes / kBandwidth * 1e6;
   cudaEvent_t start, stop;
-  CHECK(cudaEventCreate(&start));
-  CHECK(cudaEventCreate(&stop));
+  CK(cudaEventCreate(&start));
+  CK(cudaEventCreate(&stop));
   for (const Variant<__half>& v : Variants<__half>()) {
-    CHECK(cudaMemset(out, 0, n * 2));
+    CK(cudaMemset(out, 0, n * 2));
     v.launch(ArgsFor(d, batch, length, channels, kCheckLayer, out), batch, stream);
-    CHECK(cudaGetLastError());
-    CHECK(cudaStreamSynchronize(stream));
+    CK(cudaGetLastError());
+    CK(cudaStreamSynchronize(stream));
     const std::vector<float> got = Download(out, n);
     double err = 0;
     for (int64_t i = 0; i < n; ++i) err = std::max(err, double(std::abs(got[i] - href[i])));
@@ -197,26 +189,26 @@ void RunShape(int batch, int length, int channels, cudaStream_t stream) {
     for (int i = 0; i < calls; ++i) v.launch(ArgsFor(d, batch, length, channels, i % kTable, out), batch, stream);
     std::vector<float> per_call;
     for (int r = 0; r < reps; ++r) {
-      CHECK(cudaEventRecord(start, stream));
+      CK(cudaEventRecord(start, stream));
       for (int i = 0; i < calls; ++i) v.launch(ArgsFor(d, batch, length, channels, i % kTable, out), batch, stream);
-      CHECK(cudaEventRecord(stop, stream));
-      CHECK(cudaEventSynchronize(stop));
+      CK(cudaEventRecord(stop, stream));
+      CK(cudaEventSynchronize(stop));
       float ms = 0;
-      CHECK(cudaEventElapsedTime(&ms, start, stop));
+      CK(cudaEventElapsedTime(&ms, start, stop));
       per_call.push_back(ms * 1000.f / calls);
     }
-    CHECK(cudaGetLastError());
+    CK(cudaGetLastError());
     std::sort(per_call.begin(), per_call.end());
     const double us = per_call[per_call.size() / 2];
     std::printf("%-22s %-12s %9.2f %8.0f %9.2f %10.2e  %s\n", shape, v.name, us, bytes / (us * 1e-6) / 1e9, bound_us,
                 err, v.tests);
   }
-  CHECK(cudaEventDestroy(start));
-  CHECK(cudaEventDestroy(stop));
+  CK(cudaEventDestroy(start));
+  CK(cudaEventDestroy(stop));
   for (void* p : {static_cast<void*>(d.x), static_cast<void*>(d.cond), static_cast<void*>(d.scale),
                   static_cast<void*>(d.weight), static_cast<void*>(d.bias), static_cast<void*>(d.norm_bias),
                   static_cast<void*>(d.log_scale), static_cast<void*>(ref), static_cast<void*>(out)}) {
-    CHECK(cudaFree(p));
+    CK(cudaFree(p));
   }
 }
 
@@ -224,25 +216,25 @@ void RunShape(int batch, int length, int channels, cudaStream_t stream) {
 void CheckFloat(int batch, int length, int channels, cudaStream_t stream) {
   const int64_t n = int64_t(batch) * length * channels;
   __half* tmp;
-  CHECK(cudaMalloc(&tmp, kTable * n * 2));
+  CK(cudaMalloc(&tmp, kTable * n * 2));
   Buffers<float> d;
   float *ref, *out;
   const int64_t sizes[] = {n, kTable * n, int64_t(batch) * kTable * channels, channels * kTaps, channels, channels, 1};
   float** ptrs[] = {&d.x, &d.cond, &d.scale, &d.weight, &d.bias, &d.norm_bias, &d.log_scale};
   const float means[] = {0.f, 0.f, 1.f, 0.f, 0.f, 0.f, 0.3f}, sds[] = {1.f, 1.f, 0.1f, 0.4f, 0.1f, 0.5f, 0.f};
   for (int i = 0; i < 7; ++i) {
-    CHECK(cudaMalloc(ptrs[i], sizes[i] * 4));
+    CK(cudaMalloc(ptrs[i], sizes[i] * 4));
     Fill<<<1024, 256>>>(tmp, sizes[i], 11 + i, means[i], sds[i]);
     ToFloatKernel<<<1024, 256>>>(tmp, *ptrs[i], sizes[i]);
   }
-  CHECK(cudaMalloc(&ref, n * 4));
-  CHECK(cudaMalloc(&out, n * 4));
+  CK(cudaMalloc(&ref, n * 4));
+  CK(cudaMalloc(&out, n * 4));
   LaunchMixFirst<float, kTaps>(ArgsFor(d, batch, length, channels, kCheckLayer, ref), batch, stream);
   LaunchMixShipped<float, kTaps>(ArgsFor(d, batch, length, channels, kCheckLayer, out), batch, stream);
-  CHECK(cudaGetLastError());
+  CK(cudaGetLastError());
   std::vector<float> a(n), b(n);
-  CHECK(cudaMemcpy(a.data(), ref, n * 4, cudaMemcpyDeviceToHost));
-  CHECK(cudaMemcpy(b.data(), out, n * 4, cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(a.data(), ref, n * 4, cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(b.data(), out, n * 4, cudaMemcpyDeviceToHost));
   double err = 0, max_ref = 0;
   for (int64_t i = 0; i < n; ++i) {
     err = std::max(err, double(std::abs(a[i] - b[i])));
@@ -252,19 +244,16 @@ void CheckFloat(int batch, int length, int channels, cudaStream_t stream) {
   std::printf("fp32 B=%d L=%d C=%d shipped vs first: max abs error %.3g (tolerance %.3g)%s\n", batch, length,
               channels, err, tol, err <= tol ? "" : "  FAIL");
   failures += !(err <= tol);
-  for (float** p : ptrs) CHECK(cudaFree(*p));
-  CHECK(cudaFree(tmp));
-  CHECK(cudaFree(ref));
-  CHECK(cudaFree(out));
+  for (float** p : ptrs) CK(cudaFree(*p));
+  CK(cudaFree(tmp));
+  CK(cudaFree(ref));
+  CK(cudaFree(out));
 }
 
 int main() {
-  cudaDeviceProp prop;
-  CHECK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("device: %s (sm_%d%d, %d SMs, L2 %d MiB)\n", prop.name, prop.major, prop.minor,
-              prop.multiProcessorCount, prop.l2CacheSize >> 20);
+  semvoc_bench::PrintDevice();
   cudaStream_t stream;
-  CHECK(cudaStreamCreate(&stream));
+  CK(cudaStreamCreate(&stream));
   std::printf("ConvNeXtMix fp16, K=%d, cond/time_scale tables of %d; bytes = x + cond + out (+ scale, weights); "
               "bound at %.1f TB/s; * = what the op launches (LaunchMixShipped)\n", kTaps, kTable, kBandwidth / 1e12);
   std::printf("%-22s %-12s %9s %8s %9s %10s  %s\n", "shape", "variant", "us/call", "GB/s", "bound us", "max err",

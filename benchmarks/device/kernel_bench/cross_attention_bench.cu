@@ -23,18 +23,10 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.cuh"
 #include "cross_attention_kernel.cuh"
 
 using namespace semvoc;
-
-#define CK(call)                                                                                  \
-  do {                                                                                            \
-    cudaError_t err_ = (call);                                                                    \
-    if (err_ != cudaSuccess) {                                                                    \
-      std::fprintf(stderr, "FAIL: %s: %s (line %d)\n", #call, cudaGetErrorString(err_), __LINE__); \
-      std::exit(1);                                                                               \
-    }                                                                                             \
-  } while (0)
 
 namespace {
 
@@ -207,9 +199,6 @@ void RunShape(int rows, const std::vector<int>& valid, const char* label) {
 
   cudaStream_t stream;
   CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cudaEvent_t start, stop;
-  CK(cudaEventCreate(&start));
-  CK(cudaEventCreate(&stop));
   std::vector<__half> got(n_q);
   char shape[96];
   std::snprintf(shape, sizeof shape, "R=%d L=%d S=%d H=%d hd=%d %s", rows, kLength, kKeys, kHeads, kHd, label);
@@ -229,27 +218,9 @@ void RunShape(int rows, const std::vector<int>& valid, const char* label) {
       err = std::max(err, e);
       worst = std::max(worst, e / (Ulp16(ref[i]) + std::ldexp(max_v, -11)));
     }
-    cudaGraph_t graph;
-    cudaGraphExec_t exec;
-    CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-    for (int c = 0; c < kCallsPerGraph; ++c) launch(buf[c % sets], stream);
-    CK(cudaStreamEndCapture(stream, &graph));
-    CK(cudaGraphInstantiate(&exec, graph, 0));
-    for (int i = 0; i < kWarmup; ++i) CK(cudaGraphLaunch(exec, stream));
-    std::vector<float> times;
-    for (int rep = 0; rep < kReplays; ++rep) {
-      CK(cudaEventRecord(start, stream));
-      CK(cudaGraphLaunch(exec, stream));
-      CK(cudaEventRecord(stop, stream));
-      CK(cudaEventSynchronize(stop));
-      float ms;
-      CK(cudaEventElapsedTime(&ms, start, stop));
-      times.push_back(ms);
-    }
-    std::sort(times.begin(), times.end());
-    const double us = times[times.size() / 2] * 1e3 / kCallsPerGraph;
-    CK(cudaGraphExecDestroy(exec));
-    CK(cudaGraphDestroy(graph));
+    // C++17 lambdas cannot capture a structured binding by name: bind a reference to it
+    auto call = [&, &launch = launch](int c, cudaStream_t st) { launch(buf[c % sets], st); };
+    const double us = semvoc_bench::GraphUsPerCall(call, kCallsPerGraph, kReplays, kWarmup, stream);
     std::printf("%-42s %-9s %9.2f %8.0f %9.2f %10.3g %6.2f\n", shape, name.c_str(), us, bytes / (us * 1e-6) / 1e9,
                 bound_us, err, worst);
     if (!(worst <= 1.0)) {
@@ -267,8 +238,6 @@ void RunShape(int rows, const std::vector<int>& valid, const char* label) {
   CK(cudaFree(dmask));
   CK(cudaFree(dbias));
   CK(cudaFree(dlogits));
-  CK(cudaEventDestroy(start));
-  CK(cudaEventDestroy(stop));
   CK(cudaStreamDestroy(stream));
 }
 
@@ -335,13 +304,7 @@ void CheckFloat() {
 }  // namespace
 
 int main() {
-  cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
-  int driver = 0, runtime = 0;
-  CK(cudaDriverGetVersion(&driver));
-  CK(cudaRuntimeGetVersion(&runtime));
-  std::printf("device: %s (sm_%d%d, %d SMs, L2 %d MB), driver %d, runtime %d\n", prop.name, prop.major, prop.minor,
-              prop.multiProcessorCount, prop.l2CacheSize >> 20, driver, runtime);
+  semvoc_bench::PrintDevice();
   std::printf("CrossAttention fp16, mask [R/2, S]; us/call: median of %d CUDA-graph replays of %d calls, inputs "
               "rotated through >= 256 MB; bytes = q + out + K/V rows up to the last true key + mask; bound = bytes "
               "/ %.1f TB/s;\nerr = max abs error vs a double host reference; tol = worst error / (1 fp16 ulp + "

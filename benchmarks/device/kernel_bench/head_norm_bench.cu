@@ -18,18 +18,10 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.cuh"
 #include "head_norm_kernel.cuh"
 
 using namespace semvoc;
-
-#define CK(call)                                                                                  \
-  do {                                                                                            \
-    cudaError_t err_ = (call);                                                                    \
-    if (err_ != cudaSuccess) {                                                                    \
-      std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorString(err_), __FILE__, __LINE__, #call); \
-      std::exit(1);                                                                               \
-    }                                                                                             \
-  } while (0)
 
 namespace {
 
@@ -48,12 +40,8 @@ struct Buffers {  // one set of per-call tensors
   T *x, *out, *out_k;
 };
 
-template <typename T> float ToHost(T v);
-template <> float ToHost<float>(float v) { return v; }
-template <> float ToHost<__half>(__half v) { return __half2float(v); }
-template <typename T> T FromHost(float v);
-template <> float FromHost<float>(float v) { return v; }
-template <> __half FromHost<__half>(float v) { return __float2half_rn(v); }
+using semvoc_bench::FromHost;
+using semvoc_bench::ToHost;
 
 // One fp16 unit in the last place of |v| (2^-24 below the normal range).
 double Ulp16(double v) {
@@ -195,9 +183,6 @@ void RunShape(const Shape& s, const char* type_name) {
 
   cudaStream_t stream;
   CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cudaEvent_t start, stop;
-  CK(cudaEventCreate(&start));
-  CK(cudaEventCreate(&stop));
   const double bytes = static_cast<double>(n_x + n_written) * sizeof(T) +
                        2.0 * affine_n * sizeof(T) + (s.rope ? 2.0 * s.length * s.hd / 2 * sizeof(T) : 0.0);
   const double bound_us = bytes / kBandwidth * 1e6;
@@ -243,30 +228,11 @@ void RunShape(const Shape& s, const char* type_name) {
     // timing: graphs of kCallsPerGraph calls, over rotating sets (HBM) and over set 0 (L2-hot)
     double us[2];
     for (int hot = 0; hot < 2; ++hot) {
-      cudaGraph_t graph;
-      cudaGraphExec_t exec;
-      CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-      for (int c = 0; c < kCallsPerGraph; ++c) {
+      auto launch = [&](int c, cudaStream_t st) {
         const Buffers<T>& b = buf[hot ? 0 : c % sets];
-        var.launch(b.x, b.out, b.out_k, stream);
-      }
-      CK(cudaStreamEndCapture(stream, &graph));
-      CK(cudaGraphInstantiate(&exec, graph, 0));
-      for (int w = 0; w < kWarmup; ++w) CK(cudaGraphLaunch(exec, stream));
-      std::vector<float> times;
-      for (int rep = 0; rep < kReplays; ++rep) {
-        CK(cudaEventRecord(start, stream));
-        CK(cudaGraphLaunch(exec, stream));
-        CK(cudaEventRecord(stop, stream));
-        CK(cudaEventSynchronize(stop));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, start, stop));
-        times.push_back(ms);
-      }
-      std::sort(times.begin(), times.end());
-      us[hot] = times[times.size() / 2] * 1e3 / kCallsPerGraph;
-      CK(cudaGraphExecDestroy(exec));
-      CK(cudaGraphDestroy(graph));
+        var.launch(b.x, b.out, b.out_k, st);
+      };
+      us[hot] = semvoc_bench::GraphUsPerCall(launch, kCallsPerGraph, kReplays, kWarmup, stream);
     }
     char shape[96];
     std::snprintf(shape, sizeof shape, "%s %s R=%d L=%d n=%d hd=%d", s.op, type_name, s.rows_per_batch, s.length,
@@ -287,21 +253,13 @@ void RunShape(const Shape& s, const char* type_name) {
   CK(cudaFree(db));
   if (dc) CK(cudaFree(dc));
   if (ds) CK(cudaFree(ds));
-  CK(cudaEventDestroy(start));
-  CK(cudaEventDestroy(stop));
   CK(cudaStreamDestroy(stream));
 }
 
 }  // namespace
 
 int main() {
-  cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
-  int driver = 0, runtime = 0;
-  CK(cudaDriverGetVersion(&driver));
-  CK(cudaRuntimeGetVersion(&runtime));
-  std::printf("device: %s (sm_%d%d, %d SMs, L2 %d MB), driver %d, runtime %d\n", prop.name, prop.major, prop.minor,
-              prop.multiProcessorCount, prop.l2CacheSize >> 20, driver, runtime);
+  semvoc_bench::PrintDevice();
   std::printf("us/call: median of %d CUDA-graph replays of %d calls, inputs rotated through >= 256 MB (from HBM); "
               "L2-hot: one buffer set.\nGB/s from us/call; bound = bytes / %.1f TB/s; err = max abs error vs the "
               "baseline and vs a CPU double reference; tol = worst error / tolerance (fp16: one rounding step at "

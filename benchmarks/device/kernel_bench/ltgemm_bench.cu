@@ -25,18 +25,11 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.cuh"
 #include "ltgemm_kernel.cuh"
 
 using namespace semvoc;
 
-#define CK(call)                                                                                  \
-  do {                                                                                            \
-    cudaError_t err_ = (call);                                                                    \
-    if (err_ != cudaSuccess) {                                                                    \
-      std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorString(err_), __FILE__, __LINE__, #call); \
-      std::exit(1);                                                                               \
-    }                                                                                             \
-  } while (0)
 #define CB(call)                                                                                  \
   do {                                                                                            \
     cublasStatus_t st_ = (call);                                                                  \
@@ -59,12 +52,8 @@ struct Shape {
   bool fp32;
 };
 
-template <typename T> float ToHost(T v);
-template <> float ToHost<float>(float v) { return v; }
-template <> float ToHost<__half>(__half v) { return __half2float(v); }
-template <typename T> T FromHost(float v);
-template <> float FromHost<float>(float v) { return v; }
-template <> __half FromHost<__half>(float v) { return __float2half_rn(v); }
+using semvoc_bench::FromHost;
+using semvoc_bench::ToHost;
 
 // The baseline's second kernel, as the engine ran it: out = y + bias (+ residual * scale), 16-byte
 // vectors (the pattern of cuda/bias_residual.cu and of onnxruntime's broadcast Add).
@@ -246,8 +235,6 @@ void RunShape(const Shape& s, cublasHandle_t blas, cudaStream_t stream) {
 }  // namespace
 
 int main() {
-  cudaDeviceProp prop{};
-  CK(cudaGetDeviceProperties(&prop, 0));
   cudaStream_t stream;
   CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   cublasHandle_t blas;
@@ -257,8 +244,9 @@ int main() {
   CK(cudaMalloc(&blas_workspace, kLtWorkspaceBytes));
   CB(cublasSetWorkspace(blas, blas_workspace, kLtWorkspaceBytes));
   try {
-    std::printf("device: %s (sm_%d%d, %d SMs), cuBLASLt %zu (dlopen %s)\n", prop.name, prop.major, prop.minor,
-                prop.multiProcessorCount, LtApi().GetVersion(), kCublasLtLibrary);
+    const std::string lt =
+        ", cuBLASLt " + std::to_string(LtApi().GetVersion()) + " (dlopen " + kCublasLtLibrary + ")";
+    semvoc_bench::PrintDevice(lt.c_str());
   } catch (const std::exception& e) {
     std::printf("FAIL %s\n", e.what());
     return 1;

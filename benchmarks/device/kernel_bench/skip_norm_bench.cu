@@ -23,18 +23,10 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.cuh"
 #include "skip_norm_kernel.cuh"
 
 using namespace semvoc;
-
-#define CK(call)                                                                                  \
-  do {                                                                                            \
-    cudaError_t err_ = (call);                                                                    \
-    if (err_ != cudaSuccess) {                                                                    \
-      std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorString(err_), __FILE__, __LINE__, #call); \
-      std::exit(1);                                                                               \
-    }                                                                                             \
-  } while (0)
 
 namespace {
 
@@ -102,12 +94,8 @@ unsigned Grid(int64_t n) { return static_cast<unsigned>((n + 255) / 256); }
 
 // ------------------------------------------------------------------ host side
 
-template <typename T> float ToHost(T v);
-template <> float ToHost<float>(float v) { return v; }
-template <> float ToHost<__half>(__half v) { return __half2float(v); }
-template <typename T> T FromHost(float v);
-template <> float FromHost<float>(float v) { return v; }
-template <> __half FromHost<__half>(float v) { return __float2half_rn(v); }
+using semvoc_bench::FromHost;
+using semvoc_bench::ToHost;
 
 // One unit in the last place of T at |v| (the smallest subnormal step below the normal range).
 template <typename T>
@@ -284,9 +272,6 @@ void RunShape(Op op, int rows, int width, const char* type_name) {
 
   cudaStream_t stream;
   CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cudaEvent_t start, stop;
-  CK(cudaEventCreate(&start));
-  CK(cudaEventCreate(&stop));
   for (const auto& [name, launch] : variants) {
     // correctness on set 0 (outputs poisoned with NaN first)
     CK(cudaMemset(buf[0].h, 0xff, n_h * sizeof(T)));
@@ -317,27 +302,9 @@ void RunShape(Op op, int rows, int width, const char* type_name) {
     // timing: graphs of kCallsPerGraph calls over rotating sets (HBM) and over set 0 (L2-hot)
     double us[2];
     for (int hot = 0; hot < 2; ++hot) {
-      cudaGraph_t graph;
-      cudaGraphExec_t exec;
-      CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-      for (int c = 0; c < kCallsPerGraph; ++c) launch(buf[hot ? 0 : c % sets], stream);
-      CK(cudaStreamEndCapture(stream, &graph));
-      CK(cudaGraphInstantiate(&exec, graph, 0));
-      for (int w = 0; w < kWarmup; ++w) CK(cudaGraphLaunch(exec, stream));
-      std::vector<float> times;
-      for (int rep = 0; rep < kReplays; ++rep) {
-        CK(cudaEventRecord(start, stream));
-        CK(cudaGraphLaunch(exec, stream));
-        CK(cudaEventRecord(stop, stream));
-        CK(cudaEventSynchronize(stop));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, start, stop));
-        times.push_back(ms);
-      }
-      std::sort(times.begin(), times.end());
-      us[hot] = times[times.size() / 2] * 1e3 / kCallsPerGraph;
-      CK(cudaGraphExecDestroy(exec));
-      CK(cudaGraphDestroy(graph));
+      // C++17 lambdas cannot capture a structured binding by name: bind a reference to it
+      auto call = [&, &launch = launch](int c, cudaStream_t st) { launch(buf[hot ? 0 : c % sets], st); };
+      us[hot] = semvoc_bench::GraphUsPerCall(call, kCallsPerGraph, kReplays, kWarmup, stream);
     }
     char shape[96];
     std::snprintf(shape, sizeof shape, "%s %s rows=%d D=%d", OpName(op), type_name, rows, width);
@@ -353,21 +320,13 @@ void RunShape(Op op, int rows, int width, const char* type_name) {
     for (T* p : std::initializer_list<T*>{b.x, b.out, b.skip, b.h, b.sum})
       if (p) CK(cudaFree(p));
   for (T* p : std::initializer_list<T*>{dgate, dgbias, dgamma, dbeta, t1, t2, t3, joined}) CK(cudaFree(p));
-  CK(cudaEventDestroy(start));
-  CK(cudaEventDestroy(stop));
   CK(cudaStreamDestroy(stream));
 }
 
 }  // namespace
 
 int main() {
-  cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
-  int driver = 0, runtime = 0;
-  CK(cudaDriverGetVersion(&driver));
-  CK(cudaRuntimeGetVersion(&runtime));
-  std::printf("device: %s (sm_%d%d, %d SMs, L2 %d MB), driver %d, runtime %d\n", prop.name, prop.major, prop.minor,
-              prop.multiProcessorCount, prop.l2CacheSize >> 20, driver, runtime);
+  semvoc_bench::PrintDevice();
   std::printf("us/call: median of %d CUDA-graph replays of %d calls, inputs rotated through >= 256 MB (from HBM); "
               "L2-hot: one buffer set.\nGB/s: the op's own bytes (inputs read once, outputs written once) / us/call;"
               " bound = those bytes / %.1f TB/s; err = max abs error vs a CPU double reference; tol = worst error / "
