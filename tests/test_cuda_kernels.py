@@ -100,10 +100,10 @@ def test_references_are_what_the_kernels_document():
                                (normed + cond) * ts[:, None, :], rtol=1e-5, atol=1e-5)
 
 
-def test_export_emits_one_cuda_op_each_and_plain_gemms(tmp_path, monkeypatch):
-    monkeypatch.delenv("SEMVOC_EXPORT_WITHOUT", raising=False)
-    block = _block()
-    x, cond, scale = (t.transpose(1, 2) if t.dim() == 3 else t for t in _inputs(block))
+def _block_graph(tmp_path: Path, residual_scale: float | None = 1.0, dtype=torch.float32):
+    """A vocoder block's channels-last export form, exported alone -> (its graph, the block)."""
+    block = _block(residual_scale=residual_scale).to(dtype)
+    x, cond, scale = ((t.transpose(1, 2) if t.dim() == 3 else t).to(dtype) for t in _inputs(block))
 
     class Step(torch.nn.Module):
         def forward(self, x, cond, scale):
@@ -112,7 +112,12 @@ def test_export_emits_one_cuda_op_each_and_plain_gemms(tmp_path, monkeypatch):
     path = tmp_path / "block.onnx"
     torch.onnx.export(Step().eval(), (x, cond, scale), dynamo=True, opset_version=23,
                       custom_translation_table=translation_table()).save(str(path))
-    graph = onnx.load(str(path)).graph
+    return onnx.load(str(path)).graph, block
+
+
+def test_export_emits_one_cuda_op_each_and_plain_gemms(tmp_path, monkeypatch):
+    monkeypatch.delenv("SEMVOC_EXPORT_WITHOUT", raising=False)
+    graph, _ = _block_graph(tmp_path)
     ours = sorted(n.op_type for n in graph.node if n.domain == CUDA_DOMAIN)
     # the block's residual is scaled per channel: BiasResidual (cuBLASLt has no fp16 beta vector)
     assert ours == ["BiasPRelu", "BiasResidual", "ConvNeXtMix"]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from semvoc.kernels.ltgemm import NAME, lt_gemm_reference
 from semvoc.kernels.ltgemm import linear as lt_linear
 from semvoc.kernels.onnx_ops import CUDA_DOMAIN, WITHOUT_ENV, translation_table
+from tests.test_cuda_kernels import _block_graph
 
 
 @pytest.mark.parametrize("shape", [(3, 37, 19, 11), (1, 1, 5, 1), (2, 250, 64, 24)])
@@ -55,22 +56,6 @@ def test_linear_is_f_linear_plus_the_residual_either_way(switch, monkeypatch):
     torch.testing.assert_close(lt_linear(h, w, b), F.linear(h, w, b))
     torch.testing.assert_close(lt_linear(h, w, b, x, s), F.linear(h, w, b) + x * s)
     torch.testing.assert_close(lt_linear(h, w, None, x), F.linear(h, w) + x)
-
-
-def _block_graph(tmp_path, residual_scale=1.0, dtype=torch.float32):
-    from tests.test_cuda_kernels import _block, _inputs
-
-    block = _block(residual_scale=residual_scale).to(dtype)
-    x, cond, scale = ((t.transpose(1, 2) if t.dim() == 3 else t).to(dtype) for t in _inputs(block))
-
-    class Step(torch.nn.Module):
-        def forward(self, x, cond, scale):
-            return block.forward_channels_last(x, cond, scale)
-
-    path = tmp_path / "block.onnx"
-    torch.onnx.export(Step().eval(), (x, cond, scale), dynamo=True, opset_version=23,
-                      custom_translation_table=translation_table()).save(str(path))
-    return onnx.load(str(path)).graph, block
 
 
 def test_vocoder_block_exports_an_unscaled_down_projection_as_one_lt_gemm(tmp_path, monkeypatch):
