@@ -277,9 +277,10 @@ class OrtCudaBackend(Backend):
         per request one time on zeros at this bucket's shapes in the same thread (cuBLAS and cuDNN
         initialise and choose their algorithms on a graph's first run at a shape: about a second
         for the vocoder's prepare graph on an H200). The first request then waits for the slowest
-        of these, not for their sum. Captured step graphs are only created here: their first runs
-        and captures happen in the request, on this thread alone (a capture must not overlap
-        other work on the GPU)."""
+        of these, not for their sum. Captured step graphs are only created here (the first tasks
+        submitted: they take longest), and with ``SEMVOC_STEP_WARM_RUN=1`` run once uncaptured; the
+        runs onnxruntime counts before it captures, and the captures, happen in the request, on
+        this thread alone (a capture must not overlap other work on the GPU)."""
         request = (batch, frames, text, duration_s)
         if request in self._prepared:  # every later request of this kind: nothing to look up
             return
