@@ -77,7 +77,8 @@ def dit_unsupported_reason(embed_dim: int, num_heads: int) -> str | None:
     if embed_dim % num_heads or embed_dim // num_heads not in HEAD_SIZES:
         return f"attention heads of {embed_dim / num_heads:g} (HeadNorm handles {list(HEAD_SIZES)})"
     if embed_dim > MAX_DIT_WIDTH:
-        return f"a DiT width of {embed_dim} (GatedSkipNorm handles up to {MAX_DIT_WIDTH})"
+        return (f"a DiT width of {embed_dim} (GatedSkipNorm and the skip path's norms handle rows of up to "
+                f"{MAX_DIT_WIDTH})")
     return None
 
 
