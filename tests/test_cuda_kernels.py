@@ -49,8 +49,10 @@ def _inputs(block: ConvNeXtBlock, batch=2, length=37, seed=1):
             1 + 0.1 * torch.randn(1, channels, generator=gen))
 
 
+@pytest.mark.parametrize("without", ["", "LtGemm"])
 @pytest.mark.parametrize("residual_scale", [1.0, None])
-def test_channels_last_block_is_the_block(residual_scale):
+def test_channels_last_block_is_the_block(residual_scale, without, monkeypatch):
+    monkeypatch.setenv(WITHOUT_ENV, without)
     block = _block(residual_scale=residual_scale)
     x, cond, scale = _inputs(block)
     with torch.no_grad():

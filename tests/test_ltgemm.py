@@ -86,20 +86,6 @@ def test_vocoder_block_without_lt_gemm_keeps_bias_residual(tmp_path, monkeypatch
     assert sorted(n.op_type for n in graph.node) == ["BiasPRelu", "BiasResidual", "ConvNeXtMix", "MatMul", "MatMul"]
 
 
-@pytest.mark.parametrize("switch", ["", NAME])
-@pytest.mark.parametrize("residual_scale", [1.0, None])
-def test_channels_last_block_is_the_block_with_and_without_lt_gemm(switch, residual_scale, monkeypatch):
-    from tests.test_cuda_kernels import _block, _inputs
-
-    monkeypatch.setenv(WITHOUT_ENV, switch)
-    block = _block(residual_scale=residual_scale)
-    x, cond, scale = _inputs(block)
-    with torch.no_grad():
-        expected = block.forward_prepared(x, cond, scale)
-        fused = block.forward_channels_last(x.transpose(1, 2), cond.transpose(1, 2), scale).transpose(1, 2)
-    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
-
-
 def _dit_step_ops(tmp_path) -> tuple[list, object]:
     from semvoc.export import wrappers as W
     from semvoc.models.config import preset

@@ -332,15 +332,18 @@ class OrtCudaBackend(Backend):
             self._prepared.add(request)
 
     def _warm_run(self, session, graph: GraphInfo, symbols: dict[str, int]) -> None:
-        if graph.kind in ("dit_step", "vocoder_step"):
-            self._warm_step_run(session, graph, symbols)
-            return
         """One run of ``graph`` on zeros (attention masks of ones) at the bucket's shapes; the
         outputs are dropped. The run then gives the arena's free regions back to the device
         (``memory.enable_memory_arena_shrinkage``): the warm-up runs of a bucket run at once, in
         parallel threads, so their peaks add up in the shared arena, while a request runs these
         graphs one after another (on an H200 at batch 16: 1.2 GiB less after ``prepare``, 840 MiB
-        less at the end of the request; ``SEMVOC_WARM_UP_SHRINK=0`` keeps the regions)."""
+        less at the end of the request; ``SEMVOC_WARM_UP_SHRINK=0`` keeps the regions).
+
+        A step graph's capture session (``SEMVOC_STEP_WARM_RUN=1``) runs uncaptured
+        (``gpu_graph_id`` -1): its own arena grows to its peak and the kernels' modules load
+        before the request's thread runs the runs that onnxruntime counts before it captures
+        (those must run on the thread that replays, see ``_bind_loop``); that arena keeps its
+        regions, which the captured runs reuse."""
         binding = session.io_binding()
         for t in graph.inputs:
             shape = tensor_shape(t, symbols)
@@ -349,6 +352,11 @@ class OrtCudaBackend(Backend):
         for t in graph.outputs:
             binding.bind_output(t.name, "cuda", self.device_id)
         options = None
+        if graph.kind in ("dit_step", "vocoder_step"):
+            options = self.ort.RunOptions()
+            options.add_run_config_entry("gpu_graph_id", "-1")
+            session.run_with_iobinding(binding, options)
+            return
         if self._shrink_after_warm_up:
             options = self.ort.RunOptions()
             options.add_run_config_entry("memory.enable_memory_arena_shrinkage", f"gpu:{self.device_id}")
@@ -361,23 +369,6 @@ class OrtCudaBackend(Backend):
             self._shrink_after_warm_up = False
             self.memory_notes.append(f"arena not shrunk after warm-up ({_first_line(err)})")
             session.run_with_iobinding(binding)
-
-    def _warm_step_run(self, session, graph: GraphInfo, symbols: dict[str, int]) -> None:
-        """One uncaptured run (``gpu_graph_id`` -1) of a step graph's capture session at the bucket's
-        shapes, on zeros, in prepare()'s thread: the session's own arena grows to its peak, and the
-        kernels' modules load, before the request's thread runs the runs that onnxruntime counts
-        before it captures (those must run on the thread that replays, see ``_bind_loop``). The
-        arena keeps its regions: the captured runs reuse them."""
-        binding = session.io_binding()
-        for t in graph.inputs:
-            fill = np.ones if t.name.endswith("mask") else np.zeros
-            binding.bind_ortvalue_input(t.name, self._upload(fill(tensor_shape(t, symbols), NUMPY_DTYPES[t.dtype]),
-                                                             t.dtype))
-        for t in graph.outputs:
-            binding.bind_output(t.name, "cuda", self.device_id)
-        options = self.ort.RunOptions()
-        options.add_run_config_entry("gpu_graph_id", "-1")
-        session.run_with_iobinding(binding, options)
 
     def _run_once(self, kind: str, inputs: dict, outputs: dict | None = None, duration_s=None) -> list:
         """Run an uncaptured graph: numpy inputs are uploaded, OrtValues bound as they are;
