@@ -15,6 +15,9 @@ Counted, as multiply-adds x 2:
   position is scattered through the kernel; counting output positions would multiply the
   iSTFT's cost by its stride;
 - ``Attention`` (opset 23): ``2 * B * Hq * Lq * Lk * (hd_qk + hd_v)`` (= ``4 B H Lq Lk hd``).
+- semvoc's ``LtGemm`` as the MatMul of its first two inputs, except the C x C GEMM of the
+  vocoder's PReLU split (``semvoc.kernels.prelu_split``): work the engine adds, not the model's,
+  so it is noted and left out.
 
 Everything else (norms, activations, the CFG combine, Euler updates) is left out: the floor is
 the matrix work at the card's measured matmul rate. A request of batch ``B`` runs
@@ -411,6 +414,18 @@ ATTENTION_CUDA_OPS = {"CrossAttention"}
 
 # semvoc's CUDA ops that are a MatMul of inputs 0 and 1 (LtGemm: + bias and residual in the epilogue)
 GEMM_CUDA_OPS = {"LtGemm"}
+# The vocoder's PReLU split (semvoc.kernels.prelu_split) runs a C x C GEMM the model does not have
+# (the linear part of PReLU, next to the ReLU GEMM, both reading the same activation): executed
+# work, left out of the model's FLOPs (the floor), noted with its size.
+SPLIT_LINEAR_PREFIX = "prelu_split_linear/"
+
+
+def _split_linear_gemms(nodes) -> set[str]:
+    """Outputs of the LtGemm nodes that are a PReLU split's linear part: a non-relu LtGemm whose
+    input 0 an LtGemm with relu = 1 also reads."""
+    gemms = [n for n in nodes if n.domain == "semvoc.cuda" and n.op_type in GEMM_CUDA_OPS]
+    relu_inputs = {n.input[0] for n in gemms if _attr(n, "relu", 0)}
+    return {n.output[0] for n in gemms if not _attr(n, "relu", 0) and n.input[0] in relu_inputs}
 
 
 def replace_contrib_ops(model) -> None:
@@ -419,9 +434,11 @@ def replace_contrib_ops(model) -> None:
     from onnx import helper
 
     nodes = []
+    split_linear = _split_linear_gemms(model.graph.node)
     for node in model.graph.node:
         if node.domain == "semvoc.cuda" and node.op_type in GEMM_CUDA_OPS:  # its GEMM; the epilogue is not counted
-            nodes.append(helper.make_node("MatMul", list(node.input[:2]), [node.output[0]]))
+            name = SPLIT_LINEAR_PREFIX + node.output[0] if node.output[0] in split_linear else node.name
+            nodes.append(helper.make_node("MatMul", list(node.input[:2]), [node.output[0]], name=name))
             continue
         if node.domain == "semvoc.cuda" and node.op_type in HALVING_CUDA_OPS:
             halves = list(node.output) + [f"{node.output[0]}__unused_half"] * (2 - len(node.output))
@@ -457,6 +474,7 @@ def count_model_flops(model, dims: dict[str, int]) -> GraphFlops:
     inferred = fold_shape_constants(model)
     shapes = _shape_table(inferred)
     result = GraphFlops()
+    split_linear = 0
     for out, weight in depthwise:  # [B, L, C] output, [C, 1, K] weight
         if _known(shapes.get(out)) and _known(shapes.get(weight)):
             result.add("ConvNeXtMix", 2 * math.prod(shapes[out]) * shapes[weight][-1])
@@ -472,7 +490,13 @@ def count_model_flops(model, dims: dict[str, int]) -> GraphFlops:
             result.unresolved.append(f"{node.op_type} {node.name}")
             result.nodes[node.op_type] = result.nodes.get(node.op_type, 0) + 1
             continue
+        if node.name.startswith(SPLIT_LINEAR_PREFIX):
+            split_linear += flops
+            continue
         result.add(node.op_type, flops)
+    if split_linear:
+        result.notes.append(f"PReLU split: {split_linear / 1e9:.3f} GFLOP of linear-part GEMMs run, not counted "
+                            "(not the model's work)")
     return result
 
 

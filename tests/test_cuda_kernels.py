@@ -152,9 +152,9 @@ def test_vocoder_step_with_cuda_ops_exports_folded_branches(tmp_path, monkeypatc
     assert ops.count("BiasNorm") == branches and ops.count("ConvNeXtMix") == layers
     assert {"Split", "ReduceMean", "Pow", "Expand"}.isdisjoint(ops)
     # per branch a GEMM from the frames and one to the pieces (LtGemm, its bias inside); per block
-    # the up-projection and the down-projection (its bias and scaled residual: BiasResidual)
-    assert ops.count("MatMul") == branches + 2 * layers and ops.count("LtGemm") == branches
-    assert ops.count("BiasResidual") == layers  # the residual is scaled per channel (see ConvNeXtBlock)
+    # three LtGemm (the PReLU split, tests/test_prelu_split.py), nothing between them
+    assert ops.count("MatMul") == branches and ops.count("LtGemm") == branches + 3 * layers
+    assert {"BiasResidual", "BiasPRelu"}.isdisjoint(ops)
     mix_layers = sorted(a.i for n in nodes if n.op_type == "ConvNeXtMix" for a in n.attribute if a.name == "layer")
     assert mix_layers == sorted(i for n in vocoder.cfg.num_layers for i in range(n))
 
@@ -803,8 +803,14 @@ def test_cross_attention_graph_replay_follows_the_mask(cuda_library, tmp_path):
 
 
 # LtGemm: a [..., K] @ w [K, N] with the optional inputs named by `inputs` (b: bias, r: residual,
-# s: residual_scale, float32). The step graphs' shapes and the op's edges:
+# s: residual_scale, float32) and u: the attribute relu = 1. The step graphs' shapes and the op's edges:
 LT_CASES = {
+    # the PReLU split's ReLU GEMM (branch 2 of the reference vocoder at batch 1): bias and relu
+    "vocoder-split-relu": ((1, 3751, 384), 1152, "bu"),
+    # its linear part: bias and an unscaled residual (C x C)
+    "vocoder-split-linear": ((1, 3751, 384), 384, "br"),
+    # relu with a residual and no bias: cuBLASLt's relu comes after the residual, or the tail does it all
+    "relu-residual": ((2, 37, 64), 48, "ru"),
     # the vocoder's down-projection (branch 2 of the reference vocoder at batch 1): bias, scaled residual
     "vocoder-down": ((1, 4001, 1152), 384, "brs"),
     # the DiT's U-Net skip projection at batch 1 with CFG: bias only
@@ -830,8 +836,9 @@ def _lt_gemm_model(inputs: list[np.ndarray], present: str, path: Path) -> None:
         node_inputs.pop()
     names = [n for n in node_inputs if n]
     types = [TensorProto.FLOAT if (n == names[-1] and "s" in present) else elem for n in names]
+    relu = {"relu": 1} if "u" in present else {}
     graph = helper.make_graph(
-        [helper.make_node("LtGemm", node_inputs, ["out0"], domain=CUDA_DOMAIN)], "LtGemm",
+        [helper.make_node("LtGemm", node_inputs, ["out0"], domain=CUDA_DOMAIN, **relu)], "LtGemm",
         [helper.make_tensor_value_info(n, t, list(a.shape)) for n, t, a in zip(names, types, inputs, strict=True)],
         [helper.make_tensor_value_info("out0", elem, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(CUDA_DOMAIN, 1)])
@@ -859,7 +866,9 @@ def test_lt_gemm_matches_its_reference(case, dtype, fusion, cuda_library, tmp_pa
     inputs += [extra[f].numpy().astype(np.float32 if f == "s" else dtype) for f in "brs" if f in present]
     rounded = [torch.from_numpy(x.astype(np.float32)) for x in inputs]
     args = dict(zip([f for f in "brs" if f in present], rounded[2:], strict=True))
-    want = lt_gemm_reference(rounded[0], rounded[1], args.get("b"), args.get("r"), args.get("s")).numpy()
+    want = lt_gemm_reference(rounded[0], rounded[1], args.get("b"), args.get("r"), args.get("s"),
+                             relu="u" in present).numpy()
+    assert ("u" not in present) or (want == 0).mean() > 0.2  # the relu cases do clip
     path = tmp_path / "lt_gemm.onnx"
     _lt_gemm_model(inputs, present, path)
     for cuda_graph in (False, True):

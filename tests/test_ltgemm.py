@@ -31,6 +31,9 @@ def test_reference_is_the_unfused_math(shape):
         "residual": (lt_gemm_reference(a32, w32.t(), None, residual.float()), linear + residual),
         "bias+residual*scale": (lt_gemm_reference(a32, w32.t(), bias.float(), residual.float(), scale.float()),
                                 linear + bias + residual * scale),
+        "relu(bias)": (lt_gemm_reference(a32, w32.t(), bias.float(), relu=True), F.relu(linear + bias)),
+        "relu(residual)": (lt_gemm_reference(a32, w32.t(), None, residual.float(), relu=True),
+                           F.relu(linear + residual)),
     }
     for name, (got, want) in cases.items():
         assert got.dtype == torch.float32 and got.shape == (batch, length, n), name
@@ -56,6 +59,8 @@ def test_linear_is_f_linear_plus_the_residual_either_way(switch, monkeypatch):
     torch.testing.assert_close(lt_linear(h, w, b), F.linear(h, w, b))
     torch.testing.assert_close(lt_linear(h, w, b, x, s), F.linear(h, w, b) + x * s)
     torch.testing.assert_close(lt_linear(h, w, None, x), F.linear(h, w) + x)
+    torch.testing.assert_close(lt_linear(h, w, b, relu=True), F.relu(F.linear(h, w, b)))
+    torch.testing.assert_close(lt_linear(h, w, None, x, relu=True), F.relu(F.linear(h, w) + x))
 
 
 def test_vocoder_block_exports_an_unscaled_down_projection_as_one_lt_gemm(tmp_path, monkeypatch):

@@ -31,6 +31,8 @@ from semvoc.kernels.ltgemm import NAME as LT_GEMM
 from semvoc.kernels.ltgemm import linear as lt_linear
 from semvoc.kernels.norms import BiasNorm, bias_norm
 from semvoc.kernels.onnx_ops import fusion_enabled
+from semvoc.kernels.prelu_split import NAME as PRELU_SPLIT
+from semvoc.kernels.prelu_split import residual_gains, split_mlp, split_weights
 from semvoc.kernels.stft import (
     ConvISTFT,
     ConvSTFT,
@@ -127,14 +129,28 @@ class ConvNeXtBlock(nn.Module):
         residual = self.residual_scale(x) if hasattr(self, "residual_scale") else x
         return y + residual
 
+    def use_split(self, gain_in: torch.Tensor, gain_out: torch.Tensor) -> None:
+        """Run ``forward_channels_last`` in the split form (``semvoc.kernels.prelu_split``) on
+        activations stored divided by ``gain_in`` (input) and ``gain_out`` (output); export only."""
+        w = split_weights(self.dwconv.weight, self.pwconv1.weight[:, :, 0], self.pwconv1.bias, self.act.weight,
+                          self.pwconv2.weight[:, :, 0], self.pwconv2.bias, gain_in, gain_out)
+        for name, value in vars(w).items():
+            self.register_buffer(f"split_{name}", value, persistent=False)
+
     def forward_channels_last(self, x: torch.Tensor, cond_bias: torch.Tensor, time_scale: torch.Tensor,
                               layer: int = 0) -> torch.Tensor:
         """``forward_prepared`` on ``[B, L, C]`` as semvoc's CUDA ops: ConvNeXtMix, a GEMM,
         BiasPRelu, then the down-projection, its bias and the residual: one LtGemm (cuBLASLt's
-        epilogue) for an unscaled residual, else a GEMM and BiasResidual.
+        epilogue) for an unscaled residual, else a GEMM and BiasResidual. After ``use_split``:
+        ConvNeXtMix and three LtGemm calls (``split_mlp``), on the gain-divided activations.
         cond_bias ``[B, L, C]``, time_scale ``[B|1, C]``, or the decoder's tables ``[N, B, L, C]``
         and ``[1, N, C]`` of which this block reads entry ``layer``."""
         dw = self.dwconv
+        if hasattr(self, "split_relu_weight"):
+            y = convnext_mix(x, self.split_dw_weight, dw.bias, self.norm.bias, self.norm.log_scale, cond_bias,
+                             time_scale, layer)
+            return split_mlp(y, x, self.pwconv1.weight[:, :, 0], self.pwconv1.bias, self.split_linear_weight,
+                             self.split_linear_bias, self.split_relu_weight)
         y = convnext_mix(x, dw.weight, dw.bias, self.norm.bias, self.norm.log_scale, cond_bias, time_scale, layer)
         h = bias_prelu(F.linear(y, self.pwconv1.weight[:, :, 0]), self.pwconv1.bias, self.act.weight)
         scaled = hasattr(self, "residual_scale")
@@ -197,6 +213,20 @@ class ConvNeXtDecoder(nn.Module):
         for block, cond_bias, time_scale in zip(self.blocks, cond_biases, time_scales, strict=True):
             x = block.forward_prepared(x, cond_bias, time_scale)
         return self.out_proj(x)
+
+    def use_split(self) -> torch.Tensor | None:
+        """Every block in the split form (``ConvNeXtBlock.use_split``), where LtGemm and the split
+        are exported and the residual gains stay in range: returns the last gain ``g_L`` ``[C]``
+        (float64), which the caller folds into the output projection's columns; else None."""
+        if not (fusion_enabled(LT_GEMM) and fusion_enabled(PRELU_SPLIT)):
+            return None
+        scales = [b.residual_scale.scale if hasattr(b, "residual_scale") else None for b in self.blocks]
+        gains = residual_gains(scales, self.in_proj.out_channels)
+        if gains is None:
+            return None
+        for block, gain_in, gain_out in zip(self.blocks, gains, gains[1:], strict=False):
+            block.use_split(gain_in, gain_out)
+        return gains[-1]
 
     def forward_channels_last(self, x: torch.Tensor, cond_biases: list[torch.Tensor],
                               time_scales: list[torch.Tensor]) -> torch.Tensor:
@@ -294,6 +324,9 @@ class AudioConvNeXt(nn.Module):
         with torch.no_grad():
             folded = fold_projections(self.fft.window, self.fft.hop_length, dec.in_proj.weight[:, :, 0],
                                       dec.in_proj.bias, dec.out_proj.weight[:, :, 0], dec.out_proj.bias, scale)
+        gain = dec.use_split()  # the blocks' activations divided by their residual gains, if split
+        if gain is not None:  # the decoder's output x_L = g_L v_L: g_L into the columns
+            folded = (*folded[:2], folded[2] * gain, folded[3])  # (float64 both)
         for name, value in zip(("fold_in_weight", "fold_in_bias", "fold_out_weight", "fold_out_bias"), folded,
                                strict=True):
             self.register_buffer(name, value.to(dtype), persistent=False)

@@ -18,7 +18,12 @@ namespace lt {
 enum Status { kStatusSuccess = 0, kStatusNotSupported = 15 };   // cublasStatus_t
 enum ComputeType { kCompute32F = 68 };                          // cublasComputeType_t: CUBLAS_COMPUTE_32F
 enum DataType { kR32F = 0, kR16F = 2 };                         // cudaDataType_t: CUDA_R_32F, CUDA_R_16F
-enum Epilogue { kEpilogueDefault = 1, kEpilogueBias = 4 };      // cublasLtEpilogue_t
+enum Epilogue {  // cublasLtEpilogue_t
+  kEpilogueDefault = 1,
+  kEpilogueRelu = 2,
+  kEpilogueBias = 4,
+  kEpilogueReluBias = 6,
+};
 enum PointerMode { kPointerHost = 0, kPointerDeviceVector = 2 };  // cublasLtPointerMode_t
 enum MatmulDescAttribute {                                      // cublasLtMatmulDescAttributes_t
   kDescPointerMode = 2,    // CUBLASLT_MATMUL_DESC_POINTER_MODE (int32_t)

@@ -40,6 +40,14 @@ static void* CreateKernel(const OrtCustomOp* custom_op, const OrtApi* api, const
       kernel->state.layer = 0;
     }
   }
+  if (op->relu) {  // optional: a node without it has none
+    int64_t relu = 0;
+    if (OrtStatus* status = api->KernelInfoGetAttribute_int64(info, "relu", &relu)) {
+      api->ReleaseStatus(status);
+      relu = 0;
+    }
+    kernel->state.relu = relu != 0;
+  }
   if (op->num_heads) Check(api->KernelInfoGetAttribute_int64(info, "num_heads", &kernel->state.num_heads),
                            "attribute num_heads");
   return kernel;
@@ -120,6 +128,7 @@ static std::vector<OpDef>& Ops() {
                            /*num_heads=*/true, /*bool_input=*/3));
       OpDef lt_gemm = MakeOp("LtGemm", type, 5, 1, LtGemmCompute);  // a, w, bias?, residual?, residual_scale?
       lt_gemm.required = 2;
+      lt_gemm.relu = true;
       lt_gemm.float32_inputs = 1u << 4;  // residual_scale: cuBLASLt's beta vector is fp32
       lt_gemm.create = LtGemmCreate;
       lt_gemm.destroy = LtGemmDestroy;

@@ -1,6 +1,7 @@
-// LtGemm: out = a @ w (+ bias) (+ residual (* residual_scale)) as ONE cuBLASLt call, the bias and
-// the residual in its epilogue (onnxruntime's MatMul calls cublasGemmEx, which has none in fp16,
-// so a bias Add or semvoc's BiasResidual pass used to follow it).
+// LtGemm: out = a @ w (+ bias) (+ residual (* residual_scale)), then max(., 0) where the node's
+// int attribute relu is 1, as ONE cuBLASLt call with the bias, the residual and the relu in its
+// epilogue (onnxruntime's MatMul calls cublasGemmEx, which has none in fp16, so a bias Add or one of
+// semvoc's passes used to follow it).
 // Inputs: a [..., K], w [K, N], bias [N] (optional), residual [..., N] (optional),
 // residual_scale [N] float32 (optional, needs residual). Output [..., N]. a, w, bias, residual and
 // the output are float32 or float16 (fp32 accumulation). The code path is in ltgemm_kernel.cuh
@@ -43,6 +44,7 @@ void LtGemmCompute(OrtKernelContext* ctx, const KernelState& state) {
   args.m = a.numel() / k;
   args.n = n;
   args.k = k;
+  args.relu = state.relu;
   if (out.numel() == 0) return;
   LtGemmState* s = static_cast<LtGemmState*>(state.data);
   cudaStream_t stream = Stream(ctx);

@@ -1,7 +1,8 @@
 // LtGemm's code path, shared by the library (ltgemm.cu) and the micro-benchmark
 // (benchmarks/device/kernel_bench/ltgemm_bench.cu), so that what the bench times is what ships.
 //
-//   out[m, n] = sum_k a[m, k] w[k, n]  (+ bias[n])  (+ residual[m, n] (* scale[n]))
+//   out[m, n] = act(sum_k a[m, k] w[k, n]  (+ bias[n])  (+ residual[m, n] (* scale[n])))
+//   act = max(., 0) when the node says relu = 1 (cuBLASLt's RELU epilogue), else the identity
 //
 // a [M, K], w [K, N] (the layout of a MatMul's B: how the graphs hold F.linear's transposed
 // weight), out and residual [M, N], row-major; bias [N] of the same type; scale [N] float32.
@@ -10,11 +11,13 @@
 // C = D = out (N x M, ld N), no transposes (as benchmarks/device/gemm measured).
 //
 // The epilogue does what cuBLASLt offers for it, tried in this order when a shape is first seen:
-//   1. everything in the GEMM: bias as CUBLASLT_EPILOGUE_BIAS, the residual as C; with scale, alpha
-//      and beta as per-row device vectors (CUBLASLT_POINTER_MODE_DEVICE_VECTOR: alpha = ones,
-//      beta = scale; rows of the column-major D are the N channels), else beta = 1 from the host;
-//   2. bias in the GEMM, the residual (* scale) added by LtTailKernel after it;
-//   3. a plain GEMM, bias and residual in LtTailKernel.
+//   1. everything in the GEMM: bias as CUBLASLT_EPILOGUE_BIAS (RELU_BIAS, or RELU without a bias,
+//      with relu), the residual as C; with scale, alpha and beta as per-row device vectors
+//      (CUBLASLT_POINTER_MODE_DEVICE_VECTOR: alpha = ones, beta = scale; rows of the column-major D
+//      are the N channels), else beta = 1 from the host;
+//   2. bias in the GEMM, the residual (* scale) added by LtTailKernel after it (not with relu:
+//      cuBLASLt's relu would come before the residual);
+//   3. a plain GEMM, bias, residual and relu in LtTailKernel.
 // ($SEMVOC_LTGEMM_FUSION=2 or 3 starts the list there: for tests and A/B measurements.)
 // The first that cuBLASLt's heuristic has an algorithm for is kept (its first choice), with the
 // handle, descriptors and workspace, per op instance and (M, N, K, stream, alignment). That happens
@@ -181,6 +184,7 @@ struct LtGemmArgs {
   const float* scale = nullptr;    // [N] or null (only with a residual)
   void* out = nullptr;
   int64_t m = 0, n = 0, k = 0;
+  bool relu = false;               // out = max(out, 0), after every sum
 };
 
 // How a plan computes the epilogue (level 1, 2 or 3 of the list above).
@@ -198,10 +202,11 @@ inline const char* LtFusionName(LtFusion f) {
                                                                          : "GEMM, then bias and residual";
 }
 
-// out += bias[c] + residual * scale[c] (each term optional), V elements per thread.
+// out += bias[c] + residual * scale[c] (each term optional), then max(out, 0) with relu, V
+// elements per thread.
 template <typename T, int V>
 __global__ void LtTailKernel(T* __restrict__ out, const T* __restrict__ bias, const T* __restrict__ residual,
-                             const float* __restrict__ scale, int64_t vectors, int channels) {
+                             const float* __restrict__ scale, int64_t vectors, int channels, bool relu) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < vectors; i += int64_t(gridDim.x) * blockDim.x) {
     Vec<T, V> y = reinterpret_cast<const Vec<T, V>*>(out)[i];
     Vec<T, V> r;
@@ -212,7 +217,7 @@ __global__ void LtTailKernel(T* __restrict__ out, const T* __restrict__ bias, co
       float v = ToFloat(y.v[j]);
       if (bias != nullptr) v += ToFloat(bias[c0 + j]);
       if (residual != nullptr) v += ToFloat(r.v[j]) * (scale != nullptr ? scale[c0 + j] : 1.f);
-      y.v[j] = FromFloat<T>(v);
+      y.v[j] = FromFloat<T>(relu ? fmaxf(v, 0.f) : v);
     }
     reinterpret_cast<Vec<T, V>*>(out)[i] = y;
   }
@@ -237,7 +242,8 @@ class LtPlan {
  public:
   LtPlan(const LtGemmArgs& args, int device, cudaStream_t stream, unsigned alignment, bool has_bias,
          bool has_residual, bool has_scale, LtFusion first)
-      : m_(args.m), n_(args.n), k_(args.k), has_bias_(has_bias), has_residual_(has_residual), has_scale_(has_scale) {
+      : m_(args.m), n_(args.n), k_(args.k), has_bias_(has_bias), has_residual_(has_residual), has_scale_(has_scale),
+        relu_(args.relu) {
     const LtDevice& d = LtShared::Get().Device(device);
     handle_ = d.handle;
     ones_ = d.ones;
@@ -248,10 +254,10 @@ class LtPlan {
     CheckLt(api.MatrixLayoutCreate(&b_, type, k_, m_, k_), "cublasLtMatrixLayoutCreate (input)");
     CheckLt(api.MatrixLayoutCreate(&c_, type, n_, m_, n_), "cublasLtMatrixLayoutCreate (output)");
     for (LtFusion f : {LtFusion::kAll, LtFusion::kBias, LtFusion::kNone}) {
-      if (f < first && (has_bias_ || has_residual_)) continue;  // a plain GEMM has only level 1
+      if (f < first && (has_bias_ || has_residual_ || relu_)) continue;  // a plain GEMM has only level 1
       if (f == LtFusion::kAll && has_scale_ && n_ > kLtMaxVectorRows) continue;
-      if (f == LtFusion::kBias && !has_residual_) continue;  // the same as kAll
-      if (f == LtFusion::kNone && !has_bias_ && !has_residual_) continue;
+      if (f == LtFusion::kBias && (!has_residual_ || relu_)) continue;  // the same as kAll, or relu too early
+      if (f == LtFusion::kNone && !has_bias_ && !has_residual_ && !relu_) continue;
       if (TryFusion(f, args, alignment)) return;
     }
     throw std::runtime_error("semvoc.cuda LtGemm: cuBLASLt has no algorithm for M=" + std::to_string(m_) +
@@ -299,10 +305,10 @@ class LtPlan {
     if (Vectorizable<T>(n_, {out, residual})) {
       constexpr int V = WideVector<T>();
       LtTailKernel<T, V><<<GridFor(total / V, 256), 256, 0, stream>>>(out, bias, residual, args.scale, total / V,
-                                                                       static_cast<int>(n_));
+                                                                       static_cast<int>(n_), relu_);
     } else {
       LtTailKernel<T, 1><<<GridFor(total, 256), 256, 0, stream>>>(out, bias, residual, args.scale, total,
-                                                                  static_cast<int>(n_));
+                                                                  static_cast<int>(n_), relu_);
     }
     CheckCuda(cudaGetLastError(), "LtGemm epilogue kernel");
     return status;
@@ -315,7 +321,9 @@ class LtPlan {
     desc_ = nullptr;
     CheckLt(api.MatmulDescCreate(&desc_, lt::kCompute32F, lt::kR32F), "cublasLtMatmulDescCreate");
     const bool bias_in_gemm = has_bias_ && f != LtFusion::kNone;
-    const uint32_t epilogue = bias_in_gemm ? lt::kEpilogueBias : lt::kEpilogueDefault;
+    const bool relu_in_gemm = relu_ && f == LtFusion::kAll;
+    const uint32_t epilogue = bias_in_gemm ? (relu_in_gemm ? lt::kEpilogueReluBias : lt::kEpilogueBias)
+                                           : (relu_in_gemm ? lt::kEpilogueRelu : lt::kEpilogueDefault);
     CheckLt(api.MatmulDescSetAttribute(desc_, lt::kDescEpilogue, &epilogue, sizeof(epilogue)), "epilogue");
     if (bias_in_gemm) {
       const int32_t bias_type = LtType<T>();
@@ -349,7 +357,7 @@ class LtPlan {
   }
 
   int64_t m_, n_, k_;
-  bool has_bias_, has_residual_, has_scale_;
+  bool has_bias_, has_residual_, has_scale_, relu_;
   lt::Handle handle_ = nullptr;
   const float* ones_ = nullptr;
   std::shared_ptr<LtWorkspace> workspace_;
@@ -372,7 +380,7 @@ class LtGemmInstance {
     const unsigned alignment = Alignment({args.a, args.w, args.bias, args.residual, args.scale, args.out});
     int device = 0;
     CheckCuda(cudaGetDevice(&device), "LtGemm: cudaGetDevice");
-    const Key key{args.m, args.n, args.k, device, stream, alignment};
+    const Key key{args.m, args.n, args.k, device, stream, alignment, args.relu};
     std::lock_guard<std::mutex> lock(mutex_);
     auto found = plans_.find(key);
     if (found == plans_.end()) {
@@ -393,7 +401,7 @@ class LtGemmInstance {
         if (status == lt::kStatusSuccess) {
           return *plans_.emplace(key, std::move(plan)).first->second;
         }
-        if (plan->fusion() == LtFusion::kNone || (args.bias == nullptr && args.residual == nullptr)) {
+        if (plan->fusion() == LtFusion::kNone || (args.bias == nullptr && args.residual == nullptr && !args.relu)) {
           CheckLt(status, "cublasLtMatmul");
         }
         first = static_cast<LtFusion>(static_cast<int>(plan->fusion()) + 1);
@@ -404,7 +412,7 @@ class LtGemmInstance {
   }
 
  private:
-  using Key = std::tuple<int64_t, int64_t, int64_t, int, cudaStream_t, unsigned>;
+  using Key = std::tuple<int64_t, int64_t, int64_t, int, cudaStream_t, unsigned, bool>;
   LtFusion first_;
   std::mutex mutex_;
   std::map<Key, std::unique_ptr<LtPlan<T>>> plans_;

@@ -149,6 +149,7 @@ struct KernelState {
   float epsilon = 0.f;    // ops declared with `epsilon`
   int64_t layer = 0;      // ops declared with `layer` (0 when the node has none)
   int64_t num_heads = 0;  // ops declared with `num_heads` (required)
+  bool relu = false;      // ops declared with `relu` (an optional int attribute, 0 when absent)
   void* data = nullptr;   // ops with per-node state (OpDef::create): e.g. LtGemm's cached plans
 };
 
@@ -167,6 +168,7 @@ struct OpDef : OrtCustomOp {
   ComputeFn compute;
   size_t required = 0;             // inputs from this index on are optional (0: all required)
   uint32_t float32_inputs = 0;     // bit i: input i is float32 whatever `type` is
+  bool relu = false;               // the node may carry an int attribute `relu`
   void* (*create)() = nullptr;     // per-node state in KernelState::data, made when the node is
   void (*destroy)(void*) = nullptr;  // created and released with it
 };
