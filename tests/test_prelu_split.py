@@ -10,7 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from semvoc.kernels.onnx_ops import WITHOUT_ENV, translation_table
-from semvoc.kernels.prelu_split import GAIN_RANGE, NAME, residual_gains, split_mlp, split_weights
+from semvoc.kernels.prelu_split import (
+    FP16_STORED_LIMIT,
+    GAIN_RANGE,
+    NAME,
+    gains_fit,
+    output_bounds,
+    residual_gains,
+    split_mlp,
+    split_weights,
+)
 
 
 def _linear64(h, weight, bias=None, residual=None, relu=False):
@@ -56,16 +65,31 @@ def test_split_weights_keep_the_weights_dtype():
     assert split.linear_weight.shape == (c, c) and split.relu_weight.shape == (c, h)
 
 
-def test_residual_gains_are_running_products_and_refuse_what_fp16_cannot_hold():
+def test_residual_gains_are_running_products_and_refuse_zero_or_non_finite():
     scales = [torch.full((3, 1), 0.5), None, torch.tensor([[2.0], [1.0], [-1.0]])]
     gains = residual_gains(scales, 3)
     assert [g.tolist() for g in gains] == [[1, 1, 1], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [1.0, 0.5, -0.5]]
-    low, high = GAIN_RANGE
-    assert residual_gains([torch.full((3, 1), low / 2)], 3) is None
-    assert residual_gains([torch.full((3, 1), 0.5)] * 5, 3) is None  # 1/32: the running product leaves it
+    assert residual_gains([torch.full((3, 1), 0.5)] * 12, 3) is not None  # small, but not zero
     assert residual_gains([torch.tensor([[1.0], [0.0], [1.0]])], 3) is None
-    assert residual_gains([torch.full((3, 1), high * 2)], 3) is None
     assert residual_gains([torch.tensor([[1.0], [float("nan")], [1.0]])], 3) is None
+
+
+def test_gains_fit_fp16_by_calibrated_bounds_or_else_a_static_range():
+    low, high = GAIN_RANGE
+    small = [torch.full((3,), low / 4)]
+    assert not gains_fit(small, None) and not gains_fit([torch.full((3,), high * 2)], None)
+    assert gains_fit([torch.full((3,), low), torch.tensor([high, 1.0, -1.0])], None)
+    # with calibration: |x_l| <= bound, stored |x_l / g_l| <= bound / min |g_l|
+    assert gains_fit(small, [FP16_STORED_LIMIT * low / 4])
+    assert not gains_fit(small, [FP16_STORED_LIMIT * low / 2])
+
+
+def test_output_bounds_add_the_scaled_residual_and_the_mlp_output():
+    maxima = {"d.in_norm": 3.0, "d.blocks.0.residual_scale": 2.0, "d.blocks.0.pwconv2": 1.0,
+              "d.blocks.1.residual_scale": 4.0, "d.blocks.1.pwconv2": 0.5}
+    assert output_bounds(maxima, "d.", 2, scaled=True) == [3.0, 4.5]
+    assert output_bounds(maxima, "d.", 2, scaled=False) == [4.0, 4.5]  # from the input norm on
+    assert output_bounds(maxima, "d.", 3, scaled=True) is None  # a block the calibration did not see
 
 
 def _demo_vocoder(scale_range: tuple[float, float] = (0.7, 1.3)):
@@ -97,24 +121,27 @@ def _step_inputs(vocoder, frames: int = 5):
     return audio, torch.tensor([3]), torch.linspace(0, 1, 9), *tables, *times
 
 
-@pytest.mark.parametrize("scale_range", [(0.7, 1.3), (0.02, 0.05)], ids=["split", "gains-out-of-range"])
-def test_split_vocoder_step_is_the_step(scale_range, monkeypatch):
-    """The --cuda-kernels step module with split blocks (trained-like slopes and residual scales)
-    against the plain step; residual scales whose running product leaves the range keep the
-    unsplit blocks, with the same result."""
+@pytest.mark.parametrize("case", ["in-range", "small-gains-fp16", "small-gains-fp32", "small-gains-calibrated"])
+def test_split_vocoder_step_is_the_step(case, monkeypatch):
+    """The --cuda-kernels step module against the plain step, with trained-like slopes and
+    residual scales. Gains far below 1 keep the unsplit blocks in fp16 without calibration, and
+    split in fp32 or where the calibration says the stored activations fit: the same result."""
     from semvoc.export import wrappers as W
 
     monkeypatch.delenv(WITHOUT_ENV, raising=False)
-    vocoder = _demo_vocoder(scale_range)
+    vocoder = _demo_vocoder((0.7, 1.3) if case == "in-range" else (0.02, 0.05))
     vocoder.use_export_kernels()
     args = _step_inputs(vocoder)
+    maxima = None
+    if case == "small-gains-calibrated":  # outputs at most 0.1: stored at most 0.2 / 0.02^2 = 500
+        maxima = {n: 0.1 for n, _ in vocoder.named_modules(prefix="vocoder")}
     with torch.no_grad():
         plain = W.VocoderStep(vocoder, channels_last=True)(*args)
-        vocoder.use_export_kernels(cuda_ops=True)
+        vocoder.use_export_kernels(cuda_ops=True, float16=case != "small-gains-fp32", activation_maxima=maxima)
         fused = W.VocoderStep(vocoder, channels_last=True)(*args)
     blocks = [b for est in vocoder.estimators for b in est.decoder.blocks]
     split = [hasattr(b, "split_relu_weight") for b in blocks]
-    assert all(split) if scale_range == (0.7, 1.3) else not any(split)
+    assert all(split) if case != "small-gains-fp16" else not any(split)
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-4, atol=1e-5)
 
 

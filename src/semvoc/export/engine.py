@@ -326,7 +326,9 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
         _log("  note: " + note)
 
     lowered = copy.deepcopy(model).cpu()
-    lowered.vocoder.use_export_kernels(cuda_ops=options.cuda_kernels)
+    lowered.vocoder.use_export_kernels(cuda_ops=options.cuda_kernels,
+                                       float16=plan.components.get("vocoder", plan.dtype) == "float16",
+                                       activation_maxima=maxima)
     graph_model = cast_for_plan(lowered, plan)  # traced on the CPU (fake tensors, no compute)
     reference = model.to(device)
     dtypes = plan.components

@@ -14,8 +14,11 @@ residual with beta = 1 but (in fp16) no per-channel beta. Two exact rewrites rem
   with ``g_l = s_1 ... s_l`` (per channel), so that ``v_l = v_{l-1} + (block l's MLP) / g_l``, an
   unscaled residual (cuBLASLt's C, beta = 1). ``g_{l-1}`` goes into block l's depthwise weights
   (``dw(g v) = (w g) * v``), ``1 / g_l`` into its output rows, ``g_L`` into the decoder's
-  output projection. Where the gains leave ``[1/16, 16]`` (fp16 activations would lose range) or a
-  scale is 0, the decoder keeps the unsplit form (``residual_gains`` returns None).
+  output projection. In fp16 the stored ``v_l`` must stay in range: the export's calibration
+  (the largest ``|s x_{l-1}|`` and ``|MLP output|`` of every block in a short fp32 generation)
+  bounds ``|x_l|``, and the split is used where ``bound_l / min |g_l|`` keeps 16x headroom below
+  fp16's largest value (``gains_fit``); without calibration, where every gain is within
+  ``[1/16, 16]``. Elsewhere (or with a zero scale) the decoder keeps the unsplit form.
 
 So a block is ``ConvNeXtMix`` and three ``LtGemm`` calls (``split_mlp``):
 ``r = relu(y W1^T + b1)``, ``t = y M^T + c + v``, ``v' = r R^T + t``. The weights are computed once,
@@ -32,21 +35,48 @@ import torch
 from semvoc.kernels.ltgemm import linear as lt_linear
 
 NAME = "PReLUSplit"  # SEMVOC_EXPORT_WITHOUT=PReLUSplit exports the unsplit blocks
-GAIN_RANGE = (1.0 / 16.0, 16.0)
+FP16_STORED_LIMIT = 65504.0 / 16  # calibrated bound of a stored activation: 16x below fp16's largest
+GAIN_RANGE = (1.0 / 16.0, 16.0)  # without calibration
 
 
 def residual_gains(scales: list[torch.Tensor | None], channels: int) -> list[torch.Tensor] | None:
     """The gains ``[g_0, g_1, ..., g_L]`` (``[C]`` each, float64) of a decoder whose blocks have
     residual scales ``scales`` (``None``: no scale): ``g_0 = 1``, ``g_l = g_{l-1} * s_l``; block l
-    reads ``g_{l-1}`` and writes ``g_l``. None where a gain leaves ``GAIN_RANGE`` or is not finite."""
+    reads ``g_{l-1}`` and writes ``g_l``. None where a gain is 0 or not finite."""
     gains = [torch.ones(channels, dtype=torch.float64)]
     for scale in scales:
         gain = gains[-1] if scale is None else gains[-1] * scale.detach().double().reshape(-1)
-        magnitude = gain.abs()
-        if not torch.isfinite(gain).all() or magnitude.min() < GAIN_RANGE[0] or magnitude.max() > GAIN_RANGE[1]:
+        if not torch.isfinite(gain).all() or not gain.abs().min() > 0:
             return None
         gains.append(gain)
     return gains
+
+
+def output_bounds(maxima: dict[str, float], prefix: str, blocks: int, scaled: bool) -> list[float] | None:
+    """Upper bounds of ``|x_l|``, every block's output, from the calibration maxima of the modules
+    under ``prefix`` (the decoder's name + "."): ``|x_l| <= max |s x_{l-1}| + max |MLP output|``,
+    with ``|x_{l-1}|``'s own bound (from the input norm on) where a block has no scale. None where
+    the calibration did not see them."""
+    bound = maxima.get(prefix + "in_norm")
+    bounds = []
+    for layer in range(blocks):
+        block = f"{prefix}blocks.{layer}."
+        residual = maxima.get(block + "residual_scale") if scaled else bound
+        mlp = maxima.get(block + "pwconv2")
+        if residual is None or mlp is None:
+            return None
+        bound = residual + mlp
+        bounds.append(bound)
+    return bounds
+
+
+def gains_fit(gains: list[torch.Tensor], bounds: list[float] | None) -> bool:
+    """Whether fp16 holds the stored activations ``x_l / g_l`` (``gains[1:]`` against ``bounds``
+    of ``|x_l|``, see ``output_bounds``): each bound over its smallest gain within
+    ``FP16_STORED_LIMIT``; without bounds, every gain within ``GAIN_RANGE``."""
+    if bounds is None:
+        return all(GAIN_RANGE[0] <= g.abs().min() and g.abs().max() <= GAIN_RANGE[1] for g in gains)
+    return all(b / g.abs().min().item() <= FP16_STORED_LIMIT for g, b in zip(gains, bounds, strict=True))
 
 
 @dataclass

@@ -32,7 +32,7 @@ from semvoc.kernels.ltgemm import linear as lt_linear
 from semvoc.kernels.norms import BiasNorm, bias_norm
 from semvoc.kernels.onnx_ops import fusion_enabled
 from semvoc.kernels.prelu_split import NAME as PRELU_SPLIT
-from semvoc.kernels.prelu_split import residual_gains, split_mlp, split_weights
+from semvoc.kernels.prelu_split import gains_fit, output_bounds, residual_gains, split_mlp, split_weights
 from semvoc.kernels.stft import (
     ConvISTFT,
     ConvSTFT,
@@ -214,15 +214,17 @@ class ConvNeXtDecoder(nn.Module):
             x = block.forward_prepared(x, cond_bias, time_scale)
         return self.out_proj(x)
 
-    def use_split(self) -> torch.Tensor | None:
+    def use_split(self, float16: bool = True, bounds: list[float] | None = None) -> torch.Tensor | None:
         """Every block in the split form (``ConvNeXtBlock.use_split``), where LtGemm and the split
-        are exported and the residual gains stay in range: returns the last gain ``g_L`` ``[C]``
-        (float64), which the caller folds into the output projection's columns; else None."""
+        are exported and, for ``float16``, the stored activations stay in range (``gains_fit``
+        with the calibrated ``bounds`` of the blocks' outputs, see ``output_bounds``): returns the
+        last gain ``g_L`` ``[C]`` (float64), which the caller folds into the output projection's
+        columns; else None."""
         if not (fusion_enabled(LT_GEMM) and fusion_enabled(PRELU_SPLIT)):
             return None
         scales = [b.residual_scale.scale if hasattr(b, "residual_scale") else None for b in self.blocks]
         gains = residual_gains(scales, self.in_proj.out_channels)
-        if gains is None:
+        if gains is None or (float16 and not gains_fit(gains[1:], bounds)):
             return None
         for block, gain_in, gain_out in zip(self.blocks, gains, gains[1:], strict=False):
             block.use_split(gain_in, gain_out)
@@ -316,15 +318,16 @@ class AudioConvNeXt(nn.Module):
     def forward(self, audio: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.forward_prepared(audio, self.cond_biases(cond, audio.shape[-1]), self.time_scales(t))
 
-    def fold_spectral(self, scale: float) -> None:
+    def fold_spectral(self, scale: float, float16: bool = True, bounds: list[float] | None = None) -> None:
         """Export form of ``--cuda-kernels``: the STFT folded into ``in_proj`` and the iSTFT (its
-        envelope and ``scale``, the branch reduction, too) into ``out_proj`` (``fold_projections``);
+        envelope and ``scale``, the branch reduction, too) into ``out_proj`` (``fold_projections``),
+        the blocks split where they can be (``ConvNeXtDecoder.use_split(float16, bounds)``);
         call after loading weights. Needs ``foldable(n_fft, hop)``."""
         dec, dtype = self.decoder, self.decoder.in_proj.weight.dtype
         with torch.no_grad():
             folded = fold_projections(self.fft.window, self.fft.hop_length, dec.in_proj.weight[:, :, 0],
                                       dec.in_proj.bias, dec.out_proj.weight[:, :, 0], dec.out_proj.bias, scale)
-        gain = dec.use_split()  # the blocks' activations divided by their residual gains, if split
+        gain = dec.use_split(float16, bounds)  # the blocks' activations divided by their gains, if split
         if gain is not None:  # the decoder's output x_L = g_L v_L: g_L into the columns
             folded = (*folded[:2], folded[2] * gain, folded[3])  # (float64 both)
         for name, value in zip(("fold_in_weight", "fold_in_bias", "fold_out_weight", "fold_out_bias"), folded,
@@ -392,9 +395,12 @@ class Vocoder(nn.Module):
     #: with ``cuda_ops``: each branch's STFT/iSTFT folded into its projections (``forward_folded``)
     folded: bool = False
 
-    def use_export_kernels(self, cuda_ops: bool = False) -> None:
+    def use_export_kernels(self, cuda_ops: bool = False, float16: bool = True,
+                           activation_maxima: dict[str, float] | None = None) -> None:
         """The export form, same function: conv STFT/iSTFT and BiasNorm channel means as GEMVs;
-        ``cuda_ops``: the decoders run ``ConvNeXtDecoder.forward_channels_last`` (semvoc's CUDA ops).
+        ``cuda_ops``: the decoders run ``ConvNeXtDecoder.forward_channels_last`` (semvoc's CUDA ops),
+        their blocks split where ``float16`` activations stay in range (``activation_maxima``: the
+        export's calibration, keys of the whole model's ``named_modules``, ``vocoder.`` first).
 
         (Without them the 1x1 convolutions stay convolutions: written as ``W @ x`` MatMuls they
         ran 3x slower on an H100, cuBLAS picking 2-byte-aligned kernels for the odd frame counts.)"""
@@ -402,8 +408,11 @@ class Vocoder(nn.Module):
         self.folded = cuda_ops and all(foldable(e.fft.n_fft, e.fft.hop_length) for e in self.estimators)
         if self.folded:
             scale = 1.0 / len(self.estimators) if self.cfg.branch_reduction == "mean" else 1.0
-            for est in self.estimators:
-                est.fold_spectral(scale)
+            for i, est in enumerate(self.estimators):
+                bounds = None if activation_maxima is None else output_bounds(
+                    activation_maxima, f"vocoder.estimators.{i}.decoder.", len(est.decoder.blocks),
+                    scaled=self.cfg.residual_scale is not None)
+                est.fold_spectral(scale, float16, bounds)
         self.use_conv_spectral()
         for module in self.modules():
             if isinstance(module, BiasNorm):
