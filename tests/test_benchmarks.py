@@ -349,9 +349,10 @@ def test_flop_counter_sees_through_semvocs_cuda_ops():
     assert counted.by_op["ConvNeXtMix"] == 2 * batch * length * channels * taps
 
 
-def test_flop_counter_counts_every_gemm_of_the_folded_vocoder_step(tmp_path):
+def test_flop_counter_counts_every_gemm_of_the_folded_vocoder_step(tmp_path, monkeypatch):
     """The --cuda-kernels vocoder step (spectral transforms folded into the projections, BiasNorm,
-    tables read whole): every shape resolves and the GEMMs count what the branches compute."""
+    tables read whole, blocks split with SEMVOC_EXPORT_WITH=PReLUSplit): every shape resolves and
+    the GEMMs count what the branches compute, the split's extra GEMMs noted apart."""
     import onnx
     import torch
     from benchmarks.flops import count_model_flops
@@ -361,6 +362,7 @@ def test_flop_counter_counts_every_gemm_of_the_folded_vocoder_step(tmp_path):
     from semvoc.models.config import preset
     from semvoc.models.model import build_model
 
+    monkeypatch.setenv("SEMVOC_EXPORT_WITH", "PReLUSplit")
     vocoder = build_model(preset("demo"), seed=0).vocoder.eval()
     vocoder.use_export_kernels(cuda_ops=True)
     frames, batch = 4, 1
