@@ -25,6 +25,11 @@ examples:
   # pip install 'semvoc[cuda-kernels]' brings nvcc and the CUDA headers from PyPI (no GPU needed
   # to build). --cuda-kernels makes them required, --no-cuda-kernels leaves them out.
 
+environment (--cuda-kernels exports, for A/B measurements):
+  SEMVOC_EXPORT_WITHOUT=Op[,Op]  leave those fused ops out (e.g. LtGemm, CrossAttention)
+  SEMVOC_EXPORT_WITH=PReLUSplit  opt in: vocoder blocks as three GEMMs, nothing between them
+                                 (faster vocoder steps; more GPU memory: see the README)
+
 what it writes (DIR):
   manifest.json   schema, versions, precision, buckets, defaults, graph I/O, sha256 of every file
   tokenizer.json  the T5 tokenizer the runtime uses (no transformers at serve time)
