@@ -144,6 +144,13 @@ def test_split_vocoder_step_is_the_step(case, monkeypatch):
     split = [hasattr(b, "split_relu_weight") for b in blocks]
     assert all(split) if case != "small-gains-fp16" else not any(split)
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-4, atol=1e-5)
+    if case == "in-range":  # exporting again without the split leaves no split block behind
+        monkeypatch.setenv(WITH_ENV, "")
+        with torch.no_grad():
+            vocoder.use_export_kernels(cuda_ops=True)
+            unsplit = W.VocoderStep(vocoder, channels_last=True)(*args)
+        assert not any(hasattr(b, "split_relu_weight") for b in blocks)
+        torch.testing.assert_close(unsplit[0], plain[0], rtol=1e-4, atol=1e-5)
 
 
 def _export_step_ops(vocoder, path) -> list:

@@ -16,6 +16,7 @@ convolution lowering from ``semvoc.kernels.stft`` ("conv", what export uses).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -32,7 +33,7 @@ from semvoc.kernels.ltgemm import linear as lt_linear
 from semvoc.kernels.norms import BiasNorm, bias_norm
 from semvoc.kernels.onnx_ops import fusion_enabled
 from semvoc.kernels.prelu_split import NAME as PRELU_SPLIT
-from semvoc.kernels.prelu_split import gains_fit, output_bounds, residual_gains, split_mlp, split_weights
+from semvoc.kernels.prelu_split import SplitWeights, gains_fit, output_bounds, residual_gains, split_mlp, split_weights
 from semvoc.kernels.stft import (
     ConvISTFT,
     ConvSTFT,
@@ -137,6 +138,12 @@ class ConvNeXtBlock(nn.Module):
         for name, value in vars(w).items():
             self.register_buffer(f"split_{name}", value, persistent=False)
 
+    def drop_split(self) -> None:
+        """Back to the unsplit form (undoes ``use_split``)."""
+        for name in (f"split_{f.name}" for f in dataclasses.fields(SplitWeights)):
+            if name in self._buffers:
+                delattr(self, name)
+
     def forward_channels_last(self, x: torch.Tensor, cond_bias: torch.Tensor, time_scale: torch.Tensor,
                               layer: int = 0) -> torch.Tensor:
         """``forward_prepared`` on ``[B, L, C]`` as semvoc's CUDA ops: ConvNeXtMix, a GEMM,
@@ -219,7 +226,9 @@ class ConvNeXtDecoder(nn.Module):
         are exported and, for ``float16``, the stored activations stay in range (``gains_fit``
         with the calibrated ``bounds`` of the blocks' outputs, see ``output_bounds``): returns the
         last gain ``g_L`` ``[C]`` (float64), which the caller folds into the output projection's
-        columns; else None."""
+        columns; else None (and the blocks unsplit, whatever an earlier call did)."""
+        for block in self.blocks:
+            block.drop_split()
         if not (fusion_enabled(LT_GEMM) and fusion_enabled(PRELU_SPLIT)):
             return None
         scales = [b.residual_scale.scale if hasattr(b, "residual_scale") else None for b in self.blocks]
