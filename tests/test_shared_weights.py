@@ -74,6 +74,30 @@ def test_sessions_given_the_shared_weights_read_one_copy(demo_engine):
     assert np.array_equal(after[1], after[2])
 
 
+def test_packed_weights_are_aligned_views_of_the_data_file(demo_engine):
+    """Every indexed weight is a view into one buffer, at an aligned offset, holding the bytes the
+    data file stores for it; the buffer is the weights' size plus alignment padding only."""
+    from semvoc.runtime.backends.shared_weights import ALIGNMENT, packed_offsets
+
+    manifest = load_manifest(demo_engine)
+    graph = manifest.graph("vocoder_step")
+    lengths = [w.length for w in graph.weights]
+    offsets, total = packed_offsets(lengths)
+    assert all(o % ALIGNMENT == 0 for o in offsets) and offsets == sorted(offsets)
+    assert all(b - a >= n for a, b, n in zip(offsets, [*offsets[1:], total], lengths, strict=True))
+    assert sum(lengths) <= total < sum(lengths) + ALIGNMENT * len(lengths)
+    weights = load_shared_weights(demo_engine, graph, "cpu")
+    assert weights.packed
+    data = (demo_engine / graph.data_file).read_bytes()
+    for w in graph.weights:
+        view = weights.initializers[w.name]
+        stored = np.frombuffer(data[w.offset:w.offset + w.length], np.dtype(w.dtype)).reshape(w.shape)
+        assert view.shape() == list(w.shape) and np.array_equal(view.numpy(), stored)
+    assert packed_offsets([1, ALIGNMENT, ALIGNMENT + 1]) == ([0, ALIGNMENT, 2 * ALIGNMENT], 4 * ALIGNMENT)
+    weights.close()
+    assert len(weights) == 0
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda w, size: w.update(offset=size), r"past the end of dit_step\.onnx\.data"),
     (lambda w, size: w.update(length=w["length"] + 4), r"its length says"),
@@ -202,7 +226,9 @@ def test_weights_that_onnxruntime_rewrites_in_place_are_not_indexed(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
         [numpy_helper.from_array(rewritten, "w"), numpy_helper.from_array(kept, "k")])
     path = tmp_path / "g.onnx"
-    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path, external=True)
+    # IR 10: what onnxruntime >= 1.20 reads (a newer onnx writes a newer IR version by default)
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path,
+               external=True)
     index = weight_index(path)
     assert [w["name"] for w in index] == ["w", "k"]
 

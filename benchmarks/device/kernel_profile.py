@@ -4,7 +4,10 @@
 
 onnxruntime's own profiler times nodes on the host; this records every CUDA kernel launched in
 the process (onnxruntime's included) with its GPU duration. Reported per graph and per run:
-kernel count, summed kernel time, time by kernel family and the top kernels by name.
+kernel count, summed kernel time, time by kernel family and the top kernels by name, and the
+run's span on the GPU (first kernel's start to last kernel's end, median over the runs) with the
+idle time inside it (span minus summed kernel time: gaps between kernels). ``--captured``
+profiles the graphs replayed from onnxruntime's CUDA graph, as the runtime's loops run them.
 Needs PyTorch with CUDA in the same environment (a measuring tool only; the runtime never
 imports torch).
 """
@@ -15,6 +18,7 @@ import argparse
 import collections
 import json
 import re
+import statistics
 
 FAMILIES = [  # first match wins
     ("attention", r"flash|fmha|attention|mha"),
@@ -37,6 +41,22 @@ def family(name: str) -> str:
     return "other"
 
 
+def run_spans(kernels, runs: int) -> tuple[float | None, float | None]:
+    """Median (span, idle) milliseconds of ``runs`` equal runs: kernels sorted by start, split into
+    runs of equal count; span = last end - first start, idle = span - summed durations."""
+    intervals = sorted((e.time_range.start, e.time_range.end) for e in kernels if hasattr(e, "time_range"))
+    if runs < 1 or not intervals or len(intervals) % runs:
+        return None, None
+    per_run = len(intervals) // runs
+    spans, idles = [], []
+    for k in range(runs):
+        chunk = intervals[k * per_run:(k + 1) * per_run]
+        span = chunk[-1][1] - chunk[0][0]
+        spans.append(span / 1e3)
+        idles.append((span - sum(end - start for start, end in chunk)) / 1e3)
+    return statistics.median(spans), statistics.median(idles)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("engine")
@@ -44,6 +64,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--captured", action="store_true",
+                        help="replay each graph from onnxruntime's CUDA graph (step graphs, as the loops run)")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -59,7 +81,7 @@ def main() -> None:
     manifest = load_manifest(args.engine, verify=False)
     report = {}
     for name in args.graphs.split(","):
-        bound = bind_graph(manifest, name, args.batch)
+        bound = bind_graph(manifest, name, args.batch, cuda_graph=args.captured)
         for _ in range(5):  # cuDNN search, arena growth
             bound.run()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -75,14 +97,17 @@ def main() -> None:
             count[e.name] += 1 / args.runs
             by_family[family(e.name)] += us / args.runs
         total = sum(by_name.values())
-        row = {"graph": name, "batch": args.batch, "kernels_per_run": round(len(kernels) / args.runs),
-               "kernel_ms_per_run": total / 1e3,
+        span, idle = run_spans(kernels, args.runs)
+        row = {"graph": name, "batch": args.batch, "captured": args.captured,
+               "kernels_per_run": round(len(kernels) / args.runs), "kernel_ms_per_run": total / 1e3,
+               "span_ms_per_run": span, "idle_ms_per_run": idle,
                "families_ms": {k: round(v / 1e3, 4) for k, v in by_family.most_common()},
                "top": [{"kernel": k[:160], "ms": round(v / 1e3, 4), "calls": round(count[k])}
                        for k, v in by_name.most_common(args.top)]}
         report[name] = row
         print(f"\n== {name} (batch {args.batch}): {row['kernels_per_run']} kernels, "
-              f"{row['kernel_ms_per_run']:.3f} ms of kernel time per run")
+              f"{row['kernel_ms_per_run']:.3f} ms of kernel time per run"
+              + (f", span {span:.3f} ms (idle {idle:.3f})" if span is not None else ""))
         for fam, ms in row["families_ms"].items():
             print(f"  {fam:12s} {ms:8.3f} ms")
         for item in row["top"]:

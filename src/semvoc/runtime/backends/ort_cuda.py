@@ -621,7 +621,8 @@ class OrtCudaBackend(Backend):
         if not parts:
             parts.append(f"{_MODE_NAMES[self.graphs_mode]}: none yet" if self.graphs_mode else "CUDA graphs off")
         text = f"{self.name} ({'; '.join(parts)})"
-        shared = [f"{w.graph} {w.nbytes / 2**20:.0f} MiB" for _, w in sorted(self._weights.items()) if w]
+        shared = [f"{w.graph} {w.nbytes / 2**20:.0f} MiB{'' if w.packed else ' (a buffer per tensor)'}"
+                  for _, w in sorted(self._weights.items()) if w]
         if shared:
             text += f"; weights shared by all buckets: {', '.join(shared)}"
         if self.sharing_failures:
@@ -646,5 +647,8 @@ class OrtCudaBackend(Backend):
         if self.stream is not None:
             check(self.cudart, self.cudart.cudaStreamDestroy(self.stream))
             self.stream = None
-        self._weights.clear()  # after the sessions that use them
+        for weights in self._weights.values():  # after the sessions that use them
+            if weights is not None:
+                weights.close()
+        self._weights.clear()
 
