@@ -351,7 +351,7 @@ def test_flop_counter_sees_through_semvocs_cuda_ops():
 
 def test_flop_counter_counts_every_gemm_of_the_folded_vocoder_step(tmp_path, monkeypatch):
     """The --cuda-kernels vocoder step (spectral transforms folded into the projections, BiasNorm,
-    tables read whole, blocks split with SEMVOC_EXPORT_WITH=PReLUSplit): every shape resolves and
+    tables read whole, blocks split as the export splits them): every shape resolves and
     the GEMMs count what the branches compute, the split's extra GEMMs noted apart."""
     import onnx
     import torch
@@ -362,7 +362,7 @@ def test_flop_counter_counts_every_gemm_of_the_folded_vocoder_step(tmp_path, mon
     from semvoc.models.config import preset
     from semvoc.models.model import build_model
 
-    monkeypatch.setenv("SEMVOC_EXPORT_WITH", "PReLUSplit")
+    monkeypatch.delenv("SEMVOC_EXPORT_WITHOUT", raising=False)
     vocoder = build_model(preset("demo"), seed=0).vocoder.eval()
     vocoder.use_export_kernels(cuda_ops=True)
     frames, batch = 4, 1
@@ -421,3 +421,19 @@ def test_flop_counter_counts_the_dit_step_the_same_with_semvocs_cuda_ops(tmp_pat
         assert counts[cuda_ops].unresolved == []
     assert counts[True].total == counts[False].total > 0
     assert counts[True].by_op.get("Attention") == counts[False].by_op.get("Attention") > 0
+
+
+def test_kernel_profile_run_spans_split_runs_and_count_the_gaps():
+    """Kernels of equal runs, sorted by start: each run's span and the idle time inside it."""
+    from types import SimpleNamespace
+
+    from benchmarks.device.kernel_profile import run_spans
+
+    def kernel(start, end):
+        return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end))
+
+    # run 1: span 20 us, busy 18; run 2: span 30, busy 25; run 3: span 10, busy 10 (given out of order)
+    kernels = [kernel(200, 205), kernel(100, 105), kernel(0, 10), kernel(110, 130), kernel(12, 20), kernel(205, 210)]
+    span, idle = run_spans(kernels, 3)
+    assert span == pytest.approx(0.020) and idle == pytest.approx(0.002)
+    assert run_spans(kernels, 4) == (None, None)  # 6 kernels cannot be 4 equal runs

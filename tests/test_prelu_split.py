@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semvoc.kernels.onnx_ops import WITH_ENV, WITHOUT_ENV, translation_table
+from semvoc.kernels.onnx_ops import WITHOUT_ENV, translation_table
 from semvoc.kernels.prelu_split import (
     FP16_STORED_LIMIT,
     GAIN_RANGE,
@@ -129,7 +129,6 @@ def test_split_vocoder_step_is_the_step(case, monkeypatch):
     from semvoc.export import wrappers as W
 
     monkeypatch.delenv(WITHOUT_ENV, raising=False)
-    monkeypatch.setenv(WITH_ENV, NAME)
     vocoder = _demo_vocoder((0.7, 1.3) if case == "in-range" else (0.02, 0.05))
     vocoder.use_export_kernels()
     args = _step_inputs(vocoder)
@@ -145,7 +144,7 @@ def test_split_vocoder_step_is_the_step(case, monkeypatch):
     assert all(split) if case != "small-gains-fp16" else not any(split)
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-4, atol=1e-5)
     if case == "in-range":  # exporting again without the split leaves no split block behind
-        monkeypatch.setenv(WITH_ENV, "")
+        monkeypatch.setenv(WITHOUT_ENV, NAME)
         with torch.no_grad():
             vocoder.use_export_kernels(cuda_ops=True)
             unsplit = W.VocoderStep(vocoder, channels_last=True)(*args)
@@ -161,13 +160,10 @@ def _export_step_ops(vocoder, path) -> list:
     return list(onnx.load(str(path)).graph.node)
 
 
-@pytest.mark.parametrize(("with_", "without"), [(NAME, ""), ("", ""), (NAME, NAME)],
-                         ids=["opted-in", "default", "opted-in-and-left-out"])
-def test_split_blocks_export_conv_next_mix_and_three_lt_gemms(with_, without, tmp_path, monkeypatch):
-    """SEMVOC_EXPORT_WITH=PReLUSplit: per block ConvNeXtMix and three LtGemm (one with relu = 1), no
-    BiasPRelu, BiasResidual or MatMul left. By default, or with SEMVOC_EXPORT_WITHOUT=PReLUSplit
-    too, the unsplit blocks."""
-    monkeypatch.setenv(WITH_ENV, with_)
+@pytest.mark.parametrize("without", ["", NAME], ids=["default", "left-out"])
+def test_split_blocks_export_conv_next_mix_and_three_lt_gemms(without, tmp_path, monkeypatch):
+    """By default: per block ConvNeXtMix and three LtGemm (one with relu = 1), no BiasPRelu,
+    BiasResidual or MatMul left. With SEMVOC_EXPORT_WITHOUT=PReLUSplit, the unsplit blocks."""
     monkeypatch.setenv(WITHOUT_ENV, without)
     vocoder = _demo_vocoder()
     vocoder.use_export_kernels(cuda_ops=True)
@@ -176,7 +172,7 @@ def test_split_blocks_export_conv_next_mix_and_three_lt_gemms(with_, without, tm
     branches, layers = len(vocoder.estimators), sum(vocoder.cfg.num_layers)
     relu = [n for n in nodes if n.op_type == "LtGemm" and any(a.name == "relu" and a.i == 1 for a in n.attribute)]
     assert ops.count("ConvNeXtMix") == layers
-    if not with_ or without:
+    if without:
         assert ops.count("BiasPRelu") == ops.count("BiasResidual") == layers and not relu
         assert ops.count("LtGemm") == branches and ops.count("MatMul") == branches + 2 * layers
     else:

@@ -26,9 +26,8 @@ examples:
   # to build). --cuda-kernels makes them required, --no-cuda-kernels leaves them out.
 
 environment (--cuda-kernels exports, for A/B measurements):
-  SEMVOC_EXPORT_WITHOUT=Op[,Op]  leave those fused ops out (e.g. LtGemm, CrossAttention)
-  SEMVOC_EXPORT_WITH=PReLUSplit  opt in: vocoder blocks as three GEMMs, nothing between them
-                                 (faster vocoder steps; more GPU memory: see the README)
+  SEMVOC_EXPORT_WITHOUT=Op[,Op]  leave those fused ops or rewrites out (e.g. LtGemm, CrossAttention,
+                                 PReLUSplit: the vocoder blocks as three GEMMs, nothing between them)
 
 what it writes (DIR):
   manifest.json   schema, versions, precision, buckets, defaults, graph I/O, sha256 of every file

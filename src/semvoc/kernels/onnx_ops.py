@@ -22,9 +22,6 @@ CUDA_DOMAIN = "semvoc.cuda"
 _FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 _TRANSLATIONS: dict = {}
 WITHOUT_ENV = "SEMVOC_EXPORT_WITHOUT"
-WITH_ENV = "SEMVOC_EXPORT_WITH"
-# rewrites an export uses only when SEMVOC_EXPORT_WITH names them (see fusion_enabled)
-OPT_IN = {"PReLUSplit"}
 _FLOAT32_PARAMS = {"mean", "inv_std_var", "residual_scale"}  # float32 in every engine (type U)
 
 
@@ -38,11 +35,8 @@ def fusion_enabled(name: str) -> bool:
 
     ``SEMVOC_EXPORT_WITHOUT=Name[,Name]`` leaves those fusions out of an export (the graph then
     keeps the unfused form), so that an A/B on a GPU compares two exports that differ in one op
-    (``benchmarks/device/export_slice.py``). The ``OPT_IN`` rewrites are used only where
-    ``SEMVOC_EXPORT_WITH=Name[,Name]`` names them (and WITHOUT does not)."""
-    if name in _names(WITHOUT_ENV):
-        return False
-    return name not in OPT_IN or name in _names(WITH_ENV)
+    (``benchmarks/device/export_slice.py``)."""
+    return name not in _names(WITHOUT_ENV)
 
 
 def contrib_op(name: str, inputs: list[str], outputs: list[str], attributes: dict[str, OpSchema.AttrType],

@@ -24,13 +24,12 @@ So a block is ``ConvNeXtMix`` and three ``LtGemm`` calls (``split_mlp``):
 ``r = relu(y W1^T + b1)``, ``t = y M^T + c + v``, ``v' = r R^T + t``. The weights are computed once,
 in float64, at export (``split_weights``).
 
-Opt-in: ``SEMVOC_EXPORT_WITH=PReLUSplit semvoc-export --cuda-kernels ...``. Measured on an H200
-(reference preset, fp16, 10-s clips): vocoder step 8.08 -> 7.14 ms at batch 16 and 0.93 -> 0.88 ms
-at batch 1 (whole loops), the batch-16 request 3.64 -> 3.58 s, SNR 54.4 dB against PyTorch fp32;
-but the process's GPU memory grew by about 1 GB at batch 1 (4,161 -> 5,117 MiB after a warm
-request) and 650 MiB at batch 16 (7,527 -> 8,179 MiB), already once the sessions are created,
-before any LtGemm call; the extra weights are 16 MB. Until that is understood the default export
-keeps the unsplit blocks.
+Used by every ``--cuda-kernels`` export where the bounds above allow;
+``SEMVOC_EXPORT_WITHOUT=PReLUSplit`` keeps the unsplit blocks. Measured on an H200 (reference
+preset, fp16, 10-s clips; ``benchmarks/results/h200-2026-12-02e.md`` and ``-02f.md``): vocoder
+step 8.08 -> 7.14 ms at batch 16 and 0.93 -> 0.88 ms at batch 1 (whole loops), the warm batch-16
+request 3.68 -> 3.52 s and GPU memory after it 8,008 -> 7,728 MiB (the extra weights are 61 MB),
+SNR 54.4 dB against PyTorch fp32.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ import torch
 
 from semvoc.kernels.ltgemm import linear as lt_linear
 
-NAME = "PReLUSplit"  # opt-in: SEMVOC_EXPORT_WITH=PReLUSplit (semvoc.kernels.onnx_ops.OPT_IN)
+NAME = "PReLUSplit"  # SEMVOC_EXPORT_WITHOUT=PReLUSplit leaves it out of an export
 FP16_STORED_LIMIT = 65504.0 / 16  # calibrated bound of a stored activation: 16x below fp16's largest
 GAIN_RANGE = (1.0 / 16.0, 16.0)  # without calibration
 
