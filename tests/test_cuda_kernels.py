@@ -152,10 +152,10 @@ def test_vocoder_step_with_cuda_ops_exports_folded_branches(tmp_path, monkeypatc
     assert ops.count("BiasNorm") == branches and ops.count("ConvNeXtMix") == layers
     assert {"Split", "ReduceMean", "Pow", "Expand"}.isdisjoint(ops)
     # per branch a GEMM from the frames and one to the pieces (LtGemm, its bias inside); per block
-    # the up-projection and the down-projection (its bias and scaled residual: BiasResidual; the
-    # opt-in PReLU split is tests/test_prelu_split.py)
-    assert ops.count("MatMul") == branches + 2 * layers and ops.count("LtGemm") == branches
-    assert ops.count("BiasResidual") == layers  # the residual is scaled per channel (see ConvNeXtBlock)
+    # the PReLU split's three LtGemm calls, nothing between them (tests/test_prelu_split.py; an fp32
+    # export always splits)
+    assert ops.count("MatMul") == branches and ops.count("LtGemm") == branches + 3 * layers
+    assert ops.count("BiasResidual") == ops.count("BiasPRelu") == 0
     mix_layers = sorted(a.i for n in nodes if n.op_type == "ConvNeXtMix" for a in n.attribute if a.name == "layer")
     assert mix_layers == sorted(i for n in vocoder.cfg.num_layers for i in range(n))
 

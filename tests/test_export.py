@@ -346,7 +346,7 @@ def test_export_killed_hard_leaves_a_partial_that_the_next_export_removes(tmp_pa
         import semvoc.export.engine as engine
         from semvoc.export.cli import main
 
-        def killed(tmp, source, options):
+        def killed(tmp, source, options, stamps):
             (tmp / "half.onnx").write_bytes(b"x" * 4096)
             os.kill(os.getpid(), signal.SIGKILL)
 

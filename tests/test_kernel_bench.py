@@ -36,3 +36,33 @@ def test_bench_compiles(bench, tmp_path):
                              str(bench), "-o", str(tmp_path / "bench.o")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning" not in result.stderr.lower(), result.stderr[-3000:]
+
+
+GEMM_BENCHES = sorted((BENCH_DIR.parent / "gemm").glob("*.cu"))
+CUBLAS_BENCHES = [b for b in ALL_BENCHES if b not in BENCHES] + GEMM_BENCHES
+
+
+@pytest.mark.parametrize("bench", CUBLAS_BENCHES, ids=[b.stem for b in CUBLAS_BENCHES])
+def test_cublas_bench_compiles(bench, tmp_path):
+    """The benches built against cuBLAS compile too, where its headers are here (they are not on CI)."""
+    from tests.test_cuda_build import _cublaslt_include
+
+    include = _cublaslt_include()
+    if include is None:
+        pytest.skip("no official cublasLt.h here (set CUBLAS_INCLUDE or pip install nvidia-cublas)")
+    try:
+        nvcc = cuda_build.find_nvcc()
+    except cuda_build.KernelBuildError as err:
+        pytest.skip(str(err))
+    result = subprocess.run([nvcc, "-std=c++17", "-c", "-arch=compute_90", "-I", str(include), "-I",
+                             str(cuda_build.CUDA_SOURCES_DIR), str(bench), "-o", str(tmp_path / "bench.o")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning" not in result.stderr.lower(), result.stderr[-3000:]
+
+
+def test_gemm_run_sh_refuses_an_unknown_bench():
+    result = subprocess.run(["bash", str(BENCH_DIR.parent / "gemm" / "run.sh"), "no_such_bench"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "no_such_bench.cu" in result.stderr and "fp8_bench" in result.stderr

@@ -346,6 +346,40 @@ def test_verified_files_are_hashed_again_only_when_they_change(tmp_path, monkeyp
     assert sorted(hashed) == ["a.onnx", "b.onnx"]
 
 
+def test_hashes_taken_at_export_spare_the_first_load_its_hashing(tmp_path, monkeypatch):
+    """The exporter's sha256 of each file (taken as the manifest is written, before the folder is
+    renamed into place) is remembered: a first load hashes only what changed since or had not
+    settled when it was hashed."""
+    import os
+    import time
+
+    from semvoc.runtime import manifest as M
+
+    monkeypatch.setenv("SEMVOC_CACHE_DIR", str(tmp_path / "cache"))
+    partial = tmp_path / ".engine.partial"
+    partial.mkdir()
+    for name in ("a.onnx", "b.onnx", "fresh.json", "changed.onnx"):
+        (partial / name).write_bytes(name.encode() * 1000)
+        if name != "fresh.json":  # written seconds before the hashing: not settled
+            os.utime(partial / name, ns=(1_000_000_000, 1_000_000_000))
+    files, stamps = {}, {}
+    for path in sorted(partial.iterdir()):
+        files[path.name], stamps[path.name] = M.hash_and_stamp(path)
+    assert all(stamps[name] == M._stamp(partial / name) for name in files)
+    partial.rename(tmp_path / "engine")  # what the exporter does last
+    root = tmp_path / "engine"
+    time.sleep(0.01)
+    (root / "changed.onnx").write_bytes(b"y" * 12000)  # after its hash was taken
+    assert sorted(M.remember_verified(root, files, stamps)) == ["a.onnx", "b.onnx"]
+    hashed = []
+    real = M.sha256_file
+    monkeypatch.setattr(M, "sha256_file", lambda p, *a: hashed.append(p.name) or real(p, *a))
+    assert M.verify_files(root, files) == ["modified or corrupt (sha256 mismatch): changed.onnx"]
+    assert sorted(hashed) == ["changed.onnx", "fresh.json"]
+    monkeypatch.setenv("SEMVOC_CACHE_DIR", "")  # memory off: nothing is recorded
+    assert M.remember_verified(root, files, stamps) == []
+
+
 # ----------------------------------------------------------------------------- audio of any length
 
 MEMORY_SCRIPT = textwrap.dedent("""

@@ -41,7 +41,7 @@ from semvoc.kernels import cuda_build
 from semvoc.models.config import ModelConfig
 from semvoc.models.model import SemanticVocoderModel, parameter_counts
 from semvoc.runtime.backends.ort_common import NUMPY_DTYPES, cuda_available, make_session
-from semvoc.runtime.manifest import MANIFEST, SCHEMA_VERSION, sha256_file
+from semvoc.runtime.manifest import MANIFEST, SCHEMA_VERSION, hash_and_stamp, remember_verified
 from semvoc.runtime.tokenizer import TextTokenizer
 
 COMPONENTS = ("text", "dit", "vocoder", "semantic")
@@ -271,13 +271,16 @@ def export_engine(source: ModelSource, options: ExportOptions) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
+        stamps: dict[str, list[int] | None] = {}  # each file's stat as hashed for the manifest
         try:
-            manifest = _export_into(tmp, source, options)
+            manifest = _export_into(tmp, source, options, stamps)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             _swap_into_place(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+    # the hashes just computed are a verification: the first load need not hash the files again
+    remember_verified(out, manifest["files"], stamps)
     _log(f"engine written to {out} in {time.time() - started:.0f} s")
     return out
 
@@ -292,7 +295,8 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
-def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict:
+def _export_into(tmp: Path, source: ModelSource, options: ExportOptions,
+                 stamps: dict[str, list[int] | None]) -> dict:
     from tqdm import tqdm
 
     model = source.model
@@ -394,8 +398,11 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions) -> dict
                      "all_passed": all(p["passed"] for p in parity.values()),
                      "fp32_islands": plan.islands}  # graph -> nodes kept in fp32 (details per graph)
     (tmp / "parity.json").write_text(json.dumps(parity_report, indent=1))
-    files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
-             if p.is_file()}
+    files = {}
+    for p in sorted(tmp.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(tmp).as_posix()
+            files[rel], stamps[rel] = hash_and_stamp(p)
     return {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

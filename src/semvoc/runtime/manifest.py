@@ -224,6 +224,53 @@ def _verified_cache_path() -> Path | None:
     return base / "verified-files.json"
 
 
+def _read_cache(cache_path: Path | None) -> dict:
+    try:
+        return json.loads(cache_path.read_text()) if cache_path else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(cache_path: Path | None, cache: dict) -> None:
+    if not cache_path:
+        return
+    try:  # best effort: a read-only home only costs the next load its hashing
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache_path.with_name(f".{cache_path.name}.{os.getpid()}")
+        partial.write_text(json.dumps(cache))
+        os.replace(partial, cache_path)
+    except OSError:
+        pass
+
+
+def hash_and_stamp(path: Path) -> tuple[str, list[int] | None]:
+    """A file's sha256 and its stat stamp as hashed (None if it changed while being hashed)."""
+    before = _stamp(path)
+    digest = sha256_file(path)
+    return digest, (before if _stamp(path) == before else None)
+
+
+def remember_verified(root: Path, files: dict[str, str], stamps: dict[str, list[int] | None]) -> list[str]:
+    """Record files whose sha256 the caller computed (the exporter, writing the manifest) as
+    verified, so that the first load does not hash them again; returns the names recorded. A file
+    is recorded only if its stat is still the one taken when it was hashed (a rename keeps it) and
+    it is settled (see ``verify_files``); the others are hashed on the first load as usual."""
+    cache_path = _verified_cache_path()
+    if not cache_path:
+        return []
+    cache, recorded = _read_cache(cache_path), []
+    for rel, digest in files.items():
+        file = Path(root) / rel
+        stamp = stamps.get(rel)
+        if stamp is None or not file.is_file() or _stamp(file) != stamp or time.time_ns() - stamp[1] <= _SETTLED_NS:
+            continue
+        cache[str(file.resolve())] = [digest, *stamp]
+        recorded.append(rel)
+    if recorded:
+        _write_cache(cache_path, cache)
+    return recorded
+
+
 def verify_files(root: Path, files: dict[str, str]) -> list[str]:
     """Check every file's sha256 against the manifest; returns the problems found.
 
@@ -236,10 +283,7 @@ def verify_files(root: Path, files: dict[str, str]) -> list[str]:
     from concurrent.futures import ThreadPoolExecutor
 
     cache_path = _verified_cache_path()
-    try:
-        cache = json.loads(cache_path.read_text()) if cache_path else {}
-    except (OSError, ValueError):
-        cache = {}
+    cache = _read_cache(cache_path)
     problems, todo = [], []
     for rel, digest in files.items():
         file = root / rel
@@ -257,14 +301,8 @@ def verify_files(root: Path, files: dict[str, str]) -> list[str]:
         elif time.time_ns() - stamp[1] > _SETTLED_NS:
             cache[str(file.resolve())] = [digest, *stamp]
             changed = True
-    if changed and cache_path:
-        try:  # best effort: a read-only home only costs the next load its hashing
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            partial = cache_path.with_name(f".{cache_path.name}.{os.getpid()}")
-            partial.write_text(json.dumps(cache))
-            os.replace(partial, cache_path)
-        except OSError:
-            pass
+    if changed:
+        _write_cache(cache_path, cache)
     return problems
 
 
