@@ -244,13 +244,20 @@ int main() {
 
     auto best_of = [&](Plan& plan, const void* a, size_t a_bytes, const void* b, bool check = true) {
       Timed best;
-      for (const auto& result : Heuristics(lt, plan, 16)) {
+      const auto results = Heuristics(lt, plan, 16);
+      int refused = 0;
+      cublasStatus_t first_refusal = CUBLAS_STATUS_SUCCESS;
+      for (const auto& result : results) {
         auto run = [&](int i) {
           return cublasLtMatmul(lt, plan.op, &one, static_cast<const char*>(a) + size_t(i % copies) * a_bytes,
                                 plan.a, b, plan.b, &zero, y, plan.c, y, plan.c, &result.algo, workspace, kWorkspace,
                                 stream);
         };
-        if (run(0) != CUBLAS_STATUS_SUCCESS) continue;
+        const cublasStatus_t status = run(0);
+        if (status != CUBLAS_STATUS_SUCCESS) {
+          if (refused++ == 0) first_refusal = status;
+          continue;
+        }
         CHECK_CUDA(cudaStreamSynchronize(stream));
         const float us = TimeUs([&](int i) { run(i); }, stream);
         if (best.us < 0 || us < best.us) {
@@ -260,6 +267,9 @@ int main() {
           best.error = check ? RelativeError(y, y_ref, y_elems) : 0.f;
         }
       }
+      if (best.us < 0)  // say whether the heuristic offered nothing or cublasLtMatmul refused what it offered
+        std::printf("    (%zu heuristic algorithm(s), %d refused by cublasLtMatmul, first status %d)\n",
+                    results.size(), refused, int(first_refusal));
       return best;
     };
     auto report = [&](const char* variant, const Timed& t, bool gemm) {
