@@ -261,6 +261,17 @@ def test_library_declares_lt_gemm_with_optional_inputs_and_a_float32_scale(built
     assert "Failed to find kernel" not in session_error(["a", "w", "bias", "res", "scale"], TensorProto.FLOAT16)
 
 
+def cublas_include_and_nvcc() -> tuple[Path, str]:
+    """An official cublasLt.h folder and nvcc, or skip the test saying which is missing."""
+    include = _cublaslt_include()
+    if include is None:
+        pytest.skip("no official cublasLt.h here (set CUBLAS_INCLUDE or pip install nvidia-cublas)")
+    try:
+        return include, cuda_build.find_nvcc()
+    except cuda_build.KernelBuildError as err:
+        pytest.skip(str(err))
+
+
 def _cublaslt_include() -> Path | None:
     """A folder with the official cublasLt.h: $CUBLAS_INCLUDE, else the nvidia-cublas wheel's."""
     import site
@@ -348,13 +359,7 @@ def test_our_declaration_of_cublaslt_matches_the_official_header(mutation, tmp_p
     """cuda/cublaslt_api.h (what LtGemm resolves with dlsym) against cublasLt.h, where one is on the
     machine: values, struct layouts, and each entry point's arity and argument sizes. A changed
     value fails the check."""
-    include = _cublaslt_include()
-    if include is None:
-        pytest.skip("no official cublasLt.h here (set CUBLAS_INCLUDE or pip install nvidia-cublas)")
-    try:
-        nvcc = cuda_build.find_nvcc()
-    except cuda_build.KernelBuildError as err:
-        pytest.skip(str(err))
+    include, nvcc = cublas_include_and_nvcc()
     ours = (cuda_build.CUDA_SOURCES_DIR / "cublaslt_api.h").read_text()
     if mutation:
         assert mutation[0] in ours

@@ -45,15 +45,9 @@ CUBLAS_BENCHES = [b for b in ALL_BENCHES if b not in BENCHES] + GEMM_BENCHES
 @pytest.mark.parametrize("bench", CUBLAS_BENCHES, ids=[b.stem for b in CUBLAS_BENCHES])
 def test_cublas_bench_compiles(bench, tmp_path):
     """The benches built against cuBLAS compile too, where its headers are here (they are not on CI)."""
-    from tests.test_cuda_build import _cublaslt_include
+    from tests.test_cuda_build import cublas_include_and_nvcc
 
-    include = _cublaslt_include()
-    if include is None:
-        pytest.skip("no official cublasLt.h here (set CUBLAS_INCLUDE or pip install nvidia-cublas)")
-    try:
-        nvcc = cuda_build.find_nvcc()
-    except cuda_build.KernelBuildError as err:
-        pytest.skip(str(err))
+    include, nvcc = cublas_include_and_nvcc()
     result = subprocess.run([nvcc, "-std=c++17", "-c", "-arch=compute_90", "-I", str(include), "-I",
                              str(cuda_build.CUDA_SOURCES_DIR), str(bench), "-o", str(tmp_path / "bench.o")],
                             capture_output=True, text=True)

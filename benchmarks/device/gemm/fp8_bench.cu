@@ -30,27 +30,12 @@
 #include <string>
 #include <vector>
 
-#define CHECK_CUDA(x)                                                                           \
-  do {                                                                                          \
-    cudaError_t error_ = (x);                                                                   \
-    if (error_ != cudaSuccess) {                                                                \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(error_)); \
-      std::exit(1);                                                                             \
-    }                                                                                           \
-  } while (0)
-#define CHECK_BLAS(x)                                                                            \
-  do {                                                                                           \
-    cublasStatus_t status_ = (x);                                                                \
-    if (status_ != CUBLAS_STATUS_SUCCESS) {                                                      \
-      std::fprintf(stderr, "%s:%d %s: cuBLAS status %d\n", __FILE__, __LINE__, #x, (int)status_); \
-      std::exit(1);                                                                              \
-    }                                                                                            \
-  } while (0)
+#include "gemm_common.cuh"
+
+using namespace gemm_bench;
 
 namespace {
 
-constexpr size_t kWorkspace = 32u << 20;
-constexpr size_t kRotateBytes = 192u << 20;  // weight copies: over 3x the H200's 60 MiB L2
 constexpr float kE4M3Max = 448.f;
 
 struct Shape {
@@ -112,42 +97,9 @@ float RelativeError(const __half* y, const __half* reference, size_t n) {
   return h[1] > 0 ? h[0] / h[1] : h[0];
 }
 
-float TimeUs(const std::function<void(int)>& call, cudaStream_t stream) {
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  for (int i = 0; i < 5; ++i) call(i);
-  std::vector<float> times;
-  int index = 0;
-  for (int rep = 0; rep < 15; ++rep) {
-    CHECK_CUDA(cudaEventRecord(start, stream));
-    for (int i = 0; i < 20; ++i) call(index++);
-    CHECK_CUDA(cudaEventRecord(stop, stream));
-    CHECK_CUDA(cudaEventSynchronize(stop));
-    float ms = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
-    times.push_back(ms * 1000.f / 20.f);
-  }
-  CHECK_CUDA(cudaEventDestroy(start));
-  CHECK_CUDA(cudaEventDestroy(stop));
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
-
-struct Plan {
-  cublasLtMatmulDesc_t op = nullptr;
-  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
-  ~Plan() {
-    if (op) cublasLtMatmulDescDestroy(op);
-    if (a) cublasLtMatrixLayoutDestroy(a);
-    if (b) cublasLtMatrixLayoutDestroy(b);
-    if (c) cublasLtMatrixLayoutDestroy(c);
-  }
-};
-
 // Column-major Y^T[N, M] = W[N, K] X^T[K, M]: A = W stored K x N (ld K) transposed, B = X stored
 // K x M (ld K), C = D = Y stored N x M (ld N).
-void MakePlan(Plan& plan, const Shape& s, cudaDataType_t in_type, const float* a_scale, const float* b_scale,
+void MakePlan(LtPlan& plan, const Shape& s, cudaDataType_t in_type, const float* a_scale, const float* b_scale,
               bool fast_accum, cudaDataType_t out_type = CUDA_R_16F) {
   CHECK_BLAS(cublasLtMatmulDescCreate(&plan.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   const cublasOperation_t transpose = CUBLAS_OP_T, none = CUBLAS_OP_N;
@@ -166,22 +118,6 @@ void MakePlan(Plan& plan, const Shape& s, cudaDataType_t in_type, const float* a
   CHECK_BLAS(cublasLtMatrixLayoutCreate(&plan.c, out_type, s.n, s.m, s.n));
 }
 
-std::vector<cublasLtMatmulHeuristicResult_t> Heuristics(cublasLtHandle_t lt, const Plan& plan, int count) {
-  cublasLtMatmulPreference_t pref;
-  CHECK_BLAS(cublasLtMatmulPreferenceCreate(&pref));
-  size_t workspace = kWorkspace;
-  CHECK_BLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace,
-                                                  sizeof(workspace)));
-  std::vector<cublasLtMatmulHeuristicResult_t> results(count);
-  int found = 0;
-  const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(lt, plan.op, plan.a, plan.b, plan.c, plan.c, pref,
-                                                               count, results.data(), &found);
-  cublasLtMatmulPreferenceDestroy(pref);
-  if (status != CUBLAS_STATUS_SUCCESS) std::printf("    (cublasLtMatmulAlgoGetHeuristic: status %d)\n", int(status));
-  results.resize(status == CUBLAS_STATUS_SUCCESS ? found : 0);
-  return results;
-}
-
 struct Timed {
   float us = -1.f;
   float error = 0.f;
@@ -190,10 +126,7 @@ struct Timed {
 }  // namespace
 
 int main() {
-  cudaDeviceProp prop{};
-  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
-  std::printf("device: %s (sm_%d%d, %d SMs), cuBLASLt %zu\n", prop.name, prop.major, prop.minor,
-              prop.multiProcessorCount, cublasLtGetVersion());
+  const cudaDeviceProp prop = PrintDevice();
   if (prop.major < 9) {
     std::printf("FP8 GEMMs need compute capability 9.0 or newer\n");
     return 2;
@@ -242,7 +175,7 @@ int main() {
     const double flop = 2.0 * s.m * s.n * s.k;
     const float one = 1.f, zero = 0.f;
 
-    auto best_of = [&](Plan& plan, const void* a, size_t a_bytes, const void* b, bool check = true) {
+    auto best_of = [&](LtPlan& plan, const void* a, size_t a_bytes, const void* b, bool check = true) {
       Timed best;
       const auto results = Heuristics(lt, plan, 16);
       int refused = 0;
@@ -281,7 +214,7 @@ int main() {
                   gemm ? flop / (t.us * 1e-6) / 1e12 : 0.0, t.error);
     };
 
-    Plan fp16;
+    LtPlan fp16;
     MakePlan(fp16, s, CUDA_R_16F, nullptr, nullptr, false);
     {  // the reference output: fp16, first heuristic algorithm, copy 0 of the weights
       auto results = Heuristics(lt, fp16, 1);
@@ -295,7 +228,7 @@ int main() {
     }
     const Timed t16 = best_of(fp16, w, w_elems * 2, x);
     report("fp16", t16, true);
-    Plan fp8, fp8_fast;
+    LtPlan fp8, fp8_fast;
     // A = the weights (their scale: scales[1]), B = the activations (scales[0])
     MakePlan(fp8, s, CUDA_R_8F_E4M3, scales + 1, scales, false);
     MakePlan(fp8_fast, s, CUDA_R_8F_E4M3, scales + 1, scales, true);
@@ -305,7 +238,7 @@ int main() {
     report("fp8_fast", t8f, true);
     // bf16 output (C and D), the combination cuBLAS's FP8 sample uses: not what an fp16 engine
     // needs, timed to tell an unsupported fp16 output apart from no FP8 GEMM at all (no error check)
-    Plan fp8_bf16;
+    LtPlan fp8_bf16;
     MakePlan(fp8_bf16, s, CUDA_R_8F_E4M3, scales + 1, scales, false, CUDA_R_16BF);
     report("fp8_bf16", best_of(fp8_bf16, w8, w_elems, x8, false), true);
     const int quant_blocks = int(std::min<size_t>(prop.multiProcessorCount * 8, (x_elems / 8 + 255) / 256));

@@ -29,27 +29,11 @@
 #include <string>
 #include <vector>
 
-#define CHECK_CUDA(x)                                                                           \
-  do {                                                                                          \
-    cudaError_t error_ = (x);                                                                   \
-    if (error_ != cudaSuccess) {                                                                \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(error_)); \
-      std::exit(1);                                                                             \
-    }                                                                                           \
-  } while (0)
-#define CHECK_BLAS(x)                                                                            \
-  do {                                                                                           \
-    cublasStatus_t status_ = (x);                                                                \
-    if (status_ != CUBLAS_STATUS_SUCCESS) {                                                      \
-      std::fprintf(stderr, "%s:%d %s: cuBLAS status %d\n", __FILE__, __LINE__, #x, (int)status_); \
-      std::exit(1);                                                                              \
-    }                                                                                            \
-  } while (0)
+#include "gemm_common.cuh"
+
+using namespace gemm_bench;
 
 namespace {
-
-constexpr size_t kWorkspace = 32u << 20;  // what onnxruntime's CUDA EP gives cuBLASLt
-constexpr size_t kRotateBytes = 192u << 20;  // weight copies: over 3x the H200's 60 MiB L2
 
 struct Shape {
   const char* name;
@@ -92,39 +76,6 @@ float MaxDiff(const __half* a, const __half* b, size_t n) {
   return h;
 }
 
-float TimeUs(const std::function<void(int)>& call, cudaStream_t stream) {
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  for (int i = 0; i < 5; ++i) call(i);
-  std::vector<float> times;
-  int index = 0;
-  for (int rep = 0; rep < 15; ++rep) {
-    CHECK_CUDA(cudaEventRecord(start, stream));
-    for (int i = 0; i < 20; ++i) call(index++);
-    CHECK_CUDA(cudaEventRecord(stop, stream));
-    CHECK_CUDA(cudaEventSynchronize(stop));
-    float ms = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
-    times.push_back(ms * 1000.f / 20.f);
-  }
-  CHECK_CUDA(cudaEventDestroy(start));
-  CHECK_CUDA(cudaEventDestroy(stop));
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
-
-struct LtPlan {
-  cublasLtMatmulDesc_t op = nullptr;
-  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
-  ~LtPlan() {
-    if (op) cublasLtMatmulDescDestroy(op);
-    if (a) cublasLtMatrixLayoutDestroy(a);
-    if (b) cublasLtMatrixLayoutDestroy(b);
-    if (c) cublasLtMatrixLayoutDestroy(c);
-  }
-};
-
 // Row-major Y[M,N] = X[M,K] W[K,N] is column-major Y^T[N,M] = W^T[N,K] X^T[K,M]: A = W (N x K,
 // ld N), B = X (K x M, ld K), C = D = Y (N x M, ld N), no transposes.
 void MakePlan(LtPlan& plan, const Shape& s, cublasLtEpilogue_t epilogue, const __half* bias) {
@@ -139,21 +90,6 @@ void MakePlan(LtPlan& plan, const Shape& s, cublasLtEpilogue_t epilogue, const _
   CHECK_BLAS(cublasLtMatrixLayoutCreate(&plan.a, CUDA_R_16F, s.n, s.k, s.n));
   CHECK_BLAS(cublasLtMatrixLayoutCreate(&plan.b, CUDA_R_16F, s.k, s.m, s.k));
   CHECK_BLAS(cublasLtMatrixLayoutCreate(&plan.c, CUDA_R_16F, s.n, s.m, s.n));
-}
-
-std::vector<cublasLtMatmulHeuristicResult_t> Heuristics(cublasLtHandle_t lt, const LtPlan& plan, int count) {
-  cublasLtMatmulPreference_t pref;
-  CHECK_BLAS(cublasLtMatmulPreferenceCreate(&pref));
-  size_t workspace = kWorkspace;
-  CHECK_BLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace,
-                                                  sizeof(workspace)));
-  std::vector<cublasLtMatmulHeuristicResult_t> results(count);
-  int found = 0;
-  CHECK_BLAS(cublasLtMatmulAlgoGetHeuristic(lt, plan.op, plan.a, plan.b, plan.c, plan.c, pref, count,
-                                            results.data(), &found));
-  cublasLtMatmulPreferenceDestroy(pref);
-  results.resize(found);
-  return results;
 }
 
 std::string AlgoText(const cublasLtMatmulAlgo_t& algo) {
@@ -171,10 +107,7 @@ std::string AlgoText(const cublasLtMatmulAlgo_t& algo) {
 }  // namespace
 
 int main() {
-  cudaDeviceProp prop{};
-  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
-  std::printf("device: %s (sm_%d%d, %d SMs), cuBLASLt %zu\n", prop.name, prop.major, prop.minor,
-              prop.multiProcessorCount, cublasLtGetVersion());
+  const cudaDeviceProp prop = PrintDevice();
   // DiT (D 1024, 16 heads, GEGLU 2 x 4096; M = 2 x 250 tokens per clip with guidance) and the
   // vocoder's branches (C 768 / 512 / 384 at L 1000 / 2000 / 4000 frames, hidden 3C)
   const std::vector<Shape> shapes = {
