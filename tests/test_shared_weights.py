@@ -98,6 +98,26 @@ def test_packed_weights_are_aligned_views_of_the_data_file(demo_engine):
     assert len(weights) == 0
 
 
+def test_the_cuda_runtime_already_in_the_process_is_the_one_used():
+    """Packed weights are allocated through the libcudart onnxruntime's CUDA provider loaded, found
+    in the process's mappings (not a second runtime picked by name)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from semvoc.runtime.backends.shared_weights import loaded_cudart
+
+    wheel = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    candidates = sorted(wheel.glob("nvidia/*/lib/libcudart.so.*"))
+    if not candidates:
+        pytest.skip("no libcudart here (pip install nvidia-cuda-runtime)")
+    assert loaded_cudart("/nonexistent/maps") is None
+    script = ("import ctypes, sys; ctypes.CDLL(sys.argv[1]); "
+              "from semvoc.runtime.backends.shared_weights import loaded_cudart; print(loaded_cudart())")
+    out = subprocess.run([sys.executable, "-c", script, str(candidates[0])], capture_output=True, text=True, check=True)
+    assert Path(out.stdout.strip()).resolve() == candidates[0].resolve()
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda w, size: w.update(offset=size), r"past the end of dit_step\.onnx\.data"),
     (lambda w, size: w.update(length=w["length"] + 4), r"its length says"),

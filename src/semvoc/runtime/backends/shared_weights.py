@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 #: offset alignment of each tensor in a packed buffer (cuBLASLt and 16-byte vector loads need 16)
 ALIGNMENT = 256
-_CUDART_NAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")
+_CUDART_NAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")  # when none is loaded yet
 _HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
 
 
@@ -151,12 +151,28 @@ def packed_offsets(lengths: list[int], alignment: int = ALIGNMENT) -> tuple[list
     return offsets, end
 
 
+def loaded_cudart(maps: str = "/proc/self/maps") -> str | None:
+    """The path of a CUDA runtime library already mapped into this process (the one onnxruntime's
+    CUDA provider uses), or None."""
+    try:
+        with open(maps) as f:
+            for line in f:
+                path = line.split(maxsplit=5)[-1].strip()
+                if "/libcudart.so" in path:
+                    return path
+    except OSError:
+        pass
+    return None
+
+
 class _CudaRuntime:
-    """The few CUDA runtime calls a packed buffer needs, from the libcudart already in the process."""
+    """The few CUDA runtime calls a packed buffer needs, from the libcudart already in the process
+    (else the first found by name)."""
 
     def __init__(self):
         errors = []
-        for name in _CUDART_NAMES:
+        loaded = loaded_cudart()
+        for name in ([loaded] if loaded else []) + list(_CUDART_NAMES):
             try:
                 self.lib = ctypes.CDLL(name)
                 break
