@@ -103,6 +103,6 @@ def test_cuda_buckets_share_one_copy_of_the_step_weights(demo_engine):
     assert "weights shared by all buckets: dit_step" in backend.describe() and not backend.sharing_failures
     shared = backend._weights["dit_step"]
     for w in pipe.manifest.graph("dit_step").weights:
-        shared.owned(w.name).update_inplace(np.zeros(w.shape, w.dtype))
+        shared.initializers[w.name].update_inplace(np.zeros(w.shape, w.dtype))
     after = [pipe.generate(p, **request).audio for p in (one, two)]
     assert all(not np.allclose(a, b) for a, b in zip(after, before, strict=True))

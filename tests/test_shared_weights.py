@@ -67,7 +67,7 @@ def test_sessions_given_the_shared_weights_read_one_copy(demo_engine):
     assert np.array_equal(before[0], before[1]) and np.array_equal(before[1], before[2])
 
     for w in graph.weights:
-        weights.owned(w.name).update_inplace(np.zeros(w.shape, w.dtype))
+        weights.initializers[w.name].update_inplace(np.zeros(w.shape, w.dtype))
     after = [s.run(None, feeds)[0] for s in (plain, first, second)]
     assert np.array_equal(after[0], before[0])
     assert np.isfinite(after[1]).all() and not np.allclose(after[1], before[1])

@@ -112,6 +112,8 @@ _DLManagedTensor._fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_
 _KEEP_BUFFER = _Deleter(lambda _: None)
 _DL_DEVICES = {"cpu": 1, "cuda": 2}  # kDLCPU, kDLCUDA
 _DL_CODES = {"i": 0, "u": 1, "f": 2, "b": 6}  # kDLInt, kDLUInt, kDLFloat, kDLBool
+_new_capsule = ctypes.pythonapi.PyCapsule_New
+_new_capsule.restype, _new_capsule.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
 
 
 def _dl_dtype(dtype: np.dtype, legacy_bool: bool) -> _DLDataType:
@@ -136,9 +138,7 @@ def view_at(address: int, dtype: np.dtype, shape: tuple[int, ...], device: str, 
                                   _dl_dtype(np.dtype(dtype), legacy), dims, None, 0)
     managed.deleter = _KEEP_BUFFER
     keep.extend((managed, dims))
-    new_capsule = ctypes.pythonapi.PyCapsule_New
-    new_capsule.restype, new_capsule.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
-    capsule = new_capsule(ctypes.addressof(managed), b"dltensor", None)
+    capsule = _new_capsule(ctypes.addressof(managed), b"dltensor", None)
     return _ortvalue_from_capsule(capsule, np.dtype(dtype) == np.bool_)
 
 
@@ -213,10 +213,6 @@ class SharedWeights:
         self.packed = packed  # one buffer for all (False: one OrtValue per tensor)
         self._keep = keep  # what the views point into or describe them: alive as long as they are
         self._free = free
-
-    def owned(self, name: str) -> OrtValue:
-        """A value over a weight's memory (tests overwrite it to see every session change)."""
-        return self.initializers[name]
 
     def close(self) -> None:
         """Free the device buffer; only once no session that was given the views is left."""
