@@ -151,6 +151,11 @@ def test_vocoder_step_with_cuda_ops_exports_folded_branches(tmp_path, monkeypatc
     branches, layers = len(vocoder.estimators), sum(vocoder.cfg.num_layers)
     assert ops.count("BiasNorm") == branches and ops.count("ConvNeXtMix") == layers
     assert {"Split", "ReduceMean", "Pow", "Expand"}.isdisjoint(ops)
+    # the frames of each branch and the step's end (overlap-add, branch sum, update): one op each
+    assert ops.count("AudioFrames") == branches and ops.count("EulerOverlapAdd") == 1
+    assert sorted(a.i for n in nodes if n.op_type == "AudioFrames" for a in n.attribute) == sorted(
+        vocoder.cfg.hop_lengths)
+    assert {"Pad", "Concat", "Slice", "Div", "Sub"}.isdisjoint(ops)
     # per branch a GEMM from the frames and one to the pieces (LtGemm, its bias inside); per block
     # the PReLU split's three LtGemm calls, nothing between them (tests/test_prelu_split.py; an fp32
     # export always splits)
@@ -158,6 +163,77 @@ def test_vocoder_step_with_cuda_ops_exports_folded_branches(tmp_path, monkeypatc
     assert ops.count("BiasResidual") == ops.count("BiasPRelu") == 0
     mix_layers = sorted(a.i for n in nodes if n.op_type == "ConvNeXtMix" for a in n.attribute if a.name == "layer")
     assert mix_layers == sorted(i for n in vocoder.cfg.num_layers for i in range(n))
+
+
+def _demo_folded_step_args(frames: int = 5, step: int = 3):
+    from semvoc.export import wrappers as W
+    from semvoc.models.config import preset
+    from semvoc.models.model import build_model
+
+    vocoder = build_model(preset("demo"), seed=0).vocoder.eval()
+    vocoder.use_export_kernels(cuda_ops=True)
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, vocoder.cfg.latent_dim, frames, generator=gen)
+    tables = (*W.VocoderPrepare(vocoder, channels_last=True)(latents),
+              *W.VocoderTime(vocoder)(torch.linspace(0, 1, 9)[:8]))
+    args = (0.1 * torch.randn(1, frames * vocoder.cfg.hop_length, generator=gen), torch.tensor([step]),
+            torch.linspace(0, 1, 9), *tables)
+    return W.VocoderStep(vocoder, channels_last=True).eval(), args
+
+
+@pytest.mark.parametrize("pred_x1", [True, False])
+def test_vocoder_step_ends_are_the_stock_ops_to_the_bit(pred_x1, monkeypatch):
+    """AudioFrames and EulerOverlapAdd (their PyTorch references) compute what the stock form
+    computes, in the same order: the folded step is the same to the bit with and without them."""
+    import dataclasses
+
+    step, args = _demo_folded_step_args()
+    step.vocoder.cfg = dataclasses.replace(step.vocoder.cfg, pred_x1=pred_x1)
+    with torch.no_grad():
+        monkeypatch.setenv(WITHOUT_ENV, "AudioFrames,EulerOverlapAdd")
+        stock = step(*args)[0]
+        monkeypatch.setenv(WITHOUT_ENV, "")
+        fused = step(*args)[0]
+    assert fused.dtype == torch.float32 and torch.equal(fused, stock)
+
+
+def test_vocoder_step_without_its_end_ops_exports_the_stock_form(tmp_path, monkeypatch):
+    monkeypatch.setenv(WITHOUT_ENV, "AudioFrames,EulerOverlapAdd")
+    step, args = _demo_folded_step_args()
+    path = tmp_path / "vocoder_step.onnx"
+    torch.onnx.export(step, args, dynamo=True, opset_version=23,
+                      custom_translation_table=translation_table()).save(str(path))
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "AudioFrames" not in ops and "EulerOverlapAdd" not in ops
+    assert ops.count("Pad") == len(step.vocoder.estimators) and "Div" in ops
+
+
+def test_vocoder_step_end_references_are_what_the_kernels_document():
+    """The index arithmetic of cuda/audio_frames.cu and cuda/euler_overlap_add.cu, written out
+    sample by sample, against the references."""
+    from semvoc.kernels.audio_frames import audio_frames_reference
+    from semvoc.kernels.euler_overlap_add import euler_overlap_add_reference
+
+    gen = torch.Generator().manual_seed(5)
+    batch, hop, length = 2, 3, 12
+    x = torch.randn(batch, length, generator=gen)
+    frames = audio_frames_reference(x, hop)
+    assert frames.shape == (batch, length // hop + 1, 2 * hop)
+    for f in range(frames.shape[1]):
+        for j in range(2 * hop):
+            a = f * hop + j - hop
+            a = -a if a < 0 else a
+            a = 2 * (length - 1) - a if a >= length else a
+            assert torch.equal(frames[:, f, j], x[:, a])
+    hops = (3, 6)
+    pieces = [torch.randn(batch, length // h + 1, 2 * h, generator=gen) for h in hops]
+    t_span, step = torch.linspace(0, 1, 5), torch.tensor([2])
+    audio = torch.randn(batch, length, generator=gen)
+    out = euler_overlap_add_reference(audio, step, t_span, pieces, pred_x1=True)
+    t, dt = t_span[2], t_span[1] - t_span[0]
+    for s in range(length):
+        pred = sum(p[:, s // h + 1, s % h] + p[:, s // h, h + s % h] for p, h in zip(pieces, hops, strict=True))
+        torch.testing.assert_close(out[:, s], audio[:, s] + (pred - audio[:, s]) / (1 - t) * dt)
 
 
 def _export_demo_dit_step(path: Path):
@@ -196,13 +272,17 @@ def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path, monkeypatch):
     concat_readers = [n.op_type for n in nodes if n.input and produced.get(n.input[0]) == "Concat"]
     assert "LayerNormalization" not in concat_readers
     assert concat_readers.count("MatMul") + concat_readers.count("LtGemm") == 1  # the final 3-tap conv (conv_as_gemm)
-    assert ops.count("HeadNormRope") == len(blocks) and ops.count("HeadNorm") == len(blocks)  # self q|k, cross q
+    # self q|k norms and RoPE: HeadNormRope; the cross-attention q-norm is inside CrossAttention
+    assert ops.count("HeadNormRope") == len(blocks) and ops.count("HeadNorm") == 0
     # cross-attention: one CrossAttention per block on the bool text mask (no additive bias built),
     # onnxruntime's Attention for the self-attention only
     assert ops.count("CrossAttention") == len(blocks) and ops.count("Attention") == len(blocks)
     assert "Where" not in ops and "Not" not in ops
     cross = [n for n in nodes if n.op_type == "CrossAttention"]
-    assert {a.name: a.i for a in cross[0].attribute} == {"num_heads": blocks[0].attn.num_heads}
+    norm_q = blocks[0].cross_attn.norm_q
+    assert {a.name: a.i for a in cross[0].attribute if a.name == "num_heads"} == {"num_heads": blocks[0].attn.num_heads}
+    assert [a.f for a in cross[0].attribute if a.name == "epsilon"] == [pytest.approx(norm_q.eps)]
+    assert len(cross[0].input) == 6  # q, k, v, key_mask, q_gamma, q_beta
     masks = {n.input[3] for n in cross}
     assert len(masks) == 1  # every block reads one mask: the [uncond; cond] concatenation of the input
     (concat,) = [n for n in nodes if masks & set(n.output)]
@@ -232,6 +312,14 @@ def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path, monkeypatch):
     # linear, with its bias, is an LtGemm)
     assert readers("GatedSkipNorm", 0) == {"MatMul", "LtGemm"}
     assert readers("CrossAttention", 0) == {"MatMul"}  # straight into the out-projection
+
+
+def test_dit_step_without_the_fused_q_norm_keeps_head_norm(tmp_path, monkeypatch):
+    monkeypatch.setenv(WITHOUT_ENV, "CrossAttentionQNorm")
+    nodes, _, blocks = _export_demo_dit_step(tmp_path / "dit_step.onnx")
+    cross = [n for n in nodes if n.op_type == "CrossAttention"]
+    assert [n.op_type for n in nodes].count("HeadNorm") == len(blocks) == len(cross)
+    assert all(len(n.input) == 4 for n in cross)
 
 
 def test_dit_step_without_the_cross_attention_op_keeps_the_stock_attention(tmp_path, monkeypatch):
@@ -310,6 +398,30 @@ def test_fused_dit_uses_the_cross_attention_op_unless_switched_off(monkeypatch):
     monkeypatch.setenv(WITHOUT_ENV, "CrossAttention")
     fused = FusedDiT(dit, cuda_ops=True)
     assert not fused.cross_attention_op and not any(b.cross_attention_op for b in fused.blocks)
+
+
+def test_cross_attention_with_its_q_norm_is_the_separate_norm(monkeypatch):
+    """The fused DiT's cross-attention with the q-norm inside the op (its reference) against the
+    q-norm as its own op, in fp32: the same function."""
+    from semvoc.export.fused_dit import FusedDiT
+    from semvoc.kernels.onnx_ops import WITHOUT_ENV
+    from semvoc.models.config import preset
+    from semvoc.models.model import build_model
+
+    dit = build_model(preset("demo"), seed=0).dit.eval()
+    block = FusedDiT(dit, cuda_ops=True).blocks[0]
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        block.blk.cross_attn.norm_q.weight.uniform_(0.5, 1.5)
+        block.blk.cross_attn.norm_q.bias.normal_(0, 0.2)
+        h = torch.randn(2, 10, dit.cfg.embed_dim, generator=gen)
+        k, v = (torch.randn(2, 6, dit.cfg.embed_dim, generator=gen) for _ in range(2))
+        mask = torch.tensor([[True] * 4 + [False] * 2])
+        monkeypatch.delenv(WITHOUT_ENV, raising=False)
+        fused = block._cross_attention(h, k, v, mask)
+        monkeypatch.setenv(WITHOUT_ENV, "CrossAttentionQNorm")
+        separate = block._cross_attention(h, k, v, mask)
+    torch.testing.assert_close(fused, separate, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("without", ["GatedConcatNorm", "BiasAddNorm,LayerNorm"])
@@ -504,7 +616,8 @@ def _one_node_model(op: str, inputs: list[np.ndarray], path: Path, attributes: d
     from onnx import TensorProto, helper
 
     def elem_type(a: np.ndarray) -> int:
-        return {np.float16: TensorProto.FLOAT16, np.bool_: TensorProto.BOOL}.get(a.dtype.type, TensorProto.FLOAT)
+        return {np.float16: TensorProto.FLOAT16, np.bool_: TensorProto.BOOL,
+                np.int64: TensorProto.INT64}.get(a.dtype.type, TensorProto.FLOAT)
 
     elem = elem_type(inputs[0])
     names = [f"in{i}" for i in range(len(inputs))]
@@ -622,6 +735,47 @@ def test_convnext_mix_at_the_vocoder_widths(dtype, cuda_library, tmp_path):
                 torch.randn(4, cond_rows, length, channels, generator=gen),
                 1 + 0.1 * torch.randn(batch, 4, channels, generator=gen)]
         _check_op("ConvNeXtMix:rows", dtype, args, cuda_library, tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("hop, length", [(240, 4800), (60, 4800), (6, 54)], ids=["hop240", "hop60", "hop6-scalar"])
+def test_audio_frames_matches_its_reference(hop, length, dtype, cuda_library, tmp_path):
+    """The reference vocoder's hops (16-byte stores) and a hop whose frames are not (scalar
+    stores); the reflected edges included. A copy: equal to the bit."""
+    from semvoc.kernels.audio_frames import audio_frames_reference
+
+    x = torch.randn(3, length, generator=torch.Generator().manual_seed(4)).numpy().astype(dtype)
+    want = audio_frames_reference(torch.from_numpy(x), hop).numpy()
+    _one_node_model("AudioFrames", [x], tmp_path / "op.onnx", {"hop": hop})
+    for cuda_graph in (False, True):
+        (out,) = _run_cuda(tmp_path / "op.onnx", cuda_library, [x], [want.shape], cuda_graph)
+        assert out.dtype == want.dtype and np.array_equal(out, want), (hop, dtype, cuda_graph)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("hops, pred_x1", [((240, 120, 60), 1), ((240, 120, 60), 0), ((6,), 1), ((8, 2), 1)],
+                         ids=["reference", "velocity", "one-branch-scalar", "hop2-scalar"])
+def test_euler_overlap_add_matches_its_reference(hops, pred_x1, dtype, cuda_library, tmp_path):
+    """The reference vocoder's three branches (4 samples per thread) and hops that are not
+    multiples of 4 (one sample per thread), at a step read from the device: fp32 arithmetic in
+    the reference's order, so equal to the bit; and replayed from a CUDA graph."""
+    from semvoc.kernels.euler_overlap_add import euler_overlap_add_reference
+
+    gen = torch.Generator().manual_seed(6)
+    batch, length = 2, 4800 if hops[0] == 240 else 48
+    audio = torch.randn(batch, length, generator=gen)
+    pieces = [torch.randn(batch, length // h + 1, 2 * h, generator=gen).to(torch.float16 if dtype == np.float16
+                                                                           else torch.float32) for h in hops]
+    step, t_span = torch.tensor([3]), torch.linspace(0, 1, 9)
+    want = euler_overlap_add_reference(audio, step, t_span, pieces, bool(pred_x1)).numpy()
+    inputs = [audio.numpy(), step.numpy(), t_span.numpy(), *(p.numpy() for p in pieces)]
+    _one_node_model("EulerOverlapAdd", inputs, tmp_path / "op.onnx", {"pred_x1": pred_x1})
+    for cuda_graph in (False, True):
+        (out,) = _run_cuda(tmp_path / "op.onnx", cuda_library, inputs, [want.shape], cuda_graph)
+        assert out.dtype == np.float32 and np.array_equal(out, want), (hops, dtype, cuda_graph,
+                                                                       np.abs(out - want).max())
 
 
 def _check_op(op, dtype, args, cuda_library, tmp_path):
@@ -771,6 +925,33 @@ def test_cross_attention_at_the_dits_shapes(case, dtype, cuda_library, tmp_path)
     for cuda_graph in (False, True):
         (out,) = _run_cuda(tmp_path / "op.onnx", cuda_library, inputs, [want.shape], cuda_graph)
         _cross_close(out, want, inputs[2], dtype, (case, cuda_graph))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("case, per_head", [("dit-R2-8keys", False), ("no-key-and-one-tile", True),
+                                            ("S77-L65", False), ("hd128-general", True)])
+def test_cross_attention_norms_the_query_it_loads(case, per_head, dtype, cuda_library, tmp_path):
+    """q_gamma/q_beta: the query's LayerNorm inside the op ([hd] shared by the heads, as the DiT's,
+    or [H, hd]), against the reference on the normed query rounded to the test's dtype (what the
+    separate HeadNorm op would have written); the tensor-core and the general kernel."""
+    from semvoc.kernels.head_norm import head_norm_reference
+
+    rows, mask_rows, length, keys, heads, hd, valid = CROSS_CASES[case]
+    q, k, v, mask = _cross_case(rows, mask_rows, length, keys, heads, hd, valid)
+    gen = torch.Generator().manual_seed(9)
+    affine = (heads, hd) if per_head else (hd,)
+    q = 3 * q + torch.randn(rows, length, heads * hd, generator=gen)  # a mean and a scale to remove
+    gamma, beta = 1 + 0.3 * torch.randn(*affine, generator=gen), 0.2 * torch.randn(*affine, generator=gen)
+    inputs = [a.numpy().astype(dtype) for a in (q, k, v)] + [mask.numpy()] + [
+        a.numpy().astype(dtype) for a in (gamma, beta)]
+    q_t, gamma_t, beta_t = (torch.from_numpy(inputs[i].astype(np.float32)) for i in (0, 4, 5))
+    normed = head_norm_reference(q_t, gamma_t, beta_t, 1e-6).reshape(q.shape).numpy().astype(dtype)
+    want = _cross_expected([normed, *inputs[1:4]], heads)
+    _one_node_model("CrossAttention", inputs, tmp_path / "op.onnx", {"num_heads": heads, "epsilon": 1e-6})
+    for cuda_graph in (False, True):
+        (out,) = _run_cuda(tmp_path / "op.onnx", cuda_library, inputs, [want.shape], cuda_graph)
+        _cross_close(out, want, inputs[2], dtype, (case, per_head, cuda_graph))
 
 
 @pytest.mark.gpu

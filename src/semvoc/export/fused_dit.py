@@ -49,6 +49,7 @@ from semvoc.export.conv_as_gemm import conv1d_channels_last
 from semvoc.kernels.attention import attention_packed, key_mask_bias
 from semvoc.kernels.bias_geglu import bias_geglu
 from semvoc.kernels.bias_gelu import bias_gelu
+from semvoc.kernels.cross_attention import FUSED_NORM as CROSS_Q_NORM
 from semvoc.kernels.cross_attention import cross_attention
 from semvoc.kernels.gated_skip_norm import gated_skip_norm
 from semvoc.kernels.head_norm import head_norm, head_norm_rope
@@ -198,6 +199,11 @@ class FusedBlock(nn.Module):
         cross = self.blk.cross_attn
         batch, length, dim = h.shape
         q = biased_linear(h, cross.to_q.weight, cross.to_q.bias, self.cuda_ops)
+        if self.cross_attention_op and mask is not None and self.qk_norm and fusion_enabled(CROSS_Q_NORM):
+            # the q-norm inside the attention op (its kernels norm q as they load it)
+            norm = cross.norm_q
+            return F.linear(cross_attention(q, k, v, mask, self.heads, norm.weight, norm.bias, norm.eps),
+                            cross.proj.weight)
         if self.qk_norm and self.cuda_ops:
             q = head_norm(q, cross.norm_q.weight, cross.norm_q.bias, cross.norm_q.eps)
         elif self.qk_norm:

@@ -18,7 +18,11 @@ from torch import nn
 
 from semvoc.export.conv_as_gemm import conv1d_channels_last, depthwise_conv1d_channels_last, prelu_channels_last
 from semvoc.export.fused_dit import FusedDiT, fused_cross_kv, fused_time_table
+from semvoc.kernels.euler_overlap_add import MAX_BRANCHES as EULER_MAX_BRANCHES
+from semvoc.kernels.euler_overlap_add import NAME as EULER_OVERLAP_ADD
+from semvoc.kernels.euler_overlap_add import euler_overlap_add
 from semvoc.kernels.norms import bias_norm
+from semvoc.kernels.onnx_ops import fusion_enabled
 from semvoc.models.model import SemanticVocoderModel
 from semvoc.models.udit import TimeConditioning, UDiT
 from semvoc.models.vocoder import CondEncoder, Vocoder
@@ -266,8 +270,11 @@ class VocoderStep(nn.Module):
         cond_biases, time_scales = tables[: self.branches], tables[self.branches :]
         x = audio.to(dtype)
         if self.vocoder.folded:  # --cuda-kernels: tables passed whole, spectral transforms folded
-            pred = sum(est.forward_folded(x, bias, scales[step])
-                       for est, bias, scales in zip(self.vocoder.estimators, cond_biases, time_scales, strict=True))
+            branches = zip(self.vocoder.estimators, cond_biases, time_scales, strict=True)
+            if fusion_enabled(EULER_OVERLAP_ADD) and self.branches <= EULER_MAX_BRANCHES:  # the step's end: one op
+                pieces = [est.folded_pieces(x, bias, scales[step]) for est, bias, scales in branches]
+                return euler_overlap_add(audio, step, t_span, pieces, self.vocoder.cfg.pred_x1), step + 1
+            pred = sum(est.forward_folded(x, bias, scales[step]) for est, bias, scales in branches)
             t, dt = t_span[step], t_span[1] - t_span[0]
             return self.vocoder.euler_update(audio, pred, t, dt), step + 1
         outputs = []

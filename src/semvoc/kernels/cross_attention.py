@@ -14,6 +14,11 @@ S keys plus a kernel that zeroes fully masked rows. ``semvoc.cuda::CrossAttentio
 itself and, for fp16 with hd 64 and S <= 128, runs one tensor-core kernel that skips the key tiles
 past the row's last true key (texts are short, the padding is masked). Exported with
 ``semvoc-export --cuda-kernels``; ``SEMVOC_EXPORT_WITHOUT=CrossAttention`` keeps the stock form.
+
+With ``q_gamma``/``q_beta`` (and ``eps``) the op also applies the query's per-head LayerNorm (the
+DiT's cross-attention q-norm, ``head_norm``) as its kernels load q, in fp32 with one rounding to
+q's dtype, instead of a separate ``HeadNorm`` pass over q (``FUSED_NORM``;
+``SEMVOC_EXPORT_WITHOUT=CrossAttentionQNorm`` keeps that pass).
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ from __future__ import annotations
 import torch
 from onnx.defs import OpSchema
 
+from semvoc.kernels.head_norm import head_norm_reference
 from semvoc.kernels.onnx_ops import CUDA_DOMAIN, contrib_op, register_translation
+
+FUSED_NORM = "CrossAttentionQNorm"  # SEMVOC_EXPORT_WITHOUT=CrossAttentionQNorm: the q-norm as its own op
 
 
 def expand_mask_rows(key_mask: torch.Tensor, rows: int) -> torch.Tensor:
@@ -33,8 +41,12 @@ def expand_mask_rows(key_mask: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def cross_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
-                              num_heads: int) -> torch.Tensor:
-    """The op's function in fp32 (rounded to q's dtype at the end); shapes as in the module docstring."""
+                              num_heads: int, q_gamma: torch.Tensor | None = None, q_beta: torch.Tensor | None = None,
+                              eps: float = 0.0) -> torch.Tensor:
+    """The op's function in fp32 (rounded to q's dtype at the end); shapes as in the module docstring.
+    With q_gamma/q_beta (``[hd]`` or ``[H, hd]``): q normed first, rounded to its dtype."""
+    if q_gamma is not None:
+        q = head_norm_reference(q, q_gamma, q_beta, eps).reshape(q.shape).to(q.dtype)
     rows, length, width = q.shape
     hd = width // num_heads
     mask = expand_mask_rows(key_mask, rows)
@@ -50,21 +62,25 @@ def cross_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 @torch.library.custom_op("semvoc::cross_attention", mutates_args=())
-def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
-                    num_heads: int) -> torch.Tensor:
-    """q ``[R, L, H*hd]``, k/v ``[R, S, H*hd]``, key_mask ``[R', S]`` bool -> ``[R, L, H*hd]``."""
-    return cross_attention_reference(q, k, v, key_mask, num_heads)
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, num_heads: int,
+                    q_gamma: torch.Tensor | None = None, q_beta: torch.Tensor | None = None,
+                    eps: float = 0.0) -> torch.Tensor:
+    """q ``[R, L, H*hd]``, k/v ``[R, S, H*hd]``, key_mask ``[R', S]`` bool -> ``[R, L, H*hd]``;
+    q_gamma/q_beta: the query's LayerNorm affine (see the module docstring)."""
+    return cross_attention_reference(q, k, v, key_mask, num_heads, q_gamma, q_beta, eps)
 
 
 @cross_attention.register_fake
-def _(q, k, v, key_mask, num_heads):
+def _(q, k, v, key_mask, num_heads, q_gamma=None, q_beta=None, eps=0.0):
     return torch.empty_like(q)
 
 
-def _onnx_cross_attention(q, k, v, key_mask, num_heads: int):
-    op = contrib_op("CrossAttention", ["q", "k", "v", "key_mask"], ["y"], {"num_heads": OpSchema.AttrType.INT},
-                    domain=CUDA_DOMAIN)
-    return op(q, k, v, key_mask, num_heads=num_heads)
+def _onnx_cross_attention(q, k, v, key_mask, num_heads: int, q_gamma=None, q_beta=None, eps: float = 0.0):
+    op = contrib_op("CrossAttention", ["q", "k", "v", "key_mask", "q_gamma?", "q_beta?"], ["y"],
+                    {"num_heads": OpSchema.AttrType.INT, "epsilon": OpSchema.AttrType.FLOAT}, domain=CUDA_DOMAIN)
+    if q_gamma is None:
+        return op(q, k, v, key_mask, num_heads=num_heads, epsilon=0.0)
+    return op(q, k, v, key_mask, q_gamma, q_beta, num_heads=num_heads, epsilon=eps)
 
 
 register_translation(torch.ops.semvoc.cross_attention.default, _onnx_cross_attention)

@@ -22,7 +22,9 @@ CUDA_DOMAIN = "semvoc.cuda"
 _FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 _TRANSLATIONS: dict = {}
 WITHOUT_ENV = "SEMVOC_EXPORT_WITHOUT"
-_FLOAT32_PARAMS = {"mean", "inv_std_var", "residual_scale"}  # float32 in every engine (type U)
+# float32 in every engine (type U): norm statistics, cuBLASLt's beta vector, the vocoder's ODE state
+_FLOAT32_PARAMS = {"mean", "inv_std_var", "residual_scale", "audio", "t_span", "audio_next"}
+_INT64_PARAMS = {"step"}  # type I
 
 
 def _names(env: str) -> set[str]:
@@ -42,8 +44,8 @@ def fusion_enabled(name: str) -> bool:
 def contrib_op(name: str, inputs: list[str], outputs: list[str], attributes: dict[str, OpSchema.AttrType],
                domain: str = MS_DOMAIN):
     """An onnxscript ``Op`` of onnxruntime's contrib domain (or ``domain``); ``name?`` marks an
-    optional parameter; every tensor is of type T (float types), except ``mean``/``inv_std_var`` and
-    ``residual_scale`` (U, float32) and ``key_mask`` (B, bool)."""
+    optional parameter; every tensor is of type T (float types), except those of ``_FLOAT32_PARAMS``
+    (U, float32), ``step`` (I, int64) and ``key_mask`` (B, bool)."""
     from onnxscript.values import Op, Opset
 
     if not onnx.defs.has(name, domain):
@@ -54,13 +56,14 @@ def contrib_op(name: str, inputs: list[str], outputs: list[str], attributes: dic
             out = []
             for n in names:
                 base = n.rstrip("?")
-                kind = "U" if base in _FLOAT32_PARAMS else "B" if base == "key_mask" else "T"
+                kind = ("U" if base in _FLOAT32_PARAMS else "I" if base in _INT64_PARAMS
+                        else "B" if base == "key_mask" else "T")
                 out.append(param(base, kind, param_option=optional) if n.endswith("?") else param(base, kind))
             return out
 
         schema = OpSchema(name, domain, 1, inputs=params(inputs), outputs=params(outputs),
                           type_constraints=[("T", _FLOAT_TYPES, ""), ("U", ["tensor(float)"], ""),
-                                            ("B", ["tensor(bool)"], "")],
+                                            ("B", ["tensor(bool)"], ""), ("I", ["tensor(int64)"], "")],
                           attributes=[OpSchema.Attribute(a, kind, "") for a, kind in attributes.items()])
         onnx.defs.register_schema(schema)
     return Op(Opset(domain, 1), name)
@@ -74,6 +77,7 @@ def translation_table() -> dict:
     """Every fused op's ONNX translation (import the kernel modules first: they register)."""
     from semvoc.kernels import (  # noqa: F401
         attention,
+        audio_frames,
         bias_geglu,
         bias_gelu,
         bias_norm,
@@ -81,6 +85,7 @@ def translation_table() -> dict:
         bias_residual,
         convnext_mix,
         cross_attention,
+        euler_overlap_add,
         gated_skip_norm,
         head_norm,
         ltgemm,

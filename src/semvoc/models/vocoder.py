@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semvoc.kernels.audio_frames import NAME as AUDIO_FRAMES
+from semvoc.kernels.audio_frames import audio_frames
 from semvoc.kernels.bias_norm import bias_norm_op
 from semvoc.kernels.bias_prelu import bias_prelu
 from semvoc.kernels.bias_residual import bias_residual
@@ -343,18 +345,22 @@ class AudioConvNeXt(nn.Module):
                                strict=True):
             self.register_buffer(name, value.to(dtype), persistent=False)
 
-    def forward_folded(self, audio: torch.Tensor, cond_table: torch.Tensor, time_row: torch.Tensor) -> torch.Tensor:
-        """This branch's share of the prediction, ``scale * istft(decoder(stft(audio)))`` ``[B, L]``
-        fp32, on semvoc's CUDA ops: frames -> one GEMM -> BiasNorm -> blocks -> one GEMM -> overlap-add.
-        audio ``[B, L]`` in the decoder's dtype; cond_table ``[N, B, F, C]``; time_row ``[1, N, C]``."""
-        dec = self.decoder
-        frames = frame_halves(audio, self.fft.hop_length)  # [B, F, n_fft]
+    def folded_pieces(self, audio: torch.Tensor, cond_table: torch.Tensor, time_row: torch.Tensor) -> torch.Tensor:
+        """This branch's iSTFT frame pieces ``[B, F, n_fft]`` (scaled, the decoder's dtype), on semvoc's
+        CUDA ops: frames -> one GEMM -> BiasNorm -> blocks -> one GEMM. audio ``[B, L]`` in the
+        decoder's dtype; cond_table ``[N, B, F, C]``; time_row ``[1, N, C]``."""
+        dec, hop = self.decoder, self.fft.hop_length
+        frames = audio_frames(audio, hop) if fusion_enabled(AUDIO_FRAMES) else frame_halves(audio, hop)
         h = F.linear(frames, self.fold_in_weight)  # [B, F, C]
         h = bias_norm_op(h, self.fold_in_bias, dec.in_norm.bias, dec.in_norm.log_scale)
         for layer, block in enumerate(dec.blocks):
             h = block.forward_channels_last(h, cond_table, time_row, layer)
-        pieces = lt_linear(h, self.fold_out_weight, self.fold_out_bias)  # [B, F, n_fft]
-        return overlap_add_halves(pieces.float())
+        return lt_linear(h, self.fold_out_weight, self.fold_out_bias)  # [B, F, n_fft]
+
+    def forward_folded(self, audio: torch.Tensor, cond_table: torch.Tensor, time_row: torch.Tensor) -> torch.Tensor:
+        """This branch's share of the prediction, ``scale * istft(decoder(stft(audio)))`` ``[B, L]``
+        fp32: ``folded_pieces`` overlap-added."""
+        return overlap_add_halves(self.folded_pieces(audio, cond_table, time_row).float())
 
 
 class _LossSpectrogramBuffers(nn.Module):

@@ -4,6 +4,9 @@
 // text mask, or the [2 batch, S] concatenation). Attribute num_heads. Output [R, L, H*hd]; scale
 // hd^-0.5; a row with no true key gets zeros. fp16 with hd 64 and S <= 128 runs the tensor-core
 // kernel (masked key tiles past the last true key skipped), everything else a general one.
+// Optional inputs q_gamma, q_beta ([hd] or [H, hd]) with attribute epsilon: the query's per-head
+// LayerNorm (the DiT's cross-attention q-norm), applied to q as the kernels load it, instead of a
+// separate HeadNorm pass over q.
 // onnxruntime runs the same function as its Attention op (a memory-efficient CUTLASS kernel over
 // all S keys, plus a kernel that zeroes fully masked rows) with an additive mask bias built per step.
 // Kernels: cross_attention_kernel.cuh (shared with benchmarks/device/kernel_bench/cross_attention_bench.cu).
@@ -28,15 +31,29 @@ void CrossAttentionCompute(OrtKernelContext* ctx, const KernelState& state) {
           "CrossAttention: key_mask must be bool [R', S] with R a multiple of R'");
   Require(rows < 65536 && heads < 65536 && rows * length * heads < (int64_t{1} << 31),
           "CrossAttention: too many rows, queries or heads");
+  const Tensor gamma = OptionalInput(ctx, 4), beta = OptionalInput(ctx, 5);
+  const bool normed = !gamma.shape.empty() || !beta.shape.empty();
+  if (normed) {
+    Require(gamma.numel() == beta.numel() && (gamma.numel() == hd || gamma.numel() == heads * hd),
+            "CrossAttention: q_gamma and q_beta must both be [hd] or [H, hd]");
+    Require(gamma.type == q.type && beta.type == q.type, "CrossAttention: q_gamma and q_beta must have q's type");
+  }
   Tensor out = Output(ctx, 0, q.shape);
   if (q.numel() == 0) return;
   cudaStream_t stream = Stream(ctx);
   SEMVOC_DISPATCH_FLOAT(q.type, "CrossAttention",
+    QueryNorm<T> norm;
+    if (normed) {
+      norm.gamma = static_cast<const T*>(gamma.data);
+      norm.beta = static_cast<const T*>(beta.data);
+      norm.affine_stride = gamma.numel() == hd ? 0 : static_cast<int>(hd);
+      norm.eps = state.epsilon;
+    }
     LaunchCrossAttention<T>(static_cast<const T*>(q.data), static_cast<const T*>(k.data),
                             static_cast<const T*>(v.data), static_cast<const bool*>(mask.data),
                             static_cast<T*>(out.data), static_cast<int>(rows), static_cast<int>(length),
                             static_cast<int>(keys), static_cast<int>(heads), static_cast<int>(hd),
-                            static_cast<int>(mask.dim(0)), stream));
+                            static_cast<int>(mask.dim(0)), stream, norm));
   CheckCuda(cudaGetLastError(), "CrossAttention");
 }
 

@@ -71,6 +71,53 @@ __device__ __forceinline__ uint32_t PackHalf2(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
+// The query's per-head LayerNorm (the DiT's cross-attention q-norm), done by the attention kernels
+// on the query they load: y = (x - mean) / sqrt(var + eps) * gamma + beta over a head's hd values,
+// statistics in fp32 (two passes), one rounding to T, as the separate HeadNorm op gives it.
+// gamma/beta [hd] (shared by the heads, affine_stride 0) or [H, hd] (affine_stride hd); null: none.
+template <typename T>
+struct QueryNorm {
+  const T* gamma = nullptr;
+  const T* beta = nullptr;
+  int affine_stride = 0;
+  float eps = 0.f;
+};
+
+// The warp's 16 query rows of 64 halves in shared memory, normed in place: two lanes per row.
+template <int kStride>
+__device__ __forceinline__ void NormQueryRows(__half (*rows)[kStride], int lane, const QueryNorm<__half>& norm,
+                                              int head) {
+  constexpr int kHd = 64, kPart = kHd / 2;
+  __half* part = &rows[lane / 2][(lane % 2) * kPart];
+  float x[kPart];
+#pragma unroll
+  for (int i = 0; i < kPart / 8; ++i) {
+    const Vec<__half, 8> raw = *reinterpret_cast<const Vec<__half, 8>*>(part + 8 * i);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) x[8 * i + e] = __half2float(raw.v[e]);
+  }
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < kPart; ++i) sum += x[i];
+  const float mean = (sum + __shfl_xor_sync(0xffffffffu, sum, 1)) / kHd;
+  float squares = 0.f;
+#pragma unroll
+  for (int i = 0; i < kPart; ++i) squares += (x[i] - mean) * (x[i] - mean);
+  const float rstd = rsqrtf((squares + __shfl_xor_sync(0xffffffffu, squares, 1)) / kHd + norm.eps);
+  const int offset = head * norm.affine_stride + (lane % 2) * kPart;
+#pragma unroll
+  for (int i = 0; i < kPart / 8; ++i) {
+    const Vec<__half, 8> g = *reinterpret_cast<const Vec<__half, 8>*>(norm.gamma + offset + 8 * i);
+    const Vec<__half, 8> b = *reinterpret_cast<const Vec<__half, 8>*>(norm.beta + offset + 8 * i);
+    Vec<__half, 8> y;
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+      y.v[e] = __float2half_rn((x[8 * i + e] - mean) * rstd * __half2float(g.v[e]) + __half2float(b.v[e]));
+    *reinterpret_cast<Vec<__half, 8>*>(part + 8 * i) = y;
+  }
+  __syncwarp();
+}
+
 template <int kWarps>
 struct XattnShared {
   __half k[kXattnMaxKeys][kXattnStride];
@@ -83,7 +130,7 @@ template <int kWarps>
 __global__ void __launch_bounds__(kWarps * 32) CrossAttentionMmaKernel(
     const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
     const bool* __restrict__ key_mask, __half* __restrict__ out, int length, int keys, int heads, int mask_rows,
-    float scale_log2) {
+    float scale_log2, QueryNorm<__half> norm) {
   static_assert(sizeof(XattnShared<kWarps>) <= 48 * 1024, "static shared memory: at most 4 warps");
   constexpr int kTiles = kXattnMaxKeys / 16;  // key tiles of 16
   __shared__ __align__(16) XattnShared<kWarps> sm;
@@ -141,6 +188,7 @@ __global__ void __launch_bounds__(kWarps * 32) CrossAttentionMmaKernel(
   CpAsyncCommit();  // group 4: V tiles 1..
   CpAsyncWait<1>();  // this thread's groups 1-3: Q and K (and V tile 0)
   __syncthreads();   // everyone's
+  if (norm.gamma != nullptr) NormQueryRows(qs, lane, norm, head);
 
   const int g = lane / 4, t = lane % 4;  // fragment coordinates: row g (and g + 8), columns 2t, 2t + 1
   // Q as A fragments for the 4 k-steps of 16 dims
@@ -255,7 +303,8 @@ __global__ void __launch_bounds__(kWarps * 32) CrossAttentionMmaKernel(
 template <typename T, int kDims>
 __global__ void __launch_bounds__(256) CrossAttentionWarpKernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const bool* __restrict__ key_mask,
-    T* __restrict__ out, int64_t warps, int length, int keys, int heads, int hd, int mask_rows, float scale) {
+    T* __restrict__ out, int64_t warps, int length, int keys, int heads, int hd, int mask_rows, float scale,
+    QueryNorm<T> norm) {
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (warp >= warps) return;
@@ -271,9 +320,26 @@ __global__ void __launch_bounds__(256) CrossAttentionWarpKernel(
 #pragma unroll
   for (int m = 0; m < kDims; ++m) {
     const int d = lane + 32 * m;
-    qv[m] = d < hd ? ToFloat(qh[d]) * scale : 0.f;
+    qv[m] = d < hd ? ToFloat(qh[d]) : 0.f;
     acc[m] = 0.f;
   }
+  if (norm.gamma != nullptr) {  // the query's LayerNorm (QueryNorm), rounded to T as the separate op's
+    float sum = 0.f, squares = 0.f;
+#pragma unroll
+    for (int m = 0; m < kDims; ++m) sum += qv[m];
+    const float mean = WarpSum(sum) / hd;
+#pragma unroll
+    for (int m = 0; m < kDims; ++m) squares += lane + 32 * m < hd ? (qv[m] - mean) * (qv[m] - mean) : 0.f;
+    const float rstd = rsqrtf(WarpSum(squares) / hd + norm.eps);
+#pragma unroll
+    for (int m = 0; m < kDims; ++m) {
+      const int d = lane + 32 * m;
+      const int a = head * norm.affine_stride + d;
+      if (d < hd) qv[m] = ToFloat(FromFloat<T>((qv[m] - mean) * rstd * ToFloat(norm.gamma[a]) + ToFloat(norm.beta[a])));
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < kDims; ++m) qv[m] *= scale;
   float run_max = -INFINITY, run_sum = 0.f;
   for (int j0 = 0; j0 < keys; j0 += 32) {
     uint32_t bits = __ballot_sync(0xffffffffu, j0 + lane < keys && mrow[j0 + lane]);
@@ -314,7 +380,7 @@ constexpr int kXattnMaxHd = 256;  // the general path's limit (8 dims per lane)
 // Whether CrossAttention handles these shapes at all (the general path's limits).
 inline bool CrossAttentionSupported(int64_t hd) { return hd >= 1 && hd <= kXattnMaxHd; }
 
-// The tensor-core path's conditions: fp16, hd 64, S <= 128, 16-byte aligned buffers.
+// The tensor-core path's conditions: fp16, hd 64, S <= 128, 16-byte aligned buffers (null ones aside).
 template <typename T>
 inline bool CrossAttentionMmaEligible(int hd, int keys, std::initializer_list<const void*> buffers) {
   return sizeof(T) == 2 && hd == kXattnHd && keys <= kXattnMaxKeys && Vectorizable<T>(hd, buffers);
@@ -322,38 +388,40 @@ inline bool CrossAttentionMmaEligible(int hd, int keys, std::initializer_list<co
 
 template <int kWarps>
 void LaunchCrossAttentionMma(const __half* q, const __half* k, const __half* v, const bool* key_mask, __half* out,
-                             int rows, int length, int keys, int heads, int mask_rows, cudaStream_t stream) {
+                             int rows, int length, int keys, int heads, int mask_rows, cudaStream_t stream,
+                             QueryNorm<__half> norm = {}) {
   const dim3 grid(static_cast<unsigned>((length + kWarps * 16 - 1) / (kWarps * 16)), static_cast<unsigned>(heads),
                   static_cast<unsigned>(rows));
   const float scale_log2 = 1.4426950408889634f / sqrtf(static_cast<float>(kXattnHd));
   CrossAttentionMmaKernel<kWarps><<<grid, kWarps * 32, 0, stream>>>(q, k, v, key_mask, out, length, keys, heads,
-                                                                    mask_rows, scale_log2);
+                                                                    mask_rows, scale_log2, norm);
 }
 
 template <typename T>
 void LaunchCrossAttentionWarp(const T* q, const T* k, const T* v, const bool* key_mask, T* out, int rows, int length,
-                              int keys, int heads, int hd, int mask_rows, cudaStream_t stream) {
+                              int keys, int heads, int hd, int mask_rows, cudaStream_t stream,
+                              QueryNorm<T> norm = {}) {
   const int64_t warps = static_cast<int64_t>(rows) * length * heads;
   const unsigned blocks = static_cast<unsigned>((warps * 32 + 255) / 256);
   const float scale = 1.f / sqrtf(static_cast<float>(hd));
   auto kernel = hd <= 32 ? CrossAttentionWarpKernel<T, 1>
               : hd <= 64 ? CrossAttentionWarpKernel<T, 2>
               : hd <= 128 ? CrossAttentionWarpKernel<T, 4> : CrossAttentionWarpKernel<T, 8>;
-  kernel<<<blocks, 256, 0, stream>>>(q, k, v, key_mask, out, warps, length, keys, heads, hd, mask_rows, scale);
+  kernel<<<blocks, 256, 0, stream>>>(q, k, v, key_mask, out, warps, length, keys, heads, hd, mask_rows, scale, norm);
 }
 
 // What the library launches (cross_attention.cu): the tensor-core kernel with 4 warps (64
 // queries per block) where it applies, else the general one.
 template <typename T>
 void LaunchCrossAttention(const T* q, const T* k, const T* v, const bool* key_mask, T* out, int rows, int length,
-                          int keys, int heads, int hd, int mask_rows, cudaStream_t stream) {
+                          int keys, int heads, int hd, int mask_rows, cudaStream_t stream, QueryNorm<T> norm = {}) {
   if constexpr (sizeof(T) == 2) {
-    if (CrossAttentionMmaEligible<T>(hd, keys, {q, k, v, out})) {
-      LaunchCrossAttentionMma<4>(q, k, v, key_mask, out, rows, length, keys, heads, mask_rows, stream);
+    if (CrossAttentionMmaEligible<T>(hd, keys, {q, k, v, out, norm.gamma, norm.beta})) {
+      LaunchCrossAttentionMma<4>(q, k, v, key_mask, out, rows, length, keys, heads, mask_rows, stream, norm);
       return;
     }
   }
-  LaunchCrossAttentionWarp<T>(q, k, v, key_mask, out, rows, length, keys, heads, hd, mask_rows, stream);
+  LaunchCrossAttentionWarp<T>(q, k, v, key_mask, out, rows, length, keys, heads, hd, mask_rows, stream, norm);
 }
 
 }  // namespace semvoc

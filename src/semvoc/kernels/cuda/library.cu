@@ -16,6 +16,8 @@ void GatedConcatNormCompute(OrtKernelContext* ctx, const KernelState&);
 void BiasAddNormCompute(OrtKernelContext* ctx, const KernelState&);
 void LayerNormCompute(OrtKernelContext* ctx, const KernelState&);
 void CrossAttentionCompute(OrtKernelContext* ctx, const KernelState&);
+void AudioFramesCompute(OrtKernelContext* ctx, const KernelState&);
+void EulerOverlapAddCompute(OrtKernelContext* ctx, const KernelState&);
 void LtGemmCompute(OrtKernelContext* ctx, const KernelState&);
 void* LtGemmCreate();
 void LtGemmDestroy(void* state);
@@ -34,6 +36,12 @@ static void* CreateKernel(const OrtCustomOp* custom_op, const OrtApi* api, const
   Kernel* kernel = new Kernel{op, {}};
   if (op->create != nullptr) kernel->state.data = op->create();
   if (op->epsilon) Check(api->KernelInfoGetAttribute_float(info, "epsilon", &kernel->state.epsilon), "attribute epsilon");
+  if (op->optional_epsilon) {  // 0 when the node has none
+    if (OrtStatus* status = api->KernelInfoGetAttribute_float(info, "epsilon", &kernel->state.epsilon)) {
+      api->ReleaseStatus(status);
+      kernel->state.epsilon = 0.f;
+    }
+  }
   if (op->layer) {  // optional: a node without it reads layer 0
     if (OrtStatus* status = api->KernelInfoGetAttribute_int64(info, "layer", &kernel->state.layer)) {
       api->ReleaseStatus(status);
@@ -48,6 +56,12 @@ static void* CreateKernel(const OrtCustomOp* custom_op, const OrtApi* api, const
     }
     kernel->state.relu = relu != 0;
   }
+  if (op->hop) Check(api->KernelInfoGetAttribute_int64(info, "hop", &kernel->state.hop), "attribute hop");
+  if (op->pred_x1) {
+    int64_t pred_x1 = 0;
+    Check(api->KernelInfoGetAttribute_int64(info, "pred_x1", &pred_x1), "attribute pred_x1");
+    kernel->state.pred_x1 = pred_x1 != 0;
+  }
   if (op->num_heads) Check(api->KernelInfoGetAttribute_int64(info, "num_heads", &kernel->state.num_heads),
                            "attribute num_heads");
   return kernel;
@@ -57,10 +71,12 @@ static const char* GetProvider(const OrtCustomOp*) { return "CUDAExecutionProvid
 static ONNXTensorElementDataType GetInputType(const OrtCustomOp* custom_op, size_t index) {
   const OpDef* op = static_cast<const OpDef*>(custom_op);
   if (static_cast<int>(index) == op->bool_input) return ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL;
+  if (index < 32 && (op->int64_inputs >> index) & 1u) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
   return index < 32 && (op->float32_inputs >> index) & 1u ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : op->type;
 }
-static ONNXTensorElementDataType GetOutputType(const OrtCustomOp* op, size_t) {
-  return static_cast<const OpDef*>(op)->type;
+static ONNXTensorElementDataType GetOutputType(const OrtCustomOp* custom_op, size_t index) {
+  const OpDef* op = static_cast<const OpDef*>(custom_op);
+  return index < 32 && (op->float32_outputs >> index) & 1u ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : op->type;
 }
 static size_t GetInputCount(const OrtCustomOp* op) { return static_cast<const OpDef*>(op)->inputs; }
 static size_t GetOutputCount(const OrtCustomOp* op) { return static_cast<const OpDef*>(op)->outputs; }
@@ -124,8 +140,12 @@ static std::vector<OpDef>& Ops() {
       all.push_back(MakeOp("GatedConcatNorm", type, 7, 1, GatedConcatNormCompute, /*epsilon=*/true));
       all.push_back(MakeOp("BiasAddNorm", type, 4, 2, BiasAddNormCompute, /*epsilon=*/true));
       all.push_back(MakeOp("LayerNorm", type, 3, 1, LayerNormCompute, /*epsilon=*/true));
-      all.push_back(MakeOp("CrossAttention", type, 4, 1, CrossAttentionCompute, /*epsilon=*/false, /*layer=*/false,
-                           /*num_heads=*/true, /*bool_input=*/3));
+      // q, k, v, key_mask, q_gamma?, q_beta? (the query's LayerNorm, with the attribute epsilon)
+      OpDef cross = MakeOp("CrossAttention", type, 6, 1, CrossAttentionCompute, /*epsilon=*/false, /*layer=*/false,
+                           /*num_heads=*/true, /*bool_input=*/3);
+      cross.required = 4;
+      cross.optional_epsilon = true;
+      all.push_back(cross);
       OpDef lt_gemm = MakeOp("LtGemm", type, 5, 1, LtGemmCompute);  // a, w, bias?, residual?, residual_scale?
       lt_gemm.required = 2;
       lt_gemm.relu = true;
@@ -133,6 +153,17 @@ static std::vector<OpDef>& Ops() {
       lt_gemm.create = LtGemmCreate;
       lt_gemm.destroy = LtGemmDestroy;
       all.push_back(lt_gemm);
+      OpDef frames = MakeOp("AudioFrames", type, 1, 1, AudioFramesCompute);  // x -> frames
+      frames.hop = true;
+      all.push_back(frames);
+      // audio, step, t_span, pieces_0, pieces_1..3? -> audio_next
+      OpDef euler = MakeOp("EulerOverlapAdd", type, 7, 1, EulerOverlapAddCompute);
+      euler.required = 4;
+      euler.float32_inputs = 1u | 1u << 2;
+      euler.int64_inputs = 1u << 1;
+      euler.float32_outputs = 1u;
+      euler.pred_x1 = true;
+      all.push_back(euler);
     }
     return all;
   }();

@@ -146,10 +146,12 @@ inline unsigned GridFor(int64_t items, int threads) {
 
 // What a node's kernel keeps from its attributes (read once, when onnxruntime creates it).
 struct KernelState {
-  float epsilon = 0.f;    // ops declared with `epsilon`
+  float epsilon = 0.f;    // ops declared with `epsilon` (or `optional_epsilon`: 0 when absent)
   int64_t layer = 0;      // ops declared with `layer` (0 when the node has none)
   int64_t num_heads = 0;  // ops declared with `num_heads` (required)
   bool relu = false;      // ops declared with `relu` (an optional int attribute, 0 when absent)
+  int64_t hop = 0;        // ops declared with `hop` (required)
+  bool pred_x1 = false;   // ops declared with `pred_x1` (a required int attribute, 0 or 1)
   void* data = nullptr;   // ops with per-node state (OpDef::create): e.g. LtGemm's cached plans
 };
 
@@ -169,6 +171,11 @@ struct OpDef : OrtCustomOp {
   size_t required = 0;             // inputs from this index on are optional (0: all required)
   uint32_t float32_inputs = 0;     // bit i: input i is float32 whatever `type` is
   bool relu = false;               // the node may carry an int attribute `relu`
+  bool optional_epsilon = false;   // the node may carry a float attribute `epsilon`
+  bool hop = false;                // the node carries an int attribute `hop`
+  bool pred_x1 = false;            // the node carries an int attribute `pred_x1`
+  uint32_t int64_inputs = 0;       // bit i: input i is int64
+  uint32_t float32_outputs = 0;    // bit i: output i is float32 whatever `type` is
   void* (*create)() = nullptr;     // per-node state in KernelState::data, made when the node is
   void (*destroy)(void*) = nullptr;  // created and released with it
 };
