@@ -401,7 +401,8 @@ SHAPE_PRESERVING_CONTRIB_OPS = {"SkipLayerNormalization": (0, 3), "BiasGelu": (0
 # semvoc's own CUDA ops (--cuda-kernels): outputs with the shape of input 0; of their work only
 # ConvNeXtMix's depthwise conv (2*B*L*C*K, what the plain graph's depthwise Conv counts) is counted
 SHAPE_PRESERVING_CUDA_OPS = {"ConvNeXtMix": (0,), "BiasPRelu": (0,), "BiasResidual": (0,), "HeadNorm": (0,),
-                             "GatedSkipNorm": (0, 1), "BiasNorm": (0,), "BiasAddNorm": (0, 1), "LayerNorm": (0,)}
+                             "GatedSkipNorm": (0, 1), "BiasNorm": (0,), "BiasAddNorm": (0, 1), "LayerNorm": (0,),
+                             "EulerOverlapAdd": (0,)}
 # semvoc's CUDA ops whose output is inputs i and j joined on the last axis (GatedConcatNorm: the
 # finished residual stream and the skip, normed)
 CONCATENATING_CUDA_OPS = {"GatedConcatNorm": (0, 4)}
@@ -428,6 +429,26 @@ def _split_linear_gemms(nodes) -> set[str]:
     return {n.output[0] for n in gemms if not _attr(n, "relu", 0) and n.input[0] in relu_inputs}
 
 
+def _stock_frames(model, node) -> list:
+    """semvoc's AudioFrames as the stock ops it replaces (``semvoc.kernels.stft.frame_halves``):
+    reflect Pad by hop, Reshape to blocks of hop, two Slices, Concat -> [B, L / hop + 1, 2 hop]."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    hop, out = _attr(node, "hop", 0), node.output[0]
+    constants = {"pads": [0, hop, 0, hop], "blocks": [0, -1, hop], "zero": [0], "one": [1], "minus_one": [-1],
+                 "end": [np.iinfo(np.int64).max], "axis": [1]}
+    names = {key: f"{out}__{key}" for key in constants}
+    model.graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), names[k])
+                                   for k, v in constants.items())
+    padded, blocks, head, tail = (f"{out}__{s}" for s in ("padded", "blocks_out", "head", "tail"))
+    return [helper.make_node("Pad", [node.input[0], names["pads"]], [padded], mode="reflect"),
+            helper.make_node("Reshape", [padded, names["blocks"]], [blocks]),
+            helper.make_node("Slice", [blocks, names["zero"], names["minus_one"], names["axis"]], [head]),
+            helper.make_node("Slice", [blocks, names["one"], names["end"], names["axis"]], [tail]),
+            helper.make_node("Concat", [head, tail], [out], axis=-1)]
+
+
 def replace_contrib_ops(model) -> None:
     """Each contrib node or semvoc CUDA node -> Identity (or Split, or MatMul) nodes that give its
     outputs' shapes (in place)."""
@@ -448,6 +469,9 @@ def replace_contrib_ops(model) -> None:
             heads = _attr(node, "num_heads", 0)
             nodes.append(helper.make_node("Attention", list(node.input[:3]), [node.output[0]], name=node.name,
                                           q_num_heads=heads, kv_num_heads=heads))
+            continue
+        if node.domain == "semvoc.cuda" and node.op_type == "AudioFrames":
+            nodes.extend(_stock_frames(model, node))
             continue
         if node.domain == "semvoc.cuda" and node.op_type in CONCATENATING_CUDA_OPS:
             joined = [node.input[i] for i in CONCATENATING_CUDA_OPS[node.op_type]]

@@ -16,7 +16,10 @@
 // Weights rotate through copies larger than L2, as in a step. Each time is the median of 15 timings
 // of 20 back-to-back calls. Then, per DiT block at batch 1 and 16, the seven GEMMs summed (q|k, v,
 // out, cross q, cross out, GEGLU up, down) and the six activations an FP8 block would quantize.
-// Where cuBLASLt returns no FP8 algorithm, CUBLASLT_LOG_MASK=63 makes it log why.
+// The A and B scale pointers each sit on their own 256-byte line: cuBLASLt 13.1 on an H200 refused
+// every FP8 algorithm (CUBLAS_STATUS_NOT_SUPPORTED, nothing in its log) while the weights' scale was
+// the second float of a two-float buffer. Where cuBLASLt returns no FP8 algorithm,
+// CUBLASLT_LOG_MASK=63 makes it log what it can.
 #include <cublasLt.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -145,8 +148,9 @@ int main() {
   CHECK_BLAS(cublasLtCreate(&lt));
   void* workspace;
   CHECK_CUDA(cudaMalloc(&workspace, kWorkspace));
-  float* scales;  // [x scale, w scale]
-  CHECK_CUDA(cudaMalloc(&scales, 2 * sizeof(float)));
+  float* scales;  // the x scale, and 256 bytes on the w scale (each scale pointer on its own 256-byte line)
+  CHECK_CUDA(cudaMalloc(&scales, 128 * sizeof(float)));
+  float* const w_scale = scales + 64;
   bool failed = false;
 
   std::printf("%-12s %5s %5s %5s  %-9s %9s %8s  %-10s\n", "gemm", "M", "N", "K", "variant", "us/call", "TFLOP/s",
@@ -168,8 +172,9 @@ int main() {
     FillKernel<<<1024, 256>>>(w, w_elems * copies, 1u, w_amax);
     FillKernel<<<1024, 256>>>(x, x_elems, 2u, x_amax);
     const float host_scales[2] = {x_amax / kE4M3Max, w_amax / kE4M3Max};
-    CHECK_CUDA(cudaMemcpy(scales, host_scales, sizeof(host_scales), cudaMemcpyHostToDevice));
-    QuantizeKernel<<<1024, 256>>>(w, w8, w_elems * copies, scales + 1);
+    CHECK_CUDA(cudaMemcpy(scales, host_scales, sizeof(float), cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpy(w_scale, host_scales + 1, sizeof(float), cudaMemcpyHostToDevice));
+    QuantizeKernel<<<1024, 256>>>(w, w8, w_elems * copies, w_scale);
     QuantizeKernel<<<1024, 256>>>(x, x8, x_elems, scales);
     CHECK_CUDA(cudaDeviceSynchronize());
     const double flop = 2.0 * s.m * s.n * s.k;
@@ -229,9 +234,9 @@ int main() {
     const Timed t16 = best_of(fp16, w, w_elems * 2, x);
     report("fp16", t16, true);
     LtPlan fp8, fp8_fast;
-    // A = the weights (their scale: scales[1]), B = the activations (scales[0])
-    MakePlan(fp8, s, CUDA_R_8F_E4M3, scales + 1, scales, false);
-    MakePlan(fp8_fast, s, CUDA_R_8F_E4M3, scales + 1, scales, true);
+    // A = the weights (their scale: w_scale), B = the activations (scales[0])
+    MakePlan(fp8, s, CUDA_R_8F_E4M3, w_scale, scales, false);
+    MakePlan(fp8_fast, s, CUDA_R_8F_E4M3, w_scale, scales, true);
     const Timed t8 = best_of(fp8, w8, w_elems, x8);
     report("fp8", t8, true);
     const Timed t8f = best_of(fp8_fast, w8, w_elems, x8);
@@ -239,7 +244,7 @@ int main() {
     // bf16 output (C and D), the combination cuBLAS's FP8 sample uses: not what an fp16 engine
     // needs, timed to tell an unsupported fp16 output apart from no FP8 GEMM at all (no error check)
     LtPlan fp8_bf16;
-    MakePlan(fp8_bf16, s, CUDA_R_8F_E4M3, scales + 1, scales, false, CUDA_R_16BF);
+    MakePlan(fp8_bf16, s, CUDA_R_8F_E4M3, w_scale, scales, false, CUDA_R_16BF);
     report("fp8_bf16", best_of(fp8_bf16, w8, w_elems, x8, false), true);
     const int quant_blocks = int(std::min<size_t>(prop.multiProcessorCount * 8, (x_elems / 8 + 255) / 256));
     Timed quant;

