@@ -19,9 +19,9 @@ With ``q_gamma``/``q_beta`` (and ``eps``) the op also applies the query's per-he
 DiT's cross-attention q-norm, ``head_norm``) as its kernels load q, in fp32 with one rounding to
 q's dtype, instead of a separate ``HeadNorm`` pass over q (``FUSED_NORM``;
 ``SEMVOC_EXPORT_WITHOUT=CrossAttentionQNorm`` keeps that pass). On an H200 (reference preset, fp16;
-``benchmarks/results/h200-2026-12-02g.md``) this pays at batch 1 (DiT step 2.81 -> 2.74 ms with the
-vocoder's ops of the same page: 25 ``HeadNorm`` launches gone) but not at batch 16, where the
-kernel's extra time (0.92 -> 1.03 ms per step) nearly equals the pass it replaces (0.20 ms).
+``benchmarks/results/h200-2026-12-02g.md``) this pays at batch 1 (DiT step 2.81 -> 2.74 ms, the
+25 ``HeadNorm`` launches gone) but not at batch 16: the kernel's extra time (0.92 -> 1.03 ms per
+step) takes most of what the pass took (0.20 ms), and the step loop is unchanged.
 """
 
 from __future__ import annotations
