@@ -36,7 +36,7 @@ CUDA_SOURCES_DIR = Path(__file__).with_name("cuda")
 LIBRARY_NAME = "libsemvoc_cuda.so"
 DOMAIN = "semvoc.cuda"
 OPS = ("ConvNeXtMix", "BiasPRelu", "BiasResidual", "HeadNorm", "HeadNormRope", "GatedSkipNorm", "BiasGeglu", "BiasNorm",
-       "GatedConcatNorm", "BiasAddNorm", "LayerNorm", "CrossAttention", "LtGemm")
+       "GatedConcatNorm", "BiasAddNorm", "LayerNorm", "CrossAttention", "LtGemm", "AudioFrames", "EulerOverlapAdd")
 ORT_INCLUDE_ENV = "SEMVOC_ORT_INCLUDE"
 DEFAULT_CUDA_ROOT = "/usr/local/cuda"
 ORT_API_VERSION = 13  # what cuda/ort_op.h asks onnxruntime for (kOrtApiVersion)
