@@ -1,7 +1,7 @@
 """The end of a vocoder step as ONE op (semvoc's CUDA kernel): overlap-add, branch sum, Euler update.
 
 Each branch's decoder ends in a GEMM to frame pieces ``[B, L / hop_i + 1, 2 hop_i]`` (the iSTFT
-folded into its projection, ``AudioConvNeXt.forward_folded``); the prediction is the sum over the
+folded into its projection, ``AudioConvNeXt.folded_pieces``); the prediction is the sum over the
 branches of their overlap-added pieces (``overlap_add_halves``, in fp32), and the step returns
 the fp32 waveform's Euler update with x1-prediction, ``x + (pred - x) / (1 - t) * dt`` (or
 ``x + pred * dt``). Exported as stock ops that is, per branch, a Cast, two Slices, two Gathers and
@@ -10,7 +10,7 @@ pass over the waveform. ``semvoc.cuda::EulerOverlapAdd`` (``cuda/euler_overlap_a
 one pass, in fp32 and in the graph's order of operations. Exported with ``semvoc-export
 --cuda-kernels`` (at most ``MAX_BRANCHES`` branches); ``SEMVOC_EXPORT_WITHOUT=EulerOverlapAdd``
 keeps the stock form. Measured with ``AudioFrames`` (see there); 0.037 ms per call at batch 16 on
-an H200, where the passes it replaces took about 0.45 ms.
+an H200, where the passes it replaces took about 0.34 ms.
 """
 
 from __future__ import annotations
