@@ -129,22 +129,12 @@ def test_export_emits_one_cuda_op_each_and_plain_gemms(tmp_path, monkeypatch):
 def test_vocoder_step_with_cuda_ops_exports_folded_branches(tmp_path, monkeypatch):
     """Each branch: one GEMM from the frames, BiasNorm, the blocks reading the whole tables (no
     Split), one GEMM to frame pieces, overlap-add; no STFT basis, envelope or branch stack left."""
-    from semvoc.export import wrappers as W
-    from semvoc.models.config import preset
-    from semvoc.models.model import build_model
-
     monkeypatch.delenv("SEMVOC_EXPORT_WITHOUT", raising=False)
-    vocoder = build_model(preset("demo"), seed=0).vocoder.eval()
-    vocoder.use_export_kernels(cuda_ops=True)
+    step, args = _demo_folded_step_args(frames=4, step=2)
+    vocoder = step.vocoder
     assert vocoder.folded
-    frames, gen = 4, torch.Generator().manual_seed(0)
-    latents = torch.randn(1, vocoder.cfg.latent_dim, frames, generator=gen)
-    tables = (*W.VocoderPrepare(vocoder, channels_last=True)(latents),
-              *W.VocoderTime(vocoder)(torch.linspace(0, 1, 9)[:8]))
-    args = (0.1 * torch.randn(1, frames * vocoder.cfg.hop_length, generator=gen), torch.tensor([2]),
-            torch.linspace(0, 1, 9), *tables)
     path = tmp_path / "vocoder_step.onnx"
-    torch.onnx.export(W.VocoderStep(vocoder, channels_last=True).eval(), args, dynamo=True, opset_version=23,
+    torch.onnx.export(step, args, dynamo=True, opset_version=23,
                       custom_translation_table=translation_table()).save(str(path))
     nodes = onnx.load(str(path)).graph.node
     ops = [n.op_type for n in nodes]

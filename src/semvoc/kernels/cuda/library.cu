@@ -31,31 +31,32 @@ struct Kernel {
 static const OrtApi* g_api = nullptr;
 const OrtApi* Api() { return g_api; }
 
+// An attribute the node may leave out: `fallback` when it does.
+static int64_t OptionalInt(const OrtApi* api, const OrtKernelInfo* info, const char* name, int64_t fallback) {
+  int64_t value = fallback;
+  if (OrtStatus* status = api->KernelInfoGetAttribute_int64(info, name, &value)) {
+    api->ReleaseStatus(status);
+    value = fallback;
+  }
+  return value;
+}
+static float OptionalFloat(const OrtApi* api, const OrtKernelInfo* info, const char* name, float fallback) {
+  float value = fallback;
+  if (OrtStatus* status = api->KernelInfoGetAttribute_float(info, name, &value)) {
+    api->ReleaseStatus(status);
+    value = fallback;
+  }
+  return value;
+}
+
 static void* CreateKernel(const OrtCustomOp* custom_op, const OrtApi* api, const OrtKernelInfo* info) {
   const OpDef* op = static_cast<const OpDef*>(custom_op);
   Kernel* kernel = new Kernel{op, {}};
   if (op->create != nullptr) kernel->state.data = op->create();
   if (op->epsilon) Check(api->KernelInfoGetAttribute_float(info, "epsilon", &kernel->state.epsilon), "attribute epsilon");
-  if (op->optional_epsilon) {  // 0 when the node has none
-    if (OrtStatus* status = api->KernelInfoGetAttribute_float(info, "epsilon", &kernel->state.epsilon)) {
-      api->ReleaseStatus(status);
-      kernel->state.epsilon = 0.f;
-    }
-  }
-  if (op->layer) {  // optional: a node without it reads layer 0
-    if (OrtStatus* status = api->KernelInfoGetAttribute_int64(info, "layer", &kernel->state.layer)) {
-      api->ReleaseStatus(status);
-      kernel->state.layer = 0;
-    }
-  }
-  if (op->relu) {  // optional: a node without it has none
-    int64_t relu = 0;
-    if (OrtStatus* status = api->KernelInfoGetAttribute_int64(info, "relu", &relu)) {
-      api->ReleaseStatus(status);
-      relu = 0;
-    }
-    kernel->state.relu = relu != 0;
-  }
+  if (op->optional_epsilon) kernel->state.epsilon = OptionalFloat(api, info, "epsilon", 0.f);
+  if (op->layer) kernel->state.layer = OptionalInt(api, info, "layer", 0);  // a node without it reads layer 0
+  if (op->relu) kernel->state.relu = OptionalInt(api, info, "relu", 0) != 0;
   if (op->hop) Check(api->KernelInfoGetAttribute_int64(info, "hop", &kernel->state.hop), "attribute hop");
   if (op->pred_x1) {
     int64_t pred_x1 = 0;
