@@ -41,71 +41,6 @@ struct Shape {
   int m, n, k;
 };
 
-__global__ void FillKernel(__half* p, size_t n, unsigned seed, float scale) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    unsigned h = unsigned(i) * 2654435761u ^ seed;
-    h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
-    p[i] = __float2half(((h & 0xffff) / 65535.f - 0.5f) * scale);
-  }
-}
-
-__global__ void MaxDiffKernel(const __half* a, const __half* b, size_t n, float* out) {
-  float local = 0.f;
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    local = fmaxf(local, fabsf(__half2float(a[i]) - __half2float(b[i])));
-  for (int o = 16; o; o >>= 1) local = fmaxf(local, __shfl_xor_sync(0xffffffffu, local, o));
-  if ((threadIdx.x & 31) == 0) atomicMax(reinterpret_cast<int*>(out), __float_as_int(local));  // >= 0
-}
-
-float MaxDiff(const __half* a, const __half* b, size_t n) {
-  float* d;
-  CHECK_CUDA(cudaMalloc(&d, sizeof(float)));
-  CHECK_CUDA(cudaMemset(d, 0, sizeof(float)));
-  MaxDiffKernel<<<1024, 256>>>(a, b, n, d);
-  float h = 0;
-  CHECK_CUDA(cudaMemcpy(&h, d, sizeof(float), cudaMemcpyDeviceToHost));
-  CHECK_CUDA(cudaFree(d));
-  return h;
-}
-
-// Median microseconds per call of 20 calls `call(i)` captured in one CUDA graph; a negative value
-// when a call fails (the capture is abandoned).
-float GraphUs(const std::function<bool(int)>& call, cudaStream_t stream) {
-  constexpr int kCalls = 20;
-  cudaGraph_t graph = nullptr;
-  CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  bool ok = true;
-  for (int i = 0; i < kCalls && ok; ++i) ok = call(i);
-  const cudaError_t end = cudaStreamEndCapture(stream, &graph);
-  if (!ok || end != cudaSuccess) {
-    if (graph) cudaGraphDestroy(graph);
-    cudaGetLastError();
-    return -1.f;
-  }
-  cudaGraphExec_t exec;
-  CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  CHECK_CUDA(cudaGraphLaunch(exec, stream));  // warm-up
-  std::vector<float> times;
-  for (int rep = 0; rep < 5; ++rep) {
-    CHECK_CUDA(cudaEventRecord(start, stream));
-    CHECK_CUDA(cudaGraphLaunch(exec, stream));
-    CHECK_CUDA(cudaEventRecord(stop, stream));
-    CHECK_CUDA(cudaEventSynchronize(stop));
-    float ms = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
-    times.push_back(ms * 1000.f / kCalls);
-  }
-  CHECK_CUDA(cudaEventDestroy(start));
-  CHECK_CUDA(cudaEventDestroy(stop));
-  CHECK_CUDA(cudaGraphExecDestroy(exec));
-  CHECK_CUDA(cudaGraphDestroy(graph));
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
-
 template <typename V>
 V Config(const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoConfigAttributes_t attribute) {
   V value{};
@@ -162,16 +97,10 @@ int main(int argc, char** argv) {
   };
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cublasHandle_t blas;
-  CHECK_BLAS(cublasCreate(&blas));
-  CHECK_BLAS(cublasSetStream(blas, stream));
-  void* blas_workspace;
-  CHECK_CUDA(cudaMalloc(&blas_workspace, kWorkspace));
-  CHECK_BLAS(cublasSetWorkspace(blas, blas_workspace, kWorkspace));
-  cublasLtHandle_t lt;
-  CHECK_BLAS(cublasLtCreate(&lt));
-  void* workspace;
-  CHECK_CUDA(cudaMalloc(&workspace, kWorkspace));
+  const BlasHandles handles(stream);
+  cublasHandle_t blas = handles.blas;
+  cublasLtHandle_t lt = handles.lt;
+  void* workspace = handles.workspace;
   int ids[512];
   int id_count = 0;
   CHECK_BLAS(cublasLtMatmulAlgoGetIds(lt, CUBLAS_COMPUTE_32F, CUDA_R_32F, CUDA_R_16F, CUDA_R_16F, CUDA_R_16F,
@@ -190,8 +119,8 @@ int main(int argc, char** argv) {
     CHECK_CUDA(cudaMalloc(&x, x_elems * 2));
     CHECK_CUDA(cudaMalloc(&y, y_elems * 2));
     CHECK_CUDA(cudaMalloc(&y_ref, y_elems * 2));
-    FillKernel<<<1024, 256>>>(w, w_elems * copies, 1u, 2.f / std::sqrt(float(s.k)));
-    FillKernel<<<1024, 256>>>(x, x_elems, 2u, 2.f);
+    RandomFillKernel<<<1024, 256>>>(w, w_elems * copies, 1u, 2.f / std::sqrt(float(s.k)));
+    RandomFillKernel<<<1024, 256>>>(x, x_elems, 2u, 2.f);
     CHECK_CUDA(cudaDeviceSynchronize());
     const double flop = 2.0 * s.m * s.n * s.k;
     auto weights = [&](int i) { return w + size_t(i % copies) * w_elems; };

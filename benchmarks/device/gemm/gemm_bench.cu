@@ -40,14 +40,6 @@ struct Shape {
   int m, n, k;
 };
 
-__global__ void FillKernel(__half* p, size_t n, unsigned seed, float scale) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    unsigned h = unsigned(i) * 2654435761u ^ seed;
-    h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
-    p[i] = __float2half(((h & 0xffff) / 65535.f - 0.5f) * scale);
-  }
-}
-
 // y[m, n] += bias[n] (and + residual[m, n]): what a separate elementwise kernel costs
 __global__ void BiasKernel(__half* y, const __half* bias, const __half* residual, size_t total, int n) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < total; i += size_t(gridDim.x) * blockDim.x) {
@@ -55,25 +47,6 @@ __global__ void BiasKernel(__half* y, const __half* bias, const __half* residual
     if (residual) v += __half2float(residual[i]);
     y[i] = __float2half(v);
   }
-}
-
-__global__ void MaxDiffKernel(const __half* a, const __half* b, size_t n, float* out) {
-  float local = 0.f;
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    local = fmaxf(local, fabsf(__half2float(a[i]) - __half2float(b[i])));
-  for (int o = 16; o; o >>= 1) local = fmaxf(local, __shfl_xor_sync(0xffffffffu, local, o));
-  if ((threadIdx.x & 31) == 0) atomicMax(reinterpret_cast<int*>(out), __float_as_int(local));  // >= 0
-}
-
-float MaxDiff(const __half* a, const __half* b, size_t n) {
-  float* d;
-  CHECK_CUDA(cudaMalloc(&d, sizeof(float)));
-  CHECK_CUDA(cudaMemset(d, 0, sizeof(float)));
-  MaxDiffKernel<<<1024, 256>>>(a, b, n, d);
-  float h = 0;
-  CHECK_CUDA(cudaMemcpy(&h, d, sizeof(float), cudaMemcpyDeviceToHost));
-  CHECK_CUDA(cudaFree(d));
-  return h;
 }
 
 // Row-major Y[M,N] = X[M,K] W[K,N] is column-major Y^T[N,M] = W^T[N,K] X^T[K,M]: A = W (N x K,
@@ -122,16 +95,10 @@ int main() {
   };
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreate(&stream));
-  cublasHandle_t blas;
-  CHECK_BLAS(cublasCreate(&blas));
-  CHECK_BLAS(cublasSetStream(blas, stream));
-  void* blas_workspace;
-  CHECK_CUDA(cudaMalloc(&blas_workspace, kWorkspace));
-  CHECK_BLAS(cublasSetWorkspace(blas, blas_workspace, kWorkspace));
-  cublasLtHandle_t lt;
-  CHECK_BLAS(cublasLtCreate(&lt));
-  void* workspace;
-  CHECK_CUDA(cudaMalloc(&workspace, kWorkspace));
+  const BlasHandles handles(stream);
+  cublasHandle_t blas = handles.blas;
+  cublasLtHandle_t lt = handles.lt;
+  void* workspace = handles.workspace;
   bool failed = false;
 
   std::printf("%-18s %6s %5s %5s  %-12s %9s %8s  %-9s  %s\n", "shape", "M", "N", "K", "variant", "us/call",
@@ -146,10 +113,10 @@ int main() {
     CHECK_CUDA(cudaMalloc(&y_ref, y_elems * 2));
     CHECK_CUDA(cudaMalloc(&bias, size_t(s.n) * 2));
     CHECK_CUDA(cudaMalloc(&residual, y_elems * 2));
-    FillKernel<<<1024, 256>>>(w, w_elems * copies, 1u, 2.f / std::sqrt(float(s.k)));
-    FillKernel<<<1024, 256>>>(x, x_elems, 2u, 2.f);
-    FillKernel<<<64, 256>>>(bias, s.n, 3u, 1.f);
-    FillKernel<<<1024, 256>>>(residual, y_elems, 4u, 1.f);
+    RandomFillKernel<<<1024, 256>>>(w, w_elems * copies, 1u, 2.f / std::sqrt(float(s.k)));
+    RandomFillKernel<<<1024, 256>>>(x, x_elems, 2u, 2.f);
+    RandomFillKernel<<<64, 256>>>(bias, s.n, 3u, 1.f);
+    RandomFillKernel<<<1024, 256>>>(residual, y_elems, 4u, 1.f);
     CHECK_CUDA(cudaDeviceSynchronize());
     const double flop = 2.0 * s.m * s.n * s.k;
     auto weights = [&](int i) { return w + size_t(i % copies) * w_elems; };

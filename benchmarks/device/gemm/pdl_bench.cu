@@ -33,14 +33,6 @@ namespace {
 
 constexpr int kWidth = 1024;
 
-__global__ void FillKernel(__half* p, size_t n, unsigned seed, float scale) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    unsigned h = unsigned(i) * 2654435761u ^ seed;
-    h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
-    p[i] = __float2half(((h & 0xffff) / 65535.f - 0.5f) * scale);
-  }
-}
-
 __device__ __forceinline__ float Sum(float v, float* shared, int threads) {
   for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   if (threads <= 32) return v;
@@ -122,37 +114,6 @@ __global__ void NormKernel(const __half* __restrict__ x, const __half* __restric
   }
 }
 
-// Microseconds per repetition of `body` (20 repetitions captured in one graph, median of 7 replays)
-float GraphUs(const std::function<void(int)>& body, cudaStream_t stream) {
-  constexpr int kReps = 20;
-  cudaGraph_t graph;
-  CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  for (int i = 0; i < kReps; ++i) body(i);
-  CHECK_CUDA(cudaStreamEndCapture(stream, &graph));
-  cudaGraphExec_t exec;
-  CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  CHECK_CUDA(cudaGraphLaunch(exec, stream));
-  std::vector<float> times;
-  for (int rep = 0; rep < 7; ++rep) {
-    CHECK_CUDA(cudaEventRecord(start, stream));
-    CHECK_CUDA(cudaGraphLaunch(exec, stream));
-    CHECK_CUDA(cudaEventRecord(stop, stream));
-    CHECK_CUDA(cudaEventSynchronize(stop));
-    float ms = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
-    times.push_back(ms * 1000.f / kReps);
-  }
-  CHECK_CUDA(cudaEventDestroy(start));
-  CHECK_CUDA(cudaEventDestroy(stop));
-  CHECK_CUDA(cudaGraphExecDestroy(exec));
-  CHECK_CUDA(cudaGraphDestroy(graph));
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -174,10 +135,10 @@ int main(int argc, char** argv) {
   CHECK_CUDA(cudaMalloc(&h, a_elems * 2));
   CHECK_CUDA(cudaMalloc(&sum, a_elems * 2));
   CHECK_CUDA(cudaMalloc(&params, 4 * kWidth * 2));
-  FillKernel<<<1024, 256>>>(w, w_elems * copies, 1u, 2.f / std::sqrt(float(kWidth)));
-  FillKernel<<<1024, 256>>>(x, a_elems, 2u, 2.f);
-  FillKernel<<<1024, 256>>>(h, a_elems, 3u, 2.f);
-  FillKernel<<<64, 256>>>(params, 4 * kWidth, 4u, 1.f);
+  RandomFillKernel<<<1024, 256>>>(w, w_elems * copies, 1u, 2.f / std::sqrt(float(kWidth)));
+  RandomFillKernel<<<1024, 256>>>(x, a_elems, 2u, 2.f);
+  RandomFillKernel<<<1024, 256>>>(h, a_elems, 3u, 2.f);
+  RandomFillKernel<<<64, 256>>>(params, 4 * kWidth, 4u, 1.f);
   CHECK_CUDA(cudaDeviceSynchronize());
 
   LtPlan plan;
@@ -209,7 +170,7 @@ int main(int argc, char** argv) {
   };
   std::printf("%-34s %9s\n", "variant", "us/rep");
   auto row = [&](const char* name, const std::function<void(int)>& body) {
-    std::printf("%-34s %9.2f\n", name, GraphUs(body, stream));
+    std::printf("%-34s %9.2f\n", name, GraphUs([&](int i) { body(i); return true; }, stream, 20, 7));
   };
   row("gemm only", gemm);
   row("norm only (warp per row)", [&](int) { norm(NormKernel<32, false, false>, 4, 32, false); });
