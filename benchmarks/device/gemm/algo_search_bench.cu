@@ -9,7 +9,7 @@
 // times, each as 20 back-to-back calls captured in one CUDA graph (weights rotating through copies
 // larger than L2; median of 5 replays):
 //   gemmex       cublasGemmEx, CUBLAS_GEMM_DEFAULT_TENSOR_OP (onnxruntime's MatMul)
-//   heur1        cuBLASLt's first heuristic algorithm (what LtGemm runs today)
+//   heur1        cuBLASLt's first heuristic algorithm (what semvoc's LtGemm runs)
 //   heur_best    the fastest of cuBLASLt's first 128 heuristic algorithms
 //   by_id_best   the fastest of the heuristic's picks per algorithm id (CUBLASLT_SEARCH_LIMITED_BY_ALGO_ID)
 //   split_best   the fastest of every algorithm id's tiles with split-K 2..8 (configured by hand,
