@@ -31,18 +31,12 @@ struct Kernel {
 static const OrtApi* g_api = nullptr;
 const OrtApi* Api() { return g_api; }
 
-// An attribute the node may leave out: `fallback` when it does.
-static int64_t OptionalInt(const OrtApi* api, const OrtKernelInfo* info, const char* name, int64_t fallback) {
-  int64_t value = fallback;
-  if (OrtStatus* status = api->KernelInfoGetAttribute_int64(info, name, &value)) {
-    api->ReleaseStatus(status);
-    value = fallback;
-  }
-  return value;
-}
-static float OptionalFloat(const OrtApi* api, const OrtKernelInfo* info, const char* name, float fallback) {
-  float value = fallback;
-  if (OrtStatus* status = api->KernelInfoGetAttribute_float(info, name, &value)) {
+// An attribute the node may leave out, read with `get` (the OrtApi getter of its type): `fallback`
+// when it does.
+template <typename V, typename Getter>
+static V OptionalAttribute(const OrtApi* api, Getter get, const OrtKernelInfo* info, const char* name, V fallback) {
+  V value = fallback;
+  if (OrtStatus* status = get(info, name, &value)) {
     api->ReleaseStatus(status);
     value = fallback;
   }
@@ -54,9 +48,12 @@ static void* CreateKernel(const OrtCustomOp* custom_op, const OrtApi* api, const
   Kernel* kernel = new Kernel{op, {}};
   if (op->create != nullptr) kernel->state.data = op->create();
   if (op->epsilon) Check(api->KernelInfoGetAttribute_float(info, "epsilon", &kernel->state.epsilon), "attribute epsilon");
-  if (op->optional_epsilon) kernel->state.epsilon = OptionalFloat(api, info, "epsilon", 0.f);
-  if (op->layer) kernel->state.layer = OptionalInt(api, info, "layer", 0);  // a node without it reads layer 0
-  if (op->relu) kernel->state.relu = OptionalInt(api, info, "relu", 0) != 0;
+  const auto get_float = api->KernelInfoGetAttribute_float;
+  const auto get_int = api->KernelInfoGetAttribute_int64;
+  if (op->optional_epsilon) kernel->state.epsilon = OptionalAttribute(api, get_float, info, "epsilon", 0.f);
+  // a node without `layer` reads layer 0
+  if (op->layer) kernel->state.layer = OptionalAttribute(api, get_int, info, "layer", int64_t{0});
+  if (op->relu) kernel->state.relu = OptionalAttribute(api, get_int, info, "relu", int64_t{0}) != 0;
   if (op->hop) Check(api->KernelInfoGetAttribute_int64(info, "hop", &kernel->state.hop), "attribute hop");
   if (op->pred_x1) {
     int64_t pred_x1 = 0;
