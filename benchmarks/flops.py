@@ -406,9 +406,10 @@ SHAPE_PRESERVING_CUDA_OPS = {"ConvNeXtMix": (0,), "BiasPRelu": (0,), "BiasResidu
 # semvoc's CUDA ops whose output is inputs i and j joined on the last axis (GatedConcatNorm: the
 # finished residual stream and the skip, normed)
 CONCATENATING_CUDA_OPS = {"GatedConcatNorm": (0, 4)}
-# semvoc's CUDA ops whose outputs are the halves of input 0's last axis (HeadNormRope: q|k -> q, k;
-# BiasGeglu: [value, gate] -> one output of the value's shape)
-HALVING_CUDA_OPS = {"HeadNormRope", "BiasGeglu"}
+# semvoc's CUDA ops whose outputs are equal parts of input 0's last axis, by op: the number of parts
+# (HeadNormRope: q|k -> q, k; HeadNormRopeQkv: q|k|v -> q, k, v; BiasGeglu: [value, gate] -> one
+# output of the value's shape)
+SPLITTING_CUDA_OPS = {"HeadNormRope": 2, "HeadNormRopeQkv": 3, "BiasGeglu": 2}
 # semvoc's CrossAttention is counted as the ONNX Attention it replaces (q, k, v; the mask changes no
 # FLOPs of the dense function, whatever padded keys the kernel skips)
 ATTENTION_CUDA_OPS = {"CrossAttention"}
@@ -461,9 +462,10 @@ def replace_contrib_ops(model) -> None:
             name = SPLIT_LINEAR_PREFIX + node.output[0] if node.output[0] in split_linear else node.name
             nodes.append(helper.make_node("MatMul", list(node.input[:2]), [node.output[0]], name=name))
             continue
-        if node.domain == "semvoc.cuda" and node.op_type in HALVING_CUDA_OPS:
-            halves = list(node.output) + [f"{node.output[0]}__unused_half"] * (2 - len(node.output))
-            nodes.append(helper.make_node("Split", [node.input[0]], halves, axis=-1, num_outputs=2))
+        if node.domain == "semvoc.cuda" and node.op_type in SPLITTING_CUDA_OPS:
+            parts = SPLITTING_CUDA_OPS[node.op_type]
+            outputs = list(node.output) + [f"{node.output[0]}__unused_part{i}" for i in range(len(node.output), parts)]
+            nodes.append(helper.make_node("Split", [node.input[0]], outputs, axis=-1, num_outputs=parts))
             continue
         if node.domain == "semvoc.cuda" and node.op_type in ATTENTION_CUDA_OPS:
             heads = _attr(node, "num_heads", 0)

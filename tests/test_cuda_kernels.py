@@ -23,7 +23,7 @@ from semvoc.kernels.bias_residual import bias_residual_reference
 from semvoc.kernels.convnext_mix import convnext_mix_reference
 from semvoc.kernels.cross_attention import cross_attention_reference
 from semvoc.kernels.gated_skip_norm import gated_skip_norm_reference
-from semvoc.kernels.head_norm import head_norm_reference, head_norm_rope_reference
+from semvoc.kernels.head_norm import head_norm_reference, head_norm_rope_qkv, head_norm_rope_reference
 from semvoc.kernels.onnx_ops import CUDA_DOMAIN, WITHOUT_ENV, translation_table
 from semvoc.kernels.skip_norm import bias_add_norm_reference, gated_concat_norm_reference, layer_norm_reference
 from semvoc.models.vocoder import ConvNeXtBlock
@@ -262,8 +262,13 @@ def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path, monkeypatch):
     concat_readers = [n.op_type for n in nodes if n.input and produced.get(n.input[0]) == "Concat"]
     assert "LayerNormalization" not in concat_readers
     assert concat_readers.count("MatMul") + concat_readers.count("LtGemm") == 1  # the final 3-tap conv (conv_as_gemm)
-    # self q|k norms and RoPE: HeadNormRope; the cross-attention q-norm is inside CrossAttention
-    assert ops.count("HeadNormRope") == len(blocks) and ops.count("HeadNorm") == 0
+    # self q|k|v from one GEMM, its q|k norms and RoPE: HeadNormRopeQkv; the cross-attention q-norm
+    # is inside CrossAttention
+    assert ops.count("HeadNormRopeQkv") == len(blocks) and "HeadNormRope" not in ops and "HeadNorm" not in ops
+    produced = {o: n.op_type for n in nodes for o in n.output}
+    assert {produced[n.input[0]] for n in nodes if n.op_type == "HeadNormRopeQkv"} == {"MatMul"}
+    assert all(set(n.input[:3]) <= {o for m in nodes if m.op_type == "HeadNormRopeQkv" for o in m.output}
+               for n in nodes if n.op_type == "Attention")  # q, k and v of every self-attention
     # cross-attention: one CrossAttention per block on the bool text mask (no additive bias built),
     # onnxruntime's Attention for the self-attention only
     assert ops.count("CrossAttention") == len(blocks) and ops.count("Attention") == len(blocks)
@@ -297,11 +302,25 @@ def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path, monkeypatch):
         produced = {n.output[output] for n in nodes if n.op_type == op}
         return {n.op_type for n in nodes if produced & set(n.input)}
 
-    assert readers("HeadNormRope", 0) == readers("HeadNormRope", 1) == {"Attention"}  # no Split between
+    assert readers("HeadNormRopeQkv", 0) == readers("HeadNormRopeQkv", 1) == readers("HeadNormRopeQkv", 2) == {
+        "Attention"}  # no Split between
     # the adaLN modulation is in the norm's affine: GEMMs read it directly (the final layer's
     # linear, with its bias, is an LtGemm)
     assert readers("GatedSkipNorm", 0) == {"MatMul", "LtGemm"}
     assert readers("CrossAttention", 0) == {"MatMul"}  # straight into the out-projection
+
+
+def test_dit_step_without_the_qkv_op_keeps_two_gemms_and_head_norm_rope(tmp_path, monkeypatch):
+    """SEMVOC_EXPORT_WITHOUT=HeadNormRopeQkv: q|k and v as two GEMMs again, and HeadNormRope."""
+    from semvoc.kernels.onnx_ops import WITHOUT_ENV
+
+    monkeypatch.delenv(WITHOUT_ENV, raising=False)
+    fused_ops = [n.op_type for n in _export_demo_dit_step(tmp_path / "fused.onnx")[0]]
+    monkeypatch.setenv(WITHOUT_ENV, "HeadNormRopeQkv")
+    nodes, _, blocks = _export_demo_dit_step(tmp_path / "dit_step.onnx")
+    ops = [n.op_type for n in nodes]
+    assert "HeadNormRopeQkv" not in ops and ops.count("HeadNormRope") == len(blocks)
+    assert ops.count("MatMul") == fused_ops.count("MatMul") + len(blocks)  # each block's v projection
 
 
 def test_dit_step_without_the_fused_q_norm_keeps_head_norm(tmp_path, monkeypatch):
@@ -320,7 +339,7 @@ def test_dit_step_without_the_cross_attention_op_keeps_the_stock_attention(tmp_p
     nodes, _, blocks = _export_demo_dit_step(tmp_path / "dit_step.onnx")
     ops = [n.op_type for n in nodes]
     assert "CrossAttention" not in ops and ops.count("Attention") == 2 * len(blocks)
-    assert ops.count("HeadNorm") == len(blocks) and ops.count("HeadNormRope") == len(blocks)  # the others stay
+    assert ops.count("HeadNorm") == len(blocks) and ops.count("HeadNormRopeQkv") == len(blocks)  # the others stay
     attentions = [n for n in nodes if n.op_type == "Attention"]
     assert sum(len(n.input) == 4 for n in attentions) == len(blocks)  # the cross ones carry the mask bias
 
@@ -682,7 +701,8 @@ CASES["LayerNorm"] = lambda g, b, c, L: [torch.randn(b, L, c, generator=g), torc
 CASES["ConvNeXtMix:table"] = lambda g, b, c, L: [*CASES["ConvNeXtMix"](g, b, c, L)[:5],
                                                  torch.randn(3, b, L, c, generator=g),
                                                  1 + 0.1 * torch.randn(1, 3, c, generator=g)]
-ATTRIBUTES = {"HeadNorm": {"epsilon": 1e-5}, "HeadNormRope": {"epsilon": 1e-6}, "GatedSkipNorm": {"epsilon": 1e-5},
+ATTRIBUTES = {"HeadNorm": {"epsilon": 1e-5}, "HeadNormRope": {"epsilon": 1e-6},
+              "HeadNormRopeQkv": {"epsilon": 1e-6}, "GatedSkipNorm": {"epsilon": 1e-5},
               "GatedConcatNorm": {"epsilon": 1e-5}, "BiasAddNorm": {"epsilon": 1e-5}, "LayerNorm": {"epsilon": 1e-6},
               "ConvNeXtMix:table": {"layer": 2}, "ConvNeXtMix:rows": {"layer": 1}}
 REFERENCES = {"ConvNeXtMix": lambda a: convnext_mix_reference(a[0], a[1], a[2], a[3], a[4][0], a[5], a[6]),
@@ -692,6 +712,7 @@ REFERENCES = {"ConvNeXtMix": lambda a: convnext_mix_reference(a[0], a[1], a[2], 
               "BiasPRelu": lambda a: bias_prelu_reference(*a), "BiasResidual": lambda a: bias_residual_reference(*a),
               "HeadNorm": lambda a: head_norm_reference(*a, 1e-5).reshape(a[0].shape),
               "HeadNormRope": lambda a: head_norm_rope_reference(*a, 1e-6).chunk(2, dim=-1),  # q, k
+              "HeadNormRopeQkv": lambda a: head_norm_rope_qkv(*a, 1e-6),  # q, k (normed, rotated), v (copied)
               "GatedSkipNorm": lambda a: gated_skip_norm_reference(*a, 1e-5),  # h, sum
               "BiasGeglu": lambda a: bias_geglu_reference(*a),
               "GatedConcatNorm": lambda a: gated_concat_norm_reference(*a, 1e-5),
@@ -821,6 +842,27 @@ def test_head_norm_ops_at_the_dits_shapes(case, dtype, cuda_library, tmp_path):
     batch, length, heads, hd, rope, per_head = HEAD_CASES[case]
     op = "HeadNormRope" if rope else "HeadNorm"
     _check_op(op, dtype, _head_case(batch, length, heads, hd, rope, per_head), cuda_library, tmp_path)
+
+
+# HeadNormRopeQkv: (batch, length, H (q heads), hd, per-head affine); x holds 3H heads, q|k|v
+QKV_CASES = {
+    # the reference DiT at batch 1 with CFG: q|k|v of 16 heads of 64 each, per-head affine
+    "dit-R2": (2, 250, 16, 64, True),
+    # an odd row count, 2 heads of 128 sharing one affine (v's lanes: the last 3 of 9 heads)
+    "hd128-shared-odd": (3, 37, 3, 128, False),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("case", sorted(QKV_CASES))
+def test_head_norm_rope_qkv_normalises_q_and_k_and_copies_v(case, dtype, cuda_library, tmp_path):
+    batch, length, heads, hd, per_head = QKV_CASES[case]
+    args = _head_case(batch, length, 3 * heads, hd, True, False)
+    if per_head:  # the q and k heads' own affine, [2H, hd]
+        g = torch.Generator().manual_seed(3)
+        args[1:3] = [1 + 0.5 * torch.randn(2 * heads, hd, generator=g), 0.2 * torch.randn(2 * heads, hd, generator=g)]
+    _check_op("HeadNormRopeQkv", dtype, args, cuda_library, tmp_path)
 
 
 def _skip_path_case(op: str, rows: int, length: int, dim: int, seed: int = 13) -> list[torch.Tensor]:

@@ -168,7 +168,8 @@ void RunShape(const Shape& s, const char* type_name) {
          const unsigned blocks = static_cast<unsigned>((warps * 32 + 255) / 256);
          auto kernel = rope ? (hd == 64 ? HeadNormWarpKernel<T, 2, true> : HeadNormWarpKernel<T, 4, true>)
                             : (hd == 64 ? HeadNormWarpKernel<T, 2, false> : HeadNormWarpKernel<T, 4, false>);
-         kernel<<<blocks, 256, 0, stream>>>(x, dg, db, dc, ds, out, out_k, warps, heads, length, affine_stride, eps);
+         kernel<<<blocks, 256, 0, stream>>>(x, dg, db, dc, ds, out, out_k, warps, heads, length, affine_stride, eps, 0,
+                                            nullptr);
        }},
       {"library", [=](const T* x, T* out, T* out_k, cudaStream_t stream) {
          if (rope) LaunchHeadNorm<T, true>(hd, x, dg, db, dc, ds, out, out_k, rows, heads, length, affine_stride, eps, stream);

@@ -21,8 +21,9 @@ rounding-relevant order of the official block, and rewrites the rest:
 - GEGLU as two GEMMs, ``BiasGelu`` on the gate: no Split copy.
 
 With ``cuda_ops`` (``semvoc-export --cuda-kernels``) semvoc's CUDA ops take over what
-onnxruntime's stock ops need several kernels for: ``HeadNormRope`` (the self-attention qk-norms,
-RoPE and the q/k split), ``HeadNorm`` (the cross-attention q-norm), ``GatedSkipNorm`` (gate,
+onnxruntime's stock ops need several kernels for: ``HeadNormRopeQkv`` (the self-attention's q|k|v
+from ONE GEMM of the three projections, its qk-norms, RoPE and the q/k/v split; ``HeadNormRope``
+with q|k and v as two GEMMs when it is left out), ``HeadNorm`` (the cross-attention q-norm), ``GatedSkipNorm`` (gate,
 residual and the next norm), ``BiasGeglu`` (GEGLU after one GEMM of both halves),
 ``CrossAttention`` (the masked cross-attention, reading the bool text mask itself: no mask bias,
 and the padded keys past the text's last token are skipped), and on the U-Net skip path
@@ -52,7 +53,7 @@ from semvoc.kernels.bias_gelu import bias_gelu
 from semvoc.kernels.cross_attention import FUSED_NORM as CROSS_Q_NORM
 from semvoc.kernels.cross_attention import cross_attention
 from semvoc.kernels.gated_skip_norm import gated_skip_norm
-from semvoc.kernels.head_norm import head_norm, head_norm_rope
+from semvoc.kernels.head_norm import QKV_NORM_ROPE, head_norm, head_norm_rope, head_norm_rope_qkv
 from semvoc.kernels.ltgemm import linear as lt_linear
 from semvoc.kernels.onnx_ops import fusion_enabled
 from semvoc.kernels.rotary import rope_tables, rotary
@@ -145,17 +146,20 @@ class FusedBlock(nn.Module):
         self.cuda_ops = cuda_ops
         self.cross_attention_op = cross_attention_op
         attn = blk.attn
-        self.w_qk = nn.Parameter(torch.cat([attn.to_q.weight, attn.to_k.weight]).detach().clone(),
-                                 requires_grad=False)
-        b_q, b_k = attn.to_q.bias, attn.to_k.bias
-        self.b_qk = None if b_q is None else nn.Parameter(torch.cat([b_q, b_k]).detach().clone(), requires_grad=False)
         self.qk_norm = isinstance(attn.norm_q, nn.LayerNorm)
+        self.rope = attn.rope_mode == "shared"
+        # q|k|v as one GEMM where HeadNormRopeQkv takes it apart; else q|k as one GEMM and v
+        self.fuse_qkv = cuda_ops and self.qk_norm and self.rope and fusion_enabled(QKV_NORM_ROPE)
+        projections = [attn.to_q, attn.to_k] + ([attn.to_v] if self.fuse_qkv else [])
+        self.w_qk = nn.Parameter(torch.cat([p.weight for p in projections]).detach().clone(), requires_grad=False)
+        biased = any(p.bias is not None for p in projections)
+        self.b_qk = None if not biased else nn.Parameter(
+            torch.cat([_zeros_like_bias(p) for p in projections]).detach().clone(), requires_grad=False)
         if self.qk_norm:  # per-head affine of the joint qk-LayerNorm: [2H, hd]
             gamma = torch.stack([attn.norm_q.weight, attn.norm_k.weight]).repeat_interleave(num_heads, 0)
             beta = torch.stack([attn.norm_q.bias, attn.norm_k.bias]).repeat_interleave(num_heads, 0)
             self.qk_gamma = nn.Parameter(gamma.detach().clone(), requires_grad=False)
             self.qk_beta = nn.Parameter(beta.detach().clone(), requires_grad=False)
-        self.rope = attn.rope_mode == "shared"
         ff = blk.mlp.net[0]
         self.gated = isinstance(ff, GEGLU)
         if self.gated:  # [value; gate] halves of one projection -> two GEMMs
@@ -177,7 +181,10 @@ class FusedBlock(nn.Module):
     def _self_attention(self, h: torch.Tensor, rope: tuple | None) -> torch.Tensor:
         attn = self.blk.attn
         batch, length, dim = h.shape
-        qk = biased_linear(h, self.w_qk, self.b_qk, self.cuda_ops)  # [B, L, 2D]
+        qk = biased_linear(h, self.w_qk, self.b_qk, self.cuda_ops)  # [B, L, 2D], or [B, L, 3D] with v
+        if self.fuse_qkv:  # one semvoc.cuda op: norms, RoPE, the q/k/v split
+            q, k, v = head_norm_rope_qkv(qk, self.qk_gamma, self.qk_beta, rope[0], rope[1], attn.norm_q.eps)
+            return F.linear(attention_packed(q, k, v, None, self.heads), attn.proj.weight)
         v = biased_linear(h, attn.to_v.weight, attn.to_v.bias, self.cuda_ops)
         if self.qk_norm and self.cuda_ops and self.rope:  # one semvoc.cuda op: norms, RoPE, q/k split
             q, k = head_norm_rope(qk, self.qk_gamma, self.qk_beta, rope[0], rope[1], attn.norm_q.eps)

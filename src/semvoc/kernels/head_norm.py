@@ -7,7 +7,11 @@ and Add, and a RotaryEmbedding per block; ``semvoc.cuda::HeadNormRope`` (``cuda/
 in ``cuda/head_norm_kernel.cuh``) gives each thread two 16-byte vectors of one head, the
 elements j and j + hd/2 that the rotation pairs, and writes q and k as two outputs (no Split
 after it). ``HeadNorm`` is the same without the rotation and the split (the cross-attention
-q-norm). Statistics and arithmetic in fp32, one rounding at the end.
+q-norm). ``HeadNormRopeQkv`` takes q|k|v ``[B, L, 3H*hd]``, the three projections as ONE GEMM, and
+also writes v, copied: three outputs. At batch 1 (M = 500 rows) one N = 3072 GEMM takes 7.5 us
+against 5.6 + 5.3 us for the q|k and v GEMMs it replaces, replayed from a CUDA graph on an H200
+(``benchmarks/device/gemm/run.sh algo_search_bench``); the copy of v costs one more read and
+write of it. Statistics and arithmetic in fp32, one rounding at the end.
 
 Exported with ``semvoc-export --cuda-kernels``. The first kernel (one warp per head) stays the
 fallback for buffers that are not 16-byte aligned. Both pass ``tests/test_cuda_kernels.py``
@@ -24,6 +28,9 @@ import torch.nn.functional as F
 from onnx.defs import OpSchema
 
 from semvoc.kernels.onnx_ops import CUDA_DOMAIN, contrib_op, register_translation
+
+# the export switch (SEMVOC_EXPORT_WITHOUT=HeadNormRopeQkv: q|k and v as two GEMMs, HeadNormRope)
+QKV_NORM_ROPE = "HeadNormRopeQkv"
 
 
 def head_norm_reference(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
@@ -69,6 +76,22 @@ def _(x, gamma, beta, cos, sin, eps):
     return x.new_empty(shape), x.new_empty(shape)
 
 
+@torch.library.custom_op("semvoc::head_norm_rope_qkv", mutates_args=())
+def head_norm_rope_qkv(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q|k|v ``[B, L, 3H*hd]`` -> (q, k) normed and rotated as ``head_norm_rope``, and v unchanged,
+    ``[B, L, H*hd]`` each; gamma, beta ``[2H, hd]`` (the q and k heads) or ``[hd]``."""
+    qk, v = x.split([2 * x.shape[-1] // 3, x.shape[-1] // 3], dim=-1)
+    q, k = head_norm_rope_reference(qk, gamma, beta, cos, sin, eps).chunk(2, dim=-1)
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+@head_norm_rope_qkv.register_fake
+def _(x, gamma, beta, cos, sin, eps):
+    shape = (*x.shape[:-1], x.shape[-1] // 3)
+    return x.new_empty(shape), x.new_empty(shape), x.new_empty(shape)
+
+
 def _onnx_head_norm(x, gamma, beta, eps: float):
     op = contrib_op("HeadNorm", ["x", "gamma", "beta"], ["y"], {"epsilon": OpSchema.AttrType.FLOAT},
                     domain=CUDA_DOMAIN)
@@ -81,5 +104,12 @@ def _onnx_head_norm_rope(x, gamma, beta, cos, sin, eps: float):
     return op(x, gamma, beta, cos, sin, epsilon=eps)
 
 
+def _onnx_head_norm_rope_qkv(x, gamma, beta, cos, sin, eps: float):
+    op = contrib_op("HeadNormRopeQkv", ["x", "gamma", "beta", "cos", "sin"], ["q", "k", "v"],
+                    {"epsilon": OpSchema.AttrType.FLOAT}, domain=CUDA_DOMAIN)
+    return op(x, gamma, beta, cos, sin, epsilon=eps)
+
+
 register_translation(torch.ops.semvoc.head_norm.default, _onnx_head_norm)
 register_translation(torch.ops.semvoc.head_norm_rope.default, _onnx_head_norm_rope)
+register_translation(torch.ops.semvoc.head_norm_rope_qkv.default, _onnx_head_norm_rope_qkv)

@@ -4,6 +4,8 @@
 //   out[j] = y[j] cos[l, j] - y[j + hd/2] sin[l, j];  out[j + hd/2] = y[j + hd/2] cos[l, j] + y[j] sin[l, j]
 // x [rows = B*L, n*hd]; gamma, beta [n, hd] (affine_stride hd) or [hd] (affine_stride 0); cos, sin
 // [>= L, hd/2]. HeadNormRope writes heads [0, n/2) to out (q) and the rest to out_k, [rows, n/2*hd] each.
+// With v_heads > 0 (HeadNormRopeQkv) x rows hold n + v_heads heads, q|k|v from one GEMM: the n
+// heads are normed as above, the last v_heads are copied unchanged to out_v [rows, v_heads*hd].
 // Statistics and arithmetic in fp32, one rounding at the end.
 #pragma once
 
@@ -20,14 +22,21 @@ template <typename T, int kPerLane, bool kRope>
 __global__ void HeadNormWarpKernel(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
                                    const T* __restrict__ cos, const T* __restrict__ sin, T* __restrict__ out,
                                    T* __restrict__ out_k, int64_t warps, int heads, int length, int affine_stride,
-                                   float eps) {
+                                   float eps, int v_heads, T* __restrict__ out_v) {
   constexpr int kWidth = 32 * kPerLane;
   constexpr int kHalf = kWidth / 2;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (warp >= warps) return;
-  const int head = static_cast<int>(warp % heads);
+  const int all_heads = heads + v_heads;
+  const int head = static_cast<int>(warp % all_heads);
   const T* xr = x + warp * kWidth;
+  if (head >= heads) {  // a v head: copied
+    T* o = out_v + ((warp / all_heads) * v_heads + head - heads) * kWidth;
+#pragma unroll
+    for (int m = 0; m < kPerLane; ++m) o[lane + 32 * m] = xr[lane + 32 * m];
+    return;
+  }
   float v[kPerLane];
   float sum = 0.f;
 #pragma unroll
@@ -53,7 +62,7 @@ __global__ void HeadNormWarpKernel(const T* __restrict__ x, const T* __restrict_
     v[m] = (v[m] - mean) * rstd * ToFloat(g[e]) + ToFloat(b[e]);
   }
   if (kRope) {
-    const int position = static_cast<int>((warp / heads) % length);
+    const int position = static_cast<int>((warp / all_heads) % length);
 #pragma unroll
     for (int m = 0; m < kPerLane / 2; ++m) {
       const int j = lane + 32 * m;
@@ -64,9 +73,9 @@ __global__ void HeadNormWarpKernel(const T* __restrict__ x, const T* __restrict_
     }
   }
   // HeadNormRope: heads [0, n/2) go to out (q), the rest to out_k, each [B, L, n/2 * hd]
-  const int64_t row = warp / heads;
+  const int64_t row = warp / all_heads;
   const int half = heads / 2;
-  T* o = !kRope ? out + warp * kWidth
+  T* o = !kRope ? out + row * heads * kWidth + head * kWidth
        : head < half ? out + (row * half + head) * kWidth : out_k + (row * half + head - half) * kWidth;
 #pragma unroll
   for (int m = 0; m < kPerLane; ++m) o[lane + 32 * m] = FromFloat<T>(v[m]);
@@ -114,7 +123,7 @@ template <typename T, int kHd, bool kRope, bool kPair, int kRows, bool kOnePass>
 __global__ void __launch_bounds__(256) HeadNormVecKernel(
     const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta, const T* __restrict__ cos,
     const T* __restrict__ sin, T* __restrict__ out, T* __restrict__ out_k, int rows, int units, int heads,
-    int length, int affine_stride, float eps) {
+    int length, int affine_stride, float eps, int v_heads, T* __restrict__ out_v) {
   constexpr int kVec = static_cast<int>(16 / sizeof(T));  // WideVector<T>(), which is host-only
   constexpr int kChunks = kPair ? 2 : 1;
   constexpr int kLanes = kHd / (kVec * kChunks);
@@ -127,6 +136,10 @@ __global__ void __launch_bounds__(256) HeadNormVecKernel(
   // idle threads read unit 0 and the last row instead (and store nothing), so loads need no predicate
   const unsigned read_unit = active ? unit : 0u;
   const int head = static_cast<int>(read_unit / kLanes), t = static_cast<int>(read_unit % kLanes);
+  // a v head (HeadNormRopeQkv) is copied: its lanes run the arithmetic with head 0's affine (the
+  // group shuffles need every lane) and store what they loaded
+  const bool copy = head >= heads;
+  const int affine_head = copy ? 0 : head;
   // element offsets of this thread's chunks inside its head
   int offset[kChunks];
   offset[0] = t * kVec;
@@ -149,8 +162,8 @@ __global__ void __launch_bounds__(256) HeadNormVecKernel(
   V g[kChunks], b[kChunks];
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) {
-    g[c] = *reinterpret_cast<const V*>(gamma + head * affine_stride + offset[c]);
-    b[c] = *reinterpret_cast<const V*>(beta + head * affine_stride + offset[c]);
+    g[c] = *reinterpret_cast<const V*>(gamma + affine_head * affine_stride + offset[c]);
+    b[c] = *reinterpret_cast<const V*>(beta + affine_head * affine_stride + offset[c]);
   }
   int position = 0;
   if (kRope) position = static_cast<int>(static_cast<unsigned>(min(row0, rows - 1)) % static_cast<unsigned>(length));
@@ -217,12 +230,21 @@ __global__ void __launch_bounds__(256) HeadNormVecKernel(
       position = position + 1 == length ? 0 : position + 1;
     }
     if (!active || row >= rows) continue;
+    if (copy) {  // read again (an L1 hit) rather than keep the raw vectors in registers for every lane
+      const T* xr = x + row * width + head * kHd;
+      T* o = out_v + static_cast<int64_t>(row) * v_heads * kHd + (head - heads) * kHd;
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c)
+        *reinterpret_cast<V*>(o + offset[c]) = *reinterpret_cast<const V*>(xr + offset[c]);
+      continue;
+    }
     T* o;
     if (!kRope) {
-      o = out + row * width + head * kHd;
+      o = out + static_cast<int64_t>(row) * heads * kHd + head * kHd;
     } else {
       const int half = heads / 2;
-      o = head < half ? out + row * (width / 2) + head * kHd : out_k + row * (width / 2) + (head - half) * kHd;
+      const int64_t out_width = static_cast<int64_t>(half) * kHd;
+      o = head < half ? out + row * out_width + head * kHd : out_k + row * out_width + (head - half) * kHd;
     }
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) StoreVector(o + offset[c], v[i][c]);
@@ -247,13 +269,13 @@ inline HeadNormGeometry HeadNormVecGeometry(int64_t rows, int units, int rows_pe
 template <typename T, bool kRope, bool kPair, int kRows, bool kOnePass>
 void LaunchHeadNormVec(int hd, const T* x, const T* gamma, const T* beta, const T* cos, const T* sin, T* out,
                        T* out_k, int64_t rows, int heads, int length, int affine_stride, float eps,
-                       cudaStream_t stream) {
-  const int units = heads * hd / (WideVector<T>() * (kPair ? 2 : 1));
+                       cudaStream_t stream, int v_heads = 0, T* out_v = nullptr) {
+  const int units = (heads + v_heads) * hd / (WideVector<T>() * (kPair ? 2 : 1));
   const HeadNormGeometry geo = HeadNormVecGeometry(rows, units, kRows);
   auto kernel = hd == 64 ? HeadNormVecKernel<T, 64, kRope, kPair, kRows, kOnePass>
                          : HeadNormVecKernel<T, 128, kRope, kPair, kRows, kOnePass>;
   kernel<<<geo.grid, geo.block, 0, stream>>>(x, gamma, beta, cos, sin, out, out_k, static_cast<int>(rows), units,
-                                             heads, length, affine_stride, eps);
+                                             heads, length, affine_stride, eps, v_heads, out_v);
 }
 
 // The library's kernel: false takes the first one (HeadNormWarpKernel) for every launch again.
@@ -266,18 +288,19 @@ constexpr bool kHeadNormVectorized = true;
 // HeadNormWarpKernel where a buffer is not 16-byte aligned.
 template <typename T, bool kRope>
 void LaunchHeadNorm(int hd, const T* x, const T* gamma, const T* beta, const T* cos, const T* sin, T* out, T* out_k,
-                    int64_t rows, int heads, int length, int affine_stride, float eps, cudaStream_t stream) {
-  if (kHeadNormVectorized && Vectorizable<T>(hd, {x, gamma, beta, cos, sin, out, out_k})) {
+                    int64_t rows, int heads, int length, int affine_stride, float eps, cudaStream_t stream,
+                    int v_heads = 0, T* out_v = nullptr) {
+  if (kHeadNormVectorized && Vectorizable<T>(hd, {x, gamma, beta, cos, sin, out, out_k, out_v})) {
     LaunchHeadNormVec<T, kRope, true, 1, false>(hd, x, gamma, beta, cos, sin, out, out_k, rows, heads, length,
-                                                affine_stride, eps, stream);
+                                                affine_stride, eps, stream, v_heads, out_v);
     return;
   }
-  const int64_t warps = rows * heads;
+  const int64_t warps = rows * (heads + v_heads);
   const int threads = 256;
   const unsigned blocks = static_cast<unsigned>((warps * 32 + threads - 1) / threads);
   auto kernel = hd == 64 ? HeadNormWarpKernel<T, 2, kRope> : HeadNormWarpKernel<T, 4, kRope>;
   kernel<<<blocks, threads, 0, stream>>>(x, gamma, beta, cos, sin, out, out_k, warps, heads, length, affine_stride,
-                                         eps);
+                                         eps, v_heads, out_v);
 }
 
 }  // namespace semvoc

@@ -9,6 +9,7 @@ void BiasPReluCompute(OrtKernelContext* ctx, const KernelState&);
 void BiasResidualCompute(OrtKernelContext* ctx, const KernelState&);
 void HeadNormCompute(OrtKernelContext* ctx, const KernelState&);
 void HeadNormRopeCompute(OrtKernelContext* ctx, const KernelState&);
+void HeadNormRopeQkvCompute(OrtKernelContext* ctx, const KernelState&);
 void GatedSkipNormCompute(OrtKernelContext* ctx, const KernelState&);
 void BiasGegluCompute(OrtKernelContext* ctx, const KernelState&);
 void BiasNormCompute(OrtKernelContext* ctx, const KernelState&);
@@ -132,6 +133,7 @@ static std::vector<OpDef>& Ops() {
       all.push_back(MakeOp("BiasResidual", type, 4, 1, BiasResidualCompute));
       all.push_back(MakeOp("HeadNorm", type, 3, 1, HeadNormCompute, /*epsilon=*/true));
       all.push_back(MakeOp("HeadNormRope", type, 5, 2, HeadNormRopeCompute, /*epsilon=*/true));
+      all.push_back(MakeOp("HeadNormRopeQkv", type, 5, 3, HeadNormRopeQkvCompute, /*epsilon=*/true));
       all.push_back(MakeOp("GatedSkipNorm", type, 6, 2, GatedSkipNormCompute, /*epsilon=*/true));
       all.push_back(MakeOp("BiasGeglu", type, 2, 1, BiasGegluCompute));
       all.push_back(MakeOp("BiasNorm", type, 4, 1, BiasNormCompute));
