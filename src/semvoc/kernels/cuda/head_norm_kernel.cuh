@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(256) HeadNormVecKernel(
   offset[0] = t * kVec;
   if (kPair) offset[kChunks - 1] = offset[0] + kHalf;
   const int row0 = (blockIdx.x * blockDim.y + threadIdx.y) * kRows;
-  const int64_t width = static_cast<int64_t>(heads) * kHd;
+  const int64_t width = static_cast<int64_t>(heads + v_heads) * kHd;  // x's row: q|k (|v) heads
 
   // loads: every row's x first (independent, all in flight together), then the affine
   float v[kRows][kChunks][kVec];
