@@ -502,7 +502,9 @@ def _cuda_kernels(tmp: Path, options: ExportOptions, provider: str,
             if options.cuda_kernels:
                 raise ExportError(f"--cuda-kernels: {err}") from err
             shutil.rmtree(tmp / "kernels", ignore_errors=True)
-            reason = str(err).splitlines()[0]
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            # the headline and nvcc's last word (the error itself), on the one log line
+            reason = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1][:300]}"
         else:
             archs = "this GPU" if built.archs is None else ", ".join(f"sm_{a}" for a in built.archs) + (
                 f" + PTX {built.ptx}" if built.ptx else "")

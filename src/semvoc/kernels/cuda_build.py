@@ -206,7 +206,9 @@ def build(out_dir: str | Path, ort_include: str | Path | None = None, arch: str 
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         partial.unlink(missing_ok=True)
-        raise KernelBuildError(f"nvcc failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
+        # nvcc reports some failures (a crashed sub-process, a full temp dir) on stdout, not stderr
+        message = (result.stderr.strip() or result.stdout.strip() or "(no output)")[-4000:]
+        raise KernelBuildError(f"nvcc failed (exit {result.returncode}):\n{message}")
     os.replace(partial, target)
     return BuiltLibrary(target, caps, caps[-1] if caps else None, nvcc, nvcc_version(nvcc), include is not None,
                         round(time.time() - started, 1))
