@@ -413,6 +413,9 @@ SPLITTING_CUDA_OPS = {"HeadNormRope": 2, "HeadNormRopeQkv": 3, "BiasGeglu": 2}
 # semvoc's CrossAttention is counted as the ONNX Attention it replaces (q, k, v; the mask changes no
 # FLOPs of the dense function, whatever padded keys the kernel skips)
 ATTENTION_CUDA_OPS = {"CrossAttention"}
+# semvoc's QkvAttention is counted as what it replaces: q|k|v split into three, and an ONNX Attention
+# (the norms and the rotation are not counted, as HeadNormRopeQkv's are not)
+QKV_ATTENTION_CUDA_OPS = {"QkvAttention"}
 
 # semvoc's CUDA ops that are a MatMul of inputs 0 and 1 (LtGemm: + bias and residual in the epilogue)
 GEMM_CUDA_OPS = {"LtGemm"}
@@ -470,6 +473,13 @@ def replace_contrib_ops(model) -> None:
         if node.domain == "semvoc.cuda" and node.op_type in ATTENTION_CUDA_OPS:
             heads = _attr(node, "num_heads", 0)
             nodes.append(helper.make_node("Attention", list(node.input[:3]), [node.output[0]], name=node.name,
+                                          q_num_heads=heads, kv_num_heads=heads))
+            continue
+        if node.domain == "semvoc.cuda" and node.op_type in QKV_ATTENTION_CUDA_OPS:
+            heads = _attr(node, "num_heads", 0)
+            parts = [f"{node.output[0]}__{p}" for p in "qkv"]
+            nodes.append(helper.make_node("Split", [node.input[0]], parts, axis=-1, num_outputs=3))
+            nodes.append(helper.make_node("Attention", parts, [node.output[0]], name=node.name,
                                           q_num_heads=heads, kv_num_heads=heads))
             continue
         if node.domain == "semvoc.cuda" and node.op_type == "AudioFrames":

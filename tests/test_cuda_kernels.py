@@ -297,6 +297,14 @@ def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path, monkeypatch):
     later_plain = sum(1 for i, b in enumerate(blocks) if i > 0 and not b.has_skip)
     assert ops.count("GatedSkipNorm") == len(blocks) + later_plain + 1
     assert "RotaryEmbedding" not in ops
+    # the step's table rows: two levels of Splits of at most 32 outputs (onnxruntime's one-kernel
+    # Split), not one Split per block
+    from semvoc.export.fused_dit import ROWS_PER_BLOCK, SPLIT_OUTPUTS
+
+    table_rows = ROWS_PER_BLOCK * len(blocks) + 2
+    splits = [n for n in nodes if n.op_type == "Split"]
+    assert len(splits) == 1 + -(-table_rows // SPLIT_OUTPUTS) < len(blocks)
+    assert all(len(n.output) <= SPLIT_OUTPUTS for n in splits)
 
     def readers(op: str, output: int) -> set[str]:
         produced = {n.output[output] for n in nodes if n.op_type == op}

@@ -69,3 +69,13 @@ def test_unsupported_configurations_keep_the_generic_form():
     with pytest.raises(ValueError, match="no fused form"):
         FusedDiT(dit)
     assert not supports_fused(_dit(dict(time_fusion="token")))
+
+
+@pytest.mark.parametrize("total", [1, 9, 32, 33, 202])
+def test_table_rows_are_the_rows_in_order(total):
+    from semvoc.export.fused_dit import table_rows
+
+    table = torch.arange(total * 3, dtype=torch.float32).reshape(total, 3)
+    rows = table_rows(table)
+    assert len(rows) == total and all(r.shape == (3,) for r in rows)
+    torch.testing.assert_close(torch.stack(rows), table, rtol=0, atol=0)

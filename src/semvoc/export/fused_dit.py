@@ -18,13 +18,16 @@ rounding-relevant order of the official block, and rewrites the rest:
   final layer: no modulation kernels in the step. The timestep is shared by the batch (one row
   per step, broadcast);
 - the cross-attention key mask becomes an additive bias once per step, not per block;
-- GEGLU as two GEMMs, ``BiasGelu`` on the gate: no Split copy.
+- GEGLU as two GEMMs, ``BiasGelu`` on the gate: no Split copy;
+- the step's table rows come out of two levels of Splits (``table_rows``), not one Split per block.
 
 With ``cuda_ops`` (``semvoc-export --cuda-kernels``) semvoc's CUDA ops take over what
-onnxruntime's stock ops need several kernels for: ``HeadNormRopeQkv`` (the self-attention's q|k|v
-from ONE GEMM of the three projections, its qk-norms, RoPE and the q/k/v split; ``HeadNormRope``
-with q|k and v as two GEMMs when it is left out), ``HeadNorm`` (the cross-attention q-norm), ``GatedSkipNorm`` (gate,
-residual and the next norm), ``BiasGeglu`` (GEGLU after one GEMM of both halves),
+onnxruntime's stock ops need several kernels for: ``QkvAttention`` (fp16, head size 64: the
+self-attention straight from ONE GEMM of the q, k and v projections, its qk-norms, RoPE and the
+attention in one kernel), else ``HeadNormRopeQkv`` (the qk-norms, RoPE and the q/k/v split before
+onnxruntime's Attention; ``HeadNormRope`` with q|k and v as two GEMMs when it is left out),
+``HeadNorm`` (the cross-attention q-norm), ``GatedSkipNorm`` (gate, residual and the next norm),
+``BiasGeglu`` (GEGLU after one GEMM of both halves),
 ``CrossAttention`` (the masked cross-attention, reading the bool text mask itself: no mask bias,
 and the padded keys past the text's last token are skipped), and on the U-Net skip path
 ``GatedConcatNorm`` (pending MLP output, concatenation and skip_norm), ``BiasAddNorm``
@@ -56,6 +59,9 @@ from semvoc.kernels.gated_skip_norm import gated_skip_norm
 from semvoc.kernels.head_norm import QKV_NORM_ROPE, head_norm, head_norm_rope, head_norm_rope_qkv
 from semvoc.kernels.ltgemm import linear as lt_linear
 from semvoc.kernels.onnx_ops import fusion_enabled
+from semvoc.kernels.qkv_attention import FUSION as QKV_ATTENTION
+from semvoc.kernels.qkv_attention import HEAD_SIZE as QKV_ATTENTION_HEAD_SIZE
+from semvoc.kernels.qkv_attention import qkv_attention
 from semvoc.kernels.rotary import rope_tables, rotary
 from semvoc.kernels.skip_layernorm import skip_layer_norm
 from semvoc.kernels.skip_norm import bias_add_norm, gated_concat_norm, layer_norm
@@ -117,6 +123,20 @@ def fused_cross_kv(dit: UDiT, context_tokens: torch.Tensor) -> tuple[torch.Tenso
     return tuple(out)
 
 
+# onnxruntime's CUDA Split writes at most this many outputs from one kernel's own arguments (more
+# go through a pointer table copied from the host)
+SPLIT_OUTPUTS = 32
+
+
+def table_rows(table: torch.Tensor) -> list[torch.Tensor]:
+    """``[R, D]`` -> its R rows, ``[D]`` each, in two levels of Splits of at most ``SPLIT_OUTPUTS``
+    (R = 202 for the reference DiT: 8 Split kernels per step, where one Split per block took 27).
+    chunk/split export as Split (one kernel per call); unbind or indexing would be one Slice per row."""
+    total = table.shape[0]
+    groups = [table] if total <= SPLIT_OUTPUTS else table.split(SPLIT_OUTPUTS)
+    return [row.reshape(-1) for group in groups for row in group.chunk(group.shape[0])]
+
+
 def biased_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cuda_ops: bool) -> torch.Tensor:
     """``F.linear``; with ``cuda_ops`` and a bias, one semvoc ``LtGemm`` (bias in the GEMM's epilogue)
     instead of a MatMul and an Add."""
@@ -150,6 +170,9 @@ class FusedBlock(nn.Module):
         self.rope = attn.rope_mode == "shared"
         # q|k|v as one GEMM where HeadNormRopeQkv takes it apart; else q|k as one GEMM and v
         self.fuse_qkv = cuda_ops and self.qk_norm and self.rope and fusion_enabled(QKV_NORM_ROPE)
+        # ... and the norms, RoPE and the attention as one kernel (fp16, hd 64: checked in forward)
+        self.qkv_attention_op = (self.fuse_qkv and fusion_enabled(QKV_ATTENTION)
+                                 and attn.to_q.out_features == num_heads * QKV_ATTENTION_HEAD_SIZE)
         projections = [attn.to_q, attn.to_k] + ([attn.to_v] if self.fuse_qkv else [])
         self.w_qk = nn.Parameter(torch.cat([p.weight for p in projections]).detach().clone(), requires_grad=False)
         biased = any(p.bias is not None for p in projections)
@@ -182,6 +205,9 @@ class FusedBlock(nn.Module):
         attn = self.blk.attn
         batch, length, dim = h.shape
         qk = biased_linear(h, self.w_qk, self.b_qk, self.cuda_ops)  # [B, L, 2D], or [B, L, 3D] with v
+        if self.qkv_attention_op and qk.dtype == torch.float16:  # one semvoc.cuda op: norms, RoPE, attention
+            out = qkv_attention(qk, self.qk_gamma, self.qk_beta, rope[0], rope[1], attn.norm_q.eps, self.heads)
+            return F.linear(out, attn.proj.weight)
         if self.fuse_qkv:  # one semvoc.cuda op: norms, RoPE, the q/k/v split
             q, k, v = head_norm_rope_qkv(qk, self.qk_gamma, self.qk_beta, rope[0], rope[1], attn.norm_q.eps)
             return F.linear(attention_packed(q, k, v, None, self.heads), attn.proj.weight)
@@ -319,17 +345,16 @@ class FusedDiT(nn.Module):
         else:
             mask = key_mask_bias(context_mask, length, h.dtype)
         n = len(self.blocks)
-        # chunk (one Split kernel per level), not unbind/indexing (one Slice kernel per piece)
-        block_rows = step_rows[: ROWS_PER_BLOCK * n].reshape(n, ROWS_PER_BLOCK, -1).chunk(n)
+        rows = table_rows(step_rows)
         half, skips, pending = len(dit.in_blocks), [], None
         for i, blk in enumerate(self.blocks):
             skip = skips.pop() if (i > half and blk.blk.has_skip) else None
-            rows = [r.reshape(-1) for r in block_rows[i].reshape(ROWS_PER_BLOCK, -1).chunk(ROWS_PER_BLOCK)]
-            h, pending, completed = blk(h, pending, rows, tuple(cross_kv[2 * i : 2 * i + 2]), mask, rope, skip)
+            block_rows = rows[ROWS_PER_BLOCK * i : ROWS_PER_BLOCK * (i + 1)]
+            h, pending, completed = blk(h, pending, block_rows, tuple(cross_kv[2 * i : 2 * i + 2]), mask, rope, skip)
             if completed is not None and i - 1 < half and dit.cfg.skip:
                 skips.append(completed)  # the previous block's output, finished by this block's norm
         final = dit.final_block
-        weight, beta = (r.reshape(-1) for r in step_rows[ROWS_PER_BLOCK * n:].chunk(FINAL_ROWS))
+        weight, beta = rows[ROWS_PER_BLOCK * n :]
         h, _ = gated_norm(h, *pending, weight, beta, final.norm.eps, self.cuda_ops)  # modulation folded in
         h = biased_linear(h, final.linear.weight, final.linear.bias, self.cuda_ops)  # [B, N, p*C]
         h = h.reshape(batch, length * final.patch_size, final.out_chans)  # [B, N p, C]

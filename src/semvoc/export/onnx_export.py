@@ -177,7 +177,7 @@ def op_counts(path: Path) -> Counter:
 
 
 # fused attention nodes: ONNX's Attention and semvoc.cuda's CrossAttention (--cuda-kernels)
-FUSED_ATTENTION_OPS = ("Attention", "CrossAttention")
+FUSED_ATTENTION_OPS = ("Attention", "CrossAttention", "QkvAttention")
 
 
 def check_structure(spec: GraphSpec, path: Path, expected_attention: int | None) -> dict:

@@ -17,6 +17,7 @@ void GatedConcatNormCompute(OrtKernelContext* ctx, const KernelState&);
 void BiasAddNormCompute(OrtKernelContext* ctx, const KernelState&);
 void LayerNormCompute(OrtKernelContext* ctx, const KernelState&);
 void CrossAttentionCompute(OrtKernelContext* ctx, const KernelState&);
+void QkvAttentionCompute(OrtKernelContext* ctx, const KernelState&);
 void AudioFramesCompute(OrtKernelContext* ctx, const KernelState&);
 void EulerOverlapAddCompute(OrtKernelContext* ctx, const KernelState&);
 void LtGemmCompute(OrtKernelContext* ctx, const KernelState&);
@@ -164,6 +165,10 @@ static std::vector<OpDef>& Ops() {
       euler.float32_outputs = 1u;
       euler.pred_x1 = true;
       all.push_back(euler);
+      if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {  // qkv, gamma, beta, cos, sin (a kernel for fp16 only)
+        all.push_back(MakeOp("QkvAttention", type, 5, 1, QkvAttentionCompute, /*epsilon=*/true, /*layer=*/false,
+                             /*num_heads=*/true));
+      }
     }
     return all;
   }();

@@ -1,0 +1,270 @@
+// QkvAttention's kernel (launched by qkv_attention.cu): the DiT's self-attention straight from its
+// q|k|v GEMM output:
+//   q_h, k_h = rope(LayerNorm(x_h) * gamma_h + beta_h) for the q and k heads of x = qkv[r, l, :]
+//   (one rounding to fp16, as HeadNormRopeQkv writes them), v_h as it is;
+//   out[r, l, h*64 + d] = softmax_j(q_h[l] . k_h[j] / 8) . v_h[:, d] over the L keys j of row r.
+// qkv [R, L, 3*H*64] fp16 (q heads, then k heads, then v heads); gamma/beta [2H, 64] (the q heads'
+// rows, then the k heads') or [64] (shared); cos/sin [>= L, 32]: the half-split rotation
+//   y'[j] = y[j] cos[l, j] - y[j + 32] sin[l, j],  y'[j + 32] = y[j + 32] cos[l, j] + y[j] sin[l, j].
+// out [R, L, H*64].
+//
+// One block of 4 warps per (64 queries, head, row); a warp owns 16 queries (one m16 tile of
+// mma.sync.m16n8k16). Keys in tiles of 64, double-buffered in shared memory (cp.async): each tile's
+// K rows are normed and rotated in place by the block (16 rows per warp) before QK^T, so the norms
+// cost one pass over K per query tile instead of a separate kernel writing q, k and v. The softmax is
+// online (running max and sum per query row, in fp32, exp2 with the scale folded in); P is rounded to
+// fp16 once, in the register layout of PV's A operand. Keys past L are zeros in shared memory and
+// -inf in the logits. The output is divided by the row sum in fp32, rounded once, staged through
+// the warp's Q rows and written in 16-byte vectors.
+#pragma once
+
+#include "mma_sync.cuh"
+#include "ort_op.h"
+
+namespace semvoc {
+
+constexpr int kQkvHd = 64;
+constexpr int kQkvStride = kQkvHd + 8;  // halves per shared row (ldmatrix's 8 rows hit 8 bank groups)
+constexpr int kQkvWarps = 4;
+constexpr int kQkvQueries = 16 * kQkvWarps;  // queries per block
+constexpr int kQkvKeyTile = 64;
+
+struct QkvShared {
+  __half q[kQkvQueries][kQkvStride];             // per warp: its 16 queries, then its 16 output rows
+  __half k[2][kQkvKeyTile][kQkvStride];          // double-buffered key tiles
+  __half v[2][kQkvKeyTile][kQkvStride];
+};
+
+// The q/k heads' LayerNorm affine and the rotation tables.
+struct NormRopeTables {
+  const __half* gamma = nullptr;  // [2H, 64] (affine_stride 64) or [64] (affine_stride 0)
+  const __half* beta = nullptr;
+  int affine_stride = 0;
+  float eps = 0.f;
+  const __half* cos = nullptr;  // [>= L, 32]
+  const __half* sin = nullptr;
+};
+
+// A warp's 16 rows of 64 halves in shared memory: LayerNorm over each row with the affine at
+// gamma/beta (statistics in fp32, two passes), then the rotation at positions first .. first + 15
+// (clamped to L - 1: rows past L are padding), rounded once to fp16 in place. Two lanes per row:
+// lane % 2 holds dims [32 (lane % 2), +32), the rotation's partner is the other lane's same index.
+__device__ __forceinline__ void NormRopeRows(__half (*rows)[kQkvStride], int lane, const __half* gamma,
+                                             const __half* beta, float eps, const __half* cos, const __half* sin,
+                                             int first, int length) {
+  constexpr int kPart = kQkvHd / 2;
+  const int upper = lane % 2;
+  __half* part = &rows[lane / 2][upper * kPart];
+  float x[kPart];
+#pragma unroll
+  for (int i = 0; i < kPart / 8; ++i) {
+    const Vec<__half, 8> raw = *reinterpret_cast<const Vec<__half, 8>*>(part + 8 * i);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) x[8 * i + e] = __half2float(raw.v[e]);
+  }
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < kPart; ++i) sum += x[i];
+  const float mean = (sum + __shfl_xor_sync(0xffffffffu, sum, 1)) / kQkvHd;
+  float squares = 0.f;
+#pragma unroll
+  for (int i = 0; i < kPart; ++i) squares += (x[i] - mean) * (x[i] - mean);
+  const float rstd = rsqrtf((squares + __shfl_xor_sync(0xffffffffu, squares, 1)) / kQkvHd + eps);
+  const int position = min(first + lane / 2, length - 1);
+#pragma unroll
+  for (int i = 0; i < kPart / 8; ++i) {
+    const Vec<__half, 8> g = *reinterpret_cast<const Vec<__half, 8>*>(gamma + upper * kPart + 8 * i);
+    const Vec<__half, 8> b = *reinterpret_cast<const Vec<__half, 8>*>(beta + upper * kPart + 8 * i);
+    const Vec<__half, 8> cs = *reinterpret_cast<const Vec<__half, 8>*>(cos + position * kPart + 8 * i);
+    const Vec<__half, 8> sn = *reinterpret_cast<const Vec<__half, 8>*>(sin + position * kPart + 8 * i);
+    Vec<__half, 8> y;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const float normed = (x[8 * i + e] - mean) * rstd * __half2float(g.v[e]) + __half2float(b.v[e]);
+      const float partner = __shfl_xor_sync(0xffffffffu, normed, 1);
+      const float c = __half2float(cs.v[e]), s = __half2float(sn.v[e]);
+      y.v[e] = __float2half_rn(upper ? normed * c + partner * s : normed * c - partner * s);
+    }
+    *reinterpret_cast<Vec<__half, 8>*>(part + 8 * i) = y;
+  }
+  __syncwarp();
+}
+
+__global__ void __launch_bounds__(kQkvWarps * 32) QkvAttentionKernel(const __half* __restrict__ qkv,
+                                                                      __half* __restrict__ out, int length, int heads,
+                                                                      NormRopeTables tables, float scale_log2) {
+  static_assert(sizeof(QkvShared) <= 48 * 1024, "static shared memory");
+  __shared__ __align__(16) QkvShared sm;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int head = blockIdx.y, row = blockIdx.z;
+  const int q0 = blockIdx.x * kQkvQueries + warp * 16;  // this warp's first query
+  const int64_t in_width = static_cast<int64_t>(3) * heads * kQkvHd;
+  const int64_t out_width = static_cast<int64_t>(heads) * kQkvHd;
+  const __half* base = qkv + static_cast<int64_t>(row) * length * in_width;
+  const __half* q_src = base + head * kQkvHd;
+  const __half* k_src = base + (heads + head) * kQkvHd;
+  const __half* v_src = base + (2 * heads + head) * kQkvHd;
+  const int tiles = (length + kQkvKeyTile - 1) / kQkvKeyTile;
+
+  // key tile `tile` of K and V into buffer `buffer`: rows past L are zeros (0 * 0 in PV, never NaN)
+  auto stage_tile = [&](int buffer, int tile) {
+    for (int chunk = tid; chunk < kQkvKeyTile * 8; chunk += kQkvWarps * 32) {
+      const int r = chunk / 8, c = (chunk % 8) * 8, key = tile * kQkvKeyTile + r;
+      const int64_t offset = static_cast<int64_t>(min(key, length - 1)) * in_width + c;
+      const int bytes = key < length ? 16 : 0;
+      CpAsync16(&sm.k[buffer][r][c], k_src + offset, bytes);
+      CpAsync16(&sm.v[buffer][r][c], v_src + offset, bytes);
+    }
+  };
+
+  // group 0: the warp's Q rows and key tile 0; group 1: key tile 1 (empty when there is none).
+  // Every loop turn commits one group more, so "all but the newest group" is always the current tile.
+  __half(*qs)[kQkvStride] = sm.q + warp * 16;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int chunk = lane + 32 * i, r = chunk / 8, c = (chunk % 8) * 8, query = q0 + r;
+    CpAsync16(&qs[r][c], q_src + static_cast<int64_t>(min(query, length - 1)) * in_width + c, query < length ? 16 : 0);
+  }
+  stage_tile(0, 0);
+  CpAsyncCommit();
+  if (tiles > 1) stage_tile(1, 1);
+  CpAsyncCommit();
+
+  const __half* q_gamma = tables.gamma + head * tables.affine_stride;
+  const __half* q_beta = tables.beta + head * tables.affine_stride;
+  const __half* k_gamma = tables.gamma + (heads + head) * tables.affine_stride;
+  const __half* k_beta = tables.beta + (heads + head) * tables.affine_stride;
+  const int g = lane / 4, t = lane % 4;  // fragment coordinates: row g (and g + 8), columns 2t, 2t + 1
+  const int m = lane / 8;                // ldmatrix: which of the four 8x8 matrices this lane addresses
+  uint32_t qa[4][4];                     // Q as A fragments for the 4 k-steps of 16 dims
+  float o[kQkvHd / 8][4];                // O: the C fragment of dims 8n .. 8n + 7
+#pragma unroll
+  for (int n = 0; n < kQkvHd / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.f, 0.f};  // rows g, g + 8 (per-thread sums)
+
+  for (int kt = 0; kt < tiles; ++kt) {
+    const int buffer = kt & 1;
+    CpAsyncWait<1>();  // this thread's copies of tile kt (and Q)
+    __syncthreads();   // everyone's
+    if (kt == 0) {
+      NormRopeRows(qs, lane, q_gamma, q_beta, tables.eps, tables.cos, tables.sin, q0, length);
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) LdMatrixX4(qa[ks], &qs[lane % 16][ks * 16 + (lane / 16) * 8]);
+    }
+    NormRopeRows(sm.k[buffer] + warp * 16, lane, k_gamma, k_beta, tables.eps, tables.cos, tables.sin,
+                 kt * kQkvKeyTile + warp * 16, length);
+    __syncthreads();  // the whole tile normed
+
+    // logits of the tile: s[j] is the C fragment of keys 8j .. 8j + 7
+    float s[kQkvKeyTile / 8][4];
+#pragma unroll
+    for (int j = 0; j < kQkvKeyTile / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+    for (int k16 = 0; k16 < kQkvKeyTile / 16; ++k16)
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {
+        // matrices: keys +0..7 / dims +0..7, keys +0..7 / dims +8..15, keys +8..15 / dims +0..7, +8..15 / +8..15
+        uint32_t b[4];
+        LdMatrixX4(b, &sm.k[buffer][k16 * 16 + (m / 2) * 8 + lane % 8][ks * 16 + (m % 2) * 8]);
+        MmaF16(s[2 * k16], qa[ks], b[0], b[1]);
+        MmaF16(s[2 * k16 + 1], qa[ks], b[2], b[3]);
+      }
+
+    // online softmax: the tile's row maxima (a quad of lanes shares a row), rescale what came before
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < kQkvKeyTile / 8; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int key = kt * kQkvKeyTile + 8 * j + 2 * t + (c & 1);
+        s[j][c] = key < length ? s[j][c] * scale_log2 : -INFINITY;
+        tile_max[c / 2] = fmaxf(tile_max[c / 2], s[j][c]);
+      }
+    float correction[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
+      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
+      // every tile holds key kt * 64 < L, so the new maximum is finite; exp2(-inf) = 0 on the first tile
+      const float new_max = fmaxf(run_max[h], tile_max[h]);
+      correction[h] = exp2f(run_max[h] - new_max);
+      run_max[h] = new_max;
+      run_sum[h] *= correction[h];
+    }
+#pragma unroll
+    for (int n = 0; n < kQkvHd / 8; ++n) {
+      o[n][0] *= correction[0];
+      o[n][1] *= correction[0];
+      o[n][2] *= correction[1];
+      o[n][3] *= correction[1];
+    }
+    uint32_t pa[kQkvKeyTile / 16][4];  // P as A fragments, one per 16 keys
+#pragma unroll
+    for (int k16 = 0; k16 < kQkvKeyTile / 16; ++k16) {
+      float p[2][4];
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          p[half][c] = exp2f(s[2 * k16 + half][c] - run_max[c / 2]);
+          run_sum[c / 2] += p[half][c];
+        }
+      pa[k16][0] = PackHalf2(p[0][0], p[0][1]);  // row g, keys 2t, 2t + 1
+      pa[k16][1] = PackHalf2(p[0][2], p[0][3]);  // row g + 8
+      pa[k16][2] = PackHalf2(p[1][0], p[1][1]);  // row g, keys 8 + 2t, 8 + 2t + 1
+      pa[k16][3] = PackHalf2(p[1][2], p[1][3]);
+    }
+
+    // O += P V
+#pragma unroll
+    for (int k16 = 0; k16 < kQkvKeyTile / 16; ++k16)
+#pragma unroll
+      for (int np = 0; np < kQkvHd / 16; ++np) {
+        // transposed matrices: keys +0..7 / dims +0..7, keys +8..15 / dims +0..7, +0..7 / +8..15, +8..15 / +8..15
+        uint32_t b[4];
+        LdMatrixX4Trans(b, &sm.v[buffer][k16 * 16 + (m % 2) * 8 + lane % 8][np * 16 + (m / 2) * 8]);
+        MmaF16(o[2 * np], pa[k16], b[0], b[1]);
+        MmaF16(o[2 * np + 1], pa[k16], b[2], b[3]);
+      }
+
+    __syncthreads();  // every warp is done with this buffer: refill it with tile kt + 2
+    if (kt + 2 < tiles) stage_tile(buffer, kt + 2);
+    CpAsyncCommit();
+  }
+
+  // normalise, stage through the warp's Q rows, store 16-byte vectors
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    run_sum[h] += __shfl_xor_sync(0xffffffffu, run_sum[h], 1);
+    run_sum[h] += __shfl_xor_sync(0xffffffffu, run_sum[h], 2);
+  }
+  const float inv[2] = {1.f / run_sum[0], 1.f / run_sum[1]};  // >= 1: the row's maximum key has p = 1
+#pragma unroll
+  for (int n = 0; n < kQkvHd / 8; ++n) {
+    *reinterpret_cast<uint32_t*>(&qs[g][8 * n + 2 * t]) = PackHalf2(o[n][0] * inv[0], o[n][1] * inv[0]);
+    *reinterpret_cast<uint32_t*>(&qs[g + 8][8 * n + 2 * t]) = PackHalf2(o[n][2] * inv[1], o[n][3] * inv[1]);
+  }
+  __syncwarp();
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int chunk = lane + 32 * i, r = chunk / 8, c = (chunk % 8) * 8, query = q0 + r;
+    if (query < length)
+      *reinterpret_cast<uint4*>(out + (static_cast<int64_t>(row) * length + query) * out_width + head * kQkvHd + c) =
+          *reinterpret_cast<const uint4*>(&qs[r][c]);
+  }
+}
+
+// What the kernel needs: fp16, hd 64, 16-byte aligned buffers (checked by the op, which refuses the rest).
+inline bool QkvAttentionEligible(int64_t hd, std::initializer_list<const void*> buffers) {
+  return hd == kQkvHd && Vectorizable<__half>(hd, buffers);
+}
+
+inline void LaunchQkvAttention(const __half* qkv, __half* out, int rows, int length, int heads,
+                               const NormRopeTables& tables, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((length + kQkvQueries - 1) / kQkvQueries), static_cast<unsigned>(heads),
+                  static_cast<unsigned>(rows));
+  const float scale_log2 = 1.4426950408889634f / sqrtf(static_cast<float>(kQkvHd));
+  QkvAttentionKernel<<<grid, kQkvWarps * 32, 0, stream>>>(qkv, out, length, heads, tables, scale_log2);
+}
+
+}  // namespace semvoc
