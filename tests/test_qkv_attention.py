@@ -117,11 +117,14 @@ def test_fp32_dit_step_keeps_the_separate_form(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- on a GPU
 
-# (rows, L, heads, per-head affine). The kernel: a block per 64 queries of one (row, head), key tiles
-# of 64 double-buffered; keys past L are zeros in shared memory and masked in the logits.
+# (rows, L, heads, per-head affine). The kernel: a block per 64 queries of one (row, head) (128 when
+# that grid still fills the GPU twice: 8 warps), key tiles of 64 double-buffered; keys past L are
+# zeros in shared memory and masked in the logits.
 GPU_CASES = {
     # the reference DiT at batch 1 with CFG: 2 rows of 250 frames, 16 heads, per-head affine
     "dit-R2": (2, 250, 16, True),
+    # batch 16 with CFG: 32 rows, blocks of 8 warps (1,024 blocks), the last one's queries partly past L
+    "dit-R32-wide": (32, 250, 16, True),
     # one partial tile (L < 64), one affine shared by the q and k heads, an odd row count
     "L37-shared": (3, 37, 2, False),
     # L = 64: one full tile, no padding; L = 129: three tiles, the last holding one key

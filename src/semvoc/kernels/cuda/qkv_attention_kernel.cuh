@@ -8,15 +8,20 @@
 //   y'[j] = y[j] cos[l, j] - y[j + 32] sin[l, j],  y'[j + 32] = y[j + 32] cos[l, j] + y[j] sin[l, j].
 // out [R, L, H*64].
 //
-// One block of 4 warps per (64 queries, head, row); a warp owns 16 queries (one m16 tile of
-// mma.sync.m16n8k16). Keys in tiles of 64, double-buffered in shared memory (cp.async): each tile's
-// K rows are normed and rotated in place by the block (16 rows per warp) before QK^T, so the norms
-// cost one pass over K per query tile instead of a separate kernel writing q, k and v. The softmax is
-// online (running max and sum per query row, in fp32, exp2 with the scale folded in); P is rounded to
-// fp16 once, in the register layout of PV's A operand. Keys past L are zeros in shared memory and
-// -inf in the logits. The output is divided by the row sum in fp32, rounded once, staged through
-// the warp's Q rows and written in 16-byte vectors.
+// One block of kWarps warps per (16 kWarps queries, head, row); a warp owns 16 queries (one m16
+// tile of mma.sync.m16n8k16). Keys in tiles of 64, double-buffered in shared memory (cp.async):
+// each tile's K rows are normed and rotated in place by the block (64 / kWarps rows per warp) before
+// QK^T, so the norms cost one pass over K per query tile instead of a separate kernel writing q, k
+// and v. The softmax is online (running max and sum per query row, in fp32, exp2 with the scale
+// folded in); P is rounded to fp16 once, in the register layout of PV's A operand. Keys past L are
+// zeros in shared memory and -inf in the logits. The output is divided by the row sum in fp32,
+// rounded once, staged through the warp's Q rows and written in 16-byte vectors.
+// 4 warps (64 queries) where the grid is small (batch 1: 128 blocks for 132 SMs); 8 warps (128
+// queries: half the K norms and K/V loads per query) where it fills the GPU twice over anyway.
 #pragma once
+
+#include <cstdint>
+#include <mutex>
 
 #include "mma_sync.cuh"
 #include "ort_op.h"
@@ -25,15 +30,14 @@ namespace semvoc {
 
 constexpr int kQkvHd = 64;
 constexpr int kQkvStride = kQkvHd + 8;  // halves per shared row (ldmatrix's 8 rows hit 8 bank groups)
-constexpr int kQkvWarps = 4;
-constexpr int kQkvQueries = 16 * kQkvWarps;  // queries per block
 constexpr int kQkvKeyTile = 64;
 
-struct QkvShared {
-  __half q[kQkvQueries][kQkvStride];             // per warp: its 16 queries, then its 16 output rows
-  __half k[2][kQkvKeyTile][kQkvStride];          // double-buffered key tiles
-  __half v[2][kQkvKeyTile][kQkvStride];
-};
+// Dynamic shared memory of a block of kWarps warps, in rows of kQkvStride halves: the warps' query
+// rows (16 each: its queries, then its output rows), then two K tiles and two V tiles.
+template <int kWarps>
+constexpr int QkvSharedBytes() {
+  return (16 * kWarps + 4 * kQkvKeyTile) * kQkvStride * static_cast<int>(sizeof(__half));
+}
 
 // The q/k heads' LayerNorm affine and the rotation tables.
 struct NormRopeTables {
@@ -45,16 +49,20 @@ struct NormRopeTables {
   const __half* sin = nullptr;
 };
 
-// A warp's 16 rows of 64 halves in shared memory: LayerNorm over each row with the affine at
-// gamma/beta (statistics in fp32, two passes), then the rotation at positions first .. first + 15
-// (clamped to L - 1: rows past L are padding), rounded once to fp16 in place. Two lanes per row:
-// lane % 2 holds dims [32 (lane % 2), +32), the rotation's partner is the other lane's same index.
+// 32 / kLanes rows of 64 halves in shared memory, kLanes lanes per row: LayerNorm over each row with
+// the affine at gamma/beta (statistics in fp32, two passes), then the rotation at positions
+// first, first + 1, ... (clamped to L - 1: rows past L are padding), rounded once to fp16 in place.
+// Lane i of a row holds dims [64 i / kLanes, +64 / kLanes); the rotation pairs dim j with j + 32,
+// which the lane kLanes / 2 away holds at the same index.
+template <int kLanes>
 __device__ __forceinline__ void NormRopeRows(__half (*rows)[kQkvStride], int lane, const __half* gamma,
                                              const __half* beta, float eps, const __half* cos, const __half* sin,
                                              int first, int length) {
-  constexpr int kPart = kQkvHd / 2;
-  const int upper = lane % 2;
-  __half* part = &rows[lane / 2][upper * kPart];
+  static_assert(kLanes == 2 || kLanes == 4, "2 or 4 lanes per row");
+  constexpr int kPart = kQkvHd / kLanes;
+  const int piece = lane % kLanes;
+  const bool upper = piece >= kLanes / 2;  // dims 32..63: y' = y cos + partner sin
+  __half* part = &rows[lane / kLanes][piece * kPart];
   float x[kPart];
 #pragma unroll
   for (int i = 0; i < kPart / 8; ++i) {
@@ -65,23 +73,29 @@ __device__ __forceinline__ void NormRopeRows(__half (*rows)[kQkvStride], int lan
   float sum = 0.f;
 #pragma unroll
   for (int i = 0; i < kPart; ++i) sum += x[i];
-  const float mean = (sum + __shfl_xor_sync(0xffffffffu, sum, 1)) / kQkvHd;
+#pragma unroll
+  for (int step = 1; step < kLanes; step *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, step);
+  const float mean = sum / kQkvHd;
   float squares = 0.f;
 #pragma unroll
   for (int i = 0; i < kPart; ++i) squares += (x[i] - mean) * (x[i] - mean);
-  const float rstd = rsqrtf((squares + __shfl_xor_sync(0xffffffffu, squares, 1)) / kQkvHd + eps);
-  const int position = min(first + lane / 2, length - 1);
+#pragma unroll
+  for (int step = 1; step < kLanes; step *= 2) squares += __shfl_xor_sync(0xffffffffu, squares, step);
+  const float rstd = rsqrtf(squares / kQkvHd + eps);
+  const int position = min(first + lane / kLanes, length - 1);
+  const int angle0 = (piece % (kLanes / 2)) * kPart;  // the table column of this lane's first dim
 #pragma unroll
   for (int i = 0; i < kPart / 8; ++i) {
-    const Vec<__half, 8> g = *reinterpret_cast<const Vec<__half, 8>*>(gamma + upper * kPart + 8 * i);
-    const Vec<__half, 8> b = *reinterpret_cast<const Vec<__half, 8>*>(beta + upper * kPart + 8 * i);
-    const Vec<__half, 8> cs = *reinterpret_cast<const Vec<__half, 8>*>(cos + position * kPart + 8 * i);
-    const Vec<__half, 8> sn = *reinterpret_cast<const Vec<__half, 8>*>(sin + position * kPart + 8 * i);
+    const Vec<__half, 8> g = *reinterpret_cast<const Vec<__half, 8>*>(gamma + piece * kPart + 8 * i);
+    const Vec<__half, 8> b = *reinterpret_cast<const Vec<__half, 8>*>(beta + piece * kPart + 8 * i);
+    const int column = position * (kQkvHd / 2) + angle0 + 8 * i;
+    const Vec<__half, 8> cs = *reinterpret_cast<const Vec<__half, 8>*>(cos + column);
+    const Vec<__half, 8> sn = *reinterpret_cast<const Vec<__half, 8>*>(sin + column);
     Vec<__half, 8> y;
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       const float normed = (x[8 * i + e] - mean) * rstd * __half2float(g.v[e]) + __half2float(b.v[e]);
-      const float partner = __shfl_xor_sync(0xffffffffu, normed, 1);
+      const float partner = __shfl_xor_sync(0xffffffffu, normed, kLanes / 2);
       const float c = __half2float(cs.v[e]), s = __half2float(sn.v[e]);
       y.v[e] = __float2half_rn(upper ? normed * c + partner * s : normed * c - partner * s);
     }
@@ -90,14 +104,19 @@ __device__ __forceinline__ void NormRopeRows(__half (*rows)[kQkvStride], int lan
   __syncwarp();
 }
 
-__global__ void __launch_bounds__(kQkvWarps * 32) QkvAttentionKernel(const __half* __restrict__ qkv,
-                                                                      __half* __restrict__ out, int length, int heads,
-                                                                      NormRopeTables tables, float scale_log2) {
-  static_assert(sizeof(QkvShared) <= 48 * 1024, "static shared memory");
-  __shared__ __align__(16) QkvShared sm;
+template <int kWarps>
+__global__ void __launch_bounds__(kWarps * 32) QkvAttentionKernel(const __half* __restrict__ qkv,
+                                                                   __half* __restrict__ out, int length, int heads,
+                                                                   NormRopeTables tables, float scale_log2) {
+  constexpr int kQueries = 16 * kWarps;
+  constexpr int kKeyRowsPerWarp = kQkvKeyTile / kWarps;  // K rows each warp norms per tile
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  auto* shared_rows = reinterpret_cast<__half(*)[kQkvStride]>(shared_bytes);
+  auto k_tile = [&](int buffer) { return shared_rows + kQueries + buffer * kQkvKeyTile; };
+  auto v_tile = [&](int buffer) { return shared_rows + kQueries + (2 + buffer) * kQkvKeyTile; };
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int head = blockIdx.y, row = blockIdx.z;
-  const int q0 = blockIdx.x * kQkvQueries + warp * 16;  // this warp's first query
+  const int q0 = blockIdx.x * kQueries + warp * 16;  // this warp's first query
   const int64_t in_width = static_cast<int64_t>(3) * heads * kQkvHd;
   const int64_t out_width = static_cast<int64_t>(heads) * kQkvHd;
   const __half* base = qkv + static_cast<int64_t>(row) * length * in_width;
@@ -108,18 +127,18 @@ __global__ void __launch_bounds__(kQkvWarps * 32) QkvAttentionKernel(const __hal
 
   // key tile `tile` of K and V into buffer `buffer`: rows past L are zeros (0 * 0 in PV, never NaN)
   auto stage_tile = [&](int buffer, int tile) {
-    for (int chunk = tid; chunk < kQkvKeyTile * 8; chunk += kQkvWarps * 32) {
+    for (int chunk = tid; chunk < kQkvKeyTile * 8; chunk += kWarps * 32) {
       const int r = chunk / 8, c = (chunk % 8) * 8, key = tile * kQkvKeyTile + r;
       const int64_t offset = static_cast<int64_t>(min(key, length - 1)) * in_width + c;
       const int bytes = key < length ? 16 : 0;
-      CpAsync16(&sm.k[buffer][r][c], k_src + offset, bytes);
-      CpAsync16(&sm.v[buffer][r][c], v_src + offset, bytes);
+      CpAsync16(&k_tile(buffer)[r][c], k_src + offset, bytes);
+      CpAsync16(&v_tile(buffer)[r][c], v_src + offset, bytes);
     }
   };
 
   // group 0: the warp's Q rows and key tile 0; group 1: key tile 1 (empty when there is none).
   // Every loop turn commits one group more, so "all but the newest group" is always the current tile.
-  __half(*qs)[kQkvStride] = sm.q + warp * 16;
+  __half(*qs)[kQkvStride] = shared_rows + warp * 16;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int chunk = lane + 32 * i, r = chunk / 8, c = (chunk % 8) * 8, query = q0 + r;
@@ -147,12 +166,13 @@ __global__ void __launch_bounds__(kQkvWarps * 32) QkvAttentionKernel(const __hal
     CpAsyncWait<1>();  // this thread's copies of tile kt (and Q)
     __syncthreads();   // everyone's
     if (kt == 0) {
-      NormRopeRows(qs, lane, q_gamma, q_beta, tables.eps, tables.cos, tables.sin, q0, length);
+      NormRopeRows<2>(qs, lane, q_gamma, q_beta, tables.eps, tables.cos, tables.sin, q0, length);
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) LdMatrixX4(qa[ks], &qs[lane % 16][ks * 16 + (lane / 16) * 8]);
     }
-    NormRopeRows(sm.k[buffer] + warp * 16, lane, k_gamma, k_beta, tables.eps, tables.cos, tables.sin,
-                 kt * kQkvKeyTile + warp * 16, length);
+    NormRopeRows<32 / kKeyRowsPerWarp>(k_tile(buffer) + warp * kKeyRowsPerWarp, lane, k_gamma, k_beta,
+                                       tables.eps, tables.cos, tables.sin, kt * kQkvKeyTile + warp * kKeyRowsPerWarp,
+                                       length);
     __syncthreads();  // the whole tile normed
 
     // logits of the tile: s[j] is the C fragment of keys 8j .. 8j + 7
@@ -165,7 +185,7 @@ __global__ void __launch_bounds__(kQkvWarps * 32) QkvAttentionKernel(const __hal
       for (int ks = 0; ks < 4; ++ks) {
         // matrices: keys +0..7 / dims +0..7, keys +0..7 / dims +8..15, keys +8..15 / dims +0..7, +8..15 / +8..15
         uint32_t b[4];
-        LdMatrixX4(b, &sm.k[buffer][k16 * 16 + (m / 2) * 8 + lane % 8][ks * 16 + (m % 2) * 8]);
+        LdMatrixX4(b, &k_tile(buffer)[k16 * 16 + (m / 2) * 8 + lane % 8][ks * 16 + (m % 2) * 8]);
         MmaF16(s[2 * k16], qa[ks], b[0], b[1]);
         MmaF16(s[2 * k16 + 1], qa[ks], b[2], b[3]);
       }
@@ -222,7 +242,7 @@ __global__ void __launch_bounds__(kQkvWarps * 32) QkvAttentionKernel(const __hal
       for (int np = 0; np < kQkvHd / 16; ++np) {
         // transposed matrices: keys +0..7 / dims +0..7, keys +8..15 / dims +0..7, +0..7 / +8..15, +8..15 / +8..15
         uint32_t b[4];
-        LdMatrixX4Trans(b, &sm.v[buffer][k16 * 16 + (m % 2) * 8 + lane % 8][np * 16 + (m / 2) * 8]);
+        LdMatrixX4Trans(b, &v_tile(buffer)[k16 * 16 + (m % 2) * 8 + lane % 8][np * 16 + (m / 2) * 8]);
         MmaF16(o[2 * np], pa[k16], b[0], b[1]);
         MmaF16(o[2 * np + 1], pa[k16], b[2], b[3]);
       }
@@ -259,12 +279,43 @@ inline bool QkvAttentionEligible(int64_t hd, std::initializer_list<const void*> 
   return hd == kQkvHd && Vectorizable<__half>(hd, buffers);
 }
 
-inline void LaunchQkvAttention(const __half* qkv, __half* out, int rows, int length, int heads,
-                               const NormRopeTables& tables, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((length + kQkvQueries - 1) / kQkvQueries), static_cast<unsigned>(heads),
+// Blocks of 8 warps when they still fill every SM of this GPU twice, else of 4 (more, smaller blocks).
+inline bool QkvAttentionWideBlocks(int rows, int length, int heads) {
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int64_t wide_blocks = static_cast<int64_t>((length + 127) / 128) * heads * rows;
+  return wide_blocks >= 2 * static_cast<int64_t>(sms > 0 ? sms : 1);
+}
+
+template <int kWarps>
+void LaunchQkvAttentionBlocks(const __half* qkv, __half* out, int rows, int length, int heads,
+                              const NormRopeTables& tables, cudaStream_t stream) {
+  constexpr int kBytes = QkvSharedBytes<kWarps>();
+  if (kBytes > 48 * 1024) {  // above the default limit: opt in, once per device (a host call, no stream work)
+    static std::mutex mutex;
+    static uint64_t opted_in = 0;  // bit d: device d
+    int device = 0;
+    cudaGetDevice(&device);
+    std::lock_guard<std::mutex> lock(mutex);
+    if (device >= 64 || !((opted_in >> device) & 1u)) {
+      CheckCuda(cudaFuncSetAttribute(QkvAttentionKernel<kWarps>, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes),
+                "QkvAttention (shared memory)");
+      if (device < 64) opted_in |= uint64_t{1} << device;
+    }
+  }
+  const dim3 grid(static_cast<unsigned>((length + 16 * kWarps - 1) / (16 * kWarps)), static_cast<unsigned>(heads),
                   static_cast<unsigned>(rows));
   const float scale_log2 = 1.4426950408889634f / sqrtf(static_cast<float>(kQkvHd));
-  QkvAttentionKernel<<<grid, kQkvWarps * 32, 0, stream>>>(qkv, out, length, heads, tables, scale_log2);
+  QkvAttentionKernel<kWarps><<<grid, kWarps * 32, kBytes, stream>>>(qkv, out, length, heads, tables, scale_log2);
+}
+
+inline void LaunchQkvAttention(const __half* qkv, __half* out, int rows, int length, int heads,
+                               const NormRopeTables& tables, cudaStream_t stream) {
+  if (QkvAttentionWideBlocks(rows, length, heads))
+    LaunchQkvAttentionBlocks<8>(qkv, out, rows, length, heads, tables, stream);
+  else
+    LaunchQkvAttentionBlocks<4>(qkv, out, rows, length, heads, tables, stream);
 }
 
 }  // namespace semvoc
