@@ -118,3 +118,14 @@ def test_overflowing_block_gets_fp32_islands_and_the_rest_stays_fp16(overflowing
     assert_weight_index_matches(overflowing_engine, "dit_step", min_share=0.0)
     index = {w["name"]: w["dtype"] for w in manifest["graphs"]["dit_step"]["weights"]}
     assert any(name.endswith("__fp32") and dtype == "float32" for name, dtype in index.items()), index
+
+
+def test_fp16_only_ops_are_never_made_fp32():
+    """QkvAttention has an fp16 kernel only: the search leaves it out of the all-fp32 reference run and
+    never adds it to an island; every other node may go fp32."""
+    from semvoc.export.islands import _can_run_fp32
+
+    assert not _can_run_fp32(helper.make_node("QkvAttention", ["qkv"], ["y"], domain="semvoc.cuda"))
+    assert _can_run_fp32(helper.make_node("CrossAttention", ["q"], ["y"], domain="semvoc.cuda"))
+    assert _can_run_fp32(helper.make_node("QkvAttention", ["qkv"], ["y"], domain="other"))
+    assert _can_run_fp32(helper.make_node("Attention", ["q"], ["y"]))
