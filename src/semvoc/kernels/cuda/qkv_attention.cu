@@ -5,7 +5,7 @@
 // fp16 with hd 64 only (the export uses it only there, else HeadNormRopeQkv and onnxruntime's
 // Attention). The stock form ran HeadNormRopeQkv (one pass writing q, k and v) and onnxruntime's
 // flash attention kernel.
-// Kernel: qkv_attention_kernel.cuh.
+// Kernel: qkv_attention_kernel.cuh (shared with benchmarks/device/kernel_bench/qkv_attention_bench.cu).
 // Reference: semvoc/kernels/qkv_attention.py (qkv_attention_reference).
 #include "qkv_attention_kernel.cuh"
 

@@ -1,5 +1,6 @@
-// QkvAttention's kernel (launched by qkv_attention.cu): the DiT's self-attention straight from its
-// q|k|v GEMM output:
+// QkvAttention's kernel, shared by the library (qkv_attention.cu) and the micro-benchmark
+// (benchmarks/device/kernel_bench/qkv_attention_bench.cu), so that what the bench times is what ships.
+// The DiT's self-attention straight from its q|k|v GEMM output:
 //   q_h, k_h = rope(LayerNorm(x_h) * gamma_h + beta_h) for the q and k heads of x = qkv[r, l, :]
 //   (one rounding to fp16, as HeadNormRopeQkv writes them), v_h as it is;
 //   out[r, l, h*64 + d] = softmax_j(q_h[l] . k_h[j] / 8) . v_h[:, d] over the L keys j of row r.
@@ -104,10 +105,12 @@ __device__ __forceinline__ void NormRopeRows(__half (*rows)[kQkvStride], int lan
   __syncwarp();
 }
 
+// The kernel's body, for blocks of kWarps warps (QkvAttentionKernel below; the micro-benchmark also
+// builds it under other register limits).
 template <int kWarps>
-__global__ void __launch_bounds__(kWarps * 32) QkvAttentionKernel(const __half* __restrict__ qkv,
-                                                                   __half* __restrict__ out, int length, int heads,
-                                                                   NormRopeTables tables, float scale_log2) {
+__device__ __forceinline__ void QkvAttentionBlock(const __half* __restrict__ qkv, __half* __restrict__ out,
+                                                  int length, int heads, const NormRopeTables& tables,
+                                                  float scale_log2) {
   constexpr int kQueries = 16 * kWarps;
   constexpr int kKeyRowsPerWarp = kQkvKeyTile / kWarps;  // K rows each warp norms per tile
   extern __shared__ __align__(16) unsigned char shared_bytes[];
@@ -272,6 +275,13 @@ __global__ void __launch_bounds__(kWarps * 32) QkvAttentionKernel(const __half* 
       *reinterpret_cast<uint4*>(out + (static_cast<int64_t>(row) * length + query) * out_width + head * kQkvHd + c) =
           *reinterpret_cast<const uint4*>(&qs[r][c]);
   }
+}
+
+template <int kWarps>
+__global__ void __launch_bounds__(kWarps * 32) QkvAttentionKernel(const __half* __restrict__ qkv,
+                                                                   __half* __restrict__ out, int length, int heads,
+                                                                   NormRopeTables tables, float scale_log2) {
+  QkvAttentionBlock<kWarps>(qkv, out, length, heads, tables, scale_log2);
 }
 
 // What the kernel needs: fp16, hd 64, 16-byte aligned buffers (checked by the op, which refuses the rest).
