@@ -8,8 +8,8 @@ in ``cuda/head_norm_kernel.cuh``) gives each thread two 16-byte vectors of one h
 elements j and j + hd/2 that the rotation pairs, and writes q and k as two outputs (no Split
 after it). ``HeadNorm`` is the same without the rotation and the split (the cross-attention
 q-norm). ``HeadNormRopeQkv`` takes q|k|v ``[B, L, 3H*hd]``, the three projections as ONE GEMM, and
-also writes v, copied: three outputs. At batch 1 (M = 500 rows) one N = 3072 GEMM takes 7.5 us
-against 5.6 + 5.3 us for the q|k and v GEMMs it replaces, replayed from a CUDA graph on an H200
+also writes v, copied: three outputs. At batch 1 (M = 500 rows) one N = 3072 GEMM takes 7.6 us
+against 5.7 + 5.4 us for the q|k and v GEMMs it replaces, replayed from a CUDA graph on an H200
 (``benchmarks/device/gemm/run.sh algo_search_bench``); the copy of v costs one more read and
 write of it. Statistics and arithmetic in fp32, one rounding at the end.
 
