@@ -856,7 +856,7 @@ def test_head_norm_ops_at_the_dits_shapes(case, dtype, cuda_library, tmp_path):
 QKV_CASES = {
     # the reference DiT at batch 1 with CFG: q|k|v of 16 heads of 64 each, per-head affine
     "dit-R2": (2, 250, 16, 64, True),
-    # an odd row count, 2 heads of 128 sharing one affine (v's lanes: the last 3 of 9 heads)
+    # an odd row count, 3 heads of 128 each for q, k and v sharing one affine (v's lanes: the last 3 of 9 heads)
     "hd128-shared-odd": (3, 37, 3, 128, False),
 }
 
