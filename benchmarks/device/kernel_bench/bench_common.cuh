@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -35,6 +36,16 @@ inline void PrintDevice(const char* suffix = "") {
   CK(cudaRuntimeGetVersion(&runtime));
   std::printf("device: %s (sm_%d%d, %d SMs, L2 %d MB), driver %d, runtime %d%s\n", prop.name, prop.major,
               prop.minor, prop.multiProcessorCount, prop.l2CacheSize >> 20, driver, runtime, suffix);
+}
+
+// One fp16 unit in the last place of |v| (2^-24 below the normal range): the unit of the benches'
+// fp16 tolerances.
+inline double Ulp16(double v) {
+  v = std::fabs(v);
+  if (v < 6.103515625e-05) return 5.9604644775390625e-08;
+  int exponent;
+  std::frexp(v, &exponent);  // v = m 2^exponent, m in [0.5, 1)
+  return std::ldexp(1.0, exponent - 11);
 }
 
 // Host-side conversions for a bench templated on its element type T (float or __half).

@@ -94,15 +94,6 @@ struct Set {  // one copy of the per-call tensors
 
 using Launch = std::function<void(const Set&, cudaStream_t)>;
 
-// One fp16 unit in the last place of |x| (2^-24 below the normal range).
-double Ulp16(double x) {
-  x = std::fabs(x);
-  if (x < 6.103515625e-05) return 5.9604644775390625e-08;
-  int exponent;
-  std::frexp(x, &exponent);
-  return std::ldexp(1.0, exponent - 11);
-}
-
 // valid[m]: true keys (a prefix) of mask row m
 void RunShape(int rows, const std::vector<int>& valid, const char* label) {
   const int mask_rows = static_cast<int>(valid.size());
@@ -216,7 +207,7 @@ void RunShape(int rows, const std::vector<int>& valid, const char* label) {
       const double g = __half2float(got[i]);
       const double e = std::isfinite(g) ? std::fabs(g - ref[i]) : INFINITY;
       err = std::max(err, e);
-      worst = std::max(worst, e / (Ulp16(ref[i]) + std::ldexp(max_v, -11)));
+      worst = std::max(worst, e / (semvoc_bench::Ulp16(ref[i]) + std::ldexp(max_v, -11)));
     }
     // C++17 lambdas cannot capture a structured binding by name: bind a reference to it
     auto call = [&, &launch = launch](int c, cudaStream_t st) { launch(buf[c % sets], st); };

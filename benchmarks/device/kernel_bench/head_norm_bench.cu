@@ -43,15 +43,6 @@ struct Buffers {  // one set of per-call tensors
 using semvoc_bench::FromHost;
 using semvoc_bench::ToHost;
 
-// One fp16 unit in the last place of |v| (2^-24 below the normal range).
-double Ulp16(double v) {
-  v = std::fabs(v);
-  if (v < 6.103515625e-05) return 5.9604644775390625e-08;
-  int exponent;
-  std::frexp(v, &exponent);  // v = m 2^exponent, m in [0.5, 1)
-  return std::ldexp(1.0, exponent - 11);
-}
-
 template <typename T>
 using Launch = std::function<void(const T* x, T* out, T* out_k, cudaStream_t stream)>;
 
@@ -218,7 +209,7 @@ void RunShape(const Shape& s, const char* type_name) {
       const int64_t hh = s.rope && h >= half_heads ? h - half_heads : h;
       const int64_t o = (r * (s.rope ? half_heads : s.heads) + hh) * s.hd + e;
       const double g = ToHost(got[o]), b = ToHost(base[o]), c = ref[i];
-      const double step = half_type ? Ulp16(c) : std::fabs(c) * 1.2e-7;
+      const double step = half_type ? semvoc_bench::Ulp16(c) : std::fabs(c) * 1.2e-7;
       const double tol = step + 1e-6 * max_ref;
       const double db_ = std::fabs(g - b), dc_ = std::isnan(g) ? INFINITY : std::fabs(g - c);
       err_base = std::max(err_base, std::isnan(g) != std::isnan(b) ? INFINITY : db_);

@@ -67,14 +67,6 @@ struct Set {  // one copy of the per-call tensors
 };
 using Launch = std::function<void(const Set&, cudaStream_t)>;
 
-double Ulp16(double x) {
-  x = std::fabs(x);
-  if (x < 6.103515625e-05) return 5.9604644775390625e-08;
-  int exponent;
-  std::frexp(x, &exponent);
-  return std::ldexp(1.0, exponent - 11);
-}
-
 double Half(const __half& x) { return __half2float(x); }
 
 // q or k head `head` (of 2H) of one row, normed (the head's affine) and rotated at `position`,
@@ -208,7 +200,7 @@ void RunShape(int rows, const std::vector<int>& checked_rows) {
           const double g = Half(got[i]);
           const double e = std::isfinite(g) ? std::fabs(g - ref[i]) : INFINITY;
           err = std::max(err, e);
-          worst = std::max(worst, e / (Ulp16(ref[i]) + std::ldexp(max_v, -9)));
+          worst = std::max(worst, e / (semvoc_bench::Ulp16(ref[i]) + std::ldexp(max_v, -9)));
         }
     }
     auto call = [&, &launch = launch](int c, cudaStream_t st) { launch(buf[c % sets], st); };
