@@ -17,7 +17,8 @@ Counted, as multiply-adds x 2:
 - ``Attention`` (opset 23): ``2 * B * Hq * Lq * Lk * (hd_qk + hd_v)`` (= ``4 B H Lq Lk hd``).
 - semvoc's ``LtGemm`` as the MatMul of its first two inputs, except the C x C GEMM of the
   vocoder's PReLU split (``semvoc.kernels.prelu_split``): work the engine adds, not the model's,
-  so it is noted and left out.
+  so it is noted and left out. ``SplitMlp`` (the split's MLP as one op) as the same three GEMMs:
+  ``y w1``, ``r R`` counted and ``y M`` noted.
 
 Everything else (norms, activations, the CFG combine, Euler updates) is left out: the floor is
 the matrix work at the card's measured matmul rate. A request of batch ``B`` runs
@@ -453,6 +454,33 @@ def _stock_frames(model, node) -> list:
             helper.make_node("Concat", [head, tail], [out], axis=-1)]
 
 
+def _split_mlp_gemms(model, node) -> list:
+    """semvoc's SplitMlp as the three GEMMs of the PReLU split (``semvoc.kernels.split_mlp``):
+    ``r = y w1``, ``r R`` and the linear part ``y M`` (named with SPLIT_LINEAR_PREFIX), R and M the
+    row blocks of the stacked weight ``w2 = [R; M]``. Input 0 stands for y: ConvNeXtMix is an
+    Identity of its input here, whatever its ``lead``."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    y, w1, _, w2 = node.input[:4]
+    out = node.output[0]
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    if w1 not in dims or len(dims[w1]) != 2:
+        return [node]  # left as it is: counted as unresolved
+    hidden = dims[w1][1]
+    names = {key: f"{out}__{key}" for key in ("zero", "hidden", "end", "axis")}
+    constants = {"zero": [0], "hidden": [hidden], "end": [np.iinfo(np.int64).max], "axis": [0]}
+    model.graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), names[k])
+                                   for k, v in constants.items())
+    r, relu_part, linear_part, relu_out, linear_out = (f"{out}__{p}" for p in ("r", "R", "M", "rR", "yM"))
+    return [helper.make_node("MatMul", [y, w1], [r], name=f"{node.name}/up"),
+            helper.make_node("Slice", [w2, names["zero"], names["hidden"], names["axis"]], [relu_part]),
+            helper.make_node("Slice", [w2, names["hidden"], names["end"], names["axis"]], [linear_part]),
+            helper.make_node("MatMul", [r, relu_part], [relu_out], name=f"{node.name}/down"),
+            helper.make_node("MatMul", [y, linear_part], [linear_out], name=SPLIT_LINEAR_PREFIX + out),
+            helper.make_node("Add", [relu_out, linear_out], [out])]
+
+
 def replace_contrib_ops(model) -> None:
     """Each contrib node or semvoc CUDA node -> Identity (or Split, or MatMul) nodes that give its
     outputs' shapes (in place)."""
@@ -461,6 +489,9 @@ def replace_contrib_ops(model) -> None:
     nodes = []
     split_linear = _split_linear_gemms(model.graph.node)
     for node in model.graph.node:
+        if node.domain == "semvoc.cuda" and node.op_type == "SplitMlp":
+            nodes.extend(_split_mlp_gemms(model, node))
+            continue
         if node.domain == "semvoc.cuda" and node.op_type in GEMM_CUDA_OPS:  # its GEMM; the epilogue is not counted
             name = SPLIT_LINEAR_PREFIX + node.output[0] if node.output[0] in split_linear else node.name
             nodes.append(helper.make_node("MatMul", list(node.input[:2]), [node.output[0]], name=name))

@@ -349,10 +349,12 @@ def test_flop_counter_sees_through_semvocs_cuda_ops():
     assert counted.by_op["ConvNeXtMix"] == 2 * batch * length * channels * taps
 
 
-def test_flop_counter_counts_every_gemm_of_the_folded_vocoder_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("without", ["", "SplitMlp"], ids=["split-mlp-op", "three-lt-gemms"])
+def test_flop_counter_counts_every_gemm_of_the_folded_vocoder_step(without, tmp_path, monkeypatch):
     """The --cuda-kernels vocoder step (spectral transforms folded into the projections, BiasNorm,
-    tables read whole, blocks split as the export splits them): every shape resolves and
-    the GEMMs count what the branches compute, the split's extra GEMMs noted apart."""
+    tables read whole, blocks split as the export splits them, their MLPs as SplitMlp or as three
+    LtGemm calls): every shape resolves and the GEMMs count what the branches compute, the
+    split's extra GEMMs noted apart."""
     import onnx
     import torch
     from benchmarks.flops import count_model_flops
@@ -362,7 +364,7 @@ def test_flop_counter_counts_every_gemm_of_the_folded_vocoder_step(tmp_path, mon
     from semvoc.models.config import preset
     from semvoc.models.model import build_model
 
-    monkeypatch.delenv("SEMVOC_EXPORT_WITHOUT", raising=False)
+    monkeypatch.setenv("SEMVOC_EXPORT_WITHOUT", without)
     vocoder = build_model(preset("demo"), seed=0).vocoder.eval()
     vocoder.use_export_kernels(cuda_ops=True)
     frames, batch = 4, 1

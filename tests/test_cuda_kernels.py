@@ -26,6 +26,7 @@ from semvoc.kernels.gated_skip_norm import gated_skip_norm_reference
 from semvoc.kernels.head_norm import head_norm_reference, head_norm_rope_qkv, head_norm_rope_reference
 from semvoc.kernels.onnx_ops import CUDA_DOMAIN, WITHOUT_ENV, translation_table
 from semvoc.kernels.skip_norm import bias_add_norm_reference, gated_concat_norm_reference, layer_norm_reference
+from semvoc.kernels.split_mlp import split_mlp_reference
 from semvoc.models.vocoder import ConvNeXtBlock
 
 
@@ -147,9 +148,10 @@ def test_vocoder_step_with_cuda_ops_exports_folded_branches(tmp_path, monkeypatc
         vocoder.cfg.hop_lengths)
     assert {"Pad", "Concat", "Slice", "Div", "Sub"}.isdisjoint(ops)
     # per branch a GEMM from the frames and one to the pieces (LtGemm, its bias inside); per block
-    # the PReLU split's three LtGemm calls, nothing between them (tests/test_prelu_split.py; an fp32
-    # export always splits)
-    assert ops.count("MatMul") == branches and ops.count("LtGemm") == branches + 3 * layers
+    # the PReLU split's MLP as one SplitMlp after the widened ConvNeXtMix, nothing between them
+    # (tests/test_prelu_split.py; an fp32 export always splits)
+    assert ops.count("MatMul") == branches and ops.count("LtGemm") == branches
+    assert ops.count("SplitMlp") == layers
     assert ops.count("BiasResidual") == ops.count("BiasPRelu") == 0
     mix_layers = sorted(a.i for n in nodes if n.op_type == "ConvNeXtMix" for a in n.attribute if a.name == "layer")
     assert mix_layers == sorted(i for n in vocoder.cfg.num_layers for i in range(n))
@@ -754,6 +756,61 @@ def test_convnext_mix_at_the_vocoder_widths(dtype, cuda_library, tmp_path):
                 torch.randn(4, cond_rows, length, channels, generator=gen),
                 1 + 0.1 * torch.randn(batch, 4, channels, generator=gen)]
         _check_op("ConvNeXtMix:rows", dtype, args, cuda_library, tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_gated_skip_norm_at_the_dit_width(dtype, cuda_library, tmp_path):
+    """GatedSkipNorm where fp16 rows take a block each (D = 1024: 128 vectors, every thread busy;
+    D = 64: 8 vectors in a block of 128) and fp32 rows of 1024 a warp each, at the DiT's batch-1
+    and batch-16 row counts."""
+    gen = torch.Generator().manual_seed(17)
+    for batch, channels, length in ((2, 1024, 250), (16, 1024, 500), (3, 64, 41)):
+        _check_op("GatedSkipNorm", dtype, CASES["GatedSkipNorm"](gen, batch, channels, length), cuda_library, tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_convnext_mix_widened_into_split_mlp(dtype, cuda_library, tmp_path):
+    """ConvNeXtMix with lead = H feeding SplitMlp, the block's input as the residual: the two nodes
+    of a split vocoder block. SplitMlp writes its hidden rows into the H columns that ConvNeXtMix
+    leaves unwritten, then reads the whole rows (K = H + C); plain runs and CUDA-graph replay. The
+    reference rounds where the kernels store: ConvNeXtMix's output, then the hidden rows."""
+    from onnx import TensorProto, helper
+
+    gen = torch.Generator().manual_seed(13)
+    elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+    torch_dtype = torch.float16 if dtype == np.float16 else torch.float32
+    # a small odd case, then the reference vocoder's widths (H = 3C) at 10-s frame counts
+    for batch, channels, hidden, length in ((2, 12, 36, 37), (1, 768, 2304, 1001), (2, 384, 1152, 203)):
+        mix = [torch.randn(batch, length, channels, generator=gen),
+               torch.randn(channels, 1, 7, generator=gen) / 7 ** 0.5, torch.randn(channels, generator=gen),
+               torch.randn(channels, generator=gen), torch.tensor([0.3]),
+               torch.randn(batch, length, channels, generator=gen), 1 + 0.1 * torch.randn(1, channels, generator=gen)]
+        mlp = [torch.randn(channels, hidden, generator=gen) / channels ** 0.5, torch.randn(hidden, generator=gen),
+               torch.randn(hidden + channels, channels, generator=gen) / (hidden + channels) ** 0.5,
+               torch.randn(channels, generator=gen)]
+        args = [a.to(torch_dtype).float() for a in mix + mlp]  # the values the kernels see
+        wide = convnext_mix_reference(*args[:4], args[4][0], args[5], args[6], lead=hidden).to(torch_dtype)
+        want = split_mlp_reference(wide, *(a.to(torch_dtype) for a in args[7:]), args[0].to(torch_dtype))
+        want = want.float().numpy()
+        inputs = [a.numpy().astype(dtype) for a in args]
+        names = [f"in{i}" for i in range(len(inputs))]
+        graph = helper.make_graph(
+            [helper.make_node("ConvNeXtMix", names[:7], ["wide"], domain=CUDA_DOMAIN, lead=hidden),
+             helper.make_node("SplitMlp", ["wide", *names[7:], "in0"], ["out0"], domain=CUDA_DOMAIN)], "block",
+            [helper.make_tensor_value_info(n, elem, list(a.shape)) for n, a in zip(names, inputs, strict=True)],
+            [helper.make_tensor_value_info("out0", elem, None)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23),
+                                                        helper.make_opsetid(CUDA_DOMAIN, 1)])
+        model.ir_version = 10
+        onnx.save(model, str(tmp_path / "block.onnx"))
+        for cuda_graph in (False, True):
+            (out,) = _run_cuda(tmp_path / "block.onnx", cuda_library, inputs, [want.shape], cuda_graph)
+            assert out.shape == want.shape
+            bound = 1e-4 if dtype == np.float32 else 4e-3
+            error = np.abs(out.astype(np.float32) - want).max()
+            assert error <= bound * np.abs(want).max(), (batch, channels, dtype, cuda_graph, error)
 
 
 @pytest.mark.gpu

@@ -20,6 +20,8 @@ from semvoc.kernels.prelu_split import (
     split_mlp,
     split_weights,
 )
+from semvoc.kernels.split_mlp import NAME as SPLIT_MLP
+from semvoc.kernels.split_mlp import split_mlp_reference
 
 
 def _linear64(h, weight, bias=None, residual=None, relu=False):
@@ -121,14 +123,19 @@ def _step_inputs(vocoder, frames: int = 5):
     return audio, torch.tensor([3]), torch.linspace(0, 1, 9), *tables, *times
 
 
+@pytest.mark.parametrize("mlp", ["SplitMlp", "LtGemm"], ids=["split-mlp-op", "three-lt-gemms"])
 @pytest.mark.parametrize("case", ["in-range", "small-gains-fp16", "small-gains-fp32", "small-gains-calibrated"])
-def test_split_vocoder_step_is_the_step(case, monkeypatch):
+def test_split_vocoder_step_is_the_step(case, mlp, monkeypatch):
     """The --cuda-kernels step module against the plain step, with trained-like slopes and
     residual scales. Gains far below 1 keep the unsplit blocks in fp16 without calibration, and
-    split in fp32 or where the calibration says the stored activations fit: the same result."""
+    split in fp32 or where the calibration says the stored activations fit: the same result,
+    with the split's MLP as SplitMlp (the default) or as three LtGemm calls."""
     from semvoc.export import wrappers as W
 
-    monkeypatch.delenv(WITHOUT_ENV, raising=False)
+    if mlp == "SplitMlp":
+        monkeypatch.delenv(WITHOUT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(WITHOUT_ENV, SPLIT_MLP)
     vocoder = _demo_vocoder((0.7, 1.3) if case == "in-range" else (0.02, 0.05))
     vocoder.use_export_kernels()
     args = _step_inputs(vocoder)
@@ -140,15 +147,17 @@ def test_split_vocoder_step_is_the_step(case, monkeypatch):
         vocoder.use_export_kernels(cuda_ops=True, float16=case != "small-gains-fp32", activation_maxima=maxima)
         fused = W.VocoderStep(vocoder, channels_last=True)(*args)
     blocks = [b for est in vocoder.estimators for b in est.decoder.blocks]
-    split = [hasattr(b, "split_relu_weight") for b in blocks]
+    split = [hasattr(b, "split_dw_weight") for b in blocks]
     assert all(split) if case != "small-gains-fp16" else not any(split)
+    stacked = [hasattr(b, "split_stacked_weight") for b in blocks]
+    assert stacked == split if mlp == "SplitMlp" else not any(stacked)
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-4, atol=1e-5)
     if case == "in-range":  # exporting again without the split leaves no split block behind
         monkeypatch.setenv(WITHOUT_ENV, NAME)
         with torch.no_grad():
             vocoder.use_export_kernels(cuda_ops=True)
             unsplit = W.VocoderStep(vocoder, channels_last=True)(*args)
-        assert not any(hasattr(b, "split_relu_weight") for b in blocks)
+        assert not any(hasattr(b, "split_dw_weight") for b in blocks)
         torch.testing.assert_close(unsplit[0], plain[0], rtol=1e-4, atol=1e-5)
 
 
@@ -160,10 +169,12 @@ def _export_step_ops(vocoder, path) -> list:
     return list(onnx.load(str(path)).graph.node)
 
 
-@pytest.mark.parametrize("without", ["", NAME], ids=["default", "left-out"])
-def test_split_blocks_export_conv_next_mix_and_three_lt_gemms(without, tmp_path, monkeypatch):
-    """By default: per block ConvNeXtMix and three LtGemm (one with relu = 1), no BiasPRelu,
-    BiasResidual or MatMul left. With SEMVOC_EXPORT_WITHOUT=PReLUSplit, the unsplit blocks."""
+@pytest.mark.parametrize("without", ["", SPLIT_MLP, NAME], ids=["default", "three-lt-gemms", "left-out"])
+def test_split_blocks_export_conv_next_mix_and_their_gemms(without, tmp_path, monkeypatch):
+    """By default: per block ConvNeXtMix (its output widened by H) and SplitMlp, no BiasPRelu,
+    BiasResidual, MatMul or LtGemm left in the blocks. With SEMVOC_EXPORT_WITHOUT=SplitMlp,
+    ConvNeXtMix and three LtGemm (one with relu = 1). With SEMVOC_EXPORT_WITHOUT=PReLUSplit,
+    the unsplit blocks."""
     monkeypatch.setenv(WITHOUT_ENV, without)
     vocoder = _demo_vocoder()
     vocoder.use_export_kernels(cuda_ops=True)
@@ -171,10 +182,35 @@ def test_split_blocks_export_conv_next_mix_and_three_lt_gemms(without, tmp_path,
     ops = [n.op_type for n in nodes]
     branches, layers = len(vocoder.estimators), sum(vocoder.cfg.num_layers)
     relu = [n for n in nodes if n.op_type == "LtGemm" and any(a.name == "relu" and a.i == 1 for a in n.attribute)]
+    leads = [a.i for n in nodes if n.op_type == "ConvNeXtMix" for a in n.attribute if a.name == "lead"]
     assert ops.count("ConvNeXtMix") == layers
-    if without:
+    if without == NAME:
         assert ops.count("BiasPRelu") == ops.count("BiasResidual") == layers and not relu
         assert ops.count("LtGemm") == branches and ops.count("MatMul") == branches + 2 * layers
-    else:
-        assert ops.count("BiasPRelu") == ops.count("BiasResidual") == 0 and len(relu) == layers
+    elif without == SPLIT_MLP:
+        assert ops.count("BiasPRelu") == ops.count("BiasResidual") == ops.count("SplitMlp") == 0 and not leads
+        assert len(relu) == layers
         assert ops.count("LtGemm") == branches + 3 * layers and ops.count("MatMul") == branches
+    else:
+        assert ops.count("BiasPRelu") == ops.count("BiasResidual") == 0 and not relu
+        assert ops.count("SplitMlp") == layers and ops.count("LtGemm") == branches and ops.count("MatMul") == branches
+        hidden = [b.pwconv1.out_channels for est in vocoder.estimators for b in est.decoder.blocks]
+        assert sorted(leads) == sorted(hidden)
+        mixes = {n.output[0] for n in nodes if n.op_type == "ConvNeXtMix"}
+        assert {n.input[0] for n in nodes if n.op_type == "SplitMlp"} == mixes  # each reads a widened mix
+
+
+def test_split_mlp_op_is_the_three_gemms():
+    """SplitMlp's reference (one GEMM over [r | y] with the stacked weight) against split_mlp's
+    three GEMMs; the widened input's first H columns (scratch) are never read."""
+    gen = torch.Generator().manual_seed(3)
+    c, h = 12, 36
+    y, v = torch.randn(2, 9, c, generator=gen), torch.randn(2, 9, c, generator=gen)
+    w1, b1 = torch.randn(h, c, generator=gen), torch.randn(h, generator=gen)
+    linear_weight, linear_bias = torch.randn(c, c, generator=gen), torch.randn(c, generator=gen)
+    relu_weight = torch.randn(c, h, generator=gen)
+    want = split_mlp(y, v, w1, b1, linear_weight, linear_bias, relu_weight, linear=_linear64)
+    wide = torch.cat([torch.full((2, 9, h), float("nan")), y], dim=-1)
+    got = split_mlp_reference(wide, w1.t(), b1, torch.cat([relu_weight, linear_weight], dim=1).t(), linear_bias, v)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)

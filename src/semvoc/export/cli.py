@@ -27,7 +27,8 @@ examples:
 
 environment (--cuda-kernels exports, for A/B measurements):
   SEMVOC_EXPORT_WITHOUT=Op[,Op]  leave those fused ops or rewrites out (e.g. LtGemm, CrossAttention,
-                                 PReLUSplit: the vocoder blocks as three GEMMs, nothing between them)
+                                 PReLUSplit: the vocoder blocks' MLP as relu and linear GEMMs,
+                                 SplitMlp: that MLP as one op of two GEMMs, where it was three)
 
 what it writes (DIR):
   manifest.json   schema, versions, precision, buckets, defaults, graph I/O, sha256 of every file

@@ -37,7 +37,7 @@ LIBRARY_NAME = "libsemvoc_cuda.so"
 DOMAIN = "semvoc.cuda"
 OPS = ("ConvNeXtMix", "BiasPRelu", "BiasResidual", "HeadNorm", "HeadNormRope", "HeadNormRopeQkv", "GatedSkipNorm",
        "BiasGeglu", "BiasNorm", "GatedConcatNorm", "BiasAddNorm", "LayerNorm", "CrossAttention", "QkvAttention",
-       "LtGemm", "AudioFrames", "EulerOverlapAdd")
+       "LtGemm", "SplitMlp", "AudioFrames", "EulerOverlapAdd")
 ORT_INCLUDE_ENV = "SEMVOC_ORT_INCLUDE"
 DEFAULT_CUDA_ROOT = "/usr/local/cuda"
 ORT_API_VERSION = 13  # what cuda/ort_op.h asks onnxruntime for (kOrtApiVersion)

@@ -92,6 +92,7 @@ def translation_table() -> dict:
         rotary,
         skip_layernorm,
         skip_norm,
+        split_mlp,
     )
 
     return dict(_TRANSLATIONS)

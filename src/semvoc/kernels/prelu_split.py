@@ -22,7 +22,8 @@ residual with beta = 1 but (in fp16) no per-channel beta. Two exact rewrites rem
 
 So a block is ``ConvNeXtMix`` and three ``LtGemm`` calls (``split_mlp``):
 ``r = relu(y W1^T + b1)``, ``t = y M^T + c + v``, ``v' = r R^T + t``. The weights are computed once,
-in float64, at export (``split_weights``).
+in float64, at export (``split_weights``). By default the export runs the last two as one GEMM
+over ``[r | y]`` (``semvoc.kernels.split_mlp``: ``ConvNeXtMix`` and one ``SplitMlp`` per block).
 
 Used by every ``--cuda-kernels`` export where the bounds above allow;
 ``SEMVOC_EXPORT_WITHOUT=PReLUSplit`` keeps the unsplit blocks. Measured on an H200 (reference

@@ -16,7 +16,6 @@ convolution lowering from ``semvoc.kernels.stft`` ("conv", what export uses).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -35,7 +34,9 @@ from semvoc.kernels.ltgemm import linear as lt_linear
 from semvoc.kernels.norms import BiasNorm, bias_norm
 from semvoc.kernels.onnx_ops import fusion_enabled
 from semvoc.kernels.prelu_split import NAME as PRELU_SPLIT
-from semvoc.kernels.prelu_split import SplitWeights, gains_fit, output_bounds, residual_gains, split_mlp, split_weights
+from semvoc.kernels.prelu_split import gains_fit, output_bounds, residual_gains, split_mlp, split_weights
+from semvoc.kernels.split_mlp import NAME as SPLIT_MLP
+from semvoc.kernels.split_mlp import split_mlp_op
 from semvoc.kernels.stft import (
     ConvISTFT,
     ConvSTFT,
@@ -134,34 +135,47 @@ class ConvNeXtBlock(nn.Module):
 
     def use_split(self, gain_in: torch.Tensor, gain_out: torch.Tensor) -> None:
         """Run ``forward_channels_last`` in the split form (``semvoc.kernels.prelu_split``) on
-        activations stored divided by ``gain_in`` (input) and ``gain_out`` (output); export only."""
+        activations stored divided by ``gain_in`` (input) and ``gain_out`` (output); export only.
+        Where the export may use ``SplitMlp``, the relu and linear parts' weights are kept stacked
+        (``[C, H + C]``, what that op reads), else apart (three LtGemm calls)."""
         w = split_weights(self.dwconv.weight, self.pwconv1.weight[:, :, 0], self.pwconv1.bias, self.act.weight,
                           self.pwconv2.weight[:, :, 0], self.pwconv2.bias, gain_in, gain_out)
-        for name, value in vars(w).items():
+        buffers = {"dw_weight": w.dw_weight, "linear_bias": w.linear_bias}
+        if fusion_enabled(SPLIT_MLP):
+            buffers["stacked_weight"] = torch.cat([w.relu_weight, w.linear_weight], dim=1)
+        else:
+            buffers.update(relu_weight=w.relu_weight, linear_weight=w.linear_weight)
+        for name, value in buffers.items():
             self.register_buffer(f"split_{name}", value, persistent=False)
 
     def drop_split(self) -> None:
         """Back to the unsplit form (undoes ``use_split``)."""
-        for name in (f"split_{f.name}" for f in dataclasses.fields(SplitWeights)):
-            if name in self._buffers:
-                delattr(self, name)
+        for name in [n for n in self._buffers if n.startswith("split_")]:
+            delattr(self, name)
 
     def forward_channels_last(self, x: torch.Tensor, cond_bias: torch.Tensor, time_scale: torch.Tensor,
                               layer: int = 0) -> torch.Tensor:
         """``forward_prepared`` on ``[B, L, C]`` as semvoc's CUDA ops: ConvNeXtMix, a GEMM,
         BiasPRelu, then the down-projection, its bias and the residual: one LtGemm (cuBLASLt's
         epilogue) for an unscaled residual, else a GEMM and BiasResidual. After ``use_split``:
-        ConvNeXtMix and three LtGemm calls (``split_mlp``), on the gain-divided activations.
-        cond_bias ``[B, L, C]``, time_scale ``[B|1, C]``, or the decoder's tables ``[N, B, L, C]``
-        and ``[1, N, C]`` of which this block reads entry ``layer``."""
+        ConvNeXtMix and SplitMlp (two GEMMs over ConvNeXtMix's widened output), or three LtGemm
+        calls (``split_mlp``), on the gain-divided activations. cond_bias ``[B, L, C]``,
+        time_scale ``[B|1, C]``, or the decoder's tables ``[N, B, L, C]`` and ``[1, N, C]`` of
+        which this block reads entry ``layer``."""
         dw = self.dwconv
+        w1 = self.pwconv1.weight[:, :, 0]  # [H, C]
+        if hasattr(self, "split_stacked_weight"):
+            wide = convnext_mix(x, self.split_dw_weight, dw.bias, self.norm.bias, self.norm.log_scale, cond_bias,
+                                time_scale, layer, lead=w1.shape[0])  # [B, L, H + C]
+            return split_mlp_op(wide, w1.t(), self.pwconv1.bias, self.split_stacked_weight.t(),
+                                self.split_linear_bias, x)
         if hasattr(self, "split_relu_weight"):
             y = convnext_mix(x, self.split_dw_weight, dw.bias, self.norm.bias, self.norm.log_scale, cond_bias,
                              time_scale, layer)
-            return split_mlp(y, x, self.pwconv1.weight[:, :, 0], self.pwconv1.bias, self.split_linear_weight,
-                             self.split_linear_bias, self.split_relu_weight)
+            return split_mlp(y, x, w1, self.pwconv1.bias, self.split_linear_weight, self.split_linear_bias,
+                             self.split_relu_weight)
         y = convnext_mix(x, dw.weight, dw.bias, self.norm.bias, self.norm.log_scale, cond_bias, time_scale, layer)
-        h = bias_prelu(F.linear(y, self.pwconv1.weight[:, :, 0]), self.pwconv1.bias, self.act.weight)
+        h = bias_prelu(F.linear(y, w1), self.pwconv1.bias, self.act.weight)
         scaled = hasattr(self, "residual_scale")
         if not scaled and fusion_enabled(LT_GEMM):  # the residual is cuBLASLt's C with beta = 1
             return lt_linear(h, self.pwconv2.weight[:, :, 0], self.pwconv2.bias, x)

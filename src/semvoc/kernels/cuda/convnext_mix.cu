@@ -6,7 +6,9 @@
 // cond_bias [B|1, L, C] or a whole table [N, B|1, L, C], time_scale [B|1, C] or a table row
 // [B|1, N, C]. With tables, the int attribute `layer` picks entry `layer` of both: the step graph
 // hands every block the branch's tables as they are (a Split into N copies cost 0.7 ms per
-// vocoder step at batch 16). Output [B, L, C]. Arithmetic and statistics in fp32.
+// vocoder step at batch 16). Output [B, L, lead + C] (int attribute `lead`, 0 when absent): each
+// row's C values come after `lead` columns that this op leaves unwritten, for SplitMlp to fill
+// (split_mlp.cu). Arithmetic and statistics in fp32.
 // Reference: semvoc/kernels/convnext_mix.py (convnext_mix_reference).
 //
 // Kernels: convnext_mix_kernel.cuh (shared with benchmarks/device/kernel_bench/convnext_mix_bench.cu,
@@ -23,12 +25,13 @@ constexpr bool kMixUseFirstKernel = false;
 template <typename T, int K>
 static void Launch(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& norm_bias,
                    const Tensor& log_scale, const Tensor& cond, const Tensor& scale, Tensor& out,
-                   int64_t cond_stride, int64_t scale_stride, cudaStream_t stream) {
+                   int64_t cond_stride, int64_t scale_stride, int64_t lead, cudaStream_t stream) {
   const MixArgs<T> args{static_cast<const T*>(x.data), static_cast<const T*>(weight.data),
                         static_cast<const T*>(bias.data), static_cast<const T*>(norm_bias.data),
                         static_cast<const T*>(log_scale.data), static_cast<const T*>(cond.data),
-                        static_cast<const T*>(scale.data), static_cast<T*>(out.data),
-                        static_cast<int>(x.dim(2)), static_cast<int>(x.dim(1)), cond_stride, scale_stride};
+                        static_cast<const T*>(scale.data), static_cast<T*>(out.data) + lead,
+                        static_cast<int>(x.dim(2)), static_cast<int>(x.dim(1)), cond_stride, scale_stride,
+                        static_cast<int>(out.dim(2))};
   if (kMixUseFirstKernel) {
     LaunchMixFirst<T, K>(args, static_cast<int>(x.dim(0)), stream);
   } else {
@@ -43,7 +46,9 @@ void ConvNeXtMixCompute(OrtKernelContext* ctx, const KernelState& state) {
   const int64_t batch = x.dim(0), length = x.dim(1), channels = x.dim(2);
   const int64_t taps = weight.dim(-1);
   Require(channels <= kMixMaxChannels, "ConvNeXtMix: at most 1024 channels");
-  Require(length * channels < (int64_t{1} << 31), "ConvNeXtMix: L * C must fit in 32 bits");
+  const int64_t lead = state.lead;
+  Require(lead >= 0, "ConvNeXtMix: attribute lead must be >= 0");
+  Require(length * (lead + channels) < (int64_t{1} << 31), "ConvNeXtMix: L * (lead + C) must fit in 32 bits");
   Require(weight.numel() == channels * taps, "ConvNeXtMix: weight must be [C, 1, K]");
   Require(bias.numel() == channels && norm_bias.numel() == channels && log_scale.numel() == 1,
           "ConvNeXtMix: bias/norm_bias must be [C], log_scale one value");
@@ -57,7 +62,7 @@ void ConvNeXtMixCompute(OrtKernelContext* ctx, const KernelState& state) {
               (!scale_table || layer < scale.dim(1)),
           "ConvNeXtMix: time_scale must be [B or 1, C], or a table [B or 1, N, C] with layer < N");
   Require(layer >= 0 && (layer == 0 || cond_table), "ConvNeXtMix: attribute layer needs a cond_bias table");
-  Tensor out = Output(ctx, 0, x.shape);
+  Tensor out = Output(ctx, 0, {batch, length, lead + channels});
   if (x.numel() == 0) return;
   const int64_t cond_batch = cond.dim(-3);
   const int64_t cond_stride = cond_batch == 1 ? 0 : length * channels;
@@ -71,10 +76,10 @@ void ConvNeXtMixCompute(OrtKernelContext* ctx, const KernelState& state) {
   cudaStream_t stream = Stream(ctx);
   SEMVOC_DISPATCH_FLOAT(x.type, "ConvNeXtMix",
     switch (taps) {
-      case 3: Launch<T, 3>(x, weight, bias, norm_bias, log_scale, cond_layer, scale_layer, out, cond_stride, scale_stride, stream); break;
-      case 5: Launch<T, 5>(x, weight, bias, norm_bias, log_scale, cond_layer, scale_layer, out, cond_stride, scale_stride, stream); break;
-      case 7: Launch<T, 7>(x, weight, bias, norm_bias, log_scale, cond_layer, scale_layer, out, cond_stride, scale_stride, stream); break;
-      case 9: Launch<T, 9>(x, weight, bias, norm_bias, log_scale, cond_layer, scale_layer, out, cond_stride, scale_stride, stream); break;
+      case 3: Launch<T, 3>(x, weight, bias, norm_bias, log_scale, cond_layer, scale_layer, out, cond_stride, scale_stride, lead, stream); break;
+      case 5: Launch<T, 5>(x, weight, bias, norm_bias, log_scale, cond_layer, scale_layer, out, cond_stride, scale_stride, lead, stream); break;
+      case 7: Launch<T, 7>(x, weight, bias, norm_bias, log_scale, cond_layer, scale_layer, out, cond_stride, scale_stride, lead, stream); break;
+      case 9: Launch<T, 9>(x, weight, bias, norm_bias, log_scale, cond_layer, scale_layer, out, cond_stride, scale_stride, lead, stream); break;
       default: Require(false, "ConvNeXtMix: kernel sizes 3, 5, 7 and 9 are built (add yours in convnext_mix.cu)");
     });
   CheckCuda(cudaGetLastError(), "ConvNeXtMix launch");

@@ -3,8 +3,9 @@
 //   y   = depthwise_conv1d(x, weight, bias) along L        (kernel K, "same" zero padding)
 //   y   = y * mean_c((y - norm_bias)^2) ** -0.5 * exp(log_scale)   (BiasNorm over channels)
 //   out = (y + cond_bias) * time_scale
-// x, cond, out are [B, L, C] channels-last (cond of batch row b at cond + b * cond_stride, stride 0
-// for a broadcast row); scale is one [C] row per batch row at scale + b * scale_stride.
+// x, cond are [B, L, C] channels-last (cond of batch row b at cond + b * cond_stride, stride 0
+// for a broadcast row); scale is one [C] row per batch row at scale + b * scale_stride. out has
+// rows of out_row >= C elements (0: C): the op's `lead` columns come before each row's C.
 #pragma once
 
 #include <type_traits>
@@ -22,9 +23,12 @@ struct MixArgs {
   const T* log_scale;  // [1]
   const T* cond;       // entry `layer` of the table, [B|1, L, C]
   const T* scale;      // entry `layer` of the table, rows of [C]
-  T* out;
+  T* out;              // the first output row's C values (after its lead columns)
   int channels, length;
   int64_t cond_stride, scale_stride;
+  int out_row = 0;     // elements from one output row to the next; 0: channels
+
+  __host__ __device__ int OutRow() const { return out_row > 0 ? out_row : channels; }
 };
 
 // ----------------------------------------------------------------------------------------------
@@ -43,7 +47,7 @@ __global__ void __launch_bounds__(kMixThreads)
 ConvNeXtMixKernel(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ bias,
                   const T* __restrict__ norm_bias, const T* __restrict__ log_scale, const T* __restrict__ cond,
                   const T* __restrict__ scale, T* __restrict__ out, int channels, int length,
-                  int64_t cond_stride, int64_t scale_stride) {
+                  int64_t cond_stride, int64_t scale_stride, int out_row) {
   __shared__ float partial[kMixThreads / 32][kMixFrames];
   __shared__ float inv_norm[kMixFrames];
   const int b = blockIdx.y;
@@ -99,7 +103,7 @@ ConvNeXtMixKernel(const T* __restrict__ x, const T* __restrict__ weight, const T
 
   const T* cb = cond + b * cond_stride;
   const T* sb = scale + b * scale_stride;
-  T* ob = out + static_cast<int64_t>(b) * length * row;
+  T* ob = out + static_cast<int64_t>(b) * length * out_row;
 #pragma unroll
   for (int j = 0; j < kMixChannelsPerThread; ++j) {
     const int c = threadIdx.x + j * kMixThreads;
@@ -110,7 +114,7 @@ ConvNeXtMixKernel(const T* __restrict__ x, const T* __restrict__ weight, const T
         const int t = t0 + f;
         if (t < length) {
           const int64_t i = t * row + c;
-          ob[i] = FromFloat<T>((y[j][f] * inv_norm[f] + ToFloat(cb[i])) * time_scale);
+          ob[t * int64_t{out_row} + c] = FromFloat<T>((y[j][f] * inv_norm[f] + ToFloat(cb[i])) * time_scale);
         }
       }
     }
@@ -122,7 +126,7 @@ inline void LaunchMixFirst(const MixArgs<T>& a, int batch, cudaStream_t stream) 
   const dim3 grid(static_cast<unsigned>((a.length + kMixFrames - 1) / kMixFrames), static_cast<unsigned>(batch));
   ConvNeXtMixKernel<T, K><<<grid, kMixThreads, 0, stream>>>(a.x, a.weight, a.bias, a.norm_bias, a.log_scale,
                                                              a.cond, a.scale, a.out, a.channels, a.length,
-                                                             a.cond_stride, a.scale_stride);
+                                                             a.cond_stride, a.scale_stride, a.OutRow());
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -247,7 +251,8 @@ ConvNeXtMixRunKernel(const MixArgs<T> a, const int run_threads) {
     }
     time_scale = LoadOrZero<T, V>(sb, true);
   }
-  T* __restrict__ ob = a.out + static_cast<int64_t>(b) * a.length * a.channels + c0;
+  const unsigned out_row = a.OutRow();
+  T* __restrict__ ob = a.out + static_cast<int64_t>(b) * a.length * out_row + c0;
 #pragma unroll
   for (int f = 0; f < F; ++f) {
     const unsigned t = t0 + f;
@@ -258,15 +263,16 @@ ConvNeXtMixRunKernel(const MixArgs<T> a, const int run_threads) {
       for (int v = 0; v < V; ++v) {
         o.v[v] = FromFloat<T>((y[f][v] * inv_norm + ToFloat(cond[f].v[v])) * ToFloat(time_scale.v[v]));
       }
-      *reinterpret_cast<VT*>(ob + t * row) = o;
+      *reinterpret_cast<VT*>(ob + t * out_row) = o;
     }
   }
 }
 
-// Whether the run kernel may use V-wide accesses: C a multiple of V, every buffer but the scalars aligned.
+// Whether the run kernel may use V-wide accesses: C and the output row a multiple of V, every
+// buffer but the scalars aligned.
 template <typename T, int V>
 inline bool MixVectorizable(const MixArgs<T>& a) {
-  if (a.channels % V != 0) return false;
+  if (a.channels % V != 0 || a.OutRow() % V != 0) return false;
   for (const void* p : {static_cast<const void*>(a.x), static_cast<const void*>(a.cond),
                         static_cast<const void*>(a.scale), static_cast<const void*>(a.out),
                         static_cast<const void*>(a.weight), static_cast<const void*>(a.bias),

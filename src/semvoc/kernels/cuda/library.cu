@@ -23,6 +23,9 @@ void EulerOverlapAddCompute(OrtKernelContext* ctx, const KernelState&);
 void LtGemmCompute(OrtKernelContext* ctx, const KernelState&);
 void* LtGemmCreate();
 void LtGemmDestroy(void* state);
+void SplitMlpCompute(OrtKernelContext* ctx, const KernelState&);
+void* SplitMlpCreate();
+void SplitMlpDestroy(void* state);
 
 // A node's kernel: its op and the attributes it was created with.
 struct Kernel {
@@ -56,6 +59,7 @@ static void* CreateKernel(const OrtCustomOp* custom_op, const OrtApi* api, const
   // a node without `layer` reads layer 0
   if (op->layer) kernel->state.layer = OptionalAttribute(api, get_int, info, "layer", int64_t{0});
   if (op->relu) kernel->state.relu = OptionalAttribute(api, get_int, info, "relu", int64_t{0}) != 0;
+  if (op->lead) kernel->state.lead = OptionalAttribute(api, get_int, info, "lead", int64_t{0});
   if (op->hop) Check(api->KernelInfoGetAttribute_int64(info, "hop", &kernel->state.hop), "attribute hop");
   if (op->pred_x1) {
     int64_t pred_x1 = 0;
@@ -129,7 +133,9 @@ static std::vector<OpDef>& Ops() {
   static std::vector<OpDef> ops = [] {
     std::vector<OpDef> all;
     for (auto type : {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16}) {
-      all.push_back(MakeOp("ConvNeXtMix", type, 7, 1, ConvNeXtMixCompute, /*epsilon=*/false, /*layer=*/true));
+      OpDef mix = MakeOp("ConvNeXtMix", type, 7, 1, ConvNeXtMixCompute, /*epsilon=*/false, /*layer=*/true);
+      mix.lead = true;
+      all.push_back(mix);
       all.push_back(MakeOp("BiasPRelu", type, 3, 1, BiasPReluCompute));
       all.push_back(MakeOp("BiasResidual", type, 4, 1, BiasResidualCompute));
       all.push_back(MakeOp("HeadNorm", type, 3, 1, HeadNormCompute, /*epsilon=*/true));
@@ -154,6 +160,10 @@ static std::vector<OpDef>& Ops() {
       lt_gemm.create = LtGemmCreate;
       lt_gemm.destroy = LtGemmDestroy;
       all.push_back(lt_gemm);
+      OpDef split_mlp = MakeOp("SplitMlp", type, 6, 1, SplitMlpCompute);  // wide, w1, b1, w2, bias, residual
+      split_mlp.create = SplitMlpCreate;
+      split_mlp.destroy = SplitMlpDestroy;
+      all.push_back(split_mlp);
       OpDef frames = MakeOp("AudioFrames", type, 1, 1, AudioFramesCompute);  // x -> frames
       frames.hop = true;
       all.push_back(frames);

@@ -6,6 +6,8 @@
 //
 // a [M, K], w [K, N] (the layout of a MatMul's B: how the graphs hold F.linear's transposed
 // weight), out and residual [M, N], row-major; bias [N] of the same type; scale [N] float32.
+// a's rows may lie lda >= K elements apart and out's ldo >= N (SplitMlp reads and writes column
+// ranges of one wider buffer); a strided out takes the epilogue in the GEMM only (level 1 below).
 // fp16 or fp32 data, fp32 accumulation (CUBLAS_COMPUTE_32F), one cublasLtMatmul per call:
 // row-major out = a w is column-major out^T = w^T a^T, so A = w (N x K, ld N), B = a (K x M, ld K),
 // C = D = out (N x M, ld N), no transposes (as benchmarks/device/gemm measured).
@@ -44,6 +46,7 @@
 #include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "cublaslt_api.h"
 #include "ort_op.h"
@@ -132,10 +135,6 @@ struct LtWorkspace {
   }
 };
 
-__global__ void LtFillKernel(float* p, int n, float value) {
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) p[i] = value;
-}
-
 class LtShared {
  public:
   static LtShared& Get() {
@@ -149,9 +148,11 @@ class LtShared {
     if (d.handle == nullptr) {
       CheckLt(LtApi().Create(&d.handle), "cublasLtCreate");
       CheckCuda(cudaMalloc(&d.ones, kLtMaxVectorRows * sizeof(float)), "LtGemm: allocating its ones vector");
-      LtFillKernel<<<64, 256>>>(d.ones, kLtMaxVectorRows, 1.f);  // legacy stream: ordered before any later use
-      CheckCuda(cudaGetLastError(), "LtGemm: filling its ones vector");
-      CheckCuda(cudaDeviceSynchronize(), "LtGemm: filling its ones vector");
+      // a synchronous copy (once per device), so that this header defines no kernel of its own and
+      // every op that includes it (ltgemm.cu, split_mlp.cu) shares this one device state
+      const std::vector<float> ones(kLtMaxVectorRows, 1.f);
+      CheckCuda(cudaMemcpy(d.ones, ones.data(), kLtMaxVectorRows * sizeof(float), cudaMemcpyHostToDevice),
+                "LtGemm: filling its ones vector");
     }
     return d;
   }
@@ -184,7 +185,11 @@ struct LtGemmArgs {
   const float* scale = nullptr;    // [N] or null (only with a residual)
   void* out = nullptr;
   int64_t m = 0, n = 0, k = 0;
+  int64_t lda = 0, ldo = 0;        // row strides of a and out in elements (0: k and n)
   bool relu = false;               // out = max(out, 0), after every sum
+
+  int64_t RowA() const { return lda > 0 ? lda : k; }
+  int64_t RowOut() const { return ldo > 0 ? ldo : n; }
 };
 
 // How a plan computes the epilogue (level 1, 2 or 3 of the list above).
@@ -242,8 +247,8 @@ class LtPlan {
  public:
   LtPlan(const LtGemmArgs& args, int device, cudaStream_t stream, unsigned alignment, bool has_bias,
          bool has_residual, bool has_scale, LtFusion first)
-      : m_(args.m), n_(args.n), k_(args.k), has_bias_(has_bias), has_residual_(has_residual), has_scale_(has_scale),
-        relu_(args.relu) {
+      : m_(args.m), n_(args.n), k_(args.k), ldo_(args.RowOut()), has_bias_(has_bias), has_residual_(has_residual),
+        has_scale_(has_scale), relu_(args.relu) {
     const LtDevice& d = LtShared::Get().Device(device);
     handle_ = d.handle;
     ones_ = d.ones;
@@ -251,9 +256,10 @@ class LtPlan {
     const LtLibrary& api = LtApi();
     const lt::DataType type = LtType<T>();
     CheckLt(api.MatrixLayoutCreate(&a_, type, n_, k_, n_), "cublasLtMatrixLayoutCreate (weight)");
-    CheckLt(api.MatrixLayoutCreate(&b_, type, k_, m_, k_), "cublasLtMatrixLayoutCreate (input)");
-    CheckLt(api.MatrixLayoutCreate(&c_, type, n_, m_, n_), "cublasLtMatrixLayoutCreate (output)");
+    CheckLt(api.MatrixLayoutCreate(&b_, type, k_, m_, args.RowA()), "cublasLtMatrixLayoutCreate (input)");
+    CheckLt(api.MatrixLayoutCreate(&c_, type, n_, m_, ldo_), "cublasLtMatrixLayoutCreate (output)");
     for (LtFusion f : {LtFusion::kAll, LtFusion::kBias, LtFusion::kNone}) {
+      if (f != LtFusion::kAll && ldo_ != n_) continue;  // the tail kernel writes dense rows
       if (f < first && (has_bias_ || has_residual_ || relu_)) continue;  // a plain GEMM has only level 1
       if (f == LtFusion::kAll && has_scale_ && n_ > kLtMaxVectorRows) continue;
       if (f == LtFusion::kBias && (!has_residual_ || relu_)) continue;  // the same as kAll, or relu too early
@@ -262,7 +268,8 @@ class LtPlan {
     }
     throw std::runtime_error("semvoc.cuda LtGemm: cuBLASLt has no algorithm for M=" + std::to_string(m_) +
                              " N=" + std::to_string(n_) + " K=" + std::to_string(k_) +
-                             ": re-export with SEMVOC_EXPORT_WITHOUT=LtGemm");
+                             (ldo_ != n_ ? " (a strided output, SplitMlp's first GEMM)" : "") +
+                             ": re-export with SEMVOC_EXPORT_WITHOUT=LtGemm,SplitMlp");
   }
 
   ~LtPlan() {
@@ -356,7 +363,7 @@ class LtPlan {
     return true;
   }
 
-  int64_t m_, n_, k_;
+  int64_t m_, n_, k_, ldo_;
   bool has_bias_, has_residual_, has_scale_, relu_;
   lt::Handle handle_ = nullptr;
   const float* ones_ = nullptr;
@@ -367,7 +374,7 @@ class LtPlan {
   LtFusion fusion_ = LtFusion::kNone;
 };
 
-// One LtGemm node's plans, by (M, N, K, stream, alignment of its buffers).
+// One LtGemm node's plans, by (M, N, K, row strides, stream, alignment of its buffers).
 template <typename T>
 class LtGemmInstance {
  public:
@@ -377,10 +384,13 @@ class LtGemmInstance {
   LtPlan<T>& Run(const LtGemmArgs& args, cudaStream_t stream) {
     // the heuristic's choice assumes this alignment (of the bias and beta vector too): a call with
     // less aligned buffers gets a plan of its own
-    const unsigned alignment = Alignment({args.a, args.w, args.bias, args.residual, args.scale, args.out});
+    // (row strides count as offsets: every row of a strided buffer starts at that alignment)
+    const unsigned alignment = Alignment({args.a, args.w, args.bias, args.residual, args.scale, args.out,
+                                          reinterpret_cast<const void*>(args.RowA() * sizeof(T)),
+                                          reinterpret_cast<const void*>(args.RowOut() * sizeof(T))});
     int device = 0;
     CheckCuda(cudaGetDevice(&device), "LtGemm: cudaGetDevice");
-    const Key key{args.m, args.n, args.k, device, stream, alignment, args.relu};
+    const Key key{args.m, args.n, args.k, args.RowA(), args.RowOut(), device, stream, alignment, args.relu};
     std::lock_guard<std::mutex> lock(mutex_);
     auto found = plans_.find(key);
     if (found == plans_.end()) {
@@ -412,7 +422,7 @@ class LtGemmInstance {
   }
 
  private:
-  using Key = std::tuple<int64_t, int64_t, int64_t, int, cudaStream_t, unsigned, bool>;
+  using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int, cudaStream_t, unsigned, bool>;
   LtFusion first_;
   std::mutex mutex_;
   std::map<Key, std::unique_ptr<LtPlan<T>>> plans_;

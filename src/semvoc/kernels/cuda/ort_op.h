@@ -152,6 +152,7 @@ struct KernelState {
   bool relu = false;      // ops declared with `relu` (an optional int attribute, 0 when absent)
   int64_t hop = 0;        // ops declared with `hop` (required)
   bool pred_x1 = false;   // ops declared with `pred_x1` (a required int attribute, 0 or 1)
+  int64_t lead = 0;       // ops declared with `lead` (an optional int attribute, 0 when absent)
   void* data = nullptr;   // ops with per-node state (OpDef::create): e.g. LtGemm's cached plans
 };
 
@@ -176,6 +177,7 @@ struct OpDef : OrtCustomOp {
   bool pred_x1 = false;            // the node carries an int attribute `pred_x1`
   uint32_t int64_inputs = 0;       // bit i: input i is int64
   uint32_t float32_outputs = 0;    // bit i: output i is float32 whatever `type` is
+  bool lead = false;               // the node may carry an int attribute `lead`
   void* (*create)() = nullptr;     // per-node state in KernelState::data, made when the node is
   void (*destroy)(void*) = nullptr;  // created and released with it
 };
