@@ -457,28 +457,46 @@ def _stock_frames(model, node) -> list:
 def _split_mlp_gemms(model, node) -> list:
     """semvoc's SplitMlp as the three GEMMs of the PReLU split (``semvoc.kernels.split_mlp``):
     ``r = y w1``, ``r R`` and the linear part ``y M`` (named with SPLIT_LINEAR_PREFIX), R and M the
-    row blocks of the stacked weight ``w2 = [R; M]``. Input 0 stands for y: ConvNeXtMix is an
-    Identity of its input here, whatever its ``lead``."""
+    row blocks of the stacked weight ``w2 = [R; M]``, y the last C columns of input 0 (the
+    widened ConvNeXtMix output, see ``_widened_mix``)."""
     import numpy as np
     from onnx import helper, numpy_helper
 
-    y, w1, _, w2 = node.input[:4]
+    wide, w1, b1, w2 = node.input[:4]
     out = node.output[0]
+    # H: b1's length (an initializer), else the lead of the ConvNeXtMix that widened y (w1 may be
+    # computed in the graph, e.g. a Transpose of a conv weight's slice)
     dims = {i.name: list(i.dims) for i in model.graph.initializer}
-    if w1 not in dims or len(dims[w1]) != 2:
+    leads = [_attr(n, "lead", 0) for n in model.graph.node if n.op_type == "ConvNeXtMix" and wide in n.output]
+    hidden = dims[b1][0] if len(dims.get(b1, [])) == 1 else (leads[0] if leads and leads[0] > 0 else None)
+    if hidden is None:
         return [node]  # left as it is: counted as unresolved
-    hidden = dims[w1][1]
-    names = {key: f"{out}__{key}" for key in ("zero", "hidden", "end", "axis")}
-    constants = {"zero": [0], "hidden": [hidden], "end": [np.iinfo(np.int64).max], "axis": [0]}
+    names = {key: f"{out}__{key}" for key in ("zero", "hidden", "end", "axis", "last")}
+    constants = {"zero": [0], "hidden": [hidden], "end": [np.iinfo(np.int64).max], "axis": [0], "last": [-1]}
     model.graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), names[k])
                                    for k, v in constants.items())
-    r, relu_part, linear_part, relu_out, linear_out = (f"{out}__{p}" for p in ("r", "R", "M", "rR", "yM"))
-    return [helper.make_node("MatMul", [y, w1], [r], name=f"{node.name}/up"),
+    y, r, relu_part, linear_part, relu_out, linear_out = (f"{out}__{p}" for p in ("y", "r", "R", "M", "rR", "yM"))
+    return [helper.make_node("Slice", [wide, names["hidden"], names["end"], names["last"]], [y]),
+            helper.make_node("MatMul", [y, w1], [r], name=f"{node.name}/up"),
             helper.make_node("Slice", [w2, names["zero"], names["hidden"], names["axis"]], [relu_part]),
             helper.make_node("Slice", [w2, names["hidden"], names["end"], names["axis"]], [linear_part]),
             helper.make_node("MatMul", [r, relu_part], [relu_out], name=f"{node.name}/down"),
             helper.make_node("MatMul", [y, linear_part], [linear_out], name=SPLIT_LINEAR_PREFIX + out),
             helper.make_node("Add", [relu_out, linear_out], [out])]
+
+
+def _widened_mix(model, node) -> list:
+    """semvoc's ConvNeXtMix with ``lead`` > 0: an Identity of its input, padded by ``lead``
+    columns in front (its output's shape, ``[B, L, lead + C]``)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    out = node.output[0]
+    pads, axes, y = f"{out}__pads", f"{out}__axes", f"{out}__y"
+    model.graph.initializer.extend([numpy_helper.from_array(np.array([_attr(node, "lead", 0), 0], np.int64), pads),
+                                    numpy_helper.from_array(np.array([-1], np.int64), axes)])
+    return [helper.make_node("Identity", [node.input[0]], [y]),
+            helper.make_node("Pad", [y, pads, "", axes], [out])]
 
 
 def replace_contrib_ops(model) -> None:
@@ -491,6 +509,9 @@ def replace_contrib_ops(model) -> None:
     for node in model.graph.node:
         if node.domain == "semvoc.cuda" and node.op_type == "SplitMlp":
             nodes.extend(_split_mlp_gemms(model, node))
+            continue
+        if node.domain == "semvoc.cuda" and node.op_type == "ConvNeXtMix" and _attr(node, "lead", 0) > 0:
+            nodes.extend(_widened_mix(model, node))
             continue
         if node.domain == "semvoc.cuda" and node.op_type in GEMM_CUDA_OPS:  # its GEMM; the epilogue is not counted
             name = SPLIT_LINEAR_PREFIX + node.output[0] if node.output[0] in split_linear else node.name
@@ -534,7 +555,8 @@ def replace_contrib_ops(model) -> None:
 
 def count_model_flops(model, dims: dict[str, int]) -> GraphFlops:
     """FLOPs of one run of ``model`` (a ModelProto, modified in place) with the given input dims."""
-    depthwise = [(n.output[0], n.input[1]) for n in model.graph.node
+    # the conv's output has its input's shape [B, L, C] (the op's output may be widened: lead)
+    depthwise = [(n.input[0], n.input[1]) for n in model.graph.node
                  if n.domain == "semvoc.cuda" and n.op_type == "ConvNeXtMix"]
     replace_contrib_ops(model)
     fix_input_dims(model, dims)
@@ -542,7 +564,7 @@ def count_model_flops(model, dims: dict[str, int]) -> GraphFlops:
     shapes = _shape_table(inferred)
     result = GraphFlops()
     split_linear = 0
-    for out, weight in depthwise:  # [B, L, C] output, [C, 1, K] weight
+    for out, weight in depthwise:  # [B, L, C] input, [C, 1, K] weight
         if _known(shapes.get(out)) and _known(shapes.get(weight)):
             result.add("ConvNeXtMix", 2 * math.prod(shapes[out]) * shapes[weight][-1])
         else:

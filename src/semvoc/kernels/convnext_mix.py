@@ -53,9 +53,7 @@ def _(x, weight, bias, norm_bias, log_scale, cond_bias, time_scale, layer=0, lea
 def _onnx(x, weight, bias, norm_bias, log_scale, cond_bias, time_scale, layer: int = 0, lead: int = 0):
     op = contrib_op("ConvNeXtMix", ["x", "weight", "bias", "norm_bias", "log_scale", "cond_bias", "time_scale"],
                     ["y"], {"layer": OpSchema.AttrType.INT, "lead": OpSchema.AttrType.INT}, domain=CUDA_DOMAIN)
-    if lead:
-        return op(x, weight, bias, norm_bias, log_scale, cond_bias, time_scale, layer=layer, lead=lead)
-    return op(x, weight, bias, norm_bias, log_scale, cond_bias, time_scale, layer=layer)
+    return op(x, weight, bias, norm_bias, log_scale, cond_bias, time_scale, layer=layer, lead=lead)
 
 
 register_translation(torch.ops.semvoc.convnext_mix.default, _onnx)

@@ -128,7 +128,8 @@ GatedSkipNormRowBlockKernel(const T* __restrict__ x, const T* __restrict__ y, co
 }
 
 // Widest row each path holds in registers: 16-byte vectors x 8 per lane, or 32 scalars per lane.
-// Rows of at most kRowBlockThreads vectors take a block each instead of a warp.
+// Rows of at most kRowBlockThreads vectors take a block each instead of a warp, unless
+// $SEMVOC_NORM_ROWS=warp (ort_op.h's NormRowBlocks: for A/B measurements of the two).
 constexpr int kRowBlockThreads = 128;
 constexpr int kMaxVectorsPerLane = 8;
 constexpr int kMaxScalarsPerLane = 32;
@@ -158,7 +159,7 @@ void GatedSkipNormCompute(OrtKernelContext* ctx, const KernelState& state) {
     constexpr int V = WideVector<T>();
     const bool vectorizable =
         Vectorizable<T>(width, {x.data, y.data, h.data, sum.data, gate.data, bias.data, gamma.data, beta.data});
-    if (vectorizable && width / V <= kRowBlockThreads) {
+    if (vectorizable && width / V <= kRowBlockThreads && NormRowBlocks()) {
       GatedSkipNormRowBlockKernel<T, V, kRowBlockThreads><<<static_cast<unsigned>(rows), kRowBlockThreads, 0, stream>>>(
           in[0], in[1], in[2], in[3], in[4], in[5], static_cast<T*>(h.data), static_cast<T*>(sum.data),
           static_cast<int>(width), state.epsilon);

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <stdexcept>
@@ -145,6 +146,17 @@ inline unsigned GridFor(int64_t items, int threads) {
 }
 
 // What a node's kernel keeps from its attributes (read once, when onnxruntime creates it).
+// Whether the row-norm ops (GatedSkipNorm, GatedConcatNorm, BiasAddNorm, LayerNorm) give a row
+// that fits a block of warps (else one warp per row): $SEMVOC_NORM_ROWS=warp says no, for A/B
+// measurements of the two; read once per process.
+inline bool NormRowBlocks() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("SEMVOC_NORM_ROWS");
+    return value == nullptr || std::string(value) != "warp";
+  }();
+  return enabled;
+}
+
 struct KernelState {
   float epsilon = 0.f;    // ops declared with `epsilon` (or `optional_epsilon`: 0 when absent)
   int64_t layer = 0;      // ops declared with `layer` (0 when the node has none)

@@ -10,10 +10,13 @@
 //   h   = LayerNorm_D(sum) * gamma[d] + beta[d]
 // LayerNorm (the first block's norm1): BiasAddNorm without the bias and without the sum output.
 //
-// One warp per row (per token); a lane keeps its share of the row in registers (16-byte vectors
-// where D and the buffers allow), so every input is read once and every output written once.
-// Statistics in fp32, two passes over the registers (mean, then squared deviations). No shared
-// memory, no allocation, no synchronisation beyond the warp: CUDA-graph safe.
+// kWarps warps per row (per token): one, four rows to a block, or four, a block per row where
+// the row is at most 2 x 128 16-byte vectors (the DiT's D = 1024 in fp16: the row's loads all in
+// flight at once, where one warp issued 8 vectors per lane one after another). A thread keeps its
+// share of the row in registers (16-byte vectors where D and the buffers allow), so every input
+// is read once and every output written once. Statistics in fp32, two passes over the registers
+// (mean, then squared deviations), across a row's warps through shared memory. No allocation:
+// CUDA-graph safe. $SEMVOC_NORM_ROWS=warp keeps one warp per row (A/B measurements).
 // References: semvoc/kernels/skip_norm.py.
 #pragma once
 
@@ -23,45 +26,68 @@
 
 namespace semvoc {
 
-constexpr int kSkipNormRowsPerBlock = 4;  // warps (rows) per block of 128 threads
+constexpr int kSkipNormRowsPerBlock = 4;  // rows of one warp per block of 128 threads
+constexpr int kSkipNormRowWarps = 4;      // warps of a row that takes a block
 
-// Statistics of a row held as kHalves x kMaxVec x V floats per lane (entries past `vectors` unused).
-template <int kHalves, int kMaxVec, int V>
-__device__ __forceinline__ void RowStatistics(const float (&v)[kHalves][kMaxVec][V], int lane, int vectors,
-                                              float count, float eps, float& mean, float& rstd) {
+template <int kWarps>
+__host__ __device__ constexpr int SkipNormRowsPerBlock() { return kWarps == 1 ? kSkipNormRowsPerBlock : 1; }
+template <int kWarps>
+__host__ __device__ constexpr int SkipNormThreads() { return 32 * kWarps * SkipNormRowsPerBlock<kWarps>(); }
+
+// The sum of `value` over a row's kWarps warps (every thread of the row gets it); `partial`: kWarps
+// floats of shared memory, each used once per kernel.
+template <int kWarps>
+__device__ __forceinline__ float RowSum(float value, int t, float* partial) {
+  value = WarpSum(value);
+  if (kWarps == 1) return value;
+  if (t % 32 == 0) partial[t / 32] = value;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += partial[w];
+  return total;
+}
+
+// Statistics of a row held as kHalves x kMaxVec x V floats per thread (entries past `vectors`
+// unused), over the row's kWarps warps: thread `t` of the row holds vectors t + 32 kWarps i.
+// `partial` is the row's 2 x kWarps floats of shared memory (unused for one warp).
+template <int kWarps, int kHalves, int kMaxVec, int V>
+__device__ __forceinline__ void RowStatistics(const float (&v)[kHalves][kMaxVec][V], int t, int vectors,
+                                              float count, float eps, float* partial, float& mean, float& rstd) {
   float total = 0.f;
 #pragma unroll
   for (int half = 0; half < kHalves; ++half)
 #pragma unroll
     for (int i = 0; i < kMaxVec; ++i)
-      if (lane + 32 * i < vectors) {
+      if (t + 32 * kWarps * i < vectors) {
 #pragma unroll
         for (int k = 0; k < V; ++k) total += v[half][i][k];
       }
-  mean = WarpSum(total) / count;
+  mean = RowSum<kWarps>(total, t, partial) / count;
   float squares = 0.f;
 #pragma unroll
   for (int half = 0; half < kHalves; ++half)
 #pragma unroll
     for (int i = 0; i < kMaxVec; ++i)
-      if (lane + 32 * i < vectors) {
+      if (t + 32 * kWarps * i < vectors) {
 #pragma unroll
         for (int k = 0; k < V; ++k) squares += (v[half][i][k] - mean) * (v[half][i][k] - mean);
       }
-  rstd = rsqrtf(WarpSum(squares) / count + eps);
+  rstd = rsqrtf(RowSum<kWarps>(squares, t, partial + kWarps) / count + eps);
 }
 
 // x, out, skip [rows, width]; gate, gbias [width]; gamma, beta [2 width]; h [rows, 2 width].
 // Lane `lane` owns vector j = lane + 32 i of both halves: x/out/skip at the same index, so the
 // halves never diverge and the concatenation is only an output offset.
-template <typename T, int V, int kMaxVec>
-__global__ void __launch_bounds__(32 * kSkipNormRowsPerBlock) GatedConcatNormKernel(
+template <typename T, int V, int kMaxVec, int kWarps = 1>
+__global__ void __launch_bounds__(SkipNormThreads<kWarps>()) GatedConcatNormKernel(
     const T* __restrict__ x, const T* __restrict__ out, const T* __restrict__ gate, const T* __restrict__ gbias,
     const T* __restrict__ skip, const T* __restrict__ gamma, const T* __restrict__ beta, T* __restrict__ h,
     int64_t rows, int width, float eps) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kSkipNormRowsPerBlock + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= rows) return;
+  __shared__ float partial[2 * kWarps];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * SkipNormRowsPerBlock<kWarps>() + threadIdx.x / (32 * kWarps);
+  const int lane = threadIdx.x % (32 * kWarps);  // the thread's index within its row
+  if (kWarps == 1 && row >= rows) return;  // (a row of several warps has a block: row < rows)
   const int vectors = width / V;
   using Vector = Vec<T, V>;
   const Vector* xr = reinterpret_cast<const Vector*>(x + row * width);
@@ -70,7 +96,7 @@ __global__ void __launch_bounds__(32 * kSkipNormRowsPerBlock) GatedConcatNormKer
   float v[2][kMaxVec][V];  // [0]: the gated sum, [1]: the skip
 #pragma unroll
   for (int i = 0; i < kMaxVec; ++i) {
-    const int j = lane + 32 * i;
+    const int j = lane + 32 * kWarps * i;
     if (j < vectors) {
       const Vector a = xr[j], b = orow[j], s = sr[j], g = reinterpret_cast<const Vector*>(gate)[j],
                    c = reinterpret_cast<const Vector*>(gbias)[j];
@@ -82,7 +108,7 @@ __global__ void __launch_bounds__(32 * kSkipNormRowsPerBlock) GatedConcatNormKer
     }
   }
   float mean, rstd;
-  RowStatistics<2, kMaxVec, V>(v, lane, vectors, 2.f * width, eps, mean, rstd);
+  RowStatistics<kWarps, 2, kMaxVec, V>(v, lane, vectors, 2.f * width, eps, partial, mean, rstd);
   Vector* hr = reinterpret_cast<Vector*>(h + row * 2 * width);
   const Vector* gv = reinterpret_cast<const Vector*>(gamma);
   const Vector* bv = reinterpret_cast<const Vector*>(beta);
@@ -90,7 +116,7 @@ __global__ void __launch_bounds__(32 * kSkipNormRowsPerBlock) GatedConcatNormKer
   for (int half = 0; half < 2; ++half)
 #pragma unroll
     for (int i = 0; i < kMaxVec; ++i) {
-      const int j = lane + 32 * i;
+      const int j = lane + 32 * kWarps * i;
       if (j < vectors) {
         const int c = half * vectors + j;
         const Vector g = gv[c], b = bv[c];
@@ -105,20 +131,21 @@ __global__ void __launch_bounds__(32 * kSkipNormRowsPerBlock) GatedConcatNormKer
 
 // y [rows, width]; bias, gamma, beta [width] -> h [rows, width] and (kSum) sum = y + bias.
 // Without kBias the row is y itself (the LayerNorm op; bias and sum unused).
-template <typename T, int V, int kMaxVec, bool kBias, bool kSum>
-__global__ void __launch_bounds__(32 * kSkipNormRowsPerBlock) BiasAddNormKernel(
+template <typename T, int V, int kMaxVec, bool kBias, bool kSum, int kWarps = 1>
+__global__ void __launch_bounds__(SkipNormThreads<kWarps>()) BiasAddNormKernel(
     const T* __restrict__ y, const T* __restrict__ bias, const T* __restrict__ gamma, const T* __restrict__ beta,
     T* __restrict__ h, T* __restrict__ sum, int64_t rows, int width, float eps) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kSkipNormRowsPerBlock + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= rows) return;
+  __shared__ float partial[2 * kWarps];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * SkipNormRowsPerBlock<kWarps>() + threadIdx.x / (32 * kWarps);
+  const int lane = threadIdx.x % (32 * kWarps);  // the thread's index within its row
+  if (kWarps == 1 && row >= rows) return;  // (a row of several warps has a block: row < rows)
   const int vectors = width / V;
   using Vector = Vec<T, V>;
   const Vector* yr = reinterpret_cast<const Vector*>(y + row * width);
   float v[1][kMaxVec][V];
 #pragma unroll
   for (int i = 0; i < kMaxVec; ++i) {
-    const int j = lane + 32 * i;
+    const int j = lane + 32 * kWarps * i;
     if (j < vectors) {
       const Vector a = yr[j];
       if (kBias) {
@@ -138,11 +165,11 @@ __global__ void __launch_bounds__(32 * kSkipNormRowsPerBlock) BiasAddNormKernel(
     }
   }
   float mean, rstd;
-  RowStatistics<1, kMaxVec, V>(v, lane, vectors, static_cast<float>(width), eps, mean, rstd);
+  RowStatistics<kWarps, 1, kMaxVec, V>(v, lane, vectors, static_cast<float>(width), eps, partial, mean, rstd);
   Vector* hr = reinterpret_cast<Vector*>(h + row * width);
 #pragma unroll
   for (int i = 0; i < kMaxVec; ++i) {
-    const int j = lane + 32 * i;
+    const int j = lane + 32 * kWarps * i;
     if (j < vectors) {
       const Vector g = reinterpret_cast<const Vector*>(gamma)[j], b = reinterpret_cast<const Vector*>(beta)[j];
       Vector o;
@@ -164,29 +191,44 @@ inline int SkipNormMaxWidth(bool vectorized) {
   return vectorized ? 32 * WideVector<T>() * kSkipNormMaxVectorsPerLane : 32 * kSkipNormMaxScalarsPerLane;
 }
 
-// Calls launch(V, kMaxVec) (as integral_constants) with the smallest register tile that holds a
-// row of `width`; false when none does (wider than SkipNormMaxWidth).
+// Calls launch(V, kMaxVec, kWarps) (as integral_constants) with the smallest register tile that
+// holds a row of `width`: a block of kSkipNormRowWarps warps for a row of at most 2 x 128
+// vectors, else one warp; false when none does (wider than SkipNormMaxWidth).
 template <typename T, typename Launch>
 inline bool DispatchSkipNormWidth(int width, bool vectorized, Launch&& launch) {
+  using One = std::integral_constant<int, 1>;
   if (width > SkipNormMaxWidth<T>(vectorized)) return false;
   if (!vectorized) {
-    launch(std::integral_constant<int, 1>{}, std::integral_constant<int, kSkipNormMaxScalarsPerLane>{});
+    launch(One{}, std::integral_constant<int, kSkipNormMaxScalarsPerLane>{}, One{});
     return true;
   }
   constexpr int V = static_cast<int>(16 / sizeof(T));
-  const int per_lane = (width / V + 31) / 32;
+  using Wide = std::integral_constant<int, V>;
+  using RowWarps = std::integral_constant<int, kSkipNormRowWarps>;
+  const int vectors = width / V;
+  if (NormRowBlocks() && vectors <= 32 * kSkipNormRowWarps) {
+    launch(Wide{}, One{}, RowWarps{});
+    return true;
+  }
+  if (NormRowBlocks() && vectors <= 2 * 32 * kSkipNormRowWarps) {
+    launch(Wide{}, std::integral_constant<int, 2>{}, RowWarps{});
+    return true;
+  }
+  const int per_lane = (vectors + 31) / 32;
   if (per_lane <= 2) {
-    launch(std::integral_constant<int, V>{}, std::integral_constant<int, 2>{});
+    launch(Wide{}, std::integral_constant<int, 2>{}, One{});
   } else if (per_lane <= 4) {
-    launch(std::integral_constant<int, V>{}, std::integral_constant<int, 4>{});
+    launch(Wide{}, std::integral_constant<int, 4>{}, One{});
   } else {
-    launch(std::integral_constant<int, V>{}, std::integral_constant<int, kSkipNormMaxVectorsPerLane>{});
+    launch(Wide{}, std::integral_constant<int, kSkipNormMaxVectorsPerLane>{}, One{});
   }
   return true;
 }
 
+template <int kWarps>
 inline unsigned SkipNormBlocks(int64_t rows) {
-  return static_cast<unsigned>((rows + kSkipNormRowsPerBlock - 1) / kSkipNormRowsPerBlock);
+  constexpr int per_block = SkipNormRowsPerBlock<kWarps>();
+  return static_cast<unsigned>((rows + per_block - 1) / per_block);
 }
 
 // What the library launches for GatedConcatNorm; false (nothing launched) when `width` is too wide.
@@ -195,10 +237,11 @@ inline bool LaunchGatedConcatNorm(const T* x, const T* out, const T* gate, const
                                   const T* gamma, const T* beta, T* h, int64_t rows, int width, float eps,
                                   cudaStream_t stream) {
   const bool vectorized = Vectorizable<T>(width, {x, out, gate, gbias, skip, gamma, beta, h});
-  return DispatchSkipNormWidth<T>(width, vectorized, [&](auto v, auto max_vec) {
-    GatedConcatNormKernel<T, decltype(v)::value, decltype(max_vec)::value>
-        <<<SkipNormBlocks(rows), 32 * kSkipNormRowsPerBlock, 0, stream>>>(x, out, gate, gbias, skip, gamma, beta, h,
-                                                                        rows, width, eps);
+  return DispatchSkipNormWidth<T>(width, vectorized, [&](auto v, auto max_vec, auto warps) {
+    constexpr int kWarps = decltype(warps)::value;
+    GatedConcatNormKernel<T, decltype(v)::value, decltype(max_vec)::value, kWarps>
+        <<<SkipNormBlocks<kWarps>(rows), SkipNormThreads<kWarps>(), 0, stream>>>(x, out, gate, gbias, skip, gamma,
+                                                                                beta, h, rows, width, eps);
   });
 }
 
@@ -208,10 +251,11 @@ template <typename T, bool kBias, bool kSum>
 inline bool LaunchBiasAddNorm(const T* y, const T* bias, const T* gamma, const T* beta, T* h, T* sum, int64_t rows,
                               int width, float eps, cudaStream_t stream) {
   const bool vectorized = Vectorizable<T>(width, {y, bias, gamma, beta, h, sum});  // null is aligned
-  return DispatchSkipNormWidth<T>(width, vectorized, [&](auto v, auto max_vec) {
-    BiasAddNormKernel<T, decltype(v)::value, decltype(max_vec)::value, kBias, kSum>
-        <<<SkipNormBlocks(rows), 32 * kSkipNormRowsPerBlock, 0, stream>>>(y, bias, gamma, beta, h, sum, rows, width,
-                                                                        eps);
+  return DispatchSkipNormWidth<T>(width, vectorized, [&](auto v, auto max_vec, auto warps) {
+    constexpr int kWarps = decltype(warps)::value;
+    BiasAddNormKernel<T, decltype(v)::value, decltype(max_vec)::value, kBias, kSum, kWarps>
+        <<<SkipNormBlocks<kWarps>(rows), SkipNormThreads<kWarps>(), 0, stream>>>(y, bias, gamma, beta, h, sum, rows,
+                                                                                width, eps);
   });
 }
 
