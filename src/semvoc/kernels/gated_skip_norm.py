@@ -5,8 +5,9 @@ block keeps ``sum`` as its residual stream and feeds ``h`` to the next sub-layer
 ``bias`` are the step's ``1 - gate`` row and the gated projection bias; ``gamma``/``beta`` the
 norm's affine, with the next adaLN modulation folded in where there is one (``fused_dit``).
 onnxruntime's stock ops need a Mul and a ``SkipLayerNormalization`` for this;
-``semvoc.cuda::GatedSkipNorm`` (``cuda/gated_skip_norm.cu``) is one warp per row, statistics in
-fp32 over the rounded sum. Exported with ``semvoc-export --cuda-kernels``.
+``semvoc.cuda::GatedSkipNorm`` (``cuda/gated_skip_norm.cu``) is one block of 128 threads per row
+of at most 128 16-byte vectors (the DiT's width in fp16), else one warp per row, statistics in fp32
+over the rounded sum. Exported with ``semvoc-export --cuda-kernels``.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ Concat, a LayerNormalization over ``2D``, the GEMM's bias Add and a LayerNormali
   (``sum`` is the block's residual stream);
 - ``LayerNorm``: the first block's plain ``norm1`` (``BiasAddNorm`` without bias or sum).
 
-One warp per row, statistics in fp32 over the rounded values, one rounding of each output.
+Four warps per row where the row (each half for ``GatedConcatNorm``) is at most 2 x 128 16-byte
+vectors, else one warp per row; statistics in fp32 over the rounded values, one rounding of each
+output.
 Exported with ``semvoc-export --cuda-kernels``; ``SEMVOC_EXPORT_WITHOUT=GatedConcatNorm``
 (``BiasAddNorm``, ``LayerNorm``) exports the stock form instead, for A/B measurements.
 """
