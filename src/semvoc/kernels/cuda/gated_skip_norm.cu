@@ -84,7 +84,7 @@ GatedSkipNormRowBlockKernel(const T* __restrict__ x, const T* __restrict__ y, co
   __shared__ float partial[2][kWarps];
   using Vector = Vec<T, V>;
   const int64_t offset = static_cast<int64_t>(blockIdx.x) * width;
-  const int j = threadIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int j = threadIdx.x;
   const bool active = j < width / V;
   float s[V];
   float total = 0.f;
@@ -100,24 +100,13 @@ GatedSkipNormRowBlockKernel(const T* __restrict__ x, const T* __restrict__ y, co
     }
     reinterpret_cast<Vector*>(sum + offset)[j] = out;
   }
-  total = WarpSum(total);
-  if (lane == 0) partial[0][warp] = total;
-  __syncthreads();
-  total = 0.f;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) total += partial[0][w];
-  const float mean = total / width;
+  const float mean = RowSum<kWarps>(total, j, partial[0]) / width;
   float squares = 0.f;
   if (active) {
 #pragma unroll
     for (int k = 0; k < V; ++k) squares += (s[k] - mean) * (s[k] - mean);
   }
-  squares = WarpSum(squares);
-  if (lane == 0) partial[1][warp] = squares;
-  __syncthreads();
-  squares = 0.f;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) squares += partial[1][w];
+  squares = RowSum<kWarps>(squares, j, partial[1]);
   if (!active) return;
   const float rstd = rsqrtf(squares / width + eps);
   const Vector g = reinterpret_cast<const Vector*>(gamma)[j], c = reinterpret_cast<const Vector*>(beta)[j];

@@ -120,6 +120,23 @@ __device__ __forceinline__ float WarpSum(float v) {
   return v;
 }
 
+// The sum of `value` over the kWarps warps that hold one row (thread t of the row, t / 32 its
+// warp); every thread of the row gets it. `partial`: kWarps floats of shared memory, each slot
+// written once per call (give each call of a kernel its own). Several warps synchronise the block:
+// every thread of it must make the call.
+template <int kWarps>
+__device__ __forceinline__ float RowSum(float value, int t, float* partial) {
+  value = WarpSum(value);
+  if (kWarps == 1) return value;
+  const unsigned u = static_cast<unsigned>(t);  // t >= 0: unsigned division is a shift
+  if (u % 32 == 0) partial[u / 32] = value;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += partial[w];
+  return total;
+}
+
 // V elements of T in one aligned load/store (16 bytes for V = 16 / sizeof(T)): elementwise
 // kernels over channels-last data read whole vectors when C is a multiple of V.
 template <typename T, int V>

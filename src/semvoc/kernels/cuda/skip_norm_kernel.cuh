@@ -34,20 +34,6 @@ __host__ __device__ constexpr int SkipNormRowsPerBlock() { return kWarps == 1 ? 
 template <int kWarps>
 __host__ __device__ constexpr int SkipNormThreads() { return 32 * kWarps * SkipNormRowsPerBlock<kWarps>(); }
 
-// The sum of `value` over a row's kWarps warps (every thread of the row gets it); `partial`: kWarps
-// floats of shared memory, each used once per kernel.
-template <int kWarps>
-__device__ __forceinline__ float RowSum(float value, int t, float* partial) {
-  value = WarpSum(value);
-  if (kWarps == 1) return value;
-  if (t % 32 == 0) partial[t / 32] = value;
-  __syncthreads();
-  float total = 0.f;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) total += partial[w];
-  return total;
-}
-
 // Statistics of a row held as kHalves x kMaxVec x V floats per thread (entries past `vectors`
 // unused), over the row's kWarps warps: thread `t` of the row holds vectors t + 32 kWarps i.
 // `partial` is the row's 2 x kWarps floats of shared memory (unused for one warp).
