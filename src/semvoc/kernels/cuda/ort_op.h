@@ -162,7 +162,6 @@ inline unsigned GridFor(int64_t items, int threads) {
   return static_cast<unsigned>(std::min<int64_t>((items + threads - 1) / threads, 1 << 16));
 }
 
-// What a node's kernel keeps from its attributes (read once, when onnxruntime creates it).
 // Whether the row-norm ops (GatedSkipNorm, GatedConcatNorm, BiasAddNorm, LayerNorm) give a row
 // that fits a block of warps (else one warp per row): $SEMVOC_NORM_ROWS=warp says no, for A/B
 // measurements of the two; read once per process.
@@ -174,6 +173,7 @@ inline bool NormRowBlocks() {
   return enabled;
 }
 
+// What a node's kernel keeps from its attributes (read once, when onnxruntime creates it).
 struct KernelState {
   float epsilon = 0.f;    // ops declared with `epsilon` (or `optional_epsilon`: 0 when absent)
   int64_t layer = 0;      // ops declared with `layer` (0 when the node has none)
