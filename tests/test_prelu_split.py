@@ -198,6 +198,9 @@ def test_split_blocks_export_conv_next_mix_and_their_gemms(without, tmp_path, mo
         assert sorted(leads) == sorted(hidden)
         mixes = {n.output[0] for n in nodes if n.op_type == "ConvNeXtMix"}
         assert {n.input[0] for n in nodes if n.op_type == "SplitMlp"} == mixes  # each reads a widened mix
+        # ... and is its only reader: SplitMlp writes its hidden rows into that tensor's lead columns
+        readers = [i for n in nodes for i in n.input if i in mixes]
+        assert sorted(readers) == sorted(mixes)
 
 
 def test_split_mlp_op_is_the_three_gemms():
