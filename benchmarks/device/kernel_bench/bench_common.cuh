@@ -48,6 +48,18 @@ inline double Ulp16(double v) {
   return std::ldexp(1.0, exponent - 11);
 }
 
+// A result's errors against a double reference: the largest absolute error, and the largest in
+// units of its fp16 tolerance (one fp16 ulp at the reference value plus `slack`); a check passes
+// at worst <= 1. A non-finite result counts as an infinite error.
+struct Fp16Errors {
+  double err = 0, worst = 0;
+  void Add(double got, double ref, double slack) {
+    const double e = std::isfinite(got) ? std::fabs(got - ref) : INFINITY;
+    err = std::max(err, e);
+    worst = std::max(worst, e / (Ulp16(ref) + slack));
+  }
+};
+
 // Host-side conversions for a bench templated on its element type T (float or __half).
 template <typename T> float ToHost(T v);
 template <> inline float ToHost<float>(float v) { return v; }

@@ -202,20 +202,16 @@ void RunShape(int rows, const std::vector<int>& valid, const char* label) {
     // Tolerance: the tensor-core kernel rounds P (in [0, 1]) to fp16 before PV, a relative error
     // <= 2^-11 per weight, so |sum p v / sum p - exact| <= 2^-11 max|v|; plus one rounding of the
     // output (<= 1 fp16 ulp at the value). fp32 accumulation adds ~1e-6 relative.
-    double err = 0, worst = 0;
-    for (int64_t i = 0; i < n_q; ++i) {
-      const double g = __half2float(got[i]);
-      const double e = std::isfinite(g) ? std::fabs(g - ref[i]) : INFINITY;
-      err = std::max(err, e);
-      worst = std::max(worst, e / (semvoc_bench::Ulp16(ref[i]) + std::ldexp(max_v, -11)));
-    }
+    semvoc_bench::Fp16Errors errors;
+    for (int64_t i = 0; i < n_q; ++i) errors.Add(__half2float(got[i]), ref[i], std::ldexp(max_v, -11));
     // C++17 lambdas cannot capture a structured binding by name: bind a reference to it
     auto call = [&, &launch = launch](int c, cudaStream_t st) { launch(buf[c % sets], st); };
     const double us = semvoc_bench::GraphUsPerCall(call, kCallsPerGraph, kReplays, kWarmup, stream);
     std::printf("%-42s %-9s %9.2f %8.0f %9.2f %10.3g %6.2f\n", shape, name.c_str(), us, bytes / (us * 1e-6) / 1e9,
-                bound_us, err, worst);
-    if (!(worst <= 1.0)) {
-      std::printf("FAIL %s %s: max abs error %.3g is %.3g x the tolerance\n", shape, name.c_str(), err, worst);
+                bound_us, errors.err, errors.worst);
+    if (!(errors.worst <= 1.0)) {
+      std::printf("FAIL %s %s: max abs error %.3g is %.3g x the tolerance\n", shape, name.c_str(), errors.err,
+                  errors.worst);
       ++g_failures;
     }
     std::fflush(stdout);

@@ -189,28 +189,25 @@ void RunShape(int rows, const std::vector<int>& checked_rows) {
     launch(buf[0], stream);
     CK(cudaGetLastError());
     CK(cudaStreamSynchronize(stream));
-    double err = 0, worst = 0;
+    semvoc_bench::Fp16Errors errors;
     if (checked) {
       CK(cudaMemcpy(got.data(), buf[0].out, n_out * 2, cudaMemcpyDeviceToHost));
       // Tolerance: P rounded to fp16 before PV (<= 2^-11 max|v|), the output rounded once (1 ulp), and
       // a q or k element whose fp32 norm rounds to the other fp16 neighbour than the double one: the
       // logits move by about 2^-11 of |q||k| / 8, so twice the P term
       for (int r : checked_rows)
-        for (int64_t i = int64_t(r) * kLength * kWidth; i < int64_t(r + 1) * kLength * kWidth; ++i) {
-          const double g = Half(got[i]);
-          const double e = std::isfinite(g) ? std::fabs(g - ref[i]) : INFINITY;
-          err = std::max(err, e);
-          worst = std::max(worst, e / (semvoc_bench::Ulp16(ref[i]) + std::ldexp(max_v, -9)));
-        }
+        for (int64_t i = int64_t(r) * kLength * kWidth; i < int64_t(r + 1) * kLength * kWidth; ++i)
+          errors.Add(Half(got[i]), ref[i], std::ldexp(max_v, -9));
     }
     auto call = [&, &launch = launch](int c, cudaStream_t st) { launch(buf[c % sets], st); };
     const double us = semvoc_bench::GraphUsPerCall(call, kCallsPerGraph, kReplays, kWarmup, stream);
     if (checked)
-      std::printf("%-24s %-10s %9.2f %10.3g %6.2f\n", shape, name.c_str(), us, err, worst);
+      std::printf("%-24s %-10s %9.2f %10.3g %6.2f\n", shape, name.c_str(), us, errors.err, errors.worst);
     else
       std::printf("%-24s %-10s %9.2f %10s %6s\n", shape, name.c_str(), us, "-", "-");
-    if (checked && !(worst <= 1.0)) {
-      std::printf("FAIL %s %s: max abs error %.3g is %.3g x the tolerance\n", shape, name.c_str(), err, worst);
+    if (checked && !(errors.worst <= 1.0)) {
+      std::printf("FAIL %s %s: max abs error %.3g is %.3g x the tolerance\n", shape, name.c_str(), errors.err,
+                  errors.worst);
       ++g_failures;
     }
     std::fflush(stdout);
