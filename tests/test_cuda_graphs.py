@@ -103,6 +103,12 @@ class FakeCudart:
     def cudaGraphMemcpyNodeGetParams(self, node):
         return self.ok, node.params
 
+    def cudaGraphMemAllocNodeGetParams(self, node):  # params: the address (None: unreadable, as 0)
+        return self.ok, SimpleNamespace(dptr=node.params or 0)
+
+    def cudaGraphMemFreeNodeGetParams(self, node):
+        return self.ok, node.params or 0
+
     def cudaPointerGetAttributes(self, pointer):
         kind = "Device" if pointer in self.DEVICE_POINTERS else "Host"
         return self.ok, SimpleNamespace(type=getattr(self.cudaMemoryType, f"cudaMemoryType{kind}"))
@@ -180,6 +186,7 @@ class FakeSession:
         cudart, world = self.world.cudart, self.world
         capturing = cudart is not None and cudart.capturing is not None
         world.runs.append((self.name, "captured" if capturing else "run"))
+        world.graph_ids.append((self.name, _entry(options, "gpu_graph_id") if options is not None else None))
         if self.name.endswith("_step"):
             state = "latent" if self.name.startswith("dit") else "audio"
             x_in, step_in = binding.inputs[state], binding.inputs["step"]
@@ -214,6 +221,7 @@ class World:
         self.cudart = FakeCudart() if cudart else None
         self.sessions: list[tuple[str, dict]] = []
         self.runs: list[tuple[str, str]] = []
+        self.graph_ids: list[tuple[str, str | None]] = []  # (graph, the run's gpu_graph_id entry)
         self.fail_capture: set[str] = set()
         self.extra_nodes: dict[str, list[tuple]] = {}  # graph -> nodes its captured runs add
         self.nan_at_step: dict[str, int] = {}  # graph -> the step that writes NaN
@@ -297,8 +305,11 @@ def test_whole_loops_are_captured_once_and_launched_without_a_sync_per_step(demo
     backend.prepare(1, FRAMES)
     # every session runs on the backend's stream; none uses onnxruntime's own graphs
     handle = str(int(backend.stream))
-    assert world.sessions and all(kwargs["compute_stream"] == int(handle) for _, kwargs in world.sessions)
-    assert not any(kwargs["cuda_graph"] for _, kwargs in world.sessions)
+    others = [kwargs for name, kwargs in world.sessions if name != "text_encoder"]
+    assert others and all(kwargs["compute_stream"] == int(handle) for kwargs in others)
+    assert not any(kwargs["cuda_graph"] for kwargs in others)
+    # the text encoder replays onnxruntime's own graph, on onnxruntime's stream
+    assert [(k["cuda_graph"], k["compute_stream"]) for k in world.made("text_encoder")] == [(True, None)]
     assert world.made("dit_step")[0]["shared_arena"] is False and world.made("dit_prepare")[0]["shared_arena"]
 
     latent, reports = world.latent(), []
@@ -378,6 +389,64 @@ def test_a_capture_that_fails_or_is_unsafe_falls_back_to_onnxruntimes_graphs(dem
     assert "capture refused for: dit_step" in backend.describe()
 
 
+def _tokens(world: World, batch: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    shape = tensor_shape(world.manifest.graph("text_encoder").input("input_ids"), bucket_symbols(world.manifest, batch))
+    ids = np.arange(np.prod(shape), dtype=np.int64).reshape(shape) % 50
+    return ids, np.ones(shape, np.int64)
+
+
+@pytest.mark.parametrize("mode", ["onnxruntime", "semvoc"])
+def test_the_text_encoder_replays_from_onnxruntimes_graph(demo_engine, monkeypatch, mode):
+    world = World(monkeypatch, demo_engine, mode)
+    backend = world.backend
+    backend.prepare(1, FRAMES)
+    (kwargs,) = world.made("text_encoder")
+    assert kwargs["cuda_graph"] and kwargs["dim_overrides"] == {"batch": 1} and kwargs["shared_arena"] is False
+    # prepare: a warm run outside any graph (a loading thread), then, on this thread, the run that
+    # onnxruntime counts and the run it captures
+    assert [graph_id for name, graph_id in world.graph_ids if name == "text_encoder"] == ["-1", None, None]
+    shot = backend._captured[1]
+    assert shot.captured and int(shot.buffers["attention_mask"].array.min()) == 1
+    ids, mask = _tokens(world)
+    context = backend.encode_text(ids, mask)
+    assert context is shot.buffers["context"] and np.array_equal(shot.buffers["input_ids"].array, ids)
+    assert backend.encode_text(ids + 1, mask) is context  # the same buffers every request: a replay
+    assert np.array_equal(shot.buffers["input_ids"].array, ids + 1)
+    assert len(world.made("text_encoder")) == 1 and not backend.capture_failures
+    assert "text_encoder from onnxruntime's CUDA graph (batch 1)" in backend.describe()
+    backend.close()
+
+
+def test_a_refused_text_encoder_capture_runs_uncaptured(demo_engine, monkeypatch):
+    world = World(monkeypatch, demo_engine, "onnxruntime")
+    make = ort_cuda.make_session
+
+    def refusing(path, provider, **kwargs):
+        if Path(path).stem == "text_encoder" and kwargs["cuda_graph"]:
+            raise RuntimeError("This session cannot use the graph capture feature as requested by the user")
+        return make(path, provider, **kwargs)
+
+    monkeypatch.setattr(ort_cuda, "make_session", refusing)
+    backend = world.backend
+    backend.prepare(1, FRAMES)
+    ids, mask = _tokens(world)
+    context = backend.encode_text(ids, mask)
+    assert backend._captured[1] is None and context is not None
+    assert [k["cuda_graph"] for k in world.made("text_encoder")] == [False]  # the uncaptured session
+    assert backend.capture_failures == ["text_encoder (onnxruntime's CUDA graph, batch 1): This session cannot use "
+                                        "the graph capture feature as requested by the user; it runs uncaptured"]
+    backend.encode_text(ids, mask)
+    assert len(backend.capture_failures) == 1 and len(world.made("text_encoder")) == 1  # not tried again
+
+
+def test_without_cuda_graphs_the_text_encoder_runs_uncaptured(demo_engine, monkeypatch):
+    world = World(monkeypatch, demo_engine, "onnxruntime")
+    backend = ort_cuda.OrtCudaBackend(world.manifest, cuda_graphs=False)
+    backend.prepare(1, FRAMES)
+    backend.encode_text(*_tokens(world))
+    assert [k["cuda_graph"] for k in world.made("text_encoder")] == [False] and not backend._captured
+
+
 def test_a_refused_one_step_graph_ends_an_odd_loop_uncaptured(demo_engine, monkeypatch):
     world = World(monkeypatch, demo_engine, "semvoc")
     latent = world.latent()
@@ -387,7 +456,8 @@ def test_a_refused_one_step_graph_ends_an_odd_loop_uncaptured(demo_engine, monke
     assert np.array_equal(world.dit(5, latent), latent + 5)
     assert world.cudart.events[-3:] == ["launch 2", "launch 2", "sync"]
     assert world.runs[-1] == ("dit_step", "run")  # the odd step, queued before the one sync
-    assert "one-step graph" in world.backend.capture_failures[0] and "MemAlloc" in world.backend.capture_failures[0]
+    assert "one-step graph" in world.backend.capture_failures[0]
+    assert "a MemAlloc or MemFree whose address could not be read" in world.backend.capture_failures[0]
     assert world.backend._loops[("dit_step", 1, FRAMES)].mode == "semvoc"
 
 
@@ -408,8 +478,17 @@ def test_graph_check_names_the_nodes_a_replay_cannot_repeat():
     child = graph("Kernel", "Host")
     unsafe = graph("Kernel", copy("HostToDevice", 5, 1001), copy("Default", 5, 1001), "MemFree",
                    ("Graph", None, None, child))
-    assert cuda_graph.graph_hazards(cudart, unsafe) == ["a host<->device copy", "a host<->device copy", "MemFree",
-                                                        "a host function"]
+    assert cuda_graph.graph_hazards(cudart, unsafe) == ["a host<->device copy", "a host<->device copy",
+                                                        "a host function",
+                                                        "a MemAlloc or MemFree whose address could not be read"]
+    # stream-ordered allocations (cuBLAS's workspace): safe when the graph frees what it allocates
+    paired = graph(("MemAlloc", None, 1500), "Kernel", ("MemAlloc", None, 1600), ("MemFree", None, 1600),
+                   ("MemFree", None, 1500))
+    assert cuda_graph.graph_hazards(cudart, paired) == []
+    kept = graph(("MemAlloc", None, 1500), "Kernel", ("MemAlloc", None, 1600), ("MemFree", None, 1600))
+    assert cuda_graph.graph_hazards(cudart, kept) == ["a MemAlloc that the graph does not free"]
+    foreign = graph(("MemAlloc", None, 1500), ("MemFree", None, 1500), ("MemFree", None, 1700))
+    assert cuda_graph.graph_hazards(cudart, foreign) == ["a MemFree of memory that the graph did not allocate"]
 
 
 def test_make_session_passes_the_stream_to_onnxruntime(demo_engine, monkeypatch):

@@ -302,11 +302,13 @@ def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path, monkeypatch):
     # the step's table rows: two levels of Splits of at most 32 outputs (onnxruntime's one-kernel
     # Split), not one Split per block
     from semvoc.export.fused_dit import ROWS_PER_BLOCK, SPLIT_OUTPUTS
+    from semvoc.export.onnx_export import host_copying_nodes
 
     table_rows = ROWS_PER_BLOCK * len(blocks) + 2
     splits = [n for n in nodes if n.op_type == "Split"]
     assert len(splits) == 1 + -(-table_rows // SPLIT_OUTPUTS) < len(blocks)
     assert all(len(n.output) <= SPLIT_OUTPUTS for n in splits)
+    assert host_copying_nodes(tmp_path / "dit_step.onnx") == []  # equal parts: nothing copied per run
 
     def readers(op: str, output: int) -> set[str]:
         produced = {n.output[output] for n in nodes if n.op_type == op}

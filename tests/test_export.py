@@ -14,7 +14,7 @@ import onnx
 import pytest
 
 from semvoc.export.cli import main as export_main
-from semvoc.export.onnx_export import op_counts
+from semvoc.export.onnx_export import host_copying_nodes, op_counts
 from semvoc.runtime.manifest import SCHEMA_VERSION, load_manifest, sha256_file
 from tests.conftest import DEMO_EXPORT_ARGS
 
@@ -61,6 +61,14 @@ def test_text_to_audio_graphs_before_the_vocoder_step_hold_no_convolution(demo_e
     for name in ("text_encoder", "dit_prepare", "dit_time", "dit_step", "vocoder_prepare", "vocoder_time"):
         counts = op_counts(demo_engine / f"{name}.onnx")
         assert counts["Conv"] == 0 and counts["ConvTranspose"] == 0, name
+
+
+def test_step_graphs_copy_nothing_from_the_host_per_run(demo_engine):
+    for name in ("dit_step", "vocoder_step"):
+        assert host_copying_nodes(demo_engine / f"{name}.onnx") == [], name
+    splits = [n for n in onnx.load(str(demo_engine / "dit_step.onnx"), load_external_data=False).graph.node
+              if n.op_type == "Split"]
+    assert len(splits) >= 2  # the time table's rows: two levels of Splits (a check that sees them)
 
 
 def test_symbolic_dims_are_named_for_onnxruntime_overrides(demo_engine):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from semvoc.export import wrappers as W
-from semvoc.export.fused_dit import FusedDiT, supports_fused
+from semvoc.export.fused_dit import FusedDiT, fused_time_rows, supports_fused
 from semvoc.kernels.onnx_ops import WITHOUT_ENV
 from semvoc.models.config import preset
 from semvoc.models.model import build_model
@@ -52,7 +52,9 @@ def test_fused_step_equals_the_generic_step(name, cuda_ops, monkeypatch):
     guidance = torch.tensor([3.5])
     generic = (W.DitPrepare(dit)(context), W.DitTime(dit)(timesteps))
     fused = (W.FusedDitPrepare(dit)(context), W.FusedDitTime(dit)(timesteps))
-    assert fused[1].shape[1] == 8 * len(dit.blocks) + 2
+    rows = 8 * len(dit.blocks) + 2  # then zero rows to a multiple of 32: Splits of equal parts
+    assert fused[1].shape[1] == fused_time_rows(dit) == -(-rows // 32) * 32
+    assert torch.count_nonzero(fused[1][:, rows:]) == 0
     fused_step = W.FusedDitStep(dit, cuda_ops)
     assert fused_step.fused.cross_attention_op == cuda_ops
     for step in range(3):

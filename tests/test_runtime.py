@@ -592,12 +592,15 @@ def test_a_cuda_session_that_onnxruntime_puts_on_the_cpu_is_refused(demo_engine)
 def test_gpu_sessions_of_a_bucket_are_created_together(demo_engine, monkeypatch):
     """``prepare`` creates what a request needs in parallel threads, once, and runs each graph that
     runs once per request one time at the bucket's shapes; step graphs get the bucket's fixed dims
-    and CUDA-graph capture (and no warm-up run), the others the shared arena. onnxruntime's CUDA
-    provider is replaced by recorders, so the logic runs on any machine."""
+    and CUDA-graph capture (and no warm-up run), the text encoder too (warmed outside its graph,
+    then run twice on this thread: onnxruntime counts one run and captures the next), the others
+    the shared arena. onnxruntime's CUDA provider is replaced by recorders, so the logic runs on
+    any machine."""
     import threading
     import time
 
     from semvoc.runtime.backends import ort_cuda
+    from semvoc.runtime.backends.ort_common import NUMPY_DTYPES
     from semvoc.runtime.manifest import load_manifest
 
     calls, runs, shrinks, threads = [], [], [], set()
@@ -612,6 +615,19 @@ def test_gpu_sessions_of_a_bucket_are_created_together(demo_engine, monkeypatch)
         def bind_output(self, name, device, device_id):
             assert device == "cuda"
 
+        def bind_ortvalue_output(self, name, value):
+            pass
+
+    class DeviceArray(np.ndarray):
+        def update_inplace(self, array):
+            self[...] = array
+
+    def entry(run_options, key):
+        try:
+            return run_options.get_run_config_entry(key) if run_options is not None else None
+        except RuntimeError:
+            return None
+
     class FakeSession:
         def __init__(self, name):
             self.name = name
@@ -621,8 +637,8 @@ def test_gpu_sessions_of_a_bucket_are_created_together(demo_engine, monkeypatch)
 
         def run_with_iobinding(self, binding, run_options=None):
             runs.append((self.name, {k: (v.shape, v.dtype, float(v.flat[0])) for k, v in binding.inputs.items()}))
-            shrinks.append(run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage")
-                           if run_options is not None else None)
+            shrinks.append((entry(run_options, "memory.enable_memory_arena_shrinkage"),
+                            entry(run_options, "gpu_graph_id")))
 
     def fake_session(path, provider, **kwargs):
         threads.add(threading.get_ident())
@@ -637,20 +653,25 @@ def test_gpu_sessions_of_a_bucket_are_created_together(demo_engine, monkeypatch)
     manifest = load_manifest(demo_engine, verify=False)
     backend = ort_cuda.OrtCudaBackend(manifest)
     monkeypatch.setattr(backend, "_upload", lambda array, dtype: array)  # no device here
+    monkeypatch.setattr(backend, "_empty", lambda shape, dtype: np.zeros(shape, NUMPY_DTYPES[dtype]).view(DeviceArray))
     backend.prepare(1, 25)
     made = {name: kwargs for name, kwargs in calls}
     once = {"text_encoder.onnx", "dit_prepare.onnx", "dit_time.onnx", "vocoder_prepare.onnx", "vocoder_time.onnx"}
     assert set(made) == once | {"dit_step.onnx", "vocoder_step.onnx"}
     for name, kwargs in made.items():
-        step = name in ("dit_step.onnx", "vocoder_step.onnx")
-        assert kwargs["cuda_graph"] is step and kwargs["shared_arena"] is not step
-        assert (kwargs["dim_overrides"] is not None) is step
-    assert made["dit_step.onnx"]["dim_overrides"]["batch"] == 1
+        captured = name in ("dit_step.onnx", "vocoder_step.onnx", "text_encoder.onnx")
+        assert kwargs["cuda_graph"] is captured and kwargs["shared_arena"] is not captured
+        assert (kwargs["dim_overrides"] is not None) is captured
+    assert made["dit_step.onnx"]["dim_overrides"]["batch"] == made["text_encoder.onnx"]["dim_overrides"]["batch"] == 1
     assert len(backend._sessions) == 6 and len(threads) > 1  # the refused capture is not kept
     warmed = dict(runs)
     assert set(warmed) == once  # step graphs are not run here: their capture happens in the request
-    # the warm-up runs overlap, so each gives the shared arena's free regions back when it ends
-    assert shrinks == ["gpu:0"] * len(runs)
+    # the warm-up runs overlap, so each gives the shared arena's free regions back when it ends; the
+    # text encoder's runs outside (-1) and into its own graph keep the regions of its own arena
+    text = [shrink for (name, _), shrink in zip(runs, shrinks, strict=True) if name == "text_encoder.onnx"]
+    assert text == [(None, "-1"), (None, None), (None, None)] and backend._captured[1].captured
+    assert [shrink for (name, _), shrink in zip(runs, shrinks, strict=True)
+            if name != "text_encoder.onnx"] == [("gpu:0", None)] * (len(runs) - 3)
     tokens = manifest.buckets["text_tokens"]
     assert warmed["text_encoder.onnx"]["input_ids"] == ((1, tokens), np.int64, 0.0)
     assert warmed["text_encoder.onnx"]["attention_mask"] == ((1, tokens), np.int64, 1.0)
@@ -662,8 +683,8 @@ def test_gpu_sessions_of_a_bucket_are_created_together(demo_engine, monkeypatch)
     backend.prepare(1, 25)  # only the refused one is tried again; nothing runs twice
     assert [name for name, _ in calls] == ["vocoder_step.onnx"] and runs == []
     calls.clear()
-    backend.prepare(4, 25)  # another bucket: its step sessions; the others are run at its shapes
-    assert {name for name, _ in calls} == {"dit_step.onnx", "vocoder_step.onnx"}
+    backend.prepare(4, 25)  # another bucket: its step and text-encoder sessions; the others run at its shapes
+    assert {name for name, _ in calls} == {"dit_step.onnx", "vocoder_step.onnx", "text_encoder.onnx"}
     assert {name for name, _ in runs} == once and dict(runs)["dit_prepare.onnx"]["context"][0][0] == 4
 
     def broken(path, provider, **kwargs):

@@ -19,7 +19,9 @@ rounding-relevant order of the official block, and rewrites the rest:
   per step, broadcast);
 - the cross-attention key mask becomes an additive bias once per step, not per block;
 - GEGLU as two GEMMs, ``BiasGelu`` on the gate: no Split copy;
-- the step's table rows come out of two levels of Splits (``table_rows``), not one Split per block.
+- the step's table rows come out of two levels of Splits (``table_rows``), not one Split per block;
+  the table is padded with zero rows to a multiple of 32 so that every Split has equal parts
+  (onnxruntime's Split of unequal parts copies four index tables from the host on every run).
 
 With ``cuda_ops`` (``semvoc-export --cuda-kernels``) semvoc's CUDA ops take over what
 onnxruntime's stock ops need several kernels for: ``QkvAttention`` (fp16, head size 64: the
@@ -69,6 +71,10 @@ from semvoc.models.udit import GEGLU, DiTBlock, GELUProj, UDiT
 
 ROWS_PER_BLOCK = 8
 FINAL_ROWS = 2
+# onnxruntime's CUDA Split writes at most this many EQUAL parts from one kernel's own arguments;
+# more parts, or parts of unequal sizes, go through index tables copied from the host on every run
+# (which a captured loop would replay: semvoc's whole-loop CUDA graphs refuse it)
+SPLIT_OUTPUTS = 32
 
 
 def supports_fused(dit: UDiT) -> bool:
@@ -80,7 +86,10 @@ def supports_fused(dit: UDiT) -> bool:
 
 
 def fused_time_rows(dit: UDiT) -> int:
-    return ROWS_PER_BLOCK * len(dit.blocks) + FINAL_ROWS
+    """Rows of the fused time table: 8 per block, 2 for the final layer, then zero rows up to a
+    multiple of ``SPLIT_OUTPUTS`` (see ``table_rows``)."""
+    rows = ROWS_PER_BLOCK * len(dit.blocks) + FINAL_ROWS
+    return rows if rows <= SPLIT_OUTPUTS else -(-rows // SPLIT_OUTPUTS) * SPLIT_OUTPUTS
 
 
 def _zeros_like_bias(linear: nn.Linear) -> torch.Tensor:
@@ -93,7 +102,7 @@ def _modulated_affine(norm: nn.LayerNorm, shift: torch.Tensor, scale: torch.Tens
 
 
 def fused_time_table(dit: UDiT, timesteps: torch.Tensor) -> torch.Tensor:
-    """``[K]`` (already truncated) -> ``[K, 8 n_blocks + 2, D]`` (the rows listed above)."""
+    """``[K]`` (already truncated) -> ``[K, fused_time_rows, D]``: the rows listed above, then zeros."""
     time = dit.time_conditioning(timesteps)
     mods = time.block_mods  # [K, n, 6, D]: shift, scale, gate (attention), then (MLP)
     rows = []
@@ -103,7 +112,9 @@ def fused_time_table(dit: UDiT, timesteps: torch.Tensor) -> torch.Tensor:
         rows += [*_modulated_affine(blk.norm1, shift_a, scale_a), gate_a, gate_a * _zeros_like_bias(blk.attn.proj),
                  *_modulated_affine(blk.norm3, shift_m, scale_m), gate_m, gate_m * _zeros_like_bias(blk.mlp.net[2])]
     shift, scale = time.final_mod.reshape(-1, 2, mods.shape[-1]).unbind(1)
-    return torch.stack([*rows, *_modulated_affine(dit.final_block.norm, shift, scale)], dim=1)
+    rows += _modulated_affine(dit.final_block.norm, shift, scale)
+    rows += [torch.zeros_like(shift)] * (fused_time_rows(dit) - len(rows))
+    return torch.stack(rows, dim=1)
 
 
 def fused_cross_kv(dit: UDiT, context_tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -123,14 +134,10 @@ def fused_cross_kv(dit: UDiT, context_tokens: torch.Tensor) -> tuple[torch.Tenso
     return tuple(out)
 
 
-# onnxruntime's CUDA Split writes at most this many outputs from one kernel's own arguments (more
-# go through a pointer table copied from the host)
-SPLIT_OUTPUTS = 32
-
-
 def table_rows(table: torch.Tensor) -> list[torch.Tensor]:
     """``[R, D]`` -> its R rows, ``[D]`` each, in two levels of Splits of at most ``SPLIT_OUTPUTS``
-    (R = 202 for the reference DiT: 8 Split kernels per step, where one Split per block took 27).
+    (R = 224 for the reference DiT, 202 rows padded: 8 Split kernels per step, where one Split per
+    block took 27; with R a multiple of ``SPLIT_OUTPUTS`` every Split has equal parts).
     chunk/split export as Split (one kernel per call); unbind or indexing would be one Slice per row."""
     total = table.shape[0]
     groups = [table] if total <= SPLIT_OUTPUTS else table.split(SPLIT_OUTPUTS)
@@ -354,7 +361,7 @@ class FusedDiT(nn.Module):
             if completed is not None and i - 1 < half and dit.cfg.skip:
                 skips.append(completed)  # the previous block's output, finished by this block's norm
         final = dit.final_block
-        weight, beta = rows[ROWS_PER_BLOCK * n :]
+        weight, beta = rows[ROWS_PER_BLOCK * n : ROWS_PER_BLOCK * n + FINAL_ROWS]  # (zero rows follow)
         h, _ = gated_norm(h, *pending, weight, beta, final.norm.eps, self.cuda_ops)  # modulation folded in
         h = biased_linear(h, final.linear.weight, final.linear.bias, self.cuda_ops)  # [B, N, p*C]
         h = h.reshape(batch, length * final.patch_size, final.out_chans)  # [B, N p, C]

@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
@@ -178,6 +179,33 @@ def op_counts(path: Path) -> Counter:
 
 # fused attention nodes: ONNX's Attention and semvoc.cuda's CrossAttention (--cuda-kernels)
 FUSED_ATTENTION_OPS = ("Attention", "CrossAttention", "QkvAttention")
+
+
+def _constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The graph's inline constants (initializers stored in the file, Constant nodes) by name."""
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if not t.external_data}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute[0].name == "value":
+            values[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def host_copying_nodes(path: Path) -> list[str]:
+    """Nodes of a graph whose onnxruntime CUDA kernels copy index tables from the host on every
+    run (a captured loop replays those copies; semvoc's whole-loop CUDA graphs refuse them):
+    GatherND, and a Split into unequal parts or into more than 32."""
+    model = onnx.load(str(path), load_external_data=False)
+    values = _constant_values(model)
+    found = []
+    for node in model.graph.node:
+        if node.op_type == "GatherND":
+            found.append(node.name)
+        elif node.op_type == "Split":
+            sizes = values.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+            unknown = sizes is None and not any(a.name == "num_outputs" for a in node.attribute)
+            if unknown or len(node.output) > 32 or (sizes is not None and len(set(sizes.tolist())) > 1):
+                found.append(node.name)
+    return found
 
 
 def check_structure(spec: GraphSpec, path: Path, expected_attention: int | None) -> dict:

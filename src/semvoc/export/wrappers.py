@@ -32,6 +32,16 @@ def _dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
+def at_step(table: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``table[step]`` for a step counter ``[1]`` int64: ``[1, ...]``, exported as ONNX ``Gather``.
+
+    ``table[step]`` exports as ``GatherND``, whose CUDA kernel copies its index arithmetic from
+    host to device on every run; a captured loop would replay that copy (and semvoc's whole-loop
+    CUDA graphs refuse it). ``Gather`` launches one kernel and copies nothing.
+    """
+    return table.index_select(0, step)
+
+
 # ------------------------------------------------------------------------------ text
 
 
@@ -129,13 +139,13 @@ class DitStep(nn.Module):
         dtype = _dtype(self.dit)
         batch = latent.shape[0]
         x = torch.cat([latent, latent]).to(dtype)
-        time = _unpack_time(self.dit, time_table[step], 2 * batch)
+        time = _unpack_time(self.dit, at_step(time_table, step), 2 * batch)
         kv = [(cross_kv[i, 0], cross_kv[i, 1]) for i in range(cross_kv.shape[0])]
         mask = torch.cat([context_mask, context_mask])
         out = self.dit.forward_prepared(x, time, kv, mask).float()
         uncond, cond = out[:batch], out[batch:]  # (slices, not chunk: keeps batch dynamic)
         guided = uncond + guidance * (cond - uncond)
-        dt = sigmas[step + 1] - sigmas[step]
+        dt = at_step(sigmas, step + 1) - at_step(sigmas, step)
         return latent + dt * guided, step + 1
 
 
@@ -174,10 +184,10 @@ class FusedDitStep(nn.Module):
         batch = latent.shape[0]
         x = torch.cat([latent, latent]).to(_dtype(self.fused.dit))
         mask = torch.cat([context_mask, context_mask])
-        out = self.fused(x, time_table[step][0], cross_kv, mask).float()
+        out = self.fused(x, at_step(time_table, step)[0], cross_kv, mask).float()
         uncond, cond = out[:batch], out[batch:]
         guided = uncond + guidance * (cond - uncond)
-        dt = sigmas[step + 1] - sigmas[step]
+        dt = at_step(sigmas, step + 1) - at_step(sigmas, step)
         return latent + dt * guided, step + 1
 
 
@@ -272,17 +282,17 @@ class VocoderStep(nn.Module):
         if self.vocoder.folded:  # --cuda-kernels: tables passed whole, spectral transforms folded
             branches = zip(self.vocoder.estimators, cond_biases, time_scales, strict=True)
             if fusion_enabled(EULER_OVERLAP_ADD) and self.branches <= EULER_MAX_BRANCHES:  # the step's end: one op
-                pieces = [est.folded_pieces(x, bias, scales[step]) for est, bias, scales in branches]
+                pieces = [est.folded_pieces(x, bias, at_step(scales, step)) for est, bias, scales in branches]
                 return euler_overlap_add(audio, step, t_span, pieces, self.vocoder.cfg.pred_x1), step + 1
-            pred = sum(est.forward_folded(x, bias, scales[step]) for est, bias, scales in branches)
-            t, dt = t_span[step], t_span[1] - t_span[0]
+            pred = sum(est.forward_folded(x, bias, at_step(scales, step)) for est, bias, scales in branches)
+            t, dt = at_step(t_span, step), t_span[1] - t_span[0]
             return self.vocoder.euler_update(audio, pred, t, dt), step + 1
         outputs = []
         for est, bias, scales in zip(self.vocoder.estimators, cond_biases, time_scales, strict=True):
             n = bias.shape[0]
             # chunk: one Split kernel per table, not one Gather per block
             biases = [b.squeeze(0) for b in bias.chunk(n)]
-            rows = [r.squeeze(1) for r in scales[step].chunk(n, dim=1)]  # [1, C] each
+            rows = [r.squeeze(1) for r in at_step(scales, step).chunk(n, dim=1)]  # [1, C] each
             if self.vocoder.cuda_ops:  # the export form of --cuda-kernels (channels-last tables)
                 spec = est.decoder.forward_channels_last(est.fft(x), biases, rows)
             else:
@@ -291,7 +301,7 @@ class VocoderStep(nn.Module):
                 spec = est.decoder.forward_prepared(est.fft(x), biases, rows)
             outputs.append(est.ifft(spec))
         pred = self.vocoder.reduce_branches(outputs).float()
-        t = t_span[step]
+        t = at_step(t_span, step)
         dt = t_span[1] - t_span[0]
         return self.vocoder.euler_update(audio, pred, t, dt), step + 1
 

@@ -4,6 +4,7 @@ captured graph for nodes that cannot be replayed safely."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 
@@ -39,9 +40,11 @@ def check(cudart, result) -> Any:
 
 # Node types a captured onnxruntime run may hold and still replay as it ran. A host-function node
 # is what onnxruntime enqueues to free the pinned staging buffers of a run (a replay would free
-# them again); a host<->device copy reads a staging buffer that a replay no longer owns; memory
-# nodes come from stream-ordered allocation during the capture (a graph holding one cannot be
-# relaunched before it is freed).
+# them again); a host<->device copy reads a staging buffer that a replay no longer owns. Memory
+# nodes come from stream-ordered allocation during the capture (cuBLAS's workspace for some
+# algorithms): an allocation the same graph frees is safe (each launch allocates at the same
+# address and frees before the graph ends, so back-to-back launches never overlap), one it does not
+# free is not (a second launch would find it still allocated), nor is freeing what it did not allocate.
 _SAFE_NODE_TYPES = ("cudaGraphNodeTypeKernel", "cudaGraphNodeTypeMemset", "cudaGraphNodeTypeEmpty",
                     "cudaGraphNodeTypeEventRecord", "cudaGraphNodeTypeWaitEvent")
 
@@ -66,18 +69,35 @@ def _memcpy_on_device(cudart, node) -> bool:
     return all(_device_pointer(cudart, int(p.ptr)) for p in (params.srcPtr, params.dstPtr))
 
 
+def _allocated_address(cudart, node) -> int | None:
+    err, params = cudart.cudaGraphMemAllocNodeGetParams(node)
+    return int(params.dptr) if err == cudart.cudaError_t.cudaSuccess and int(params.dptr) else None
+
+
+def _freed_address(cudart, node) -> int | None:
+    err, pointer = cudart.cudaGraphMemFreeNodeGetParams(node)
+    return int(pointer) if err == cudart.cudaError_t.cudaSuccess and int(pointer) else None
+
+
 def graph_hazards(cudart, graph) -> list[str]:
     """Names of the nodes of a captured (not yet instantiated) graph that make replaying it unsafe;
-    empty when every node is a kernel, a memset, a device-to-device copy, an event or empty."""
+    empty when every node is a kernel, a memset, a device-to-device copy, an event, empty, or an
+    allocation that the graph itself frees."""
     count = check(cudart, cudart.cudaGraphGetNodes(graph, 0))[1]
     nodes = check(cudart, cudart.cudaGraphGetNodes(graph, count))[0] if count else []
     hazards = []
+    allocated: list[int | None] = []
+    freed: list[int | None] = []
     for node in nodes:
         kind = check(cudart, cudart.cudaGraphNodeGetType(node))
         name = getattr(kind, "name", str(kind))
         if name in _SAFE_NODE_TYPES:
             continue
-        if name == "cudaGraphNodeTypeMemcpy":
+        if name == "cudaGraphNodeTypeMemAlloc":
+            allocated.append(_allocated_address(cudart, node))
+        elif name == "cudaGraphNodeTypeMemFree":
+            freed.append(_freed_address(cudart, node))
+        elif name == "cudaGraphNodeTypeMemcpy":
             if not _memcpy_on_device(cudart, node):
                 hazards.append("a host<->device copy")
         elif name == "cudaGraphNodeTypeGraph":
@@ -86,4 +106,11 @@ def graph_hazards(cudart, graph) -> list[str]:
             hazards.append("a host function")
         else:
             hazards.append(name.removeprefix("cudaGraphNodeType"))
+    if None in allocated or None in freed:  # an address that could not be read: not trusted
+        hazards.append("a MemAlloc or MemFree whose address could not be read")
+    else:
+        if Counter(allocated) - Counter(freed):
+            hazards.append("a MemAlloc that the graph does not free")
+        if Counter(freed) - Counter(allocated):
+            hazards.append("a MemFree of memory that the graph did not allocate")
     return hazards

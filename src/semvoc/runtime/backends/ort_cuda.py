@@ -4,9 +4,11 @@ Per (batch, frames) bucket, each step graph gets a session whose symbolic dimens
 fixed at load time (so every node, shape arithmetic included, runs on the GPU and the run can
 be captured) and two IOBindings over persistent device buffers: A -> B and B -> A. A request then:
 
-- uploads the token ids (host -> device), runs text_encoder and dit_prepare (whose output is
-  written straight into the bucket's persistent K/V buffer), resets the step counter and
-  copies the initial noise into buffer A;
+- copies the token ids into the bucket's text-encoder buffers and replays the text encoder from
+  onnxruntime's CUDA graph (its session has the bucket's dims fixed; without CUDA graphs, or where
+  the capture is refused, it runs uncaptured), runs dit_prepare (whose output is written straight
+  into the bucket's persistent K/V buffer), resets the step counter and copies the initial noise
+  into buffer A;
 - runs the loop from CUDA graphs (below); the step counter advances on the device, the
   schedule tables are read by index on the device: nothing crosses to the host in the loop;
 - hands the final latent (on the device) to vocoder_prepare and runs the vocoder loop the same
@@ -125,6 +127,22 @@ def _first_line(err: BaseException) -> str:
 
 
 @dataclass
+class _Captured:
+    """A graph that runs once per request (the text encoder), replayed from onnxruntime's CUDA graph
+    of a session with the bucket's dims fixed, on persistent input and output buffers: its ~600
+    kernels then cost one launch instead of one host round of onnxruntime's executor each."""
+
+    session: object
+    binding: object
+    buffers: dict[str, object]
+    runs: int = 0  # onnxruntime counts the first run and captures the second
+
+    @property
+    def captured(self) -> bool:
+        return self.runs >= 2
+
+
+@dataclass
 class _Loop:
     """A step graph bound for one bucket: persistent buffers, the A and B bindings, and how they run:
     ``mode`` "semvoc" (``graphs``: steps per launch -> instantiated CUDA graph, None for a one-step
@@ -154,6 +172,7 @@ class OrtCudaBackend(Backend):
         self.device_id = device_id
         self._sessions: dict[tuple, object] = {}
         self._loops: dict[tuple, _Loop] = {}
+        self._captured: dict[int, _Captured | None] = {}  # batch -> the captured text encoder (None: refused)
         self._tables: dict[str, object] = {}  # persistent schedule tables shared by all buckets
         self._table_keys: dict[str, object] = {}
         self.capture_failures: list[str] = []
@@ -299,7 +318,8 @@ class OrtCudaBackend(Backend):
             if (kind, batch, frames) not in self._loops and key not in self._sessions:
                 tasks[key] = (graph, self._step_warm_runs and self.graphs_mode == "onnxruntime")
         for graph in graphs:
-            key = self._session_key(graph, None, "")
+            captured = graph.kind == "text_encoder" and self._captures_text(batch)
+            key = self._session_key(graph, symbols if captured else None, "onnxruntime" if captured else "")
             warm = self.warm_up and (graph.name, batch) not in self._warmed
             if key not in self._sessions or warm:
                 tasks[key] = (graph, warm)
@@ -310,7 +330,7 @@ class OrtCudaBackend(Backend):
         def load(key: tuple, graph: GraphInfo, warm: bool):
             session = self._sessions.get(key) or self._create_session(graph, key)
             if warm:
-                self._warm_run(session, graph, symbols)
+                self._warm_run(session, graph, symbols, captured=bool(key[2]))
             return session
 
         with ThreadPoolExecutor(max_workers=min(self.load_threads, len(tasks))) as pool:
@@ -328,10 +348,12 @@ class OrtCudaBackend(Backend):
                     failed = err
         if failed is not None:
             raise failed
+        if text:
+            self._capture_text(batch)  # on this thread: the request's (onnxruntime's graphs are per thread)
         if not refused:
             self._prepared.add(request)
 
-    def _warm_run(self, session, graph: GraphInfo, symbols: dict[str, int]) -> None:
+    def _warm_run(self, session, graph: GraphInfo, symbols: dict[str, int], captured: bool = False) -> None:
         """One run of ``graph`` on zeros (attention masks of ones) at the bucket's shapes; the
         outputs are dropped. The run then gives the arena's free regions back to the device
         (``memory.enable_memory_arena_shrinkage``): the warm-up runs of a bucket run at once, in
@@ -343,7 +365,8 @@ class OrtCudaBackend(Backend):
         (``gpu_graph_id`` -1): its own arena grows to its peak and the kernels' modules load
         before the request's thread runs the runs that onnxruntime counts before it captures
         (those must run on the thread that replays, see ``_bind_loop``); that arena keeps its
-        regions, which the captured runs reuse."""
+        regions, which the captured runs reuse. The same holds for the text encoder's capture
+        session (``captured``)."""
         binding = session.io_binding()
         for t in graph.inputs:
             shape = tensor_shape(t, symbols)
@@ -352,7 +375,7 @@ class OrtCudaBackend(Backend):
         for t in graph.outputs:
             binding.bind_output(t.name, "cuda", self.device_id)
         options = None
-        if graph.kind in ("dit_step", "vocoder_step"):
+        if captured or graph.kind in ("dit_step", "vocoder_step"):
             options = self.ort.RunOptions()
             options.add_run_config_entry("gpu_graph_id", "-1")
             session.run_with_iobinding(binding, options)
@@ -525,7 +548,69 @@ class OrtCudaBackend(Backend):
         self._sync()
 
     # ------------------------------------------------------------------------------- stages
+    def _captures_text(self, batch: int) -> bool:
+        """Whether the text encoder runs from onnxruntime's CUDA graph at this batch: with CUDA
+        graphs on, until a capture of it was refused."""
+        return bool(self.graphs_mode) and self._captured.get(batch, True) is not None
+
+    def _text_graph(self, batch: int) -> _Captured | None:
+        """The text encoder's capture session at this batch, bound to its persistent buffers
+        (created on first use); None where it was refused (``capture_failures`` says why)."""
+        if not self._captures_text(batch):
+            return None
+        if batch in self._captured:
+            return self._captured[batch]
+        graph = self.manifest.graph("text_encoder")
+        symbols = self._symbols(batch, 0)  # token dims are fixed by the engine; no frames
+        try:
+            session = self._session(graph, symbols, "onnxruntime")
+            buffers = {t.name: self._empty(tensor_shape(t, symbols), t.dtype) for t in (*graph.inputs, *graph.outputs)}
+            binding = session.io_binding()
+            for t in graph.inputs:
+                binding.bind_ortvalue_input(t.name, buffers[t.name])
+            for t in graph.outputs:
+                binding.bind_ortvalue_output(t.name, buffers[t.name])
+            self._captured[batch] = _Captured(session, binding, buffers)
+        except Exception as err:
+            self._refuse_text(batch, err)
+        return self._captured[batch]
+
+    def _refuse_text(self, batch: int, err: Exception) -> None:
+        self._captured[batch] = None
+        self.capture_failures.append(f"text_encoder (onnxruntime's CUDA graph, batch {batch}): {_first_line(err)}; "
+                                     "it runs uncaptured")
+
+    def _run_text(self, shot: _Captured, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
+        dtypes = {t.name: NUMPY_DTYPES[t.dtype] for t in self.manifest.graph("text_encoder").inputs}
+        shot.buffers["input_ids"].update_inplace(np.ascontiguousarray(input_ids, dtypes["input_ids"]))
+        shot.buffers["attention_mask"].update_inplace(np.ascontiguousarray(attention_mask, dtypes["attention_mask"]))
+        shot.session.run_with_iobinding(shot.binding)
+        shot.runs += 1
+
+    def _capture_text(self, batch: int) -> None:
+        """Run the text encoder's capture session twice on placeholder tokens: onnxruntime counts
+        the first run and captures the second, so the first request already replays."""
+        shot = self._text_graph(batch)
+        if shot is None or shot.captured:
+            return
+        shape = tensor_shape(self.manifest.graph("text_encoder").input("input_ids"), self._symbols(batch, 0))
+        try:
+            while not shot.captured:
+                self._run_text(shot, np.zeros(shape, np.int64), np.ones(shape, np.int64))
+        except Exception as err:
+            self._refuse_text(batch, err)
+
     def encode_text(self, input_ids, attention_mask):
+        """The context on the device: the captured text encoder's output buffer (valid until the
+        next request of this batch encodes its text), else a new buffer."""
+        batch = len(input_ids)
+        shot = self._text_graph(batch)
+        if shot is not None:
+            try:
+                self._run_text(shot, input_ids, attention_mask)
+                return shot.buffers["context"]
+            except Exception as err:
+                self._refuse_text(batch, err)
         return self._run_once("text_encoder", {"input_ids": input_ids, "attention_mask": attention_mask})[0]
 
     def _set_dit_tables(self, schedule: DitSchedule) -> None:
@@ -620,6 +705,9 @@ class OrtCudaBackend(Backend):
                 parts.append(f"{_MODE_NAMES[mode]}: {', '.join(names)}")
         if not parts:
             parts.append(f"{_MODE_NAMES[self.graphs_mode]}: none yet" if self.graphs_mode else "CUDA graphs off")
+        text_batches = sorted(batch for batch, shot in self._captured.items() if shot is not None and shot.captured)
+        if text_batches:
+            parts.append(f"text_encoder from onnxruntime's CUDA graph (batch {', '.join(map(str, text_batches))})")
         text = f"{self.name} ({'; '.join(parts)})"
         shared = [f"{w.graph} {w.nbytes / 2**20:.0f} MiB{'' if w.packed else ' (a buffer per tensor)'}"
                   for _, w in sorted(self._weights.items()) if w]
@@ -642,6 +730,7 @@ class OrtCudaBackend(Backend):
                     check(self.cudart, self.cudart.cudaGraphExecDestroy(executable))
         # the sessions run on the stream: they go first
         self._loops.clear()
+        self._captured.clear()
         self._sessions.clear()
         self._tables.clear()
         if self.stream is not None:
