@@ -56,6 +56,8 @@ def test_cuda_backend_matches_cpu_and_captures_cuda_graphs(demo_engine, monkeypa
     assert np.abs(first.audio - cpu.audio).max() <= 1e-3
     assert np.array_equal(first.audio, again.audio)  # deterministic kernels, replayed graphs
     _check_loop_modes(gpu_pipe.backend, mode)
+    # both requests replayed the text encoder's graph, captured by prepare()
+    assert "text_encoder from onnxruntime's CUDA graph (batch 2)" in gpu_pipe.backend.describe()
 
 
 @needs_cuda_python

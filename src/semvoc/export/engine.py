@@ -381,7 +381,8 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions,
                 _log("  WARNING: " + message)
     bar.close()
     for name, entry in graphs.items():  # indexed from the final files (fp32 islands rewrite a graph)
-        if entry["loop"] and entry["data_file"]:
+        # the step graphs and the text encoder: the runtime creates a session of each per batch bucket
+        if (entry["loop"] or entry["kind"] == "text_encoder") and entry["data_file"]:
             symbols = {"batch": min(options.batch_sizes), "frames": frames[0], "dit_rows": dims.dit_rows,
                        "vocoder_rows": dims.vocoder_rows}
             entry["weights"] = _shared_weight_index(name, entry, tmp / entry["file"], provider, custom_ops, symbols)
@@ -439,7 +440,8 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions,
 
 def _shared_weight_index(name: str, entry: dict, path: Path, provider: str, custom_ops: Path | None,
                          symbols: dict[str, int]) -> list[dict]:
-    """The manifest's index of a step graph's weights (``onnx_export.weight_index``), less those that
+    """The manifest's index of the weights of a graph whose sessions are made per batch bucket (the step
+    graphs, the text encoder) (``onnx_export.weight_index``), less those that
     onnxruntime's optimizations on the export's provider do not read as stored, checked as the
     runtime creates the graph's sessions: with one bucket's dims fixed (the captured loops) and
     without (the uncaptured diagnosis). The runtime gives the indexed weights to every session of

@@ -1,15 +1,15 @@
-"""One copy of a step graph's weights for all of its onnxruntime sessions.
+"""One copy of a graph's weights for all of its onnxruntime sessions (the step graphs, the text encoder).
 
 Why: the CUDA backend creates one session per (step graph, batch bucket), with the bucket's
 dimensions fixed at load so that every node runs on the GPU and the loop can be captured in a
-CUDA graph. Each session would load its own copy of the graph's weights: a server using batch
-buckets 1, 4 and 16 would hold the DiT's weights three times (plus once more for the uncaptured
-session that names a NaN's step).
+CUDA graph, and so it does for the text encoder (captured once per request). Each session would
+load its own copy of the graph's weights: a server using batch buckets 1, 4 and 16 would hold the
+DiT's weights three times (plus once more for the uncaptured session that names a NaN's step).
 
 How: onnxruntime takes initializers from the caller (``SessionOptions.add_initializer``); when
 the value lives on the device where the session plans that initializer, the session uses its
 memory as it is, with no copy (``use_user_supplied_initializer`` in onnxruntime's
-``session_state_utils.cc``), CUDA-graph capture included. The exporter writes the step graphs'
+``session_state_utils.cc``), CUDA-graph capture included. The exporter writes these graphs'
 weights to ``<graph>.onnx.data`` and indexes them in the manifest (name, dtype, shape, offset,
 length; checked by ``semvoc.runtime.manifest``), so no ONNX parser is needed here.
 
