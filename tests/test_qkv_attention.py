@@ -117,9 +117,10 @@ def test_fp32_dit_step_keeps_the_separate_form(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- on a GPU
 
-# (rows, L, heads, per-head affine). The kernel: a block per 64 queries of one (row, head) (128 when
-# that grid still fills the GPU twice: 8 warps), key tiles of 64 double-buffered; keys past L are
-# zeros in shared memory and masked in the logits.
+# (rows, L, heads, per-head affine). The kernel: a block per 64 queries of one (row, head), every key
+# tile of 64 resident where L <= 256 (the cases below up to L129), else two tile buffers in turn
+# (L750); 128 queries and two buffers when that grid still fills the GPU twice (8 warps: dit-R32-wide).
+# Keys past L are zeros in shared memory and masked in the logits.
 GPU_CASES = {
     # the reference DiT at batch 1 with CFG: 2 rows of 250 frames, 16 heads, per-head affine
     "dit-R2": (2, 250, 16, True),

@@ -2,8 +2,10 @@
 // kernel source) at the reference DiT's shapes: qkv [R, 250, 3*16*64] fp16 (the q|k|v GEMM's output),
 // per-head affine [32, 64], RoPE tables [250, 32]; R = 2 (batch 1 with CFG) and 32 (batch 16).
 // Variants:
-//   library    what qkv_attention.cu launches (4- or 8-warp blocks, by grid size)
-//   4-warp     blocks of 4 warps (64 queries) at every size
+//   library    what qkv_attention.cu launches (4-warp blocks with every key tile resident, or 8-warp
+//              blocks in the ring of two tile buffers where the grid is large)
+//   4w-resident  blocks of 4 warps, every key tile resident (L <= 256), at every size
+//   4-warp     blocks of 4 warps (64 queries) in the ring of two tile buffers at every size
 //   8-warp     blocks of 8 warps (128 queries) at every size
 //   4w-min4, 8w-min2  the same kernel body built for 4 (2) resident blocks per SM: ptxas caps its
 //              registers at 128 (the library's build takes 168 with 4 warps, 3 blocks per SM, and 158
@@ -164,6 +166,9 @@ void RunShape(int rows, const std::vector<int>& checked_rows) {
 
   const std::vector<std::pair<std::string, Launch>> variants = {
       {"library", [=](const Set& s, cudaStream_t st) { LaunchQkvAttention(s.qkv, s.out, rows, kLength, kHeads, tables, st); }},
+      {"4w-resident", [=](const Set& s, cudaStream_t st) {
+         LaunchQkvAttentionBlocks<4, kQkvResidentTiles>(s.qkv, s.out, rows, kLength, kHeads, tables, st);
+       }},
       {"4-warp", [=](const Set& s, cudaStream_t st) {
          LaunchQkvAttentionBlocks<4>(s.qkv, s.out, rows, kLength, kHeads, tables, st);
        }},

@@ -10,15 +10,20 @@
 // out [R, L, H*64].
 //
 // One block of kWarps warps per (16 kWarps queries, head, row); a warp owns 16 queries (one m16
-// tile of mma.sync.m16n8k16). Keys in tiles of 64, double-buffered in shared memory (cp.async):
-// each tile's K rows are normed and rotated in place by the block (64 / kWarps rows per warp) before
-// QK^T, so the norms cost one pass over K per query tile instead of a separate kernel writing q, k
-// and v. The softmax is online (running max and sum per query row, in fp32, exp2 with the scale
+// tile of mma.sync.m16n8k16). Keys in tiles of 64 in shared memory (cp.async), in one of two ways:
+// - resident (kStages = kQkvResidentTiles, where L fits: the DiT's 250 frames): every tile is loaded
+//   at once, all K rows are normed and rotated in place by the block, and after ONE barrier each
+//   warp runs its queries over all tiles with no further barrier or global load;
+// - a ring of two buffers (kStages = 2, any L): per tile, wait for its copies, norm its K rows,
+//   barrier, attend, barrier, refill the buffer with the tile after next.
+// Either way the K norms cost one pass over K per query tile instead of a separate kernel writing
+// q, k and v, and the arithmetic (and so the output) is the same to the bit. The softmax is online (running max and sum per query row, in fp32, exp2 with the scale
 // folded in); P is rounded to fp16 once, in the register layout of PV's A operand. Keys past L are
 // zeros in shared memory and -inf in the logits. The output is divided by the row sum in fp32,
 // rounded once, staged through the warp's Q rows and written in 16-byte vectors.
-// 4 warps (64 queries) where the grid is small (batch 1: 128 blocks for 132 SMs); 8 warps (128
-// queries: half the K norms and K/V loads per query) where it fills the GPU twice over anyway.
+// 4 warps (64 queries), resident where L allows, where the grid is small (batch 1: 128 blocks for
+// 132 SMs); 8 warps (128 queries: half the K norms and K/V loads per query) in the ring where it
+// fills the GPU twice over anyway (the ring's smaller blocks keep several resident per SM).
 #pragma once
 
 #include <cstdint>
@@ -32,12 +37,13 @@ namespace semvoc {
 constexpr int kQkvHd = 64;
 constexpr int kQkvStride = kQkvHd + 8;  // halves per shared row (ldmatrix's 8 rows hit 8 bank groups)
 constexpr int kQkvKeyTile = 64;
+constexpr int kQkvResidentTiles = 4;  // L <= 256 runs with every key tile resident
 
 // Dynamic shared memory of a block of kWarps warps, in rows of kQkvStride halves: the warps' query
-// rows (16 each: its queries, then its output rows), then two K tiles and two V tiles.
-template <int kWarps>
+// rows (16 each: its queries, then its output rows), then kStages K tiles and kStages V tiles.
+template <int kWarps, int kStages = 2>
 constexpr int QkvSharedBytes() {
-  return (16 * kWarps + 4 * kQkvKeyTile) * kQkvStride * static_cast<int>(sizeof(__half));
+  return (16 * kWarps + 2 * kStages * kQkvKeyTile) * kQkvStride * static_cast<int>(sizeof(__half));
 }
 
 // The q/k heads' LayerNorm affine and the rotation tables.
@@ -105,18 +111,21 @@ __device__ __forceinline__ void NormRopeRows(__half (*rows)[kQkvStride], int lan
   __syncwarp();
 }
 
-// The kernel's body, for blocks of kWarps warps (QkvAttentionKernel below; the micro-benchmark also
-// builds it under other register limits).
-template <int kWarps>
+// The kernel's body, for blocks of kWarps warps with kStages key-tile buffers: 2 (the ring) or
+// kQkvResidentTiles (every tile resident: L <= 64 kStages, which the launcher checks). Used by
+// QkvAttentionKernel below; the micro-benchmark also builds it under other register limits.
+template <int kWarps, int kStages = 2>
 __device__ __forceinline__ void QkvAttentionBlock(const __half* __restrict__ qkv, __half* __restrict__ out,
                                                   int length, int heads, const NormRopeTables& tables,
                                                   float scale_log2) {
+  static_assert(kStages == 2 || kStages == kQkvResidentTiles, "the ring (2) or every tile resident");
+  constexpr bool kResident = kStages != 2;
   constexpr int kQueries = 16 * kWarps;
   constexpr int kKeyRowsPerWarp = kQkvKeyTile / kWarps;  // K rows each warp norms per tile
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   auto* shared_rows = reinterpret_cast<__half(*)[kQkvStride]>(shared_bytes);
   auto k_tile = [&](int buffer) { return shared_rows + kQueries + buffer * kQkvKeyTile; };
-  auto v_tile = [&](int buffer) { return shared_rows + kQueries + (2 + buffer) * kQkvKeyTile; };
+  auto v_tile = [&](int buffer) { return shared_rows + kQueries + (kStages + buffer) * kQkvKeyTile; };
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int head = blockIdx.y, row = blockIdx.z;
   const int q0 = blockIdx.x * kQueries + warp * 16;  // this warp's first query
@@ -139,18 +148,24 @@ __device__ __forceinline__ void QkvAttentionBlock(const __half* __restrict__ qkv
     }
   };
 
-  // group 0: the warp's Q rows and key tile 0; group 1: key tile 1 (empty when there is none).
-  // Every loop turn commits one group more, so "all but the newest group" is always the current tile.
+  // The ring: group 0 holds the warp's Q rows and key tile 0, group 1 key tile 1 (empty when there
+  // is none); every loop turn commits one group more, so "all but the newest group" is always the
+  // current tile. Resident: one group, Q and every tile.
   __half(*qs)[kQkvStride] = shared_rows + warp * 16;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int chunk = lane + 32 * i, r = chunk / 8, c = (chunk % 8) * 8, query = q0 + r;
     CpAsync16(&qs[r][c], q_src + static_cast<int64_t>(min(query, length - 1)) * in_width + c, query < length ? 16 : 0);
   }
-  stage_tile(0, 0);
-  CpAsyncCommit();
-  if (tiles > 1) stage_tile(1, 1);
-  CpAsyncCommit();
+  if constexpr (kResident) {
+    for (int tile = 0; tile < tiles; ++tile) stage_tile(tile, tile);
+    CpAsyncCommit();
+  } else {
+    stage_tile(0, 0);
+    CpAsyncCommit();
+    if (tiles > 1) stage_tile(1, 1);
+    CpAsyncCommit();
+  }
 
   const __half* q_gamma = tables.gamma + head * tables.affine_stride;
   const __half* q_beta = tables.beta + head * tables.affine_stride;
@@ -163,20 +178,34 @@ __device__ __forceinline__ void QkvAttentionBlock(const __half* __restrict__ qkv
 #pragma unroll
   for (int n = 0; n < kQkvHd / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.f, 0.f};  // rows g, g + 8 (per-thread sums)
-
-  for (int kt = 0; kt < tiles; ++kt) {
-    const int buffer = kt & 1;
-    CpAsyncWait<1>();  // this thread's copies of tile kt (and Q)
-    __syncthreads();   // everyone's
-    if (kt == 0) {
-      NormRopeRows<2>(qs, lane, q_gamma, q_beta, tables.eps, tables.cos, tables.sin, q0, length);
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks) LdMatrixX4(qa[ks], &qs[lane % 16][ks * 16 + (lane / 16) * 8]);
-    }
+  // tile kt's K rows, normed and rotated in place (this warp's share)
+  auto norm_keys = [&](int buffer, int kt) {
     NormRopeRows<32 / kKeyRowsPerWarp>(k_tile(buffer) + warp * kKeyRowsPerWarp, lane, k_gamma, k_beta,
                                        tables.eps, tables.cos, tables.sin, kt * kQkvKeyTile + warp * kKeyRowsPerWarp,
                                        length);
-    __syncthreads();  // the whole tile normed
+  };
+  auto norm_queries = [&] {
+    NormRopeRows<2>(qs, lane, q_gamma, q_beta, tables.eps, tables.cos, tables.sin, q0, length);
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) LdMatrixX4(qa[ks], &qs[lane % 16][ks * 16 + (lane / 16) * 8]);
+  };
+  if constexpr (kResident) {
+    CpAsyncWait<0>();
+    __syncthreads();  // every copy landed
+    norm_queries();
+    for (int kt = 0; kt < tiles; ++kt) norm_keys(kt, kt);
+    __syncthreads();  // every tile normed: no barrier from here on
+  }
+
+  for (int kt = 0; kt < tiles; ++kt) {
+    const int buffer = kResident ? kt : kt & 1;
+    if constexpr (!kResident) {
+      CpAsyncWait<1>();  // this thread's copies of tile kt (and Q)
+      __syncthreads();   // everyone's
+      if (kt == 0) norm_queries();
+      norm_keys(buffer, kt);
+      __syncthreads();  // the whole tile normed
+    }
 
     // logits of the tile: s[j] is the C fragment of keys 8j .. 8j + 7
     float s[kQkvKeyTile / 8][4];
@@ -250,9 +279,11 @@ __device__ __forceinline__ void QkvAttentionBlock(const __half* __restrict__ qkv
         MmaF16(o[2 * np + 1], pa[k16], b[2], b[3]);
       }
 
-    __syncthreads();  // every warp is done with this buffer: refill it with tile kt + 2
-    if (kt + 2 < tiles) stage_tile(buffer, kt + 2);
-    CpAsyncCommit();
+    if constexpr (!kResident) {
+      __syncthreads();  // every warp is done with this buffer: refill it with tile kt + 2
+      if (kt + 2 < tiles) stage_tile(buffer, kt + 2);
+      CpAsyncCommit();
+    }
   }
 
   // normalise, stage through the warp's Q rows, store 16-byte vectors
@@ -277,11 +308,11 @@ __device__ __forceinline__ void QkvAttentionBlock(const __half* __restrict__ qkv
   }
 }
 
-template <int kWarps>
+template <int kWarps, int kStages = 2>
 __global__ void __launch_bounds__(kWarps * 32) QkvAttentionKernel(const __half* __restrict__ qkv,
                                                                    __half* __restrict__ out, int length, int heads,
                                                                    NormRopeTables tables, float scale_log2) {
-  QkvAttentionBlock<kWarps>(qkv, out, length, heads, tables, scale_log2);
+  QkvAttentionBlock<kWarps, kStages>(qkv, out, length, heads, tables, scale_log2);
 }
 
 // What the kernel needs: fp16, hd 64, 16-byte aligned buffers (checked by the op, which refuses the rest).
@@ -298,10 +329,14 @@ inline bool QkvAttentionWideBlocks(int rows, int length, int heads) {
   return wide_blocks >= 2 * static_cast<int64_t>(sms > 0 ? sms : 1);
 }
 
-template <int kWarps>
+// Blocks of kWarps warps, kStages key-tile buffers (kQkvResidentTiles: L must be at most 64 kStages).
+template <int kWarps, int kStages = 2>
 void LaunchQkvAttentionBlocks(const __half* qkv, __half* out, int rows, int length, int heads,
                               const NormRopeTables& tables, cudaStream_t stream) {
-  constexpr int kBytes = QkvSharedBytes<kWarps>();
+  constexpr int kBytes = QkvSharedBytes<kWarps, kStages>();
+  if (kStages != 2 && length > kStages * kQkvKeyTile)
+    throw std::runtime_error("QkvAttention: " + std::to_string(length) + " keys do not fit " +
+                             std::to_string(kStages) + " resident tiles");
   if (kBytes > 48 * 1024) {  // above the default limit: opt in, once per device (a host call, no stream work)
     static std::mutex mutex;
     static uint64_t opted_in = 0;  // bit d: device d
@@ -309,7 +344,8 @@ void LaunchQkvAttentionBlocks(const __half* qkv, __half* out, int rows, int leng
     cudaGetDevice(&device);
     std::lock_guard<std::mutex> lock(mutex);
     if (device >= 64 || !((opted_in >> device) & 1u)) {
-      CheckCuda(cudaFuncSetAttribute(QkvAttentionKernel<kWarps>, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes),
+      CheckCuda(cudaFuncSetAttribute(QkvAttentionKernel<kWarps, kStages>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     kBytes),
                 "QkvAttention (shared memory)");
       if (device < 64) opted_in |= uint64_t{1} << device;
     }
@@ -317,13 +353,16 @@ void LaunchQkvAttentionBlocks(const __half* qkv, __half* out, int rows, int leng
   const dim3 grid(static_cast<unsigned>((length + 16 * kWarps - 1) / (16 * kWarps)), static_cast<unsigned>(heads),
                   static_cast<unsigned>(rows));
   const float scale_log2 = 1.4426950408889634f / sqrtf(static_cast<float>(kQkvHd));
-  QkvAttentionKernel<kWarps><<<grid, kWarps * 32, kBytes, stream>>>(qkv, out, length, heads, tables, scale_log2);
+  QkvAttentionKernel<kWarps, kStages>
+      <<<grid, kWarps * 32, kBytes, stream>>>(qkv, out, length, heads, tables, scale_log2);
 }
 
 inline void LaunchQkvAttention(const __half* qkv, __half* out, int rows, int length, int heads,
                                const NormRopeTables& tables, cudaStream_t stream) {
   if (QkvAttentionWideBlocks(rows, length, heads))
     LaunchQkvAttentionBlocks<8>(qkv, out, rows, length, heads, tables, stream);
+  else if (length <= kQkvResidentTiles * kQkvKeyTile)
+    LaunchQkvAttentionBlocks<4, kQkvResidentTiles>(qkv, out, rows, length, heads, tables, stream);
   else
     LaunchQkvAttentionBlocks<4>(qkv, out, rows, length, heads, tables, stream);
 }
