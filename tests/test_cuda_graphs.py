@@ -405,13 +405,13 @@ def test_the_text_encoder_replays_from_onnxruntimes_graph(demo_engine, monkeypat
     # prepare: a warm run outside any graph (a loading thread), then, on this thread, the run that
     # onnxruntime counts and the run it captures
     assert [graph_id for name, graph_id in world.graph_ids if name == "text_encoder"] == ["-1", None, None]
-    shot = backend._captured[1]
-    assert shot.captured and int(shot.buffers["attention_mask"].array.min()) == 1
+    encoder = backend._captured[1]
+    assert encoder.captured and int(encoder.buffers["attention_mask"].array.min()) == 1
     ids, mask = _tokens(world)
     context = backend.encode_text(ids, mask)
-    assert context is shot.buffers["context"] and np.array_equal(shot.buffers["input_ids"].array, ids)
+    assert context is encoder.buffers["context"] and np.array_equal(encoder.buffers["input_ids"].array, ids)
     assert backend.encode_text(ids + 1, mask) is context  # the same buffers every request: a replay
-    assert np.array_equal(shot.buffers["input_ids"].array, ids + 1)
+    assert np.array_equal(encoder.buffers["input_ids"].array, ids + 1)
     assert len(world.made("text_encoder")) == 1 and not backend.capture_failures
     assert "text_encoder from onnxruntime's CUDA graph (batch 1)" in backend.describe()
     backend.close()

@@ -51,7 +51,7 @@ onnxruntime refuses its capture too, the loop runs uncaptured (still device-resi
 
 Ordering, in the ``semvoc`` way. Every CUDA session of the backend (text encoder, prepare and
 table graphs, semantic encoder, step graphs) runs on the backend's one stream, so onnxruntime's
-work is ordered on it; the one-shot graphs run with onnxruntime's end-of-run synchronisation, so
+work is ordered on it; the one-text graphs run with onnxruntime's end-of-run synchronisation, so
 the host continues only when their results are there. ``do_copy_in_default_stream`` stays 1:
 copies onnxruntime makes inside a run go on the compute stream, i.e. this one. The host <-> device
 copies outside runs (``OrtValue.update_inplace``, ``ortvalue_from_numpy``, ``.numpy()``) are
@@ -580,23 +580,23 @@ class OrtCudaBackend(Backend):
         self.capture_failures.append(f"text_encoder (onnxruntime's CUDA graph, batch {batch}): {_first_line(err)}; "
                                      "it runs uncaptured")
 
-    def _run_text(self, shot: _Captured, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
+    def _run_text(self, text: _Captured, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
         dtypes = {t.name: NUMPY_DTYPES[t.dtype] for t in self.manifest.graph("text_encoder").inputs}
-        shot.buffers["input_ids"].update_inplace(np.ascontiguousarray(input_ids, dtypes["input_ids"]))
-        shot.buffers["attention_mask"].update_inplace(np.ascontiguousarray(attention_mask, dtypes["attention_mask"]))
-        shot.session.run_with_iobinding(shot.binding)
-        shot.runs += 1
+        text.buffers["input_ids"].update_inplace(np.ascontiguousarray(input_ids, dtypes["input_ids"]))
+        text.buffers["attention_mask"].update_inplace(np.ascontiguousarray(attention_mask, dtypes["attention_mask"]))
+        text.session.run_with_iobinding(text.binding)
+        text.runs += 1
 
     def _capture_text(self, batch: int) -> None:
         """Run the text encoder's capture session twice on placeholder tokens: onnxruntime counts
         the first run and captures the second, so the first request already replays."""
-        shot = self._text_graph(batch)
-        if shot is None or shot.captured:
+        text = self._text_graph(batch)
+        if text is None or text.captured:
             return
         shape = tensor_shape(self.manifest.graph("text_encoder").input("input_ids"), self._symbols(batch, 0))
         try:
-            while not shot.captured:
-                self._run_text(shot, np.zeros(shape, np.int64), np.ones(shape, np.int64))
+            while not text.captured:
+                self._run_text(text, np.zeros(shape, np.int64), np.ones(shape, np.int64))
         except Exception as err:
             self._refuse_text(batch, err)
 
@@ -604,11 +604,11 @@ class OrtCudaBackend(Backend):
         """The context on the device: the captured text encoder's output buffer (valid until the
         next request of this batch encodes its text), else a new buffer."""
         batch = len(input_ids)
-        shot = self._text_graph(batch)
-        if shot is not None:
+        text = self._text_graph(batch)
+        if text is not None:
             try:
-                self._run_text(shot, input_ids, attention_mask)
-                return shot.buffers["context"]
+                self._run_text(text, input_ids, attention_mask)
+                return text.buffers["context"]
             except Exception as err:
                 self._refuse_text(batch, err)
         return self._run_once("text_encoder", {"input_ids": input_ids, "attention_mask": attention_mask})[0]
@@ -705,7 +705,7 @@ class OrtCudaBackend(Backend):
                 parts.append(f"{_MODE_NAMES[mode]}: {', '.join(names)}")
         if not parts:
             parts.append(f"{_MODE_NAMES[self.graphs_mode]}: none yet" if self.graphs_mode else "CUDA graphs off")
-        text_batches = sorted(batch for batch, shot in self._captured.items() if shot is not None and shot.captured)
+        text_batches = sorted(batch for batch, c in self._captured.items() if c is not None and c.captured)
         if text_batches:
             parts.append(f"text_encoder from onnxruntime's CUDA graph (batch {', '.join(map(str, text_batches))})")
         text = f"{self.name} ({'; '.join(parts)})"
