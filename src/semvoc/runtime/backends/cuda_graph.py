@@ -70,13 +70,21 @@ def _memcpy_on_device(cudart, node) -> bool:
 
 
 def _allocated_address(cudart, node) -> int | None:
-    err, params = cudart.cudaGraphMemAllocNodeGetParams(node)
-    return int(params.dptr) if err == cudart.cudaError_t.cudaSuccess and int(params.dptr) else None
+    """The address a MemAlloc node allocates; None where it cannot be read (then not trusted)."""
+    try:
+        err, params = cudart.cudaGraphMemAllocNodeGetParams(node)
+        return int(params.dptr) if err == cudart.cudaError_t.cudaSuccess and int(params.dptr) else None
+    except (AttributeError, TypeError, ValueError):  # a cuda-python whose binding differs
+        return None
 
 
 def _freed_address(cudart, node) -> int | None:
-    err, pointer = cudart.cudaGraphMemFreeNodeGetParams(node)
-    return int(pointer) if err == cudart.cudaError_t.cudaSuccess and int(pointer) else None
+    """The address a MemFree node frees; None where it cannot be read."""
+    try:
+        err, pointer = cudart.cudaGraphMemFreeNodeGetParams(node)
+        return int(pointer) if err == cudart.cudaError_t.cudaSuccess and int(pointer) else None
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def graph_hazards(cudart, graph) -> list[str]:
