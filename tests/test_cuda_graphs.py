@@ -246,6 +246,8 @@ class World:
         monkeypatch.setattr(ort_cuda, "make_session", make_session)
         monkeypatch.setattr(ort_cuda.OrtCudaBackend, "_empty", empty)
         monkeypatch.setattr(ort_cuda.OrtCudaBackend, "_upload", upload)
+        # no real device memory behind the fakes, on a GPU machine either
+        monkeypatch.setattr(ort_cuda.OrtCudaBackend, "_shared_weights", lambda backend, graph: None)
         monkeypatch.setenv(ort_cuda.GRAPHS_ENV, mode)
         self.manifest = load_manifest(demo_engine, verify=False)
         self.backend = ort_cuda.OrtCudaBackend(self.manifest)
@@ -293,6 +295,13 @@ def test_the_mode_variable_is_checked(monkeypatch):
     monkeypatch.setenv(ort_cuda.GRAPHS_ENV, "semvoc")
     assert ort_cuda.cuda_graphs_mode() == "semvoc"
     monkeypatch.delenv(ort_cuda.GRAPHS_ENV)
+    monkeypatch.setattr(ort_cuda, "import_cudart", lambda: object())  # unset: whole loops where cuda-python is
+    assert ort_cuda.cuda_graphs_mode() == "semvoc"
+
+    def missing():
+        raise ImportError("No module named 'cuda'")
+
+    monkeypatch.setattr(ort_cuda, "import_cudart", missing)
     assert ort_cuda.cuda_graphs_mode() == "onnxruntime"
     monkeypatch.setenv(ort_cuda.GRAPHS_ENV, "torch")
     with pytest.raises(BackendUnavailable, match=r"SEMVOC_CUDA_GRAPHS='torch' is not a CUDA-graph mode: .*'semvoc'"):

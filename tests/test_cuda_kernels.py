@@ -260,15 +260,16 @@ def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path, monkeypatch):
     assert ops.count("GatedConcatNorm") == ops.count("BiasAddNorm") == skips and ops.count("LayerNorm") == 1
     assert "LayerNormalization" not in ops
     produced = {n.output[0]: n.op_type for n in nodes}
-    assert {produced.get(n.input[0]) for n in nodes if n.op_type == "BiasAddNorm"} == {"MatMul"}
+    assert "MatMul" not in ops  # every linear layer is an LtGemm (its algorithm timed once, recorded)
+    assert {produced.get(n.input[0]) for n in nodes if n.op_type == "BiasAddNorm"} == {"LtGemm"}
     concat_readers = [n.op_type for n in nodes if n.input and produced.get(n.input[0]) == "Concat"]
     assert "LayerNormalization" not in concat_readers
-    assert concat_readers.count("MatMul") + concat_readers.count("LtGemm") == 1  # the final 3-tap conv (conv_as_gemm)
+    assert concat_readers.count("LtGemm") == 1  # the final 3-tap conv (conv_as_gemm)
     # self q|k|v from one GEMM, its q|k norms and RoPE: HeadNormRopeQkv; the cross-attention q-norm
     # is inside CrossAttention
     assert ops.count("HeadNormRopeQkv") == len(blocks) and "HeadNormRope" not in ops and "HeadNorm" not in ops
     produced = {o: n.op_type for n in nodes for o in n.output}
-    assert {produced[n.input[0]] for n in nodes if n.op_type == "HeadNormRopeQkv"} == {"MatMul"}
+    assert {produced[n.input[0]] for n in nodes if n.op_type == "HeadNormRopeQkv"} == {"LtGemm"}
     assert all(set(n.input[:3]) <= {o for m in nodes if m.op_type == "HeadNormRopeQkv" for o in m.output}
                for n in nodes if n.op_type == "Attention")  # q, k and v of every self-attention
     # cross-attention: one CrossAttention per block on the bool text mask (no additive bias built),
@@ -316,10 +317,9 @@ def test_dit_step_with_cuda_ops_exports_semvoc_ops(tmp_path, monkeypatch):
 
     assert readers("HeadNormRopeQkv", 0) == readers("HeadNormRopeQkv", 1) == readers("HeadNormRopeQkv", 2) == {
         "Attention"}  # no Split between
-    # the adaLN modulation is in the norm's affine: GEMMs read it directly (the final layer's
-    # linear, with its bias, is an LtGemm)
-    assert readers("GatedSkipNorm", 0) == {"MatMul", "LtGemm"}
-    assert readers("CrossAttention", 0) == {"MatMul"}  # straight into the out-projection
+    # the adaLN modulation is in the norm's affine: GEMMs read it directly
+    assert readers("GatedSkipNorm", 0) == {"LtGemm"}
+    assert readers("CrossAttention", 0) == {"LtGemm"}  # straight into the out-projection
 
 
 def test_dit_step_without_the_qkv_op_keeps_two_gemms_and_head_norm_rope(tmp_path, monkeypatch):
@@ -332,7 +332,7 @@ def test_dit_step_without_the_qkv_op_keeps_two_gemms_and_head_norm_rope(tmp_path
     nodes, _, blocks = _export_demo_dit_step(tmp_path / "dit_step.onnx")
     ops = [n.op_type for n in nodes]
     assert "HeadNormRopeQkv" not in ops and ops.count("HeadNormRope") == len(blocks)
-    assert ops.count("MatMul") == fused_ops.count("MatMul") + len(blocks)  # each block's v projection
+    assert ops.count("LtGemm") == fused_ops.count("LtGemm") + len(blocks)  # each block's v projection
 
 
 def test_dit_step_without_the_fused_q_norm_keeps_head_norm(tmp_path, monkeypatch):
@@ -1158,6 +1158,60 @@ def test_lt_gemm_matches_its_reference(case, dtype, fusion, cuda_library, tmp_pa
         bound = 1e-5 if dtype == np.float32 else 4e-3
         error = np.abs(out.astype(np.float32) - want).max()
         assert error <= bound * np.abs(want).max(), (case, dtype, fusion, cuda_graph, error)
+
+
+# a fresh process runs one LtGemm model: argv = inputs.npz, model, library, output .npy
+_LT_GEMM_PROCESS = """
+import sys
+from pathlib import Path
+import numpy as np
+from tests.test_cuda_kernels import _run_cuda
+saved = np.load(sys.argv[1])
+(out,) = _run_cuda(Path(sys.argv[2]), Path(sys.argv[3]), [saved[f"arr_{i}"] for i in range(len(saved.files))], [])
+np.save(sys.argv[4], out)
+"""
+
+
+@pytest.mark.gpu
+def test_lt_gemm_records_its_algorithm_choice_and_a_later_process_takes_it(cuda_library, tmp_path):
+    """The first call of a plan times cuBLASLt's candidates and records the choice in
+    $SEMVOC_LTGEMM_ALGORITHMS; a later process finds it there (it times and writes nothing) and
+    computes the same bits; with SEMVOC_LTGEMM_TUNE=0 nothing is timed or recorded."""
+    import subprocess
+    import sys
+
+    from semvoc.kernels.ltgemm import lt_gemm_reference
+    from semvoc.runtime.gemm_algorithms import ALGORITHMS_ENV
+
+    shape, n, present = LT_CASES["dit-skip"]  # M = 500: cuBLASLt offers several candidates
+    g = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(*shape, generator=g).half().numpy(),
+              (torch.randn(shape[-1], n, generator=g) / shape[-1] ** 0.5).half().numpy(),
+              torch.randn(n, generator=g).half().numpy()]
+    model = tmp_path / "lt_gemm.onnx"
+    _lt_gemm_model(inputs, present, model)
+    np.savez(tmp_path / "inputs.npz", *inputs)
+    want = lt_gemm_reference(*(torch.from_numpy(x.astype(np.float32)) for x in inputs)).numpy()
+
+    def run(name: str, **env: str) -> np.ndarray:
+        subprocess.run([sys.executable, "-c", _LT_GEMM_PROCESS, str(tmp_path / "inputs.npz"), str(model),
+                        str(cuda_library), str(tmp_path / name)], check=True, cwd=Path(__file__).parents[1],
+                       env={**os.environ, **env})
+        out = np.load(tmp_path / name)
+        assert np.abs(out.astype(np.float32) - want).max() <= 4e-3 * np.abs(want).max()
+        return out
+
+    record = tmp_path / "gemm_algorithms.txt"
+    first = run("first.npy", **{ALGORITHMS_ENV: str(record), "SEMVOC_LTGEMM_TUNE": "1"})
+    (line,) = [x for x in record.read_text().splitlines() if not x.startswith("#")]  # one plan
+    key, rank = line.rsplit("\t", 1)
+    assert f" f16 m500 n{n} k{shape[-1]} " in key and " bias" in key and 0 <= int(rank) < 8
+    written = record.stat().st_mtime_ns
+    again = run("again.npy", **{ALGORITHMS_ENV: str(record), "SEMVOC_LTGEMM_TUNE": "1"})
+    assert np.array_equal(first, again) and record.stat().st_mtime_ns == written
+    untimed = tmp_path / "untimed.txt"
+    run("untimed.npy", **{ALGORITHMS_ENV: str(untimed), "SEMVOC_LTGEMM_TUNE": "0"})
+    assert not untimed.exists()
 
 
 @pytest.mark.gpu

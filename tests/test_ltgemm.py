@@ -113,18 +113,24 @@ def _matmul_then_add(nodes) -> int:
     return sum(1 for n in nodes if n.op_type == "Add" and any(producer.get(i) == "MatMul" for i in n.input))
 
 
-def test_dit_step_gemm_bias_pairs_become_lt_gemm_and_the_switch_restores_them(tmp_path, monkeypatch):
-    """The fused DiT's GEMMs followed by a bias Add are LtGemm nodes: the patch embedding, the final
-    linear and the final convolution (conv_as_gemm), and the U-Net skip projections when BiasAddNorm
-    (which takes their bias into the next norm) is off; the demo has no q/k/v biases.
-    SEMVOC_EXPORT_WITHOUT=LtGemm gives them back as MatMul + Add."""
-    monkeypatch.delenv(WITHOUT_ENV, raising=False)
-    nodes, dit = _dit_step_ops(tmp_path)
+def test_every_dit_step_gemm_is_lt_gemm_and_the_switch_restores_them(tmp_path, monkeypatch):
+    """Every GEMM of the fused DiT is an LtGemm node (its bias, where it has one, in the epilogue;
+    its cuBLASLt algorithm timed once and recorded): no MatMul is left and no bias Add follows one.
+    SEMVOC_EXPORT_WITHOUT=LtGemm gives them back as MatMul nodes, + Add where a bias followed: the
+    patch embedding, the final linear and the final convolution (conv_as_gemm), and the U-Net skip
+    projections when BiasAddNorm (which takes their bias into the next norm) is off."""
+    monkeypatch.setenv(WITHOUT_ENV, NAME)
+    plain, dit = _dit_step_ops(tmp_path)
+    gemms = [n.op_type for n in plain].count("MatMul")
+    assert "LtGemm" not in [n.op_type for n in plain] and _matmul_then_add(plain) == 3
+    assert gemms > 6 * len(dit.blocks)  # the blocks' projections, plus the patch embedding and the final layer
     skips = sum(1 for b in dit.blocks if b.has_skip)
-    assert [n.op_type for n in nodes].count("LtGemm") == 3 and _matmul_then_add(nodes) == 0
+    monkeypatch.delenv(WITHOUT_ENV)
+    ops = [n.op_type for n in _dit_step_ops(tmp_path)[0]]
+    assert ops.count("LtGemm") == gemms and "MatMul" not in ops
     monkeypatch.setenv(WITHOUT_ENV, "BiasAddNorm")
     nodes, _ = _dit_step_ops(tmp_path)
-    assert [n.op_type for n in nodes].count("LtGemm") == skips + 3 and _matmul_then_add(nodes) == 0
+    assert [n.op_type for n in nodes].count("LtGemm") == gemms and _matmul_then_add(nodes) == 0
     monkeypatch.setenv(WITHOUT_ENV, f"{NAME},BiasAddNorm")
     nodes, _ = _dit_step_ops(tmp_path)
     assert "LtGemm" not in [n.op_type for n in nodes] and _matmul_then_add(nodes) == skips + 3

@@ -83,8 +83,8 @@ def test_fp16_dit_step_runs_its_self_attention_as_qkv_attention(tmp_path, monkey
     assert "HeadNormRopeQkv" not in ops and "Attention" not in ops
     produced = {o: n.op_type for n in nodes for o in n.output}
     fused = [n for n in nodes if n.op_type == "QkvAttention"]
-    assert {produced[n.input[0]] for n in fused} == {"MatMul"}
-    assert {n.op_type for n in nodes if set(n.input) & {m.output[0] for m in fused}} == {"MatMul"}
+    assert {produced[n.input[0]] for n in fused} == {"LtGemm"}
+    assert {n.op_type for n in nodes if set(n.input) & {m.output[0] for m in fused}} == {"LtGemm"}
     assert {a.name: a.i for a in fused[0].attribute if a.name == "num_heads"} == {
         "num_heads": blocks[0].attn.num_heads}
     spec = GraphSpec("dit_step", "dit", lambda m: m, (), (), attention_checked=True)

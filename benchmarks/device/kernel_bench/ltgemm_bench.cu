@@ -1,5 +1,5 @@
 // Micro-benchmark of LtGemm (src/semvoc/kernels/cuda/ltgemm_kernel.cuh, the library's own code
-// path: the same plan, heuristic choice, shared workspace and cublasLtMatmul call) against what the
+// path: the same plan, algorithm choice, shared workspace and cublasLtMatmul call) against what the
 // engine ran before it: cublasGemmEx (onnxruntime's MatMul), then a separate pass for the bias
 // (a bias Add) or for bias + scaled residual (semvoc's BiasResidual), written plainly here.
 // Shapes: the step graphs' GEMMs of benchmarks/results/h200-2026-12-02c-raw/run3_gemm_bench.log
@@ -13,6 +13,7 @@
 // of 25 timings of 20 back-to-back calls, after warm-up. Needs cuBLAS headers (cublas_v2.h for the
 // baseline): run.sh finds them as benchmarks/device/gemm/run.sh does.
 //   benchmarks/device/kernel_bench/run.sh ltgemm
+// (SEMVOC_LTGEMM_TUNE=0: cuBLASLt's first guess for every plan, as onnxruntime's MatMul runs it.)
 // SEMVOC-BENCH-NEEDS: cublas
 #include <cublas_v2.h>
 

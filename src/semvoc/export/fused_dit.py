@@ -34,9 +34,9 @@ onnxruntime's Attention; ``HeadNormRope`` with q|k and v as two GEMMs when it is
 and the padded keys past the text's last token are skipped), and on the U-Net skip path
 ``GatedConcatNorm`` (pending MLP output, concatenation and skip_norm), ``BiasAddNorm``
 (skip_linear's bias and norm1) and ``LayerNorm`` for the first block's norm1, and ``LtGemm``
-(a GEMM with its bias in cuBLASLt's epilogue: the final layer's linear, the U-Net skip projections
-when BiasAddNorm is off, and the q|k, v and cross-attention q projections of models that give them
-a bias). ``SEMVOC_EXPORT_WITHOUT=<op>`` leaves one out of an export.
+for every linear layer (a bias in cuBLASLt's epilogue; the fastest of cuBLASLt's candidate
+algorithms for each shape, timed once and recorded: ``kernels/cuda/ltgemm_choices.h``).
+``SEMVOC_EXPORT_WITHOUT=<op>`` leaves one out of an export.
 
 Covered: the adaLN time fusions, cross-attention, LayerNorm, qk_norm None/layernorm, RoPE
 none/shared, GEGLU/GELU feed-forwards. Other configurations export through the generic form
@@ -144,10 +144,11 @@ def table_rows(table: torch.Tensor) -> list[torch.Tensor]:
     return [row.reshape(-1) for group in groups for row in group.chunk(group.shape[0])]
 
 
-def biased_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cuda_ops: bool) -> torch.Tensor:
-    """``F.linear``; with ``cuda_ops`` and a bias, one semvoc ``LtGemm`` (bias in the GEMM's epilogue)
-    instead of a MatMul and an Add."""
-    if cuda_ops and bias is not None:
+def dit_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cuda_ops: bool) -> torch.Tensor:
+    """``F.linear``; with ``cuda_ops`` one semvoc ``LtGemm``: a bias rides in the GEMM's epilogue
+    (not a MatMul and an Add), and the op runs the fastest of cuBLASLt's candidate algorithms for
+    the shape, timed once and recorded (onnxruntime's MatMul runs cuBLAS's first guess)."""
+    if cuda_ops:
         return lt_linear(h, weight, bias)
     return F.linear(h, weight, bias)
 
@@ -208,17 +209,20 @@ class FusedBlock(nn.Module):
 
     # ------------------------------------------------------------------ pieces
 
+    def _linear(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return dit_linear(h, weight, bias, self.cuda_ops)
+
     def _self_attention(self, h: torch.Tensor, rope: tuple | None) -> torch.Tensor:
         attn = self.blk.attn
         batch, length, dim = h.shape
-        qk = biased_linear(h, self.w_qk, self.b_qk, self.cuda_ops)  # [B, L, 2D], or [B, L, 3D] with v
+        qk = dit_linear(h, self.w_qk, self.b_qk, self.cuda_ops)  # [B, L, 2D], or [B, L, 3D] with v
         if self.qkv_attention_op and qk.dtype == torch.float16:  # one semvoc.cuda op: norms, RoPE, attention
             out = qkv_attention(qk, self.qk_gamma, self.qk_beta, rope[0], rope[1], attn.norm_q.eps, self.heads)
-            return F.linear(out, attn.proj.weight)
+            return self._linear(out, attn.proj.weight)
         if self.fuse_qkv:  # one semvoc.cuda op: norms, RoPE, the q/k/v split
             q, k, v = head_norm_rope_qkv(qk, self.qk_gamma, self.qk_beta, rope[0], rope[1], attn.norm_q.eps)
-            return F.linear(attention_packed(q, k, v, None, self.heads), attn.proj.weight)
-        v = biased_linear(h, attn.to_v.weight, attn.to_v.bias, self.cuda_ops)
+            return self._linear(attention_packed(q, k, v, None, self.heads), attn.proj.weight)
+        v = dit_linear(h, attn.to_v.weight, attn.to_v.bias, self.cuda_ops)
         if self.qk_norm and self.cuda_ops and self.rope:  # one semvoc.cuda op: norms, RoPE, q/k split
             q, k = head_norm_rope(qk, self.qk_gamma, self.qk_beta, rope[0], rope[1], attn.norm_q.eps)
         else:
@@ -232,37 +236,37 @@ class FusedBlock(nn.Module):
                 cos, sin, positions = rope
                 qk = rotary(qk, cos, sin, positions, 2 * self.heads)
             q, k = qk.split(dim, dim=-1)
-        return F.linear(attention_packed(q, k, v, None, self.heads), attn.proj.weight)
+        return self._linear(attention_packed(q, k, v, None, self.heads), attn.proj.weight)
 
     def _cross_attention(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          mask: torch.Tensor | None) -> torch.Tensor:
         cross = self.blk.cross_attn
         batch, length, dim = h.shape
-        q = biased_linear(h, cross.to_q.weight, cross.to_q.bias, self.cuda_ops)
+        q = dit_linear(h, cross.to_q.weight, cross.to_q.bias, self.cuda_ops)
         if self.cross_attention_op and mask is not None and self.qk_norm and fusion_enabled(CROSS_Q_NORM):
             # the q-norm inside the attention op (its kernels norm q as they load it)
             norm = cross.norm_q
-            return F.linear(cross_attention(q, k, v, mask, self.heads, norm.weight, norm.bias, norm.eps),
-                            cross.proj.weight)
+            return self._linear(cross_attention(q, k, v, mask, self.heads, norm.weight, norm.bias, norm.eps),
+                                cross.proj.weight)
         if self.qk_norm and self.cuda_ops:
             q = head_norm(q, cross.norm_q.weight, cross.norm_q.bias, cross.norm_q.eps)
         elif self.qk_norm:
             q = cross.norm_q(q.reshape(batch, length, self.heads, -1)).reshape(batch, length, dim)
         if self.cross_attention_op and mask is not None:
-            return F.linear(cross_attention(q, k, v, mask, self.heads), cross.proj.weight)
-        return F.linear(attention_packed(q, k, v, mask, self.heads), cross.proj.weight)
+            return self._linear(cross_attention(q, k, v, mask, self.heads), cross.proj.weight)
+        return self._linear(attention_packed(q, k, v, mask, self.heads), cross.proj.weight)
 
     def _feed_forward(self, h: torch.Tensor) -> torch.Tensor:
         net = self.blk.mlp.net
         if self.gated and self.cuda_ops:  # one GEMM of both halves (the projection as it is), then one op
-            hidden = bias_geglu(F.linear(h, net[0].proj.weight), net[0].proj.bias)
+            hidden = bias_geglu(self._linear(h, net[0].proj.weight), net[0].proj.bias)
         elif self.gated:
             hidden = F.linear(h, self.w_value, self.b_value) * bias_gelu(F.linear(h, self.w_gate), self.b_gate)
         elif self.exact_gelu:
-            hidden = bias_gelu(F.linear(h, net[0].proj.weight), net[0].proj.bias)
+            hidden = bias_gelu(self._linear(h, net[0].proj.weight), net[0].proj.bias)
         else:
             hidden = net[0](h)
-        return F.linear(hidden, net[2].weight)
+        return self._linear(hidden, net[2].weight)
 
     def _skip_input(self, x: torch.Tensor, pending: tuple | None, skip: torch.Tensor, norm1_w: torch.Tensor,
                     norm1_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,9 +283,9 @@ class FusedBlock(nn.Module):
                 x = x + out * gate + gbias
             joined = blk.skip_norm(torch.cat([x, skip], dim=-1))
         if self.fuse_bias_norm:
-            y = F.linear(joined, blk.skip_linear.weight)
+            y = self._linear(joined, blk.skip_linear.weight)
             return bias_add_norm(y, _zeros_like_bias(blk.skip_linear), norm1_w, norm1_b, blk.norm1.eps)
-        x = biased_linear(joined, blk.skip_linear.weight, blk.skip_linear.bias, self.cuda_ops)
+        x = dit_linear(joined, blk.skip_linear.weight, blk.skip_linear.bias, self.cuda_ops)
         return F.layer_norm(x, x.shape[-1:], norm1_w, norm1_b, blk.norm1.eps), x
 
     # ------------------------------------------------------------------ block
@@ -332,7 +336,7 @@ class FusedDiT(nn.Module):
                                      for b in dit.blocks])
 
     def _linear(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return biased_linear(h, weight, bias, self.cuda_ops)
+        return dit_linear(h, weight, bias, self.cuda_ops)
 
     def forward(self, x: torch.Tensor, step_rows: torch.Tensor, cross_kv: Sequence[torch.Tensor],
                 context_mask: torch.Tensor | None) -> torch.Tensor:
@@ -363,7 +367,7 @@ class FusedDiT(nn.Module):
         final = dit.final_block
         weight, beta = rows[ROWS_PER_BLOCK * n : ROWS_PER_BLOCK * n + FINAL_ROWS]  # (zero rows follow)
         h, _ = gated_norm(h, *pending, weight, beta, final.norm.eps, self.cuda_ops)  # modulation folded in
-        h = biased_linear(h, final.linear.weight, final.linear.bias, self.cuda_ops)  # [B, N, p*C]
+        h = dit_linear(h, final.linear.weight, final.linear.bias, self.cuda_ops)  # [B, N, p*C]
         h = h.reshape(batch, length * final.patch_size, final.out_chans)  # [B, N p, C]
         if isinstance(final.final_layer, nn.Conv1d):
             h = conv1d_channels_last(h, final.final_layer, self._linear)

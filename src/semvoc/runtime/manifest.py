@@ -215,13 +215,19 @@ def _stamp(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
 
 
-def _verified_cache_path() -> Path | None:
-    """Where verified files are remembered (``SEMVOC_CACHE_DIR``, else the user cache); None: off."""
+def user_cache_dir() -> Path | None:
+    """semvoc's folder in the user's cache: ``SEMVOC_CACHE_DIR``, else ``$XDG_CACHE_HOME/semvoc``
+    (default ``~/.cache/semvoc``); None where ``SEMVOC_CACHE_DIR`` is set empty (caching off)."""
     folder = os.environ.get("SEMVOC_CACHE_DIR")
     if folder == "":
         return None
-    base = Path(folder) if folder else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "semvoc"
-    return base / "verified-files.json"
+    return Path(folder) if folder else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "semvoc"
+
+
+def _verified_cache_path() -> Path | None:
+    """Where verified files are remembered; None: off."""
+    base = user_cache_dir()
+    return None if base is None else base / "verified-files.json"
 
 
 def _read_cache(cache_path: Path | None) -> dict:

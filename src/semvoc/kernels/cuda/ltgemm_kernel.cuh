@@ -21,12 +21,14 @@
 //      cuBLASLt's relu would come before the residual);
 //   3. a plain GEMM, bias, residual and relu in LtTailKernel.
 // ($SEMVOC_LTGEMM_FUSION=2 or 3 starts the list there: for tests and A/B measurements.)
-// The first that cuBLASLt's heuristic has an algorithm for is kept (its first choice), with the
-// handle, descriptors and workspace, per op instance and (M, N, K, stream, alignment). That happens
-// on the first call for a shape, which in semvoc's runtime is an uncaptured warm-up run; a first
-// call inside CUDA-graph capture is refused (it would allocate). Later calls only set the bias
-// pointer on the descriptor and enqueue cublasLtMatmul (+ the tail kernel) on the given stream:
-// no allocation, no synchronisation, no host copy, so they can be captured and replayed.
+// The first level that cuBLASLt's heuristic has algorithms for is kept, with the handle,
+// descriptors and workspace, per op instance and (M, N, K, stream, alignment). Of the heuristic's
+// candidates the plan runs the one recorded for it, else the fastest on this call's buffers, else
+// its first guess (ltgemm_choices.h: timed once, recorded in $SEMVOC_LTGEMM_ALGORITHMS).
+// That happens on the first call for a shape, which in semvoc's runtime is an uncaptured warm-up
+// run; a first call inside CUDA-graph capture is refused (it would allocate). Later calls only set
+// the bias pointer on the descriptor and enqueue cublasLtMatmul (+ the tail kernel) on the given
+// stream: no allocation, no synchronisation, no host copy, so they can be captured and replayed.
 //
 // cuBLASLt is not linked: its entry points are resolved with dlopen("libcublasLt.so.13"), which
 // onnxruntime-gpu's CUDA provider has already loaded into the process (cublaslt_api.h declares them).
@@ -38,6 +40,7 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <cstdlib>
 
 #include <map>
@@ -49,6 +52,7 @@
 #include <vector>
 
 #include "cublaslt_api.h"
+#include "ltgemm_choices.h"
 #include "ort_op.h"
 
 namespace semvoc {
@@ -125,6 +129,7 @@ inline void CheckLt(lt::Status status, const char* what) {
 struct LtDevice {
   lt::Handle handle = nullptr;
   float* ones = nullptr;
+  std::string name;  // the device's name, for the keys of recorded algorithm choices
 };
 
 // A workspace of kLtWorkspaceBytes on one device, for one stream's nodes.
@@ -147,6 +152,10 @@ class LtShared {
     LtDevice& d = devices_[device];
     if (d.handle == nullptr) {
       CheckLt(LtApi().Create(&d.handle), "cublasLtCreate");
+      cudaDeviceProp properties;
+      CheckCuda(cudaGetDeviceProperties(&properties, device), "LtGemm: cudaGetDeviceProperties");
+      d.name = properties.name;
+      for (char& c : d.name) c = (c == ' ' || c == '\t') ? '_' : c;
       CheckCuda(cudaMalloc(&d.ones, kLtMaxVectorRows * sizeof(float)), "LtGemm: allocating its ones vector");
       // a synchronous copy (once per device), so that this header defines no kernel of its own and
       // every op that includes it (ltgemm.cu, split_mlp.cu) shares this one device state
@@ -187,6 +196,9 @@ struct LtGemmArgs {
   int64_t m = 0, n = 0, k = 0;
   int64_t lda = 0, ldo = 0;        // row strides of a and out in elements (0: k and n)
   bool relu = false;               // out = max(out, 0), after every sum
+  // out's address range overlaps an input's, but no element it writes is one the GEMM reads, so a
+  // second call gives the same output (SplitMlp's up-projection): its candidates may be timed
+  bool rerunnable = false;
 
   int64_t RowA() const { return lda > 0 ? lda : k; }
   int64_t RowOut() const { return ldo > 0 ? ldo : n; }
@@ -241,13 +253,80 @@ inline unsigned Alignment(std::initializer_list<const void*> pointers) {
   return static_cast<unsigned>(bits & (~bits + 1));  // the lowest set bit, at most 256
 }
 
+// Times GEMM calls as a step graph runs them: kLtTuneCalls calls captured in one CUDA graph on a
+// stream of its own (no host launch cost in the figure, as in a replay), each reading its own copy
+// of the weights, rotated through at least twice the L2 cache (in a step, the weights come from
+// memory, the activations from L2); the fastest of kLtTuneRounds replays. The caller has
+// synchronised the op's stream, so the timing stream may use the op stream's workspace.
+class LtTimer {
+ public:
+  LtTimer(const void* weights, size_t bytes) {
+    int device = 0, l2 = 0;
+    CheckCuda(cudaGetDevice(&device), "LtGemm timing: cudaGetDevice");
+    CheckCuda(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device), "LtGemm timing: L2 size");
+    const size_t wanted = (2 * static_cast<size_t>(l2) + bytes - 1) / std::max<size_t>(bytes, 1);
+    const int copies = static_cast<int>(std::min<size_t>(std::max<size_t>(wanted, 1), kLtTuneCalls));
+    CheckCuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "LtGemm timing: cudaStreamCreate");
+    CheckCuda(cudaEventCreate(&start_), "LtGemm timing: cudaEventCreate");
+    CheckCuda(cudaEventCreate(&stop_), "LtGemm timing: cudaEventCreate");
+    for (int c = 0; c < copies; ++c) {
+      void* copy = nullptr;
+      CheckCuda(cudaMalloc(&copy, bytes), "LtGemm timing: allocating a weight copy");
+      copies_.push_back(copy);
+      CheckCuda(cudaMemcpyAsync(copy, weights, bytes, cudaMemcpyDeviceToDevice, stream_), "LtGemm timing: copy");
+    }
+    CheckCuda(cudaStreamSynchronize(stream_), "LtGemm timing: copying the weights");
+  }
+  ~LtTimer() {
+    for (void* copy : copies_) cudaFree(copy);
+    if (start_ != nullptr) cudaEventDestroy(start_);
+    if (stop_ != nullptr) cudaEventDestroy(stop_);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+  LtTimer(const LtTimer&) = delete;
+  LtTimer& operator=(const LtTimer&) = delete;
+
+  // Milliseconds for kLtTuneCalls calls of `call(stream, weights)` (an lt::Status), or -1 where a
+  // call or the capture fails.
+  template <typename Call>
+  float Time(Call call) {
+    if (call(stream_, copies_[0]) != lt::kStatusSuccess) return -1.f;
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    bool ok = cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal) == cudaSuccess;
+    for (int c = 0; ok && c < kLtTuneCalls; ++c) {
+      ok = call(stream_, copies_[c % copies_.size()]) == lt::kStatusSuccess;
+    }
+    const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
+    ok = ok && ended == cudaSuccess && graph != nullptr && cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess;
+    float fastest = -1.f;
+    for (int round = 0; ok && round <= kLtTuneRounds; ++round) {  // round 0 warms up
+      ok = cudaEventRecord(start_, stream_) == cudaSuccess && cudaGraphLaunch(exec, stream_) == cudaSuccess &&
+           cudaEventRecord(stop_, stream_) == cudaSuccess && cudaEventSynchronize(stop_) == cudaSuccess;
+      float ms = 0.f;
+      ok = ok && cudaEventElapsedTime(&ms, start_, stop_) == cudaSuccess;
+      if (ok && round > 0 && (fastest < 0.f || ms < fastest)) fastest = ms;
+    }
+    if (exec != nullptr) cudaGraphExecDestroy(exec);
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    cudaGetLastError();  // a refused candidate's error is not the op's
+    return ok ? fastest : -1.f;
+  }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+  cudaEvent_t start_ = nullptr, stop_ = nullptr;
+  std::vector<void*> copies_;
+};
+
 // Everything one (M, N, K) needs at run time.
 template <typename T>
 class LtPlan {
  public:
   LtPlan(const LtGemmArgs& args, int device, cudaStream_t stream, unsigned alignment, bool has_bias,
          bool has_residual, bool has_scale, LtFusion first)
-      : m_(args.m), n_(args.n), k_(args.k), ldo_(args.RowOut()), has_bias_(has_bias), has_residual_(has_residual),
+      : m_(args.m), n_(args.n), k_(args.k), lda_(args.RowA()), ldo_(args.RowOut()), has_bias_(has_bias),
+        has_residual_(has_residual),
         has_scale_(has_scale), relu_(args.relu) {
     const LtDevice& d = LtShared::Get().Device(device);
     handle_ = d.handle;
@@ -284,6 +363,56 @@ class LtPlan {
 
   LtFusion fusion() const { return fusion_; }
   const lt::HeuristicResult& heuristic() const { return heuristic_; }
+  int candidates() const { return static_cast<int>(candidates_.size()); }
+  int rank() const { return rank_; }
+
+  // Run the heuristic's candidate `rank` from now on (0: its first guess).
+  void Use(int rank) {
+    rank_ = rank >= 0 && rank < candidates() ? rank : 0;
+    heuristic_ = candidates_[rank_];
+  }
+
+  // What identifies this plan's candidate list: the device, cuBLASLt's version and every input of
+  // the heuristic (types, shapes, row strides, epilogue, pointer mode, alignment).
+  std::string Key(const std::string& device_name, unsigned alignment) const {
+    return device_name + " cublasLt" + std::to_string(LtApi().GetVersion()) + (sizeof(T) == 4 ? " f32" : " f16") +
+           " m" + std::to_string(m_) + " n" + std::to_string(n_) + " k" + std::to_string(k_) + " lda" +
+           std::to_string(lda_) + " ldo" + std::to_string(ldo_) + " fusion" +
+           std::to_string(static_cast<int>(fusion_)) +
+           (has_bias_ ? " bias" : "") + (has_residual_ ? " residual" : "") + (has_scale_ ? " scale" : "") +
+           (relu_ ? " relu" : "") + " align" + std::to_string(alignment);
+  }
+
+  // Times every candidate on `args` (which a second call must leave as the first did) as a step
+  // graph runs it, replayed from a CUDA graph with the weights cold (LtTimer), and keeps the
+  // fastest unless it beats the first guess by less than kLtTuneMargin; returns its rank. The
+  // output is left as the kept candidate computes it. Synchronises `stream`: uncaptured only.
+  int Tune(const LtGemmArgs& args, cudaStream_t stream) {
+    CheckCuda(cudaStreamSynchronize(stream), "LtGemm: waiting for its inputs before timing");
+    float first = -1.f, best = -1.f;
+    int best_rank = 0;
+    {
+      LtTimer timer(args.w, static_cast<size_t>(k_ * n_) * sizeof(T));
+      for (int r = 0; r < candidates(); ++r) {
+        Use(r);
+        const float ms = timer.Time([&](cudaStream_t s, const void* w) {
+          LtGemmArgs call = args;
+          call.w = w;
+          return Run(call, s);
+        });
+        if (ms < 0.f) continue;  // refused at run time or in capture: not a candidate
+        if (r == 0) first = ms;
+        if (best < 0.f || ms < best) {
+          best = ms;
+          best_rank = r;
+        }
+      }
+    }
+    if (best_rank != 0 && first >= 0.f && best > first * (1.f - kLtTuneMargin)) best_rank = 0;
+    Use(best_rank);
+    CheckLt(Run(args, stream), "cublasLtMatmul");  // the output as the kept candidate computes it
+    return best_rank;
+  }
 
   // Enqueue one call on `stream`; returns cublasLtMatmul's status. The caller serialises calls to
   // one plan (the bias pointer is set on the shared descriptor).
@@ -354,16 +483,20 @@ class LtPlan {
       }
     }
     if (status == lt::kStatusSuccess) {
-      status = api.AlgoGetHeuristic(handle_, desc_, a_, b_, c_, c_, preference, 1, &heuristic_, &found);
+      candidates_.assign(kLtCandidates, lt::HeuristicResult{});
+      status = api.AlgoGetHeuristic(handle_, desc_, a_, b_, c_, c_, preference, kLtCandidates, candidates_.data(),
+                                    &found);
     }
     api.PreferenceDestroy(preference);
     if (status == lt::kStatusNotSupported || (status == lt::kStatusSuccess && found == 0)) return false;
     CheckLt(status, "cublasLtMatmulAlgoGetHeuristic");
+    candidates_.resize(found);
+    Use(0);
     fusion_ = f;
     return true;
   }
 
-  int64_t m_, n_, k_, ldo_;
+  int64_t m_, n_, k_, lda_, ldo_;
   bool has_bias_, has_residual_, has_scale_, relu_;
   lt::Handle handle_ = nullptr;
   const float* ones_ = nullptr;
@@ -371,8 +504,29 @@ class LtPlan {
   lt::MatmulDesc desc_ = nullptr;
   lt::MatrixLayout a_ = nullptr, b_ = nullptr, c_ = nullptr;
   lt::HeuristicResult heuristic_{};
+  std::vector<lt::HeuristicResult> candidates_;  // the heuristic's list, its first guess first
+  int rank_ = 0;                                 // the candidate that runs
   LtFusion fusion_ = LtFusion::kNone;
 };
+
+// Whether out's address range overlaps one of the inputs' (a second call could then read what
+// the first wrote).
+template <typename T>
+bool LtOutputOverlapsInputs(const LtGemmArgs& args) {
+  const auto span = [](const void* p, int64_t elements, size_t size) {
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(p);
+    return std::make_pair(begin, begin + static_cast<uintptr_t>(elements) * size);
+  };
+  const auto out = span(args.out, (args.m - 1) * args.RowOut() + args.n, sizeof(T));
+  const std::pair<uintptr_t, uintptr_t> inputs[] = {
+      span(args.a, (args.m - 1) * args.RowA() + args.k, sizeof(T)), span(args.w, args.k * args.n, sizeof(T)),
+      span(args.bias, args.n, sizeof(T)), span(args.residual, args.m * args.n, sizeof(T)),
+      span(args.scale, args.n, sizeof(float))};
+  for (const auto& [begin, end] : inputs) {
+    if (begin != 0 && begin < out.second && out.first < end) return true;
+  }
+  return false;
+}
 
 // One LtGemm node's plans, by (M, N, K, row strides, stream, alignment of its buffers).
 template <typename T>
@@ -404,11 +558,24 @@ class LtGemmInstance {
       // algorithm at run time (e.g. a pointer mode it offered but does not take), the next
       // epilogue level is planned instead, so that the op still computes what it documents.
       LtFusion first = first_;
+      const bool tuning = LtTuningEnabled(args.m, args.n, args.k);
       for (;;) {
         auto plan = std::make_unique<LtPlan<T>>(args, device, stream, alignment, args.bias != nullptr,
                                                 args.residual != nullptr, args.scale != nullptr, first);
+        const std::string choice = plan->Key(LtShared::Get().Device(device).name, alignment);
+        const int recorded = tuning && plan->candidates() > 1 ? LtChoices::Get().Find(choice) : 0;
+        plan->Use(recorded);
         const lt::Status status = plan->Run(args, stream);
         if (status == lt::kStatusSuccess) {
+          if (recorded < 0) {
+            // no choice on record: time the candidates where a second call repeats the first
+            int rank = 0;
+            if (args.rerunnable || !LtOutputOverlapsInputs<T>(args)) {
+              std::lock_guard<std::mutex> timing(LtChoices::Get().timing());
+              rank = plan->Tune(args, stream);
+            }
+            LtChoices::Get().Record(choice, rank);
+          }
           return *plans_.emplace(key, std::move(plan)).first->second;
         }
         if (plan->fusion() == LtFusion::kNone || (args.bias == nullptr && args.residual == nullptr && !args.relu)) {

@@ -51,6 +51,7 @@ void SplitMlpCompute(OrtKernelContext* ctx, const KernelState& state) {
   up.n = hidden;
   up.k = channels;
   up.relu = true;
+  up.rerunnable = true;  // it reads y's columns and writes the others: a second call repeats the first
   LtGemmArgs down;  // out = [r | y] w2 + bias + residual
   down.a = wide.data;
   down.w = w2.data;

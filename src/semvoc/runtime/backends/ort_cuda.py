@@ -16,17 +16,17 @@ be captured) and two IOBindings over persistent device buffers: A -> B and B -> 
 
 Two ways to run a loop from CUDA graphs, chosen by ``SEMVOC_CUDA_GRAPHS``:
 
-``onnxruntime`` (the default): onnxruntime's own CUDA graphs (``enable_cuda_graph``, the two
-bindings captured as ``gpu_graph_id`` 1 and 2) and one ``run_with_iobinding`` per step;
-onnxruntime synchronises the stream after every replay, so the GPU idles while the next step is
-prepared on the host (on an H200 at batch 1: DiT 3.30 ms per step replayed against 3.09 ms of
-kernels, vocoder 1.16 against 1.09).
+``semvoc`` (the default where cuda-python is installed: ``cuda-bindings``, part of the ``gpu``
+extra): whole loops launched at once, below. On an H200 (reference preset, onnxruntime-gpu
+1.31.1, ``benchmarks/device/graph_times.py --graphs-mode onnxruntime,semvoc``) both loops are
+captured at batch 1 and 16; at batch 1 the DiT step takes 2.279 ms against 2.291 with
+onnxruntime's graphs, the vocoder step 0.663 against 0.673; at batch 16 the two are within 0.2 %.
 
-``semvoc`` (opt-in, experimental). Measured on an H200 with onnxruntime-gpu 1.31.1 (reference
-preset, ``benchmarks/device/graph_times.py --graphs-mode onnxruntime,semvoc``): only the batch-1
-vocoder loop could be captured (1.139 ms per step against 1.163); the DiT loop at batch 1 and
-both loops at batch 16 fell back, because onnxruntime's runs, captured this way, allocate and
-free memory and copy between host and device inside the graph (which the check below refuses).
+``onnxruntime`` (the default without cuda-python): onnxruntime's own CUDA graphs
+(``enable_cuda_graph``, the two bindings captured as ``gpu_graph_id`` 1 and 2) and one
+``run_with_iobinding`` per step; onnxruntime synchronises the stream after every replay, so the
+GPU idles while the next step is prepared on the host.
+
 semvoc captures the two runs A and B of a step graph into ONE CUDA graph on a stream of its own
 and launches that graph ``calls // 2`` times (plus a one-step graph of A for an odd count) with
 no synchronisation in between, then synchronises once: the GPU goes from step to step without
@@ -96,6 +96,7 @@ from semvoc.runtime.backends.base import (
 from semvoc.runtime.backends.cuda_graph import check, graph_hazards, import_cudart, launch_plan
 from semvoc.runtime.backends.ort_common import NUMPY_DTYPES, make_session
 from semvoc.runtime.backends.shared_weights import SharedWeights, load_shared_weights, sharing_enabled
+from semvoc.runtime.gemm_algorithms import use_algorithms_file
 from semvoc.runtime.manifest import EngineError, GraphInfo, Manifest, dim_name, eval_dim
 from semvoc.runtime.schedules import DitSchedule
 
@@ -107,13 +108,24 @@ _MODE_NAMES = {"semvoc": "whole-loop CUDA graphs", "onnxruntime": "onnxruntime's
 _FALLBACK = {"semvoc": "onnxruntime", "onnxruntime": ""}
 
 
+def _cuda_python_installed() -> bool:
+    try:
+        import_cudart()
+    except ImportError:
+        return False
+    return True
+
+
 def cuda_graphs_mode() -> str:
-    """The CUDA-graph mode asked for with ``SEMVOC_CUDA_GRAPHS`` (``onnxruntime`` when unset)."""
-    value = os.environ.get(GRAPHS_ENV, "").strip().lower() or "onnxruntime"
+    """The CUDA-graph mode asked for with ``SEMVOC_CUDA_GRAPHS``; when unset, ``semvoc`` (whole
+    loops) where cuda-python is installed, else ``onnxruntime`` (a graph per step)."""
+    value = os.environ.get(GRAPHS_ENV, "").strip().lower()
+    if not value:
+        return "semvoc" if _cuda_python_installed() else "onnxruntime"
     if value not in GRAPH_MODES:
-        raise BackendUnavailable(f"{GRAPHS_ENV}={value!r} is not a CUDA-graph mode: set it to 'onnxruntime' "
-                                 "(onnxruntime's graph per step, the default) or 'semvoc' (whole loops launched at "
-                                 "once, experimental)")
+        raise BackendUnavailable(f"{GRAPHS_ENV}={value!r} is not a CUDA-graph mode: set it to 'semvoc' (whole "
+                                 "loops launched at once, the default with cuda-python) or 'onnxruntime' "
+                                 "(onnxruntime's graph per step)")
     return value
 
 
@@ -170,6 +182,9 @@ class OrtCudaBackend(Backend):
             ort.preload_dlls()
         self.ort = ort
         self.device_id = device_id
+        # semvoc's LtGemm records its cuBLASLt algorithm choices beside the engine (before any
+        # session: the op reads where on its first call)
+        self.gemm_algorithms = use_algorithms_file(manifest.root) if manifest.custom_ops_library else None
         self._sessions: dict[tuple, object] = {}
         self._loops: dict[tuple, _Loop] = {}
         self._captured: dict[int, _Captured | None] = {}  # batch -> the captured text encoder (None: refused)
@@ -717,6 +732,8 @@ class OrtCudaBackend(Backend):
             text += f"; weights not shared (one copy per session): {'; '.join(self.sharing_failures)}"
         if self.memory_notes:
             text += f"; {'; '.join(self.memory_notes)}"
+        if self.gemm_algorithms is not None:
+            text += f"; GEMM algorithm choices in {self.gemm_algorithms}"
         if self.capture_failures:
             text += f"; capture refused for: {'; '.join(self.capture_failures)}"
         return text
