@@ -570,11 +570,21 @@ class LtGemmInstance {
           if (recorded < 0) {
             // no choice on record: time the candidates where a second call repeats the first
             int rank = 0;
+            bool timed = true;
             if (args.rerunnable || !LtOutputOverlapsInputs<T>(args)) {
               std::lock_guard<std::mutex> timing(LtChoices::Get().timing());
-              rank = plan->Tune(args, stream);
+              try {
+                rank = plan->Tune(args, stream);
+              } catch (const std::runtime_error&) {
+                // no memory for the weight copies, say: the first guess, not recorded (a later
+                // process times it again)
+                cudaGetLastError();
+                timed = false;
+                plan->Use(0);
+                CheckLt(plan->Run(args, stream), "cublasLtMatmul");
+              }
             }
-            LtChoices::Get().Record(choice, rank);
+            if (timed) LtChoices::Get().Record(choice, rank);
           }
           return *plans_.emplace(key, std::move(plan)).first->second;
         }
