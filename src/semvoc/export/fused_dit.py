@@ -215,14 +215,14 @@ class FusedBlock(nn.Module):
     def _self_attention(self, h: torch.Tensor, rope: tuple | None) -> torch.Tensor:
         attn = self.blk.attn
         batch, length, dim = h.shape
-        qk = dit_linear(h, self.w_qk, self.b_qk, self.cuda_ops)  # [B, L, 2D], or [B, L, 3D] with v
+        qk = self._linear(h, self.w_qk, self.b_qk)  # [B, L, 2D], or [B, L, 3D] with v
         if self.qkv_attention_op and qk.dtype == torch.float16:  # one semvoc.cuda op: norms, RoPE, attention
             out = qkv_attention(qk, self.qk_gamma, self.qk_beta, rope[0], rope[1], attn.norm_q.eps, self.heads)
             return self._linear(out, attn.proj.weight)
         if self.fuse_qkv:  # one semvoc.cuda op: norms, RoPE, the q/k/v split
             q, k, v = head_norm_rope_qkv(qk, self.qk_gamma, self.qk_beta, rope[0], rope[1], attn.norm_q.eps)
             return self._linear(attention_packed(q, k, v, None, self.heads), attn.proj.weight)
-        v = dit_linear(h, attn.to_v.weight, attn.to_v.bias, self.cuda_ops)
+        v = self._linear(h, attn.to_v.weight, attn.to_v.bias)
         if self.qk_norm and self.cuda_ops and self.rope:  # one semvoc.cuda op: norms, RoPE, q/k split
             q, k = head_norm_rope(qk, self.qk_gamma, self.qk_beta, rope[0], rope[1], attn.norm_q.eps)
         else:
@@ -242,7 +242,7 @@ class FusedBlock(nn.Module):
                          mask: torch.Tensor | None) -> torch.Tensor:
         cross = self.blk.cross_attn
         batch, length, dim = h.shape
-        q = dit_linear(h, cross.to_q.weight, cross.to_q.bias, self.cuda_ops)
+        q = self._linear(h, cross.to_q.weight, cross.to_q.bias)
         if self.cross_attention_op and mask is not None and self.qk_norm and fusion_enabled(CROSS_Q_NORM):
             # the q-norm inside the attention op (its kernels norm q as they load it)
             norm = cross.norm_q
@@ -285,7 +285,7 @@ class FusedBlock(nn.Module):
         if self.fuse_bias_norm:
             y = self._linear(joined, blk.skip_linear.weight)
             return bias_add_norm(y, _zeros_like_bias(blk.skip_linear), norm1_w, norm1_b, blk.norm1.eps)
-        x = dit_linear(joined, blk.skip_linear.weight, blk.skip_linear.bias, self.cuda_ops)
+        x = self._linear(joined, blk.skip_linear.weight, blk.skip_linear.bias)
         return F.layer_norm(x, x.shape[-1:], norm1_w, norm1_b, blk.norm1.eps), x
 
     # ------------------------------------------------------------------ block
@@ -367,7 +367,7 @@ class FusedDiT(nn.Module):
         final = dit.final_block
         weight, beta = rows[ROWS_PER_BLOCK * n : ROWS_PER_BLOCK * n + FINAL_ROWS]  # (zero rows follow)
         h, _ = gated_norm(h, *pending, weight, beta, final.norm.eps, self.cuda_ops)  # modulation folded in
-        h = dit_linear(h, final.linear.weight, final.linear.bias, self.cuda_ops)  # [B, N, p*C]
+        h = self._linear(h, final.linear.weight, final.linear.bias)  # [B, N, p*C]
         h = h.reshape(batch, length * final.patch_size, final.out_chans)  # [B, N p, C]
         if isinstance(final.final_layer, nn.Conv1d):
             h = conv1d_channels_last(h, final.final_layer, self._linear)

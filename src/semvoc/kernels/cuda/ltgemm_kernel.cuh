@@ -364,13 +364,9 @@ class LtPlan {
   LtFusion fusion() const { return fusion_; }
   const lt::HeuristicResult& heuristic() const { return heuristic_; }
   int candidates() const { return static_cast<int>(candidates_.size()); }
-  int rank() const { return rank_; }
 
-  // Run the heuristic's candidate `rank` from now on (0: its first guess).
-  void Use(int rank) {
-    rank_ = rank >= 0 && rank < candidates() ? rank : 0;
-    heuristic_ = candidates_[rank_];
-  }
+  // Run the heuristic's candidate `rank` from now on (0, or a rank out of the list: its first guess).
+  void Use(int rank) { heuristic_ = candidates_[rank >= 0 && rank < candidates() ? rank : 0]; }
 
   // What identifies this plan's candidate list: the device, cuBLASLt's version and every input of
   // the heuristic (types, shapes, row strides, epilogue, pointer mode, alignment).
@@ -505,7 +501,6 @@ class LtPlan {
   lt::MatrixLayout a_ = nullptr, b_ = nullptr, c_ = nullptr;
   lt::HeuristicResult heuristic_{};
   std::vector<lt::HeuristicResult> candidates_;  // the heuristic's list, its first guess first
-  int rank_ = 0;                                 // the candidate that runs
   LtFusion fusion_ = LtFusion::kNone;
 };
 
@@ -562,8 +557,9 @@ class LtGemmInstance {
       for (;;) {
         auto plan = std::make_unique<LtPlan<T>>(args, device, stream, alignment, args.bias != nullptr,
                                                 args.residual != nullptr, args.scale != nullptr, first);
-        const std::string choice = plan->Key(LtShared::Get().Device(device).name, alignment);
-        const int recorded = tuning && plan->candidates() > 1 ? LtChoices::Get().Find(choice) : 0;
+        const bool choosing = tuning && plan->candidates() > 1;
+        const std::string choice = choosing ? plan->Key(LtShared::Get().Device(device).name, alignment) : "";
+        const int recorded = choosing ? LtChoices::Get().Find(choice) : 0;
         plan->Use(recorded);
         const lt::Status status = plan->Run(args, stream);
         if (status == lt::kStatusSuccess) {
