@@ -6,6 +6,9 @@ reference."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -118,9 +121,12 @@ def test_fp32_dit_step_keeps_the_separate_form(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- on a GPU
 
 # (rows, L, heads, per-head affine). The kernel: a block per 64 queries of one (row, head), every key
-# tile of 64 resident where L <= 256 (the cases below up to L129), else two tile buffers in turn
-# (L750); 128 queries and two buffers when that grid still fills the GPU twice (8 warps: dit-R32-wide).
-# Keys past L are zeros in shared memory and masked in the logits.
+# tile of 64 resident where L <= 256 (the cases below up to L256), as split keys where those blocks
+# fit one per SM (all of them on an H200: 8 warps, two per 16 queries, each over half the tiles,
+# merged; the second half empty where L <= 64), else and with $SEMVOC_QKV_SPLIT_KEYS=0 4 warps; else
+# two tile buffers in turn (L750); 128 queries and two buffers when that grid still fills the GPU
+# twice (8 warps: dit-R32-wide, either way). Keys past L are zeros in shared memory and masked in
+# the logits.
 GPU_CASES = {
     # the reference DiT at batch 1 with CFG: 2 rows of 250 frames, 16 heads, per-head affine
     "dit-R2": (2, 250, 16, True),
@@ -131,14 +137,39 @@ GPU_CASES = {
     # L = 64: one full tile, no padding; L = 129: three tiles, the last holding one key
     "L64": (1, 64, 3, True),
     "L129": (2, 129, 2, True),
+    # split keys: a tile per half, the second partial; halves of 128 keys and of 64 + 1; 2 x 128, no padding
+    "L100": (2, 100, 2, True),
+    "L193": (2, 193, 2, True),
+    "L256": (2, 256, 3, True),
     # a long clip's frames: 12 tiles, queries of several blocks
     "L750": (1, 750, 2, True),
 }
 
 
+SPLIT_KEYS_ENV = "SEMVOC_QKV_SPLIT_KEYS"  # "0": 4-warp blocks where L <= 256 (read once per process)
+
+# a fresh process runs the one-node model without and with a CUDA graph: argv = inputs.npz, model,
+# library, output .npz, the output's shape
+_QKV_PROCESS = """
+import sys
+from pathlib import Path
+import numpy as np
+from tests.test_cuda_kernels import _run_cuda
+saved = np.load(sys.argv[1])
+inputs = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+shape = tuple(int(n) for n in sys.argv[5].split(","))
+np.savez(sys.argv[4], *(_run_cuda(Path(sys.argv[2]), Path(sys.argv[3]), inputs, [shape], graph)[0]
+                        for graph in (False, True)))
+"""
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", sorted(GPU_CASES))
-def test_kernel_matches_the_reference(case, cuda_library, tmp_path):
+@pytest.mark.parametrize(("case", "split_keys"), [(c, "default") for c in sorted(GPU_CASES)]
+                         + [(c, "0") for c in sorted(GPU_CASES) if GPU_CASES[c][1] <= 256])
+def test_kernel_matches_the_reference(case, split_keys, cuda_library, tmp_path, monkeypatch):
+    """The library's choice (split keys where L <= 256 and its blocks fit one per SM), and with
+    $SEMVOC_QKV_SPLIT_KEYS=0 the 4-warp blocks there: the library reads it once per process, so
+    that form runs in a fresh one."""
     rows, length, heads, per_head = GPU_CASES[case]
     args = _qkv_case(rows, length, heads, per_head)
     inputs = [a.numpy().astype(np.float16) for a in args]
@@ -148,13 +179,24 @@ def test_kernel_matches_the_reference(case, cuda_library, tmp_path):
                                                              sin.half(), 1e-6))
     want = attention_packed_reference(q, k, v, None, heads).numpy()
     _one_node_model("QkvAttention", inputs, tmp_path / "op.onnx", {"num_heads": heads, "epsilon": 1e-6})
-    for cuda_graph in (False, True):
-        (out,) = _run_cuda(tmp_path / "op.onnx", cuda_library, inputs, [want.shape], cuda_graph)
+    if split_keys == "default":
+        monkeypatch.delenv(SPLIT_KEYS_ENV, raising=False)
+        outs = [_run_cuda(tmp_path / "op.onnx", cuda_library, inputs, [want.shape], graph)[0]
+                for graph in (False, True)]
+    else:
+        np.savez(tmp_path / "inputs.npz", *inputs)
+        subprocess.run([sys.executable, "-c", _QKV_PROCESS, str(tmp_path / "inputs.npz"), str(tmp_path / "op.onnx"),
+                        str(cuda_library), str(tmp_path / "out.npz"), ",".join(map(str, want.shape))],
+                       check=True, cwd=Path(__file__).parents[1], env={**os.environ, SPLIT_KEYS_ENV: split_keys})
+        saved = np.load(tmp_path / "out.npz")
+        outs = [saved["arr_0"], saved["arr_1"]]
+    for cuda_graph, out in zip((False, True), outs, strict=True):
+        assert out.shape == want.shape, (case, cuda_graph, out.shape)
         # P is rounded to fp16 (2^-11 relative) before PV and the output once more; a q or k element
         # whose fp32 norm rounds the other way moves the logits by about as much
         error = np.abs(out.astype(np.float32) - want)
         bound = 2.0**-9 * (np.abs(v.numpy()).max() + np.abs(want))
-        assert np.isfinite(out).all() and (error <= bound).all(), (case, cuda_graph, float(error.max()))
+        assert np.isfinite(out).all() and (error <= bound).all(), (case, split_keys, cuda_graph, float(error.max()))
 
 
 @pytest.mark.gpu

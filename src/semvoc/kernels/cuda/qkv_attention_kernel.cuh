@@ -9,25 +9,38 @@
 //   y'[j] = y[j] cos[l, j] - y[j + 32] sin[l, j],  y'[j + 32] = y[j + 32] cos[l, j] + y[j] sin[l, j].
 // out [R, L, H*64].
 //
-// One block of kWarps warps per (16 kWarps queries, head, row); a warp owns 16 queries (one m16
-// tile of mma.sync.m16n8k16). Keys in tiles of 64 in shared memory (cp.async), in one of two ways:
+// One block per (query tile, head, row); a warp runs 16 queries (one m16 tile of mma.sync.m16n8k16).
+// Keys in tiles of 64 in shared memory (cp.async), in one of three ways:
 // - resident (kStages = kQkvResidentTiles, where L fits: the DiT's 250 frames): every tile is loaded
 //   at once, all K rows are normed and rotated in place by the block, and after ONE barrier each
 //   warp runs its queries over all tiles with no further barrier or global load;
+// - split keys (resident, 8 warps for 64 queries): warp w runs query group w % 4 over key half w / 4
+//   (the first ceil(tiles / 2) tiles, or the rest: none when L <= 64). The 8 warps share the K and Q
+//   norms (half the rows per warp), so each query's serial chain of MMAs and softmax steps, and the
+//   norms before it, are half as long, with twice the warps per SM to hide each other's latency.
+//   Then warp w + 4 hands its unnormalised O, running maxima and partial sums to warp w through
+//   shared memory (a barrier per pair of warps), which rescales both to the larger maximum (fp32),
+//   adds them and stores as below;
 // - a ring of two buffers (kStages = 2, any L): per tile, wait for its copies, norm its K rows,
 //   barrier, attend, barrier, refill the buffer with the tile after next.
-// Either way the K norms cost one pass over K per query tile instead of a separate kernel writing
-// q, k and v, and the arithmetic (and so the output) is the same to the bit. The softmax is online (running max and sum per query row, in fp32, exp2 with the scale
-// folded in); P is rounded to fp16 once, in the register layout of PV's A operand. Keys past L are
-// zeros in shared memory and -inf in the logits. The output is divided by the row sum in fp32,
-// rounded once, staged through the warp's Q rows and written in 16-byte vectors.
-// 4 warps (64 queries), resident where L allows, where the grid is small (batch 1: 128 blocks for
-// 132 SMs); 8 warps (128 queries: half the K norms and K/V loads per query) in the ring where it
-// fills the GPU twice over anyway (the ring's smaller blocks keep several resident per SM).
+// The K norms cost one pass over K per query tile instead of a separate kernel writing q, k and v.
+// Resident and ring compute the same to the bit; split keys do not (P is rounded relative to each
+// half's running maximum), within the same error of the exact attention. The softmax is online
+// (running max and sum per query row, in fp32, exp2 with the scale folded in); P is rounded to fp16
+// once, in the register layout of PV's A operand. Keys past L are zeros in shared memory and -inf in
+// the logits. The output is divided by the row sum in fp32, rounded once, staged through the warp's
+// Q rows and written in 16-byte vectors.
+// Where the grid is small, 4 warps (64 queries a block), resident where L allows, else in the ring;
+// split keys instead where their blocks all run at once, one per SM (batch 1: 128 blocks for 132
+// SMs; $SEMVOC_QKV_SPLIT_KEYS=0 says no, for A/B measurements); 8 warps (128 queries: half the K
+// norms and K/V loads per query) in the ring where it fills the GPU twice over anyway (the ring's
+// smaller blocks keep several resident per SM).
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
+#include <string>
 
 #include "mma_sync.cuh"
 #include "ort_op.h"
@@ -38,12 +51,39 @@ constexpr int kQkvHd = 64;
 constexpr int kQkvStride = kQkvHd + 8;  // halves per shared row (ldmatrix's 8 rows hit 8 bank groups)
 constexpr int kQkvKeyTile = 64;
 constexpr int kQkvResidentTiles = 4;  // L <= 256 runs with every key tile resident
+constexpr int kQkvHandover = kQkvHd / 8 + 1;  // float4s per lane split keys hand over: O's fragments, statistics
 
-// Dynamic shared memory of a block of kWarps warps, in rows of kQkvStride halves: the warps' query
-// rows (16 each: its queries, then its output rows), then kStages K tiles and kStages V tiles.
-template <int kWarps, int kStages = 2>
+// Dynamic shared memory of a block of kWarps warps: in rows of kQkvStride halves, the query groups'
+// rows (16 each: its queries, then its output rows; a group per warp, or per pair of warps with
+// split keys), then kStages K tiles and kStages V tiles; with split keys, then each group's
+// handover (kQkvHandover float4s per lane), apart from the tiles: no barrier of the whole block
+// before it is written.
+template <int kWarps, int kStages = 2, bool kSplitKeys = false>
 constexpr int QkvSharedBytes() {
-  return (16 * kWarps + 2 * kStages * kQkvKeyTile) * kQkvStride * static_cast<int>(sizeof(__half));
+  constexpr int kGroups = kSplitKeys ? kWarps / 2 : kWarps;
+  return (16 * kGroups + 2 * kStages * kQkvKeyTile) * kQkvStride * static_cast<int>(sizeof(__half)) +
+         (kSplitKeys ? kGroups * kQkvHandover * 32 * static_cast<int>(sizeof(float4)) : 0);
+}
+
+// Whether split keys (8 warps per 64 queries) may replace 4 warps resident (QkvAttentionSplitKeys):
+// $SEMVOC_QKV_SPLIT_KEYS=0 says no, for A/B measurements of the two; read once per process.
+inline bool QkvSplitKeys() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("SEMVOC_QKV_SPLIT_KEYS");
+    return value == nullptr || std::string(value) != "0";
+  }();
+  return enabled;
+}
+
+// Barrier `id` (1..15; 0 is __syncthreads') of `threads` threads, whole warps: a producer arrives
+// and goes on, a consumer waits for every arrival; the writes to shared memory before the arrival
+// are visible to the consumer after its wait. An id in a register makes ptxas reserve all 16 for
+// the kernel (at most 4 blocks per SM on sm_90: more than split keys' shared memory allows, 2).
+__device__ __forceinline__ void QkvBarrierArrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void QkvBarrierSync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // The q/k heads' LayerNorm affine and the rotation tables.
@@ -112,23 +152,28 @@ __device__ __forceinline__ void NormRopeRows(__half (*rows)[kQkvStride], int lan
 }
 
 // The kernel's body, for blocks of kWarps warps with kStages key-tile buffers: 2 (the ring) or
-// kQkvResidentTiles (every tile resident: L <= 64 kStages, which the launcher checks). Used by
-// QkvAttentionKernel below; the micro-benchmark also builds it under other register limits.
-template <int kWarps, int kStages = 2>
+// kQkvResidentTiles (every tile resident: L <= 64 kStages, which the launcher checks); kSplitKeys:
+// 8 warps, resident, a pair of warps per 16 queries (see the top). Used by QkvAttentionKernel below;
+// the micro-benchmark also builds it under other register limits.
+template <int kWarps, int kStages = 2, bool kSplitKeys = false>
 __device__ __forceinline__ void QkvAttentionBlock(const __half* __restrict__ qkv, __half* __restrict__ out,
                                                   int length, int heads, const NormRopeTables& tables,
                                                   float scale_log2) {
   static_assert(kStages == 2 || kStages == kQkvResidentTiles, "the ring (2) or every tile resident");
+  static_assert(!kSplitKeys || (kWarps == 8 && kStages == kQkvResidentTiles), "split keys: 8 warps, resident");
   constexpr bool kResident = kStages != 2;
-  constexpr int kQueries = 16 * kWarps;
+  constexpr int kGroups = kSplitKeys ? kWarps / 2 : kWarps;  // query groups of 16
+  constexpr int kQueries = 16 * kGroups;
   constexpr int kKeyRowsPerWarp = kQkvKeyTile / kWarps;  // K rows each warp norms per tile
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   auto* shared_rows = reinterpret_cast<__half(*)[kQkvStride]>(shared_bytes);
   auto k_tile = [&](int buffer) { return shared_rows + kQueries + buffer * kQkvKeyTile; };
   auto v_tile = [&](int buffer) { return shared_rows + kQueries + (kStages + buffer) * kQkvKeyTile; };
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  // this warp's query group and key half (split keys: warps w and w + 4 share group w; else half 0)
+  const int group = kSplitKeys ? warp % kGroups : warp, key_half = kSplitKeys ? warp / kGroups : 0;
   const int head = blockIdx.y, row = blockIdx.z;
-  const int q0 = blockIdx.x * kQueries + warp * 16;  // this warp's first query
+  const int q0 = blockIdx.x * kQueries + group * 16;  // this warp's first query
   const int64_t in_width = static_cast<int64_t>(3) * heads * kQkvHd;
   const int64_t out_width = static_cast<int64_t>(heads) * kQkvHd;
   const __half* base = qkv + static_cast<int64_t>(row) * length * in_width;
@@ -150,11 +195,14 @@ __device__ __forceinline__ void QkvAttentionBlock(const __half* __restrict__ qkv
 
   // The ring: group 0 holds the warp's Q rows and key tile 0, group 1 key tile 1 (empty when there
   // is none); every loop turn commits one group more, so "all but the newest group" is always the
-  // current tile. Resident: one group, Q and every tile.
-  __half(*qs)[kQkvStride] = shared_rows + warp * 16;
+  // current tile. Resident: one group, Q and every tile. Split keys: each warp of a pair copies 8
+  // of its group's 16 Q rows.
+  constexpr int kQueryRowsPerWarp = kSplitKeys ? 8 : 16;
+  __half(*qs)[kQkvStride] = shared_rows + group * 16;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int chunk = lane + 32 * i, r = chunk / 8, c = (chunk % 8) * 8, query = q0 + r;
+  for (int i = 0; i < kQueryRowsPerWarp / 4; ++i) {
+    const int chunk = lane + 32 * i, r = key_half * kQueryRowsPerWarp + chunk / 8, c = (chunk % 8) * 8,
+              query = q0 + r;
     CpAsync16(&qs[r][c], q_src + static_cast<int64_t>(min(query, length - 1)) * in_width + c, query < length ? 16 : 0);
   }
   if constexpr (kResident) {
@@ -189,7 +237,17 @@ __device__ __forceinline__ void QkvAttentionBlock(const __half* __restrict__ qkv
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks) LdMatrixX4(qa[ks], &qs[lane % 16][ks * 16 + (lane / 16) * 8]);
   };
-  if constexpr (kResident) {
+  if constexpr (kSplitKeys) {
+    CpAsyncWait<0>();
+    __syncthreads();  // every copy landed
+    // the warp's 8 of its group's Q rows, 4 lanes a row (as the K rows)
+    NormRopeRows<4>(qs + key_half * 8, lane, q_gamma, q_beta, tables.eps, tables.cos, tables.sin,
+                    q0 + key_half * 8, length);
+    for (int kt = 0; kt < tiles; ++kt) norm_keys(kt, kt);
+    __syncthreads();  // Q and every tile normed: no barrier from here on but the pair's before the merge
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) LdMatrixX4(qa[ks], &qs[lane % 16][ks * 16 + (lane / 16) * 8]);
+  } else if constexpr (kResident) {
     CpAsyncWait<0>();
     __syncthreads();  // every copy landed
     norm_queries();
@@ -197,7 +255,10 @@ __device__ __forceinline__ void QkvAttentionBlock(const __half* __restrict__ qkv
     __syncthreads();  // every tile normed: no barrier from here on
   }
 
-  for (int kt = 0; kt < tiles; ++kt) {
+  // the key tiles this warp runs: all, or (split keys) the first ceil(tiles / 2) or the rest
+  const int kt_begin = kSplitKeys && key_half == 1 ? (tiles + 1) / 2 : 0;
+  const int kt_end = kSplitKeys && key_half == 0 ? (tiles + 1) / 2 : tiles;
+  for (int kt = kt_begin; kt < kt_end; ++kt) {
     const int buffer = kResident ? kt : kt & 1;
     if constexpr (!kResident) {
       CpAsyncWait<1>();  // this thread's copies of tile kt (and Q)
@@ -286,6 +347,43 @@ __device__ __forceinline__ void QkvAttentionBlock(const __half* __restrict__ qkv
     }
   }
 
+  if constexpr (kSplitKeys) {
+    // Warp w + 4 hands its O, maxima and per-thread partial sums (before the quad's sum) to warp w,
+    // lane for lane (the same fragment coordinates), through the group's handover: kQkvHandover
+    // float4s per lane, lane-minor (conflict-free), apart from the tiles other warps may still read;
+    // written by warp w + 4, read by warp w after the pair's barrier. The first half always has a
+    // tile (key 0 < L), so the merged maximum is finite; an empty second half (L <= 64) hands over
+    // max -inf, sum 0 and O 0, weighted exp2(-inf) = 0.
+    float4* handover = reinterpret_cast<float4*>(shared_rows + kQueries + 2 * kStages * kQkvKeyTile) +
+                       group * kQkvHandover * 32 + lane;
+    if (key_half == 1) {
+#pragma unroll
+      for (int n = 0; n < kQkvHd / 8; ++n) handover[32 * n] = make_float4(o[n][0], o[n][1], o[n][2], o[n][3]);
+      handover[32 * (kQkvHd / 8)] = make_float4(run_max[0], run_max[1], run_sum[0], run_sum[1]);
+      QkvBarrierArrive(1 + group, 64);  // after its Q fragments were read: warp w may reuse the rows
+      return;
+    }
+    QkvBarrierSync(1 + group, 64);
+    const float4 stats = handover[32 * (kQkvHd / 8)];
+    const float their_max[2] = {stats.x, stats.y}, their_sum[2] = {stats.z, stats.w};
+    float mine[2], theirs[2];  // each half's weight: exp2 of its maximum less the merged one
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float new_max = fmaxf(run_max[h], their_max[h]);
+      mine[h] = exp2f(run_max[h] - new_max);
+      theirs[h] = exp2f(their_max[h] - new_max);
+      run_sum[h] = run_sum[h] * mine[h] + their_sum[h] * theirs[h];
+    }
+#pragma unroll
+    for (int n = 0; n < kQkvHd / 8; ++n) {
+      const float4 their_o = handover[32 * n];
+      o[n][0] = o[n][0] * mine[0] + their_o.x * theirs[0];
+      o[n][1] = o[n][1] * mine[0] + their_o.y * theirs[0];
+      o[n][2] = o[n][2] * mine[1] + their_o.z * theirs[1];
+      o[n][3] = o[n][3] * mine[1] + their_o.w * theirs[1];
+    }
+  }
+
   // normalise, stage through the warp's Q rows, store 16-byte vectors
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -308,11 +406,11 @@ __device__ __forceinline__ void QkvAttentionBlock(const __half* __restrict__ qkv
   }
 }
 
-template <int kWarps, int kStages = 2>
+template <int kWarps, int kStages = 2, bool kSplitKeys = false>
 __global__ void __launch_bounds__(kWarps * 32) QkvAttentionKernel(const __half* __restrict__ qkv,
                                                                    __half* __restrict__ out, int length, int heads,
                                                                    NormRopeTables tables, float scale_log2) {
-  QkvAttentionBlock<kWarps, kStages>(qkv, out, length, heads, tables, scale_log2);
+  QkvAttentionBlock<kWarps, kStages, kSplitKeys>(qkv, out, length, heads, tables, scale_log2);
 }
 
 // What the kernel needs: fp16, hd 64, 16-byte aligned buffers (checked by the op, which refuses the rest).
@@ -320,20 +418,37 @@ inline bool QkvAttentionEligible(int64_t hd, std::initializer_list<const void*> 
   return hd == kQkvHd && Vectorizable<__half>(hd, buffers);
 }
 
-// Blocks of 8 warps when they still fill every SM of this GPU twice, else of 4 (more, smaller blocks).
-inline bool QkvAttentionWideBlocks(int rows, int length, int heads) {
+// The current GPU's SMs (at least 1).
+inline int64_t QkvAttentionSms() {
   int device = 0, sms = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  const int64_t wide_blocks = static_cast<int64_t>((length + 127) / 128) * heads * rows;
-  return wide_blocks >= 2 * static_cast<int64_t>(sms > 0 ? sms : 1);
+  return sms > 0 ? sms : 1;
 }
 
-// Blocks of kWarps warps, kStages key-tile buffers (kQkvResidentTiles: L must be at most 64 kStages).
-template <int kWarps, int kStages = 2>
+// Blocks of 8 warps when they still fill every SM of this GPU twice, else of 4 (more, smaller blocks).
+inline bool QkvAttentionWideBlocks(int rows, int length, int heads) {
+  const int64_t wide_blocks = static_cast<int64_t>((length + 127) / 128) * heads * rows;
+  return wide_blocks >= 2 * QkvAttentionSms();
+}
+
+// Split keys (L <= 256, not $SEMVOC_QKV_SPLIT_KEYS=0) where its blocks of 64 queries all run at once,
+// one per SM (its 134 registers a thread fit one 8-warp block): a second wave costs more than the
+// shorter chains save, and 4 warps resident run two blocks per SM (H200, L 250: R 2, 128 blocks,
+// 9.0 us against 9.8; R 4, 256 blocks, 17.3 against 14.4).
+inline bool QkvAttentionSplitKeys(int rows, int length, int heads) {
+  if (length > kQkvResidentTiles * kQkvKeyTile || !QkvSplitKeys()) return false;
+  const int64_t blocks = static_cast<int64_t>((length + 63) / 64) * heads * rows;
+  return blocks <= QkvAttentionSms();
+}
+
+// Blocks of kWarps warps, kStages key-tile buffers (kQkvResidentTiles: L must be at most 64 kStages),
+// split keys or not (8 warps, resident: 64 queries per block).
+template <int kWarps, int kStages = 2, bool kSplitKeys = false>
 void LaunchQkvAttentionBlocks(const __half* qkv, __half* out, int rows, int length, int heads,
                               const NormRopeTables& tables, cudaStream_t stream) {
-  constexpr int kBytes = QkvSharedBytes<kWarps, kStages>();
+  constexpr int kBytes = QkvSharedBytes<kWarps, kStages, kSplitKeys>();
+  constexpr int kQueries = 16 * (kSplitKeys ? kWarps / 2 : kWarps);
   if (kStages != 2 && length > kStages * kQkvKeyTile)
     throw std::runtime_error("QkvAttention: " + std::to_string(length) + " keys do not fit " +
                              std::to_string(kStages) + " resident tiles");
@@ -344,16 +459,16 @@ void LaunchQkvAttentionBlocks(const __half* qkv, __half* out, int rows, int leng
     cudaGetDevice(&device);
     std::lock_guard<std::mutex> lock(mutex);
     if (device >= 64 || !((opted_in >> device) & 1u)) {
-      CheckCuda(cudaFuncSetAttribute(QkvAttentionKernel<kWarps, kStages>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     kBytes),
+      CheckCuda(cudaFuncSetAttribute(QkvAttentionKernel<kWarps, kStages, kSplitKeys>,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes),
                 "QkvAttention (shared memory)");
       if (device < 64) opted_in |= uint64_t{1} << device;
     }
   }
-  const dim3 grid(static_cast<unsigned>((length + 16 * kWarps - 1) / (16 * kWarps)), static_cast<unsigned>(heads),
+  const dim3 grid(static_cast<unsigned>((length + kQueries - 1) / kQueries), static_cast<unsigned>(heads),
                   static_cast<unsigned>(rows));
   const float scale_log2 = 1.4426950408889634f / sqrtf(static_cast<float>(kQkvHd));
-  QkvAttentionKernel<kWarps, kStages>
+  QkvAttentionKernel<kWarps, kStages, kSplitKeys>
       <<<grid, kWarps * 32, kBytes, stream>>>(qkv, out, length, heads, tables, scale_log2);
 }
 
@@ -361,6 +476,8 @@ inline void LaunchQkvAttention(const __half* qkv, __half* out, int rows, int len
                                const NormRopeTables& tables, cudaStream_t stream) {
   if (QkvAttentionWideBlocks(rows, length, heads))
     LaunchQkvAttentionBlocks<8>(qkv, out, rows, length, heads, tables, stream);
+  else if (QkvAttentionSplitKeys(rows, length, heads))
+    LaunchQkvAttentionBlocks<8, kQkvResidentTiles, true>(qkv, out, rows, length, heads, tables, stream);
   else if (length <= kQkvResidentTiles * kQkvKeyTile)
     LaunchQkvAttentionBlocks<4, kQkvResidentTiles>(qkv, out, rows, length, heads, tables, stream);
   else
