@@ -34,8 +34,15 @@ class _Enum:
 
 
 class FakeStream:
+    def __init__(self, handle: int = 140_000_123):
+        self.handle = handle
+
     def __int__(self) -> int:
-        return 140_000_123
+        return self.handle
+
+
+class FakeEvent:
+    stream: int | None = None  # the capturing stream it was recorded on (None: not in a capture)
 
 
 class FakeCudart:
@@ -51,10 +58,13 @@ class FakeCudart:
                            "cudaMemoryTypeManaged")
     DEVICE_POINTERS = range(1000, 2000)
 
+    cudaEventDisableTiming = 2
+
     def __init__(self):
         self.events: list[str] = []
         self.capturing: dict | None = None
         self.ok = self.cudaError_t.cudaSuccess
+        self.streams_made = 0
 
     def cudaGetErrorName(self, err):
         return self.ok, err.name.encode()
@@ -67,7 +77,34 @@ class FakeCudart:
 
     def cudaStreamCreate(self):
         self.events.append("stream")
-        return self.ok, FakeStream()
+        self.streams_made += 1
+        return self.ok, FakeStream(140_000_123 + 1000 * (self.streams_made - 1))
+
+    # a stream joins a capture by waiting for an event recorded in it, and must join back (an event
+    # of its own that the capture's first stream waits for) before the capture ends
+    def cudaEventCreateWithFlags(self, flags):
+        assert flags == self.cudaEventDisableTiming
+        return self.ok, FakeEvent()
+
+    def cudaEventDestroy(self, event):
+        self.events.append("event destroyed")
+        return (self.ok,)
+
+    def cudaEventRecord(self, event, stream):
+        capturing = self.capturing is not None and int(stream) in self.capturing["streams"]
+        event.stream = int(stream) if capturing else None
+        return (self.ok,)
+
+    def cudaStreamWaitEvent(self, stream, event, flags):
+        if self.capturing is not None and event.stream is not None:
+            self.capturing["streams"].add(int(stream))
+            if int(stream) == self.capturing["origin"]:
+                self.capturing["joined"].add(event.stream)
+        return (self.ok,)
+
+    def captures(self, stream: int | None) -> bool:
+        """Whether work queued on ``stream`` now goes into the capture."""
+        return self.capturing is not None and stream in self.capturing["streams"]
 
     def cudaStreamDestroy(self, stream):
         self.events.append("stream destroyed")
@@ -81,13 +118,14 @@ class FakeCudart:
     def cudaStreamBeginCapture(self, stream, mode):
         assert self.capturing is None and mode is self.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
         self.events.append("begin capture")
-        self.capturing = {"nodes": [], "invalid": False}
+        self.capturing = {"nodes": [], "invalid": False, "origin": int(stream), "streams": {int(stream)},
+                          "joined": set()}
         return (self.ok,)
 
     def cudaStreamEndCapture(self, stream):
         graph, self.capturing = self.capturing, None
         self.events.append("end capture")
-        if graph["invalid"]:
+        if graph["invalid"] or graph["streams"] - graph["joined"] - {graph["origin"]}:  # unjoined
             return self.cudaError_t.cudaErrorStreamCaptureInvalidated, None
         return self.ok, graph
 
@@ -184,10 +222,26 @@ class FakeSession:
 
     def run_with_iobinding(self, binding, options=None):
         cudart, world = self.world.cudart, self.world
-        capturing = cudart is not None and cudart.capturing is not None
+        capturing = cudart is not None and cudart.captures(self.kwargs.get("compute_stream"))
+        if cudart is not None and cudart.capturing is not None and not capturing:
+            cudart.capturing["invalid"] = True  # work that ran at once while the loop was being captured
+            raise RuntimeError("a run on a stream outside the capture")
         world.runs.append((self.name, "captured" if capturing else "run"))
         world.graph_ids.append((self.name, _entry(options, "gpu_graph_id") if options is not None else None))
-        if self.name.endswith("_step"):
+        if ".branch" in self.name:  # a branch of the vocoder step: the state + 1, as the tail reads it
+            x_in, (out,) = binding.inputs["audio"], binding.outputs.values()
+
+            def run():
+                out.array[...] = (x_in.array + 1).reshape(out.array.shape)
+        elif self.name.endswith(".tail"):  # the mean of the branches, the step counter + 1
+            results = [v for name, v in binding.inputs.items() if name not in ("audio", "step", "t_span")]
+            step_in = binding.inputs["step"]
+            x_out, step_out = binding.outputs.values()
+
+            def run():
+                x_out.array[...] = (sum(r.array for r in results) / len(results)).reshape(x_out.array.shape)
+                step_out.array[...] = step_in.array + 1
+        elif self.name.endswith("_step"):
             state = "latent" if self.name.startswith("dit") else "audio"
             x_in, step_in = binding.inputs[state], binding.inputs["step"]
             x_out, step_out = binding.outputs.values()
@@ -266,6 +320,14 @@ class World:
                                       progress)
         return final.numpy()
 
+    def vocoder(self, steps: int, audio: np.ndarray) -> np.ndarray:
+        t_span = np.linspace(0, 1, steps + 1, dtype=np.float32)
+        return self.backend.vocoder_loop(FakeValue(np.zeros(1, np.float32)), audio, t_span, steps)
+
+    def audio(self) -> np.ndarray:
+        shape = self.shape("vocoder_step", "audio")
+        return np.random.default_rng(1).integers(-9, 9, shape).astype(np.float32)
+
     def latent(self) -> np.ndarray:
         # whole numbers, so that adding 1 per step is exact
         return np.random.default_rng(0).integers(-9, 9, self.shape("dit_step", "latent")).astype(np.float32)
@@ -312,11 +374,15 @@ def test_whole_loops_are_captured_once_and_launched_without_a_sync_per_step(demo
     world = World(monkeypatch, demo_engine, "semvoc")
     backend, cudart = world.backend, world.cudart
     backend.prepare(1, FRAMES)
-    # every session runs on the backend's stream; none uses onnxruntime's own graphs
+    # every session runs on the backend's stream (but the vocoder's side branches); none uses
+    # onnxruntime's own graphs
     handle = str(int(backend.stream))
-    others = [kwargs for name, kwargs in world.sessions if name != "text_encoder"]
+    side = ("text_encoder", "vocoder_step.branch1", "vocoder_step.branch2")
+    others = [kwargs for name, kwargs in world.sessions if name not in side]
     assert others and all(kwargs["compute_stream"] == int(handle) for kwargs in others)
-    assert not any(kwargs["cuda_graph"] for kwargs in others)
+    assert not any(kwargs.get("cuda_graph") for kwargs in others)
+    # prepare() made the vocoder step's parts' sessions, not the whole graph's
+    assert all(world.made(name) for name in BRANCHES) and not world.made("vocoder_step")
     # the text encoder replays onnxruntime's own graph, on onnxruntime's stream
     assert [(k["cuda_graph"], k["compute_stream"]) for k in world.made("text_encoder")] == [(True, None)]
     assert world.made("dit_step")[0]["shared_arena"] is False and world.made("dit_prepare")[0]["shared_arena"]
@@ -342,7 +408,8 @@ def test_whole_loops_are_captured_once_and_launched_without_a_sync_per_step(demo
     assert "whole-loop CUDA graphs: dit_step" in backend.describe() and not backend.capture_failures
 
     backend.close()
-    assert cudart.events[-3:] == ["graph destroyed", "graph destroyed", "stream destroyed"]
+    # the graphs, then the side streams prepare() made for the vocoder's branches, then the stream
+    assert cudart.events[-5:] == ["graph destroyed", "graph destroyed"] + ["stream destroyed"] * 3
     assert backend.stream is None
 
 
@@ -474,10 +541,11 @@ def test_graph_check_names_the_nodes_a_replay_cannot_repeat():
     cudart = FakeCudart()
 
     def graph(*nodes):
-        cudart.cudaStreamBeginCapture(None, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
+        stream = FakeStream()
+        cudart.cudaStreamBeginCapture(stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
         for node in nodes:
             cudart.record(*(node if isinstance(node, tuple) else (node,)))
-        return cudart.cudaStreamEndCapture(None)[1]
+        return cudart.cudaStreamEndCapture(stream)[1]
 
     def copy(kind: str, src: int, dst: int):
         return _copy(cudart, kind, src, dst)
@@ -552,3 +620,56 @@ def test_a_nan_in_a_whole_loop_is_traced_to_its_step(demo_engine, monkeypatch):
     # the diagnosis re-ran the loop step by step with an uncaptured session of its own
     assert [kwargs["dim_overrides"] for kwargs in world.made("dit_step")][-1] is None
     assert world.runs[-4:] == [("dit_step", "run")] * 4
+
+
+BRANCHES = ["vocoder_step.branch0", "vocoder_step.branch1", "vocoder_step.branch2"]
+
+
+def test_the_vocoder_steps_branches_run_side_by_side_in_its_whole_loop_graph(demo_engine, monkeypatch):
+    world = World(monkeypatch, demo_engine, "semvoc")
+    backend, cudart = world.backend, world.cudart
+    assert [p.role for p in world.manifest.graph("vocoder_step").parts] == ["branch"] * 3 + ["tail"]
+    audio = world.audio()
+    assert np.array_equal(world.vocoder(5, audio), audio + 5)  # each step: the branches' mean of x + 1
+    assert not backend.capture_failures and not world.made("vocoder_step")  # never run whole
+    # branch 0 and the tail on the backend's stream, branches 1 and 2 on streams of their own
+    streams = {name: world.made(name)[0]["compute_stream"] for name in [*BRANCHES, "vocoder_step.tail"]}
+    main = int(backend.stream)
+    assert streams["vocoder_step.branch0"] == streams["vocoder_step.tail"] == main
+    assert len({streams[name] for name in BRANCHES}) == 3
+    # warm-up A and B uncaptured, then the pair captured (4 parts a step), then the one-step graph
+    runs = [(name, kind) for name, kind in world.runs if name.startswith("vocoder_step.")]
+    order = [*BRANCHES, "vocoder_step.tail"]
+    assert runs == [(n, "run") for n in order * 2] + [(n, "captured") for n in order * 3]
+    loop = backend._loops[("vocoder_step", 1, FRAMES)]
+    assert loop.parts is not None and loop.mode == "semvoc"
+    assert "branches side by side on CUDA streams: vocoder_step" in backend.describe()
+
+    cudart.events.clear()
+    assert np.array_equal(world.vocoder(6, audio), audio + 6)
+    assert cudart.events == ["launch 8"] * 3 + ["sync"]  # 3 launches of the captured pair, one sync
+    backend.close()
+    assert cudart.events.count("stream destroyed") == 3 and cudart.events.count("event destroyed") == 3
+
+
+def test_a_branch_outside_the_capture_runs_the_step_whole(demo_engine, monkeypatch):
+    world = World(monkeypatch, demo_engine, "semvoc")
+    # a cuda-python whose streams cannot wait for events: the branches' runs would not be captured
+    monkeypatch.setattr(FakeCudart, "cudaStreamWaitEvent", lambda self, stream, event, flags: (self.ok,))
+    audio = world.audio()
+    assert np.array_equal(world.vocoder(4, audio), audio + 4)
+    loop = world.backend._loops[("vocoder_step", 1, FRAMES)]
+    assert loop.parts is None and loop.mode == "semvoc" and world.made("vocoder_step")
+    assert "vocoder_step (branches side by side): " in world.backend.capture_failures[0]
+    assert "run whole" in world.backend.capture_failures[0]
+
+
+@pytest.mark.parametrize("how", ["switched off", "onnxruntime's graphs"])
+def test_the_vocoder_step_runs_whole_when_asked_or_in_onnxruntimes_graphs(demo_engine, monkeypatch, how):
+    world = World(monkeypatch, demo_engine, "semvoc" if how == "switched off" else "onnxruntime")
+    if how == "switched off":
+        monkeypatch.setenv(ort_cuda.BRANCH_STREAMS_ENV, "0")
+    audio = world.audio()
+    assert np.array_equal(world.vocoder(3, audio), audio + 3)
+    assert world.made("vocoder_step") and not any(world.made(name) for name in BRANCHES)
+    assert not world.backend.capture_failures

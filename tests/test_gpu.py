@@ -80,6 +80,34 @@ def test_whole_loop_graphs_give_the_audio_of_onnxruntimes_graphs_bit_for_bit(dem
     assert np.array_equal(audio["semvoc"][0], audio["semvoc"][2])  # the graphs replay the same way again
 
 
+@needs_cuda_python
+def test_the_vocoder_branches_side_by_side_give_the_audio_of_the_whole_step(demo_engine, monkeypatch):
+    """The vocoder step run as its parts, branches on streams of their own in the captured loop,
+    gives the samples of the step run whole (``SEMVOC_BRANCH_STREAMS=0``) bit for bit."""
+    from semvoc.runtime import Pipeline
+    from semvoc.runtime.backends.ort_cuda import BRANCH_STREAMS_ENV
+
+    monkeypatch.setenv(GRAPHS_ENV, "semvoc")
+    prompts = ["a dog barks while rain falls", "church bells ring"]
+    audio = {}
+    for streams in ("1", "0"):
+        monkeypatch.setenv(BRANCH_STREAMS_ENV, streams)
+        pipe = Pipeline(demo_engine, "onnxruntime-cuda")
+        audio[streams] = [pipe.generate(prompts, seed=3, steps=4, vocoder_steps=vocoder_steps).audio
+                          for vocoder_steps in (5, 6)]
+        loop = pipe.backend._loops[("vocoder_step", 2, pipe.backend.manifest.frames(1.0))]
+        assert loop.mode == "semvoc" and (loop.parts is not None) == (streams == "1"), pipe.backend.describe()
+        if streams == "1":  # the parts read the one device copy of the step's weights
+            shared = pipe.backend._weights["vocoder_step"]
+            for w in pipe.manifest.graph("vocoder_step").weights:
+                shared.initializers[w.name].update_inplace(np.zeros(w.shape, w.dtype))
+            zeroed = pipe.generate(prompts, seed=3, steps=4, vocoder_steps=5).audio
+            assert not np.allclose(zeroed, audio["1"][0])
+        pipe.close()
+    for split, whole in zip(audio["1"], audio["0"], strict=True):
+        assert np.array_equal(split, whole)
+
+
 def test_cuda_resynthesis_matches_cpu(demo_engine):
     from semvoc.runtime import Pipeline
 

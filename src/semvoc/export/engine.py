@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from semvoc import __version__
-from semvoc.export import onnx_export
+from semvoc.export import onnx_export, step_parts
 from semvoc.export.fused_dit import supports_fused
 from semvoc.export.graphs import Dims, GraphSpec, graph_specs, resolve_shape
-from semvoc.export.parity import BOUNDS, check_graph
+from semvoc.export.parity import BOUNDS, check_graph, relative_error
 from semvoc.export.precision import (
     CALIBRATION_CAPTIONS,
     cast_for_plan,
@@ -38,6 +38,7 @@ from semvoc.export.precision import (
 from semvoc.export.samples import pipeline_feeds
 from semvoc.export.tokenizer import convert_t5_tokenizer, demo_tokenizer_path
 from semvoc.kernels import cuda_build
+from semvoc.kernels.onnx_ops import fusion_enabled
 from semvoc.models.config import ModelConfig
 from semvoc.models.model import SemanticVocoderModel, parameter_counts
 from semvoc.runtime.backends.ort_common import NUMPY_DTYPES, cuda_available, make_session
@@ -386,6 +387,10 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions,
             symbols = {"batch": min(options.batch_sizes), "frames": frames[0], "dit_rows": dims.dit_rows,
                        "vocoder_rows": dims.vocoder_rows}
             entry["weights"] = _shared_weight_index(name, entry, tmp / entry["file"], provider, custom_ops, symbols)
+            if entry["kind"] == "vocoder_step" and fusion_enabled(step_parts.FUSION):
+                parts = _vocoder_step_parts(name, entry, tmp, provider, custom_ops, symbols, len(dims.branch_hops))
+                if parts:
+                    entry["parts"] = parts
 
     tensorrt = None
     if options.trt:
@@ -467,6 +472,70 @@ def _shared_weight_index(name: str, entry: dict, path: Path, provider: str, cust
         _log(f"  note: {name}: {len(index) - len(kept)} of {len(index)} weights are left to each session "
              f"(onnxruntime-{provider} rewrites or folds them when it optimizes the graph)")
     return kept
+
+
+def _vocoder_step_parts(name: str, entry: dict, tmp: Path, provider: str, custom_ops: Path | None,
+                        symbols: dict[str, int], branches: int) -> list[dict]:
+    """The vocoder step cut into its branches and a tail (``step_parts``), for the CUDA backend to
+    run the branches side by side; the manifest's ``parts`` entries, or [] (with a note) when the
+    graph is not cut or the parts do not compute what the graph does. The parts and the graph run
+    one step on the same random inputs on the export's provider; each part gets the graph's
+    indexed weights that onnxruntime's optimizations leave as stored in it."""
+    from semvoc.runtime.manifest import eval_dim
+
+    path = tmp / entry["file"]
+    groups = [[f"cond_bias_{i}", f"time_scale_{i}"] for i in range(branches)]
+    dims = {dim: expression for t in entry["inputs"]
+            for dim, expression in zip(t["onnx_dims"], t["shape"], strict=True) if isinstance(dim, str) and dim}
+    written, why = step_parts.write_parts(path, groups, dims)
+    if why:
+        _log(f"  note: {name}: not cut into branches ({why}); its branches run one after another")
+        return []
+    overrides = {dim: eval_dim(expression, symbols) for t in entry["inputs"]
+                 for dim, expression in zip(t["onnx_dims"], t["shape"], strict=True) if isinstance(dim, str) and dim}
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for t in entry["inputs"]:
+        shape = [eval_dim(d, symbols) for d in t["shape"]]
+        if t["dtype"] == "int64":  # the step counter: a row inside the tables
+            feeds[t["name"]] = np.ones(shape, np.int64)
+        elif t["name"] == "t_span":  # times in [0, 1): the x1-prediction divides by 1 - t
+            feeds[t["name"]] = np.linspace(0, 0.9, shape[0], dtype=np.float32)
+        else:
+            feeds[t["name"]] = rng.uniform(-1, 1, shape).astype(NUMPY_DTYPES[t["dtype"]])
+    try:
+        whole = make_session(path, provider, custom_ops=custom_ops, dim_overrides=overrides)
+        expected = dict(zip([o.name for o in whole.get_outputs()], whole.run(None, feeds), strict=True))
+        values = dict(feeds)
+        for part in written:
+            session = make_session(tmp / part["file"], provider, custom_ops=custom_ops, dim_overrides=overrides)
+            names = [t["name"] for t in part["outputs"]]
+            values.update(zip(names, session.run(names, {n: values[n] for n in part["inputs"]}), strict=True))
+        error = max(relative_error(values[k].astype(np.float64), v.astype(np.float64)) for k, v in expected.items())
+        # the same kernels on the same inputs: roundings at most (an algorithm another session chose)
+        compute = next(t["dtype"] for t in entry["inputs"] if t["name"].startswith("time_scale_"))
+        bound = BOUNDS[compute] / 10
+        if not error <= bound:
+            raise ExportError(f"its parts differ from it by {error:.3g} (bound {bound:g})")
+        index = entry.get("weights") or []
+        for part in written:
+            used = set(part.pop("initializers"))
+            kept = [w for w in index if w["name"] in used]
+            for fixed in (overrides, None):
+                def optimized_session(graph: Path, optimized: Path, fixed=fixed):
+                    return make_session(graph, provider, custom_ops=custom_ops, optimized_model=optimized,
+                                        dim_overrides=fixed)
+
+                kept = onnx_export.weights_used_as_stored(tmp / part["file"], kept, optimized_session,
+                                                          data=entry["data_file"])
+            part["weights"] = [w["name"] for w in kept]
+    except Exception as err:
+        for part in written:
+            (tmp / part["file"]).unlink(missing_ok=True)
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+        _log(f"  note: {name}: not cut into branches ({detail}); its branches run one after another")
+        return []
+    return written
 
 
 def _cuda_kernels_off_reason(options: ExportOptions, provider: str, model_cfg: ModelConfig) -> str | None:

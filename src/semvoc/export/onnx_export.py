@@ -145,7 +145,8 @@ def weight_index(path: Path) -> list[dict]:
     return index
 
 
-def weights_used_as_stored(path: Path, index: list[dict], make_session: Callable[[Path, Path], object]) -> list[dict]:
+def weights_used_as_stored(path: Path, index: list[dict], make_session: Callable[[Path, Path], object],
+                          data: str | None = None) -> list[dict]:
     """The entries of ``index`` that onnxruntime's optimized graph still reads as stored.
 
     A session given a weight by name (``add_initializer``) uses it in place of whatever its graph
@@ -154,7 +155,7 @@ def weights_used_as_stored(path: Path, index: list[dict], make_session: Callable
     the wrong layout, and one they fold away would be uploaded for nothing. So the graph is
     optimized once (``make_session(path, optimized_path)``: a session of the export's provider
     that saves its optimized graph) and only weights it still references at their offset in the
-    data file, with their shape, stay in the index."""
+    data file (``data``: ``<file>.data`` unless given), with their shape, stay in the index."""
     with tempfile.TemporaryDirectory() as folder:
         optimized = Path(folder) / path.name
         make_session(path, optimized)
@@ -165,7 +166,7 @@ def weights_used_as_stored(path: Path, index: list[dict], make_session: Callable
             fields = {entry.key: entry.value for entry in tensor.external_data}
             stored[tensor.name] = (fields.get("location"), int(fields.get("offset", 0)), int(fields.get("length", -1)),
                                    [int(d) for d in tensor.dims])
-    data = path.name + ".data"
+    data = data or path.name + ".data"
     return [w for w in index if stored.get(w["name"]) == (data, w["offset"], w["length"], w["shape"])]
 
 

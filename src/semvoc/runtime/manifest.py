@@ -94,6 +94,39 @@ class WeightInfo:
 
 
 @dataclass(frozen=True)
+class PartInfo:
+    """One part of a step graph cut for side-by-side branches (``export/step_parts.py``): a
+    ``branch`` (the branches run at once, each on a CUDA stream of its own) or the ``tail`` (after
+    them). ``inputs``: names of the graph's inputs and of the branches' outputs; ``weights``: the
+    graph's indexed weights that this part's sessions take from the shared copy."""
+
+    role: str
+    file: str
+    inputs: tuple[str, ...]
+    outputs: tuple[TensorInfo, ...]
+    weights: tuple[str, ...] = ()
+
+
+def _parts(graph: str, entry: dict) -> tuple[PartInfo, ...]:
+    """A graph's ``parts``: two branches or more, then a tail that writes the graph's outputs and
+    reads only the graph's inputs and the branches' outputs."""
+    infos = tuple(PartInfo(p["role"], p["file"], tuple(p["inputs"]), tuple(TensorInfo.of(t) for t in p["outputs"]),
+                           tuple(p.get("weights", ()))) for p in entry.get("parts") or [])
+    if not infos:
+        return ()
+    roles = [p.role for p in infos]
+    outputs = {t["name"] for t in entry["outputs"]}
+    available = {t["name"] for t in entry["inputs"]} | {t.name for p in infos[:-1] for t in p.outputs}
+    branch_inputs = {t["name"] for t in entry["inputs"]}
+    if (len(roles) < 3 or roles[-1] != "tail" or set(roles[:-1]) != {"branch"}
+            or outputs - {t.name for t in infos[-1].outputs} or set(infos[-1].inputs) - available
+            or any(set(p.inputs) - branch_inputs for p in infos[:-1])):
+        raise ValueError(f"graph {graph!r}: its parts must be two branches or more reading the graph's inputs, "
+                         f"then a tail that writes {sorted(outputs)}")
+    return infos
+
+
+@dataclass(frozen=True)
 class GraphInfo:
     name: str
     kind: str  # the GraphSpec name, e.g. "dit_step" (several durations share a kind)
@@ -105,6 +138,7 @@ class GraphInfo:
     duration_s: float | None
     plan_file: str | None = None
     weights: tuple[WeightInfo, ...] = ()  # the index of data_file (step graphs of newer engines)
+    parts: tuple[PartInfo, ...] = ()  # the vocoder step cut into branches and a tail (CUDA exports)
 
     def input(self, name: str) -> TensorInfo:
         return next(t for t in self.inputs if t.name == name)
@@ -119,7 +153,7 @@ class Manifest:
                             data_file=g.get("data_file"), inputs=[TensorInfo.of(t) for t in g["inputs"]],
                             outputs=[TensorInfo.of(t) for t in g["outputs"]],
                             duration_s=g.get("duration_s"), plan_file=g.get("plan_file"),
-                            weights=_weight_index(root, name, g))
+                            weights=_weight_index(root, name, g), parts=_parts(name, g))
             for name, g in data["graphs"].items()}
 
     # --------------------------------------------------------------------- conveniences

@@ -44,6 +44,17 @@ again, or a copy from such a buffer) refuses it. Each step session keeps its own
 the graph replays the addresses of the intermediate tensors of the captured runs, which only
 runs of that session, on the same stream, ever reuse.
 
+**Branches side by side.** A step graph that the export cut into parts (the manifest's
+``parts``: the vocoder step's branches and a tail, ``export/step_parts.py``) runs, in the
+``semvoc`` way, as one fork/join per step (``_BranchParts``): each part has a session of its own,
+branch 0 and the tail on the backend's stream, branch ``i`` on side stream ``i``; the side streams
+wait for an event the backend's stream records before the branches and the backend's stream waits
+for an event each side stream records after its branch. Captured, the branches become parallel
+paths of the loop's CUDA graph; only their results, persistent buffers, pass between the parts.
+The first (uncaptured) runs go one part at a time, so semvoc's ops time their GEMM algorithms
+alone. Where binding or capturing the parts fails, the step runs whole (``capture_failures`` says
+why); ``SEMVOC_BRANCH_STREAMS=0`` runs it whole. The other modes always run the whole graph.
+
 Anything that stops the ``semvoc`` way (cuda-python missing, no stream, a session refused, a
 capture that fails or holds an unsafe node) falls back to ``onnxruntime`` for that loop, and if
 onnxruntime refuses its capture too, the loop runs uncaptured (still device-resident);
@@ -106,6 +117,12 @@ GRAPH_MODES = ("semvoc", "onnxruntime")
 _MODE_NAMES = {"semvoc": "whole-loop CUDA graphs", "onnxruntime": "onnxruntime's per-step CUDA graphs",
                "": "uncaptured"}
 _FALLBACK = {"semvoc": "onnxruntime", "onnxruntime": ""}
+#: "0": a step graph cut into branches (the vocoder's) runs whole, its branches one after another
+BRANCH_STREAMS_ENV = "SEMVOC_BRANCH_STREAMS"
+
+
+def branch_streams_enabled() -> bool:
+    return os.environ.get(BRANCH_STREAMS_ENV, "1").strip() != "0"
 
 
 def _cuda_python_installed() -> bool:
@@ -168,6 +185,50 @@ class _Loop:
     bindings: list = field(default_factory=list)
     run_options: list = field(default_factory=list)
     graphs: dict[int, object] = field(default_factory=dict)
+    parts: _BranchParts | None = None  # the step's branches side by side (``semvoc`` mode)
+
+    def run(self, k: int) -> None:
+        """Queue step ``k`` of the loop (binding A for even ``k``, B for odd) on the backend's stream."""
+        if self.parts is not None:
+            self.parts.run(k % 2)
+        else:
+            self.session.run_with_iobinding(self.bindings[k % 2], self.run_options[k % 2])
+
+
+@dataclass
+class _BranchParts:
+    """A step graph run as its parts (the manifest's ``parts``, ``export/step_parts.py``): per step,
+    the backend's stream records ``fork``, which every side stream waits for; branch 0 runs on the
+    backend's stream and branch ``i`` on side stream ``i - 1``; each side stream records its
+    ``joins`` event, which the backend's stream waits for; then the tail runs on the backend's
+    stream. Captured, this is one CUDA graph in which the branches are parallel paths; uncaptured
+    it runs the same way."""
+
+    cudart: object
+    stream: object
+    side_streams: list
+    fork: object
+    joins: list
+    sessions: list  # branch 0, branch 1, ..., tail
+    bindings: list  # per part: [A, B]
+    run_options: object
+
+    def run(self, k: int, one_at_a_time: bool = False) -> None:
+        """Queue step ``k`` (0: A, 1: B). ``one_at_a_time``: each part runs alone, the host waiting
+        for it (the first runs, where semvoc's ops time their algorithms)."""
+        cudart = self.cudart
+        check(cudart, cudart.cudaEventRecord(self.fork, self.stream))
+        for side in self.side_streams:
+            check(cudart, cudart.cudaStreamWaitEvent(side, self.fork, 0))
+        streams = [self.stream, *self.side_streams]
+        for stream, session, bindings in zip(streams, self.sessions[:-1], self.bindings[:-1], strict=True):
+            session.run_with_iobinding(bindings[k], self.run_options)
+            if one_at_a_time:
+                check(cudart, cudart.cudaStreamSynchronize(stream))
+        for side, join in zip(self.side_streams, self.joins, strict=True):
+            check(cudart, cudart.cudaEventRecord(join, side))
+            check(cudart, cudart.cudaStreamWaitEvent(self.stream, join, 0))
+        self.sessions[-1].run_with_iobinding(self.bindings[-1][k], self.run_options)
 
 
 class OrtCudaBackend(Backend):
@@ -209,6 +270,8 @@ class OrtCudaBackend(Backend):
         self.sharing_failures: list[str] = []
         self.cudart = None
         self.stream = None
+        self._side_streams: list = []  # for the branches of a step cut into parts (created on first use)
+        self._events: list = []
         if self.graphs_mode == "semvoc":
             self._open_stream()
 
@@ -326,11 +389,19 @@ class OrtCudaBackend(Backend):
             graphs.append(manifest.graph("semantic_encoder", duration_s))
         # the step graphs first: their sessions take longest to create (the vocoder step's
         # ~1.3 s on an H200), and a task submitted later starts later (up to 0.3 s for the last)
-        tasks = {}
+        tasks, part_tasks = {}, {}
         for kind in steps:
             graph = manifest.graph(kind)
+            if (kind, batch, frames) in self._loops:
+                continue
+            if self._runs_as_parts(graph):  # the parts' sessions, not the whole graph's
+                for part, stream in zip(graph.parts, self._part_streams(graph), strict=True):
+                    key = self._part_key(graph, part, symbols)
+                    if key not in self._sessions:
+                        part_tasks[key] = (graph, part, symbols, stream)
+                continue
             key = self._session_key(graph, symbols, self.graphs_mode)
-            if (kind, batch, frames) not in self._loops and key not in self._sessions:
+            if key not in self._sessions:
                 tasks[key] = (graph, self._step_warm_runs and self.graphs_mode == "onnxruntime")
         for graph in graphs:
             captured = graph.kind == "text_encoder" and self._captures_text(batch)
@@ -338,7 +409,7 @@ class OrtCudaBackend(Backend):
             warm = self.warm_up and (graph.name, batch) not in self._warmed
             if key not in self._sessions or warm:
                 tasks[key] = (graph, warm)
-        if not tasks:
+        if not tasks and not part_tasks:
             self._prepared.add(request)
             return
 
@@ -348,8 +419,12 @@ class OrtCudaBackend(Backend):
                 self._warm_run(session, graph, symbols, captured=bool(key[2]))
             return session
 
-        with ThreadPoolExecutor(max_workers=min(self.load_threads, len(tasks))) as pool:
+        with ThreadPoolExecutor(max_workers=min(self.load_threads, len(tasks) + len(part_tasks))) as pool:
+            parts = {key: pool.submit(self._create_part_session, *task) for key, task in part_tasks.items()}
             futures = {key: pool.submit(load, key, *task) for key, task in tasks.items()}
+        for key, future in parts.items():
+            if future.exception() is None:  # else binding the loop tries again, and runs the step whole
+                self._sessions[key] = future.result()
         failed, refused = None, False
         for key, future in futures.items():
             try:
@@ -441,6 +516,14 @@ class OrtCudaBackend(Backend):
         return loop
 
     def _bind_loop(self, graph: GraphInfo, symbols, buffers, state: str, mode: str) -> _Loop:
+        if mode == "semvoc" and self._runs_as_parts(graph):
+            try:
+                return self._bind_parts(graph, symbols, buffers, state)
+            except Exception as err:  # the whole graph, in the same mode
+                self.capture_failures.append(f"{graph.name} (branches side by side): {_first_line(err)}; "
+                                             "run whole")
+                for part in graph.parts:
+                    self._sessions.pop(self._part_key(graph, part, symbols), None)
         try:
             session = self._session(graph, symbols, mode)
         except Exception as err:  # e.g. onnxruntime refused capture at load time
@@ -472,6 +555,71 @@ class OrtCudaBackend(Backend):
                 return self._fall_back(graph, symbols, buffers, state, mode, err)
         return loop
 
+    def _runs_as_parts(self, graph: GraphInfo) -> bool:
+        return self.graphs_mode == "semvoc" and bool(graph.parts) and branch_streams_enabled()
+
+    def _part_key(self, graph: GraphInfo, part, symbols) -> tuple:
+        return part.file, tuple(sorted(self._overrides(graph, symbols).items())), "semvoc"
+
+    def _part_streams(self, graph: GraphInfo) -> list:
+        """The stream of each part: branch 0 and the tail on the backend's, branch i on side stream i."""
+        branches = sum(p.role == "branch" for p in graph.parts)
+        return [self.stream, *(self._side_stream(i) for i in range(branches - 1)), self.stream]
+
+    def _create_part_session(self, graph: GraphInfo, part, symbols, stream):
+        weights = self._shared_weights(graph)
+        shared = weights.initializers if weights else {}
+        return make_session(self.manifest.root / part.file, "cuda", dim_overrides=self._overrides(graph, symbols),
+                            device_id=self.device_id, custom_ops=self.manifest.custom_ops_library,
+                            compute_stream=int(stream),
+                            initializers={n: shared[n] for n in part.weights if n in shared} or None)
+
+    def _side_stream(self, i: int):
+        while len(self._side_streams) <= i:  # blocking, as the backend's stream (see the module docstring)
+            self._side_streams.append(check(self.cudart, self.cudart.cudaStreamCreate()))
+        return self._side_streams[i]
+
+    def _event(self):
+        flags = self.cudart.cudaEventDisableTiming
+        event = check(self.cudart, self.cudart.cudaEventCreateWithFlags(flags))
+        self._events.append(event)
+        return event
+
+    def _bind_parts(self, graph: GraphInfo, symbols, buffers, state: str) -> _Loop:
+        """Bind ``graph`` as its parts, its branches on streams side by side (``_BranchParts``),
+        warm it up and capture it; raises where any of it fails."""
+        streams = self._part_streams(graph)
+        for part in graph.parts[:-1]:  # the branches' results, which the tail reads
+            for t in part.outputs:
+                buffers[t.name] = self._empty(tensor_shape(t, symbols), t.dtype)
+        sessions, bindings = [], []
+        wiring = ping_pong_wiring(state)
+        for part, stream in zip(graph.parts, streams, strict=True):
+            key = self._part_key(graph, part, symbols)
+            if key not in self._sessions:
+                self._sessions[key] = self._create_part_session(graph, part, symbols, stream)
+            session = self._sessions[key]
+            pair = []
+            for x_in, s_in, x_out, s_out in wiring:
+                binding = session.io_binding()
+                for name in part.inputs:
+                    binding.bind_ortvalue_input(name, buffers[{state: x_in, "step": s_in}.get(name, name)])
+                for t in part.outputs:
+                    target = {graph.outputs[0].name: x_out, graph.outputs[1].name: s_out}.get(t.name, t.name)
+                    binding.bind_ortvalue_output(t.name, buffers[target])
+                pair.append(binding)
+            sessions.append(session)
+            bindings.append(pair)
+        options = self.ort.RunOptions()  # queued, never synchronised by onnxruntime (see _bind_loop)
+        options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        side = streams[1:-1]
+        parts = _BranchParts(self.cudart, self.stream, side, self._event(), [self._event() for _ in side],
+                             sessions, bindings, options)
+        loop = _Loop(None, buffers, state, symbols, "semvoc", parts=parts)
+        self._warm_up(loop)
+        loop.graphs[2] = self._capture(loop, 2)
+        return loop
+
     def _fall_back(self, graph: GraphInfo, symbols, buffers, state: str, mode: str, err: BaseException) -> _Loop:
         """Record why ``mode`` failed for this loop and bind it in the next mode down."""
         self.capture_failures.append(f"{graph.name} ({_MODE_NAMES[mode]}): {_first_line(err)}")
@@ -484,7 +632,10 @@ class OrtCudaBackend(Backend):
         for name in ("step", "step_b"):  # the warm-up reads row 0 of the tables, whatever they hold
             loop.buffers[name].update_inplace(np.zeros(1, np.int64))
         for k in range(2):
-            loop.session.run_with_iobinding(loop.bindings[k], loop.run_options[k])
+            if loop.parts is not None:  # one part at a time: semvoc's ops time their algorithms alone
+                loop.parts.run(k, one_at_a_time=True)
+            else:
+                loop.run(k)
         self._sync()
 
     def _capture(self, loop: _Loop, steps: int):
@@ -497,7 +648,7 @@ class OrtCudaBackend(Backend):
         failure = None
         try:
             for k in range(steps):
-                loop.session.run_with_iobinding(loop.bindings[k % 2], loop.run_options[k % 2])
+                loop.run(k)
         except Exception as err:
             failure = f"onnxruntime failed inside the capture: {_first_line(err)}"
         err, graph = cudart.cudaStreamEndCapture(self.stream)  # ends the capture even after a failure
@@ -559,7 +710,7 @@ class OrtCudaBackend(Backend):
             if loop.graphs[1] is not None:
                 check(self.cudart, self.cudart.cudaGraphLaunch(loop.graphs[1], self.stream))
             else:  # queued after the launches, on the same stream
-                loop.session.run_with_iobinding(loop.bindings[0], loop.run_options[0])
+                loop.run(0)
         self._sync()
 
     # ------------------------------------------------------------------------------- stages
@@ -720,6 +871,9 @@ class OrtCudaBackend(Backend):
                 parts.append(f"{_MODE_NAMES[mode]}: {', '.join(names)}")
         if not parts:
             parts.append(f"{_MODE_NAMES[self.graphs_mode]}: none yet" if self.graphs_mode else "CUDA graphs off")
+        split = sorted({key[0] for key, loop in self._loops.items() if loop.parts is not None})
+        if split:
+            parts.append(f"branches side by side on CUDA streams: {', '.join(split)}")
         text_batches = sorted(batch for batch, c in self._captured.items() if c is not None and c.captured)
         if text_batches:
             parts.append(f"text_encoder from onnxruntime's CUDA graph (batch {', '.join(map(str, text_batches))})")
@@ -750,6 +904,12 @@ class OrtCudaBackend(Backend):
         self._captured.clear()
         self._sessions.clear()
         self._tables.clear()
+        for event in self._events:
+            check(self.cudart, self.cudart.cudaEventDestroy(event))
+        for side in self._side_streams:
+            check(self.cudart, self.cudart.cudaStreamDestroy(side))
+        self._events.clear()
+        self._side_streams.clear()
         if self.stream is not None:
             check(self.cudart, self.cudart.cudaStreamDestroy(self.stream))
             self.stream = None
