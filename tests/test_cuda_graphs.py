@@ -324,8 +324,9 @@ class World:
         t_span = np.linspace(0, 1, steps + 1, dtype=np.float32)
         return self.backend.vocoder_loop(FakeValue(np.zeros(1, np.float32)), audio, t_span, steps)
 
-    def audio(self) -> np.ndarray:
-        shape = self.shape("vocoder_step", "audio")
+    def audio(self, batch: int = 1) -> np.ndarray:
+        shape = tensor_shape(self.manifest.graph("vocoder_step").input("audio"),
+                             bucket_symbols(self.manifest, batch, FRAMES))
         return np.random.default_rng(1).integers(-9, 9, shape).astype(np.float32)
 
     def latent(self) -> np.ndarray:
@@ -666,10 +667,26 @@ def test_a_branch_outside_the_capture_runs_the_step_whole(demo_engine, monkeypat
 
 @pytest.mark.parametrize("how", ["switched off", "onnxruntime's graphs"])
 def test_the_vocoder_step_runs_whole_when_asked_or_in_onnxruntimes_graphs(demo_engine, monkeypatch, how):
-    world = World(monkeypatch, demo_engine, "semvoc" if how == "switched off" else "onnxruntime")
     if how == "switched off":
         monkeypatch.setenv(ort_cuda.BRANCH_STREAMS_ENV, "0")
+    world = World(monkeypatch, demo_engine, "semvoc" if how == "switched off" else "onnxruntime")
     audio = world.audio()
     assert np.array_equal(world.vocoder(3, audio), audio + 3)
     assert world.made("vocoder_step") and not any(world.made(name) for name in BRANCHES)
     assert not world.backend.capture_failures
+
+
+def test_buckets_past_the_branch_streams_batch_run_the_step_whole(demo_engine, monkeypatch):
+    monkeypatch.setenv(ort_cuda.BRANCH_STREAMS_ENV, "1")  # the demo engine's buckets: batch 1 and 2
+    world = World(monkeypatch, demo_engine, "semvoc")
+    for batch in (1, 2):
+        audio = world.audio(batch)
+        assert np.array_equal(world.vocoder(4, audio), audio + 4)
+    loops = world.backend._loops
+    assert loops[("vocoder_step", 1, FRAMES)].parts is not None and loops[("vocoder_step", 2, FRAMES)].parts is None
+    assert len(world.made("vocoder_step")) == 1 and not world.backend.capture_failures
+    monkeypatch.setenv(ort_cuda.BRANCH_STREAMS_ENV, "all")
+    with pytest.raises(BackendUnavailable, match=r"SEMVOC_BRANCH_STREAMS='all': set it to the largest batch"):
+        ort_cuda.branch_streams_max_batch()
+    monkeypatch.delenv(ort_cuda.BRANCH_STREAMS_ENV)
+    assert ort_cuda.branch_streams_max_batch() == ort_cuda.BRANCH_STREAMS_MAX_BATCH
