@@ -47,9 +47,9 @@ runs of that session, on the same stream, ever reuse.
 **Branches side by side.** A step graph that the export cut into parts (the manifest's
 ``parts``: the vocoder step's branches and a tail, ``export/step_parts.py``) runs, in the
 ``semvoc`` way, as one fork/join per step (``_BranchParts``): each part has a session of its own,
-branch 0 and the tail on the backend's stream, branch ``i`` on side stream ``i``; the side streams
-wait for an event the backend's stream records before the branches and the backend's stream waits
-for an event each side stream records after its branch. Captured, the branches become parallel
+branch 0 and the tail on the backend's stream, every other branch on a side stream of its own;
+the side streams wait for an event the backend's stream records before the branches, and the
+backend's stream waits for an event each side stream records after its branch. Captured, the branches become parallel
 paths of the loop's CUDA graph; only their results, persistent buffers, pass between the parts.
 The first (uncaptured) runs go one part at a time, so semvoc's ops time their GEMM algorithms
 alone. Where binding or capturing the parts fails, the step runs whole (``capture_failures`` says
@@ -578,7 +578,7 @@ class OrtCudaBackend(Backend):
         return part.file, tuple(sorted(self._overrides(graph, symbols).items())), "semvoc"
 
     def _part_streams(self, graph: GraphInfo) -> list:
-        """The stream of each part: branch 0 and the tail on the backend's, branch i on side stream i."""
+        """The stream of each part: branch 0 and the tail on the backend's, branch i on side stream i - 1."""
         branches = sum(p.role == "branch" for p in graph.parts)
         return [self.stream, *(self._side_stream(i) for i in range(branches - 1)), self.stream]
 
