@@ -443,31 +443,43 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions,
     }
 
 
-def _shared_weight_index(name: str, entry: dict, path: Path, provider: str, custom_ops: Path | None,
-                         symbols: dict[str, int]) -> list[dict]:
-    """The manifest's index of the weights of a graph whose sessions are made per batch bucket (the step
-    graphs, the text encoder) (``onnx_export.weight_index``), less those that
-    onnxruntime's optimizations on the export's provider do not read as stored, checked as the
-    runtime creates the graph's sessions: with one bucket's dims fixed (the captured loops) and
-    without (the uncaptured diagnosis). The runtime gives the indexed weights to every session of
-    the graph (``runtime.backends.shared_weights``)."""
-    from semvoc.runtime.manifest import eval_dim
+def _input_dims(entry: dict) -> dict[str, object]:
+    """A graph entry's named ONNX input dims -> their manifest expressions (``frames*960``, ...)."""
+    return {dim: expression for t in entry["inputs"]
+            for dim, expression in zip(t["onnx_dims"], t["shape"], strict=True) if isinstance(dim, str) and dim}
 
-    index = onnx_export.weight_index(path)
-    overrides = {dim: eval_dim(expression, symbols) for t in entry["inputs"]
-                 for dim, expression in zip(t["onnx_dims"], t["shape"], strict=True) if isinstance(dim, str) and dim}
+
+def _weights_kept_as_stored(path: Path, index: list[dict], provider: str, custom_ops: Path | None,
+                            overrides: dict[str, int], data: str | None = None) -> list[dict]:
+    """The entries of ``index`` that onnxruntime's optimizations on the export's provider still read
+    as stored in ``path``'s graph, checked as the runtime creates its sessions: with one bucket's
+    dims fixed (``overrides``: the captured loops) and without (the uncaptured diagnosis)."""
     kept = index
     for fixed in (overrides, None):
         def optimized_session(graph: Path, optimized: Path, fixed=fixed):
             return make_session(graph, provider, custom_ops=custom_ops, optimized_model=optimized, dim_overrides=fixed)
 
-        try:
-            kept = onnx_export.weights_used_as_stored(path, kept, optimized_session)
-        except Exception as err:  # cannot tell which weights are safe to share: share none of them
-            detail = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-            _log(f"  note: {name}: its weights are not indexed for sharing between batch buckets (onnxruntime "
-                 f"could not save the optimized graph: {detail})")
-            return []
+        kept = onnx_export.weights_used_as_stored(path, kept, optimized_session, data=data)
+    return kept
+
+
+def _shared_weight_index(name: str, entry: dict, path: Path, provider: str, custom_ops: Path | None,
+                         symbols: dict[str, int]) -> list[dict]:
+    """The manifest's index of the weights of a graph whose sessions are made per batch bucket (the step
+    graphs, the text encoder) (``onnx_export.weight_index``), less those that onnxruntime's
+    optimizations do not read as stored (``_weights_kept_as_stored``). The runtime gives the
+    indexed weights to every session of the graph (``runtime.backends.shared_weights``)."""
+    from semvoc.runtime.manifest import eval_dim
+
+    index = onnx_export.weight_index(path)
+    overrides = {dim: eval_dim(expression, symbols) for dim, expression in _input_dims(entry).items()}
+    try:
+        kept = _weights_kept_as_stored(path, index, provider, custom_ops, overrides)
+    except Exception as err:  # cannot tell which weights are safe to share: share none of them
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+        _log(f"  note: {name}: its weights are not indexed for sharing between batch buckets (onnxruntime "
+             f"could not save the optimized graph: {detail})")
+        return []
     if len(kept) < len(index):
         _log(f"  note: {name}: {len(index) - len(kept)} of {len(index)} weights are left to each session "
              f"(onnxruntime-{provider} rewrites or folds them when it optimizes the graph)")
@@ -485,14 +497,12 @@ def _vocoder_step_parts(name: str, entry: dict, tmp: Path, provider: str, custom
 
     path = tmp / entry["file"]
     groups = [[f"cond_bias_{i}", f"time_scale_{i}"] for i in range(branches)]
-    dims = {dim: expression for t in entry["inputs"]
-            for dim, expression in zip(t["onnx_dims"], t["shape"], strict=True) if isinstance(dim, str) and dim}
+    dims = _input_dims(entry)
     written, why = step_parts.write_parts(path, groups, dims)
     if why:
         _log(f"  note: {name}: not cut into branches ({why}); its branches run one after another")
         return []
-    overrides = {dim: eval_dim(expression, symbols) for t in entry["inputs"]
-                 for dim, expression in zip(t["onnx_dims"], t["shape"], strict=True) if isinstance(dim, str) and dim}
+    overrides = {dim: eval_dim(expression, symbols) for dim, expression in dims.items()}
     rng = np.random.default_rng(0)
     feeds = {}
     for t in entry["inputs"]:
@@ -520,14 +530,8 @@ def _vocoder_step_parts(name: str, entry: dict, tmp: Path, provider: str, custom
         index = entry.get("weights") or []
         for part in written:
             used = set(part.pop("initializers"))
-            kept = [w for w in index if w["name"] in used]
-            for fixed in (overrides, None):
-                def optimized_session(graph: Path, optimized: Path, fixed=fixed):
-                    return make_session(graph, provider, custom_ops=custom_ops, optimized_model=optimized,
-                                        dim_overrides=fixed)
-
-                kept = onnx_export.weights_used_as_stored(tmp / part["file"], kept, optimized_session,
-                                                          data=entry["data_file"])
+            kept = _weights_kept_as_stored(tmp / part["file"], [w for w in index if w["name"] in used], provider,
+                                           custom_ops, overrides, data=entry["data_file"])
             part["weights"] = [w["name"] for w in kept]
     except Exception as err:
         for part in written:

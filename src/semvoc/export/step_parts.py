@@ -86,9 +86,9 @@ def plan_parts(graph: onnx.GraphProto, branch_inputs: Sequence[Sequence[str]]) -
                 runs_in[i] |= runs_in[j]
             if out in graph_outputs:
                 runs_in[i].add(TAIL)
+    # (a branch runs a node only where some node depends on that branch alone)
     branches = sorted({b for r in runs_in for b in r if b != TAIL})
-    own = [b for b in branches if any(depends[i] == {b} for i in range(len(nodes)))]
-    if len(own) < 2:
+    if len(branches) < 2:
         return "fewer than two branches have nodes of their own"
 
     parts = {key: Part(TAIL if key == TAIL else BRANCH, []) for key in [*branches, TAIL]}
@@ -104,10 +104,12 @@ def plan_parts(graph: onnx.GraphProto, branch_inputs: Sequence[Sequence[str]]) -
                     seen.add(name)
                     (part.initializers if name in initializers else part.inputs).append(name)
         for i in part.nodes:
+            # what the part computes for others: a value another part reads (only ever a branch's:
+            # every reader of a node that depends on no branch runs it too), and the graph's outputs
+            # (of such a node, the tail's copy)
             for out in nodes[i].output:
                 read_elsewhere = any(key not in runs_in[j] for j in consumers.get(out, []))
-                if out and ((out in graph_outputs and key == TAIL) or (depends[i] and read_elsewhere)
-                            or (out in graph_outputs and depends[i])):
+                if out and ((depends[i] and read_elsewhere) or (out in graph_outputs and (depends[i] or key == TAIL))):
                     part.outputs.append(out)
     return [parts[key] for key in [*branches, TAIL]]
 

@@ -116,11 +116,11 @@ def _parts(graph: str, entry: dict) -> tuple[PartInfo, ...]:
         return ()
     roles = [p.role for p in infos]
     outputs = {t["name"] for t in entry["outputs"]}
-    available = {t["name"] for t in entry["inputs"]} | {t.name for p in infos[:-1] for t in p.outputs}
-    branch_inputs = {t["name"] for t in entry["inputs"]}
+    graph_inputs = {t["name"] for t in entry["inputs"]}
+    available = graph_inputs | {t.name for p in infos[:-1] for t in p.outputs}
     if (len(roles) < 3 or roles[-1] != "tail" or set(roles[:-1]) != {"branch"}
             or outputs - {t.name for t in infos[-1].outputs} or set(infos[-1].inputs) - available
-            or any(set(p.inputs) - branch_inputs for p in infos[:-1])):
+            or any(set(p.inputs) - graph_inputs for p in infos[:-1])):
         raise ValueError(f"graph {graph!r}: its parts must be two branches or more reading the graph's inputs, "
                          f"then a tail that writes {sorted(outputs)}")
     return infos

@@ -162,14 +162,18 @@ inline unsigned GridFor(int64_t items, int threads) {
   return static_cast<unsigned>(std::min<int64_t>((items + threads - 1) / threads, 1 << 16));
 }
 
+// Whether the environment variable `name` is set to `value` (the A/B switches of the ops; their
+// callers keep the answer in a static, read once per process).
+inline bool EnvIs(const char* name, const char* value) {
+  const char* set = std::getenv(name);
+  return set != nullptr && std::string(set) == value;
+}
+
 // Whether the row-norm ops (GatedSkipNorm, GatedConcatNorm, BiasAddNorm, LayerNorm) give a row
 // that fits a block of warps (else one warp per row): $SEMVOC_NORM_ROWS=warp says no, for A/B
 // measurements of the two; read once per process.
 inline bool NormRowBlocks() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("SEMVOC_NORM_ROWS");
-    return value == nullptr || std::string(value) != "warp";
-  }();
+  static const bool enabled = !EnvIs("SEMVOC_NORM_ROWS", "warp");
   return enabled;
 }
 

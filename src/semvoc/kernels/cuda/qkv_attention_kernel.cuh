@@ -38,7 +38,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstdlib>
 #include <mutex>
 #include <string>
 
@@ -68,10 +67,7 @@ constexpr int QkvSharedBytes() {
 // Whether split keys (8 warps per 64 queries) may replace 4 warps resident (QkvAttentionSplitKeys):
 // $SEMVOC_QKV_SPLIT_KEYS=0 says no, for A/B measurements of the two; read once per process.
 inline bool QkvSplitKeys() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("SEMVOC_QKV_SPLIT_KEYS");
-    return value == nullptr || std::string(value) != "0";
-  }();
+  static const bool enabled = !EnvIs("SEMVOC_QKV_SPLIT_KEYS", "0");
   return enabled;
 }
 

@@ -202,10 +202,11 @@ class _Loop:
     graphs: dict[int, object] = field(default_factory=dict)
     parts: _BranchParts | None = None  # the step's branches side by side (``semvoc`` mode)
 
-    def run(self, k: int) -> None:
-        """Queue step ``k`` of the loop (binding A for even ``k``, B for odd) on the backend's stream."""
+    def run(self, k: int, one_at_a_time: bool = False) -> None:
+        """Queue step ``k`` of the loop (binding A for even ``k``, B for odd) on the backend's stream;
+        ``one_at_a_time``: see ``_BranchParts.run``."""
         if self.parts is not None:
-            self.parts.run(k % 2)
+            self.parts.run(k % 2, one_at_a_time)
         else:
             self.session.run_with_iobinding(self.bindings[k % 2], self.run_options[k % 2])
 
@@ -647,11 +648,8 @@ class OrtCudaBackend(Backend):
         memory pattern, cuBLAS workspace), which must not happen inside a capture."""
         for name in ("step", "step_b"):  # the warm-up reads row 0 of the tables, whatever they hold
             loop.buffers[name].update_inplace(np.zeros(1, np.int64))
-        for k in range(2):
-            if loop.parts is not None:  # one part at a time: semvoc's ops time their algorithms alone
-                loop.parts.run(k, one_at_a_time=True)
-            else:
-                loop.run(k)
+        for k in range(2):  # the parts one at a time: semvoc's ops time their algorithms alone
+            loop.run(k, one_at_a_time=True)
         self._sync()
 
     def _capture(self, loop: _Loop, steps: int):
