@@ -102,33 +102,67 @@ def kernels_engine(tmp_path_factory):
     return out
 
 
-@needs_cuda_python
-def test_the_vocoder_branches_side_by_side_give_the_audio_of_the_whole_step(kernels_engine, monkeypatch):
-    """The vocoder step run as its parts, branches on streams of their own in the captured loop,
-    gives the samples of the step run whole (``SEMVOC_BRANCH_STREAMS=0``) bit for bit, and its
-    parts read the one device copy of the step's weights."""
-    from semvoc.runtime import Pipeline
+# One process per setting (the parts side by side, or the step whole): a crash in one is reported
+# with its output, and the other setting still runs. The child says which request it is on.
+_BRANCHES_PROCESS = """
+import json, os, sys
+import numpy as np
+from semvoc.runtime import Pipeline
+engine, streams, out = sys.argv[1:4]
+pipe = Pipeline(engine, "onnxruntime-cuda")
+prompts = ["a dog barks while rain falls", "church bells ring"]
+audio, parts = {}, {}
+for batch in (1, 2):
+    for vocoder_steps in (6, 5):  # an odd count ends with the one-step graph
+        print(f"request: batch {batch}, {vocoder_steps} vocoder steps", flush=True)
+        audio[f"b{batch}_v{vocoder_steps}"] = pipe.generate(prompts[:batch], seed=3, steps=4,
+                                                          vocoder_steps=vocoder_steps).audio
+    loop = pipe.backend._loops[("vocoder_step", batch, pipe.manifest.frames(1.0))]
+    parts[batch] = [loop.mode, loop.parts is not None]
+if streams != "0":  # the parts read the one device copy of the step's weights: zero it
+    print("request: zeroed weights", flush=True)
+    shared = pipe.backend._weights["vocoder_step"]
+    for w in pipe.manifest.graph("vocoder_step").weights:
+        shared.initializers[w.name].update_inplace(np.zeros(w.shape, w.dtype))
+    audio["zeroed"] = pipe.generate(prompts, seed=3, steps=4, vocoder_steps=5).audio
+np.savez(out, **audio)
+print(json.dumps({"parts": parts, "described": pipe.backend.describe(), "failures": pipe.backend.capture_failures}))
+pipe.close()
+"""
+
+
+def _run_branches_process(engine, streams: str, out) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
     from semvoc.runtime.backends.ort_cuda import BRANCH_STREAMS_ENV
 
-    monkeypatch.setenv(GRAPHS_ENV, "semvoc")
-    prompts = ["a dog barks while rain falls", "church bells ring"]
-    audio = {}
-    for streams in ("2", "0"):
-        monkeypatch.setenv(BRANCH_STREAMS_ENV, streams)
-        pipe = Pipeline(kernels_engine, "onnxruntime-cuda")
-        audio[streams] = [pipe.generate(prompts, seed=3, steps=4, vocoder_steps=vocoder_steps).audio
-                          for vocoder_steps in (5, 6)]
-        loop = pipe.backend._loops[("vocoder_step", 2, pipe.manifest.frames(1.0))]
-        assert loop.mode == "semvoc" and (loop.parts is not None) == (streams != "0"), pipe.backend.describe()
-        if streams != "0":
-            shared = pipe.backend._weights["vocoder_step"]
-            for w in pipe.manifest.graph("vocoder_step").weights:
-                shared.initializers[w.name].update_inplace(np.zeros(w.shape, w.dtype))
-            zeroed = pipe.generate(prompts, seed=3, steps=4, vocoder_steps=5).audio
-            assert not np.allclose(zeroed, audio[streams][0])
-        pipe.close()
-    for split, whole in zip(audio["2"], audio["0"], strict=True):
-        assert np.array_equal(split, whole)
+    env = {**os.environ, GRAPHS_ENV: "semvoc", BRANCH_STREAMS_ENV: streams}
+    done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _BRANCHES_PROCESS, str(engine), streams,
+                           str(out)], capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, (f"SEMVOC_BRANCH_STREAMS={streams}: exit {done.returncode}\n"
+                                  f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@needs_cuda_python
+def test_the_vocoder_branches_side_by_side_give_the_audio_of_the_whole_step(kernels_engine, tmp_path):
+    """The vocoder step run as its parts, branches on streams of their own in the captured loop,
+    gives the samples of the step run whole (``SEMVOC_BRANCH_STREAMS=0``) bit for bit, at batch 1
+    and 2, with even and odd step counts; and its parts read the one device copy of the step's
+    weights."""
+    whole = _run_branches_process(kernels_engine, "0", tmp_path / "whole.npz")
+    split = _run_branches_process(kernels_engine, "2", tmp_path / "split.npz")
+    assert whole["parts"] == {"1": ["semvoc", False], "2": ["semvoc", False]}, whole
+    assert split["parts"] == {"1": ["semvoc", True], "2": ["semvoc", True]}, split
+    assert "branches side by side on CUDA streams: vocoder_step" in split["described"]
+    expected, got = np.load(tmp_path / "whole.npz"), np.load(tmp_path / "split.npz")
+    for case in expected.files:
+        assert np.array_equal(got[case], expected[case]), case
+    assert not np.allclose(got["zeroed"], got["b2_v5"])
 
 
 def test_cuda_resynthesis_matches_cpu(demo_engine):

@@ -155,9 +155,12 @@ def test_an_engine_without_a_weight_index_still_runs(demo_engine, engine_copy):
 
 def _recording_backend(manifest, monkeypatch):
     """An ``OrtCudaBackend`` whose onnxruntime sessions are recorded instead of created, and whose
-    weights are placed on the CPU: the sharing logic runs on any machine."""
+    weights are placed on the CPU: the sharing logic runs on any machine. Its loops would use
+    onnxruntime's graphs, so every step graph is one session, on a GPU machine too (where whole-loop
+    graphs would run the vocoder step as its parts: ``test_the_vocoder_steps_parts_*`` below)."""
     from semvoc.runtime.backends import ort_cuda
 
+    monkeypatch.setenv(ort_cuda.GRAPHS_ENV, "onnxruntime")
     calls, loads = [], []
 
     def fake_session(path, provider, **kwargs):
@@ -196,6 +199,30 @@ def test_cuda_backend_loads_each_step_graph_once_for_all_buckets(demo_engine, mo
     assert len(given["text_encoder.onnx"]) == 2 and all(len(v) == 1 for name, v in given.items()
                                                          if name[:-5] not in (*STEP_GRAPHS, "text_encoder"))
     assert re.search(r"weights shared by all buckets: dit_step \d+ MiB, vocoder_step \d+ MiB", backend.describe())
+    backend.close()
+
+
+def test_the_vocoder_steps_parts_read_the_one_copy_of_its_weights(demo_engine, monkeypatch):
+    """Each part of the vocoder step (its branches and tail, run side by side in whole-loop graphs)
+    is given the shared device values of the weights it reads, the very objects the whole step's
+    sessions get; together the parts read every weight of the step."""
+    manifest = load_manifest(demo_engine, verify=False)
+    backend, calls, loads = _recording_backend(manifest, monkeypatch)
+    graph = manifest.graph("vocoder_step")
+    assert [p.role for p in graph.parts] == ["branch"] * 3 + ["tail"]
+    symbols = backend._symbols(1, manifest.frames(1.0))
+    for part in graph.parts:
+        backend._create_part_session(graph, part, symbols, stream=0)
+    whole = backend._session(graph, symbols)
+    assert whole is not None and loads == [("vocoder_step", "cuda")]  # uploaded once, for parts and whole
+    given = {name: kwargs["initializers"] for name, kwargs in calls}
+    shared = given["vocoder_step.onnx"]
+    for part in graph.parts:
+        values = given[part.file] or {}  # None: a part that reads no indexed weight
+        assert set(values) == set(part.weights)
+        assert all(values[name] is shared[name] for name in values)  # the same values, not copies
+    assert sum(bool(p.weights) for p in graph.parts) >= 3
+    assert set().union(*(p.weights for p in graph.parts)) == set(shared)
     backend.close()
 
 

@@ -71,7 +71,8 @@ def test_graphs_that_cannot_be_cut_say_why():
 
 def test_parts_written_beside_the_graph_compute_what_it_does(tmp_path):
     graph = _two_branches()
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    # IR 10: what onnxruntime >= 1.20 reads (newer onnx writes newer IR versions by default)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     path = tmp_path / "step.onnx"
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="step.onnx.data", size_threshold=0)

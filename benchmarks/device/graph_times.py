@@ -17,7 +17,7 @@ that time divided by the steps (median over ``--iters`` loops after one untimed 
 ``loop_<mode>_ran_as`` the mode the loop actually ran in (a mode that falls back says so, with
 the reason in ``loop_<mode>_fallbacks``). In ``semvoc`` mode the vocoder loop runs its branches
 side by side where the engine has the step's parts and the batch is at most
-``SEMVOC_BRANCH_STREAMS`` (default 4); run again with ``SEMVOC_BRANCH_STREAMS=0`` for the step
+``SEMVOC_BRANCH_STREAMS`` (default 1); run again with ``SEMVOC_BRANCH_STREAMS=0`` for the step
 whole, as ``benchmarks/results/h200-2026-12-03b.md`` did.
 """
 

@@ -53,11 +53,12 @@ backend's stream waits for an event each side stream records after its branch. C
 paths of the loop's CUDA graph; only their results, persistent buffers, pass between the parts.
 The first (uncaptured) runs go one part at a time, so semvoc's ops time their GEMM algorithms
 alone. Where binding or capturing the parts fails, the step runs whole (``capture_failures`` says
-why). Buckets of up to ``SEMVOC_BRANCH_STREAMS`` (default 4) run the parts, larger ones and every
+why). Buckets of up to ``SEMVOC_BRANCH_STREAMS`` (default 1) run the parts, larger ones and every
 bucket with ``SEMVOC_BRANCH_STREAMS=0`` the whole step: on an H200 the parts took the vocoder step
 from 0.647 to 0.557 ms at batch 1 (same run), while at batch 16 they gave 7.0 ms (7.05 whole, in an
-earlier run) and 1.2 GiB more peak memory (each part's session keeps its own arena). The other
-modes always run the whole graph.
+earlier run) and 1.2 GiB more peak memory (each part's session keeps its own arena). Batches 2 to 4
+are not measured with the parts, and a GPU test that ran them at batch 2 (a demo engine) aborted its
+process (not yet explained), hence the default of 1. The other modes always run the whole graph.
 
 Anything that stops the ``semvoc`` way (cuda-python missing, no stream, a session refused, a
 capture that fails or holds an unsafe node) falls back to ``onnxruntime`` for that loop, and if
@@ -125,8 +126,8 @@ _FALLBACK = {"semvoc": "onnxruntime", "onnxruntime": ""}
 #: "0": every bucket runs the step whole, its branches one after another
 BRANCH_STREAMS_ENV = "SEMVOC_BRANCH_STREAMS"
 #: on an H200 (reference preset): batch 1 -14 % per vocoder step; batch 16 about -1 % for 1.2 GiB
-#: more memory (each part's session keeps its own arena), so larger buckets run the step whole
-BRANCH_STREAMS_MAX_BATCH = 4
+#: more memory (each part's session keeps its own arena); batches 2-4 are unmeasured (see above)
+BRANCH_STREAMS_MAX_BATCH = 1
 
 
 def branch_streams_max_batch() -> int:
