@@ -3,12 +3,18 @@ and onnxruntime-gpu (CI has neither; the H100 measurements are in benchmarks/res
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from semvoc.runtime.backends.cuda_graph import import_cudart
 from semvoc.runtime.backends.ort_common import cuda_available
-from semvoc.runtime.backends.ort_cuda import GRAPHS_ENV
+from semvoc.runtime.backends.ort_cuda import BRANCH_STREAMS_ENV, GRAPHS_ENV
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU with onnxruntime-gpu")]
@@ -105,7 +111,7 @@ def kernels_engine(tmp_path_factory):
 # One process per setting (the parts side by side, or the step whole): a crash in one is reported
 # with its output, and the other setting still runs. The child says which request it is on.
 _BRANCHES_PROCESS = """
-import json, os, sys
+import json, sys
 import numpy as np
 from semvoc.runtime import Pipeline
 engine, streams, out = sys.argv[1:4]
@@ -132,14 +138,6 @@ pipe.close()
 
 
 def _run_branches_process(engine, streams: str, out) -> dict:
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from semvoc.runtime.backends.ort_cuda import BRANCH_STREAMS_ENV
-
     env = {**os.environ, GRAPHS_ENV: "semvoc", BRANCH_STREAMS_ENV: streams}
     done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _BRANCHES_PROCESS, str(engine), streams,
                            str(out)], capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
