@@ -309,8 +309,8 @@ class World:
     def made(self, name: str) -> list[dict]:
         return [kwargs for session, kwargs in self.sessions if session == name]
 
-    def shape(self, graph: str, tensor: str) -> list[int]:
-        return tensor_shape(self.manifest.graph(graph).input(tensor), bucket_symbols(self.manifest, 1, FRAMES))
+    def shape(self, graph: str, tensor: str, batch: int = 1) -> list[int]:
+        return tensor_shape(self.manifest.graph(graph).input(tensor), bucket_symbols(self.manifest, batch, FRAMES))
 
     def dit(self, calls: int, latent: np.ndarray, progress=None) -> np.ndarray:
         schedule = SimpleNamespace(embedded=np.linspace(1, 0, calls, dtype=np.float32),
@@ -325,9 +325,7 @@ class World:
         return self.backend.vocoder_loop(FakeValue(np.zeros(1, np.float32)), audio, t_span, steps)
 
     def audio(self, batch: int = 1) -> np.ndarray:
-        shape = tensor_shape(self.manifest.graph("vocoder_step").input("audio"),
-                             bucket_symbols(self.manifest, batch, FRAMES))
-        return np.random.default_rng(1).integers(-9, 9, shape).astype(np.float32)
+        return np.random.default_rng(1).integers(-9, 9, self.shape("vocoder_step", "audio", batch)).astype(np.float32)
 
     def latent(self) -> np.ndarray:
         # whole numbers, so that adding 1 per step is exact

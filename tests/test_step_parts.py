@@ -101,7 +101,8 @@ def test_parts_written_beside_the_graph_compute_what_it_does(tmp_path):
         [], "the value 'r0' passed between parts has no recorded type and shape")
 
 
-def test_the_exported_vocoder_step_runs_the_same_as_its_parts(demo_engine):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_exported_vocoder_step_runs_the_same_as_its_parts(demo_engine, batch):
     manifest = load_manifest(demo_engine, verify=False)
     graph = manifest.graph("vocoder_step")
     assert [p.role for p in graph.parts] == ["branch"] * 3 + ["tail"]
@@ -110,7 +111,7 @@ def test_the_exported_vocoder_step_runs_the_same_as_its_parts(demo_engine):
     indexed = {w.name for w in graph.weights}
     taken = [set(p.weights) for p in graph.parts]
     assert all(t <= indexed for t in taken) and not set.intersection(*taken[:3])  # branches own their weights
-    symbols = bucket_symbols(manifest, 1, manifest.frames(manifest.buckets["durations_s"][0]))
+    symbols = bucket_symbols(manifest, batch, manifest.frames(manifest.buckets["durations_s"][0]))
     rng = np.random.default_rng(0)
     feeds = {t.name: rng.uniform(-1, 1, tensor_shape(t, symbols)).astype(NUMPY_DTYPES[t.dtype])
              for t in graph.inputs}
