@@ -55,10 +55,9 @@ The first (uncaptured) runs go one part at a time, so semvoc's ops time their GE
 alone. Where binding or capturing the parts fails, the step runs whole (``capture_failures`` says
 why). Buckets of up to ``SEMVOC_BRANCH_STREAMS`` (default 1) run the parts, larger ones and every
 bucket with ``SEMVOC_BRANCH_STREAMS=0`` the whole step: on an H200 the parts took the vocoder step
-from 0.647 to 0.557 ms at batch 1 (same run), while at batch 16 they gave 7.0 ms (7.05 whole, in an
-earlier run) and 1.2 GiB more peak memory (each part's session keeps its own arena). Batches 2 to 4
-are not measured with the parts, and a GPU test that ran them at batch 2 (a demo engine) aborted its
-process (not yet explained), hence the default of 1. The other modes always run the whole graph.
+from 0.647 to 0.557 ms at batch 1 (same run), while at batch 4 they gave 1.97 ms against 2.01
+(0.6 % of a request) for 700 MiB more peak memory, and at batch 16 7.0 ms (7.05 whole, in an
+earlier run) for 1.2 GiB more (each part's session keeps its own arena). The other modes always run the whole graph.
 
 Anything that stops the ``semvoc`` way (cuda-python missing, no stream, a session refused, a
 capture that fails or holds an unsafe node) falls back to ``onnxruntime`` for that loop, and if
@@ -125,8 +124,8 @@ _FALLBACK = {"semvoc": "onnxruntime", "onnxruntime": ""}
 #: the largest batch bucket whose step graph cut into branches (the vocoder's) runs them side by side;
 #: "0": every bucket runs the step whole, its branches one after another
 BRANCH_STREAMS_ENV = "SEMVOC_BRANCH_STREAMS"
-#: on an H200 (reference preset): batch 1 -14 % per vocoder step; batch 16 about -1 % for 1.2 GiB
-#: more memory (each part's session keeps its own arena); batches 2-4 are unmeasured (see above)
+#: on an H200 (reference preset): batch 1 -14 % per vocoder step; batch 4 -2 % for 700 MiB and batch 16
+#: about -1 % for 1.2 GiB more memory (each part's session keeps its own arena)
 BRANCH_STREAMS_MAX_BATCH = 1
 
 
