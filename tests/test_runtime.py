@@ -741,3 +741,28 @@ def test_prepare_can_run_the_step_graphs_once_uncaptured(demo_engine, monkeypatc
     monkeypatch.setattr(backend, "_upload", lambda array, dtype: array)
     backend.prepare(1, 25)
     assert "dit_step.onnx" not in runs and "vocoder_step.onnx" not in runs
+
+
+@pytest.mark.parametrize("custom_ops", [True, False])
+def test_serving_semvoc_ops_where_an_export_ran_them_is_warned(tmp_path, monkeypatch, custom_ops):
+    """A process that exported an engine with semvoc's CUDA ops is told to serve it from a new
+    process; one that only serves, or serves an engine without the ops, is not."""
+    import warnings
+
+    from semvoc.runtime.backends import ort_common, ort_cuda
+    from semvoc.runtime.manifest import Manifest
+
+    monkeypatch.setenv(ort_cuda.GRAPHS_ENV, "onnxruntime")  # no stream of its own: no GPU needed
+    monkeypatch.setenv("SEMVOC_LTGEMM_ALGORITHMS", str(tmp_path / "choices.txt"))
+    data = {"graphs": {}, **({"custom_ops": {"library": "kernels/libsemvoc_cuda.so"}} if custom_ops else {})}
+    monkeypatch.setattr(ort_common, "_cuda_ops_exported_here", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ort_cuda.OrtCudaBackend(Manifest(tmp_path, data))  # a serving process: no warning
+    ort_common.note_cuda_ops_exported()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ort_cuda.OrtCudaBackend(Manifest(tmp_path, data))
+    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert said == ([ort_cuda.SAME_PROCESS_WARNING] if custom_ops else [])
+    assert not custom_ops or "serve it from a new process" in said[0]

@@ -41,7 +41,7 @@ from semvoc.kernels import cuda_build
 from semvoc.kernels.onnx_ops import fusion_enabled
 from semvoc.models.config import ModelConfig
 from semvoc.models.model import SemanticVocoderModel, parameter_counts
-from semvoc.runtime.backends.ort_common import NUMPY_DTYPES, cuda_available, make_session
+from semvoc.runtime.backends.ort_common import NUMPY_DTYPES, cuda_available, make_session, note_cuda_ops_exported
 from semvoc.runtime.manifest import MANIFEST, SCHEMA_VERSION, hash_and_stamp, remember_verified
 from semvoc.runtime.tokenizer import TextTokenizer
 
@@ -305,6 +305,8 @@ def _export_into(tmp: Path, source: ModelSource, options: ExportOptions,
     cfg = model.cfg
     provider = "cuda" if (device.type == "cuda" and cuda_available()) else "cpu"
     built = _cuda_kernels(tmp, options, provider, cfg)
+    if built is not None:  # the parity checks below run the ops in this process
+        note_cuda_ops_exported()
     options = dataclasses.replace(options, cuda_kernels=built is not None)
     custom_ops = built.path if built else None
     fused = _fused_dit(model, options)

@@ -31,6 +31,23 @@ def _onnxruntime():
     return ort
 
 
+# Set when an export in this process ran semvoc's CUDA ops on onnxruntime-cuda (its parity checks):
+# on an H200, a process that went on to serve such an engine with the vocoder's branches side by
+# side crashed after its first requests, for a reason not yet known (with the step whole it ran);
+# the CUDA backend warns (``OrtCudaBackend``). Processes that only serve are not affected.
+_cuda_ops_exported_here = False
+
+
+def note_cuda_ops_exported() -> None:
+    """Record that this process exported an engine with semvoc's CUDA ops on onnxruntime-cuda."""
+    global _cuda_ops_exported_here
+    _cuda_ops_exported_here = True
+
+
+def cuda_ops_exported_here() -> bool:
+    return _cuda_ops_exported_here
+
+
 def available_providers() -> list[str]:
     return _onnxruntime().get_available_providers()
 

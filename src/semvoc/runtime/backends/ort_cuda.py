@@ -92,6 +92,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -109,7 +110,7 @@ from semvoc.runtime.backends.base import (
     tensor_shape,
 )
 from semvoc.runtime.backends.cuda_graph import check, graph_hazards, import_cudart, launch_plan
-from semvoc.runtime.backends.ort_common import NUMPY_DTYPES, make_session
+from semvoc.runtime.backends.ort_common import NUMPY_DTYPES, cuda_ops_exported_here, make_session
 from semvoc.runtime.backends.shared_weights import SharedWeights, load_shared_weights, sharing_enabled
 from semvoc.runtime.gemm_algorithms import use_algorithms_file
 from semvoc.runtime.manifest import EngineError, GraphInfo, Manifest, dim_name, eval_dim
@@ -127,6 +128,13 @@ BRANCH_STREAMS_ENV = "SEMVOC_BRANCH_STREAMS"
 #: on an H200 (reference preset): batch 1 -14 % per vocoder step; batch 4 -2 % for 700 MiB and batch 16
 #: about -1 % for 1.2 GiB more memory (each part's session keeps its own arena)
 BRANCH_STREAMS_MAX_BATCH = 1
+
+
+#: said when an engine with semvoc's CUDA ops is served by the process that exported one
+SAME_PROCESS_WARNING = (
+    "this process exported an engine with semvoc's CUDA ops, and a process that went on to serve such an "
+    "engine with the vocoder's branches side by side has crashed after its first requests (cause not yet "
+    "known): serve it from a new process (semvoc-run, or a fresh Python interpreter)")
 
 
 def branch_streams_max_batch() -> int:
@@ -259,6 +267,8 @@ class OrtCudaBackend(Backend):
             ort.preload_dlls()
         self.ort = ort
         self.device_id = device_id
+        if manifest.custom_ops_library and cuda_ops_exported_here():
+            warnings.warn(SAME_PROCESS_WARNING, RuntimeWarning, stacklevel=2)
         # semvoc's LtGemm records its cuBLASLt algorithm choices beside the engine (before any
         # session: the op reads where on its first call)
         self.gemm_algorithms = use_algorithms_file(manifest.root) if manifest.custom_ops_library else None
